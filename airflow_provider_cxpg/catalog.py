@@ -1,0 +1,181 @@
+"""What the server's catalog says about a source: columns, types, keys.
+
+Runs in the parent on the psycopg control connection (see :mod:`.monitor`), before any data moves.
+Every name reaches the server as a bind parameter or a quoted identifier, never spliced raw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_provider_cxpg.exceptions import InvalidInputError, SourceNotFoundError
+from airflow_provider_cxpg.pgtypes import PgType
+from airflow_provider_cxpg.sql import qualified, quote_ident
+
+__all__ = ["SourceColumn", "TableInfo", "describe_query", "describe_table", "resolve_type"]
+
+_RELKINDS = {"r": "table", "p": "partitioned table", "v": "view", "m": "materialized view", "f": "foreign table"}
+
+_TYPE_SQL = """
+WITH RECURSIVE base(oid, typmod, depth) AS (
+    SELECT %(oid)s::oid, %(typmod)s::int, 0
+  UNION ALL
+    SELECT t.typbasetype, t.typtypmod, b.depth + 1
+    FROM base b JOIN pg_type t ON t.oid = b.oid
+    WHERE t.typtype = 'd' AND b.depth < 10
+)
+SELECT t.typname, format_type(b.oid, NULLIF(b.typmod, -1)), t.typtype,
+       e.typname AS element, b.typmod
+FROM base b
+JOIN pg_type t ON t.oid = b.oid
+LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A'
+WHERE t.typtype <> 'd'
+ORDER BY b.depth DESC
+LIMIT 1
+"""
+
+
+@dataclass(frozen=True)
+class SourceColumn:
+    """One column of a source.
+
+    :param not_null: True when the catalog guarantees no NULL; None when unknown (query sources).
+    """
+
+    name: str
+    pg: PgType
+    not_null: bool | None = None
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """A table (or view) as the catalog describes it."""
+
+    schema: str
+    name: str
+    kind: str
+    columns: tuple[SourceColumn, ...]
+    primary_key: tuple[str, ...] | None
+    unique_keys: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
+    estimated_rows: int | None = None
+
+    @property
+    def qualified_name(self) -> str:
+        return qualified(self.schema, self.name)
+
+    def column(self, name: str) -> SourceColumn:
+        for col in self.columns:
+            if col.name == name:
+                return col
+        raise SourceNotFoundError(
+            f"column {name!r} does not exist in {self.schema}.{self.name} "
+            f"(columns: {', '.join(c.name for c in self.columns)})",
+            column=name,
+        )
+
+    def is_unique(self, key: tuple[str, ...]) -> bool:
+        """True when some primary key or full unique index on NOT NULL columns lies within ``key``."""
+        candidates = list(self.unique_keys)
+        if self.primary_key:
+            candidates.append(self.primary_key)
+        return any(set(candidate) <= set(key) for candidate in candidates)
+
+
+def resolve_type(conn: Any, oid: int, typmod: int) -> PgType:
+    """Describe a type by OID and modifier, following domains down to their base type."""
+    row = conn.execute(_TYPE_SQL, {"oid": oid, "typmod": typmod}).fetchone()
+    if row is None:
+        raise InvalidInputError(f"unknown type oid {oid}")
+    typname, sql_name, typtype, element, base_typmod = row
+    precision = scale = None
+    if typname == "numeric" and base_typmod is not None and base_typmod >= 4:
+        packed = base_typmod - 4
+        precision, scale = (packed >> 16) & 0xFFFF, packed & 0xFFFF
+        if scale > 0x7FFF:  # negative scales (PostgreSQL 15+) are stored as 11-bit two's complement
+            scale -= 0x10000
+    return PgType(
+        typname=typname,
+        sql_name=sql_name,
+        typtype=typtype,
+        element=element,
+        precision=precision,
+        scale=scale,
+    )
+
+
+def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
+    """Look a table up (search_path applies when ``schema`` is None).
+
+    :raises SourceNotFoundError: no such relation visible to the login.
+    """
+    target = qualified(schema, name)
+    row = conn.execute(
+        "SELECT c.oid, n.nspname, c.relname, c.relkind, c.reltuples::bigint "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.oid = to_regclass(%s)",
+        (target,),
+    ).fetchone()
+    if row is None or row[3] not in _RELKINDS:
+        where = f"schema {schema!r}" if schema else "the search_path"
+        raise SourceNotFoundError(f"table {target} does not exist in {where} (or is not visible to this login)")
+    relid, nspname, relname, relkind, reltuples = row
+    type_cache: dict[tuple[int, int], PgType] = {}
+    columns: list[SourceColumn] = []
+    for attname, atttypid, atttypmod, attnotnull in conn.execute(
+        "SELECT attname, atttypid, atttypmod, attnotnull FROM pg_attribute "
+        "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        (relid,),
+    ).fetchall():
+        key = (atttypid, atttypmod)
+        if key not in type_cache:
+            type_cache[key] = resolve_type(conn, atttypid, atttypmod)
+        columns.append(SourceColumn(attname, type_cache[key], bool(attnotnull)))
+    not_null = {c.name for c in columns if c.not_null}
+    primary: tuple[str, ...] | None = None
+    uniques: list[tuple[str, ...]] = []
+    for is_primary, names in conn.execute(
+        "SELECT i.indisprimary, "
+        "       array(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord) "
+        "             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+        "             ORDER BY k.ord)::text[] "
+        "FROM pg_index i "
+        "WHERE i.indrelid = %s AND i.indisunique AND i.indisvalid "
+        "  AND i.indpred IS NULL AND i.indexprs IS NULL "
+        "ORDER BY i.indisprimary DESC, i.indnatts, i.indexrelid",
+        (relid,),
+    ).fetchall():
+        names = tuple(names)
+        if is_primary:
+            primary = names
+        elif set(names) <= not_null:  # a NULL-able unique index allows repeated NULLs
+            uniques.append(names)
+    return TableInfo(
+        schema=nspname,
+        name=relname,
+        kind=_RELKINDS[relkind],
+        columns=tuple(columns),
+        primary_key=primary,
+        unique_keys=tuple(uniques),
+        estimated_rows=int(reltuples) if reltuples is not None and reltuples >= 0 else None,
+    )
+
+
+def describe_query(conn: Any, sql: str) -> list[tuple[str, int, int]]:
+    """Return ``(name, type oid, typmod)`` for each column the statement returns, without running it.
+
+    The statement is wrapped in ``LIMIT 0``; errors (syntax, unknown column, bad cast) surface here.
+    """
+    try:
+        cursor = conn.execute(f"SELECT * FROM ({sql}) AS {quote_ident('_cxpg_describe')} LIMIT 0")
+    except Exception as exc:  # noqa: BLE001  any server error here means bad input
+        raise InvalidInputError(f"the source query is not valid: {_first_line(exc)}") from None
+    result = cursor.pgresult
+    if result is None or cursor.description is None:
+        raise InvalidInputError("the source query returns no columns")
+    return [(cursor.description[i].name, result.ftype(i), result.fmod(i)) for i in range(len(cursor.description))]
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,654 @@
+"""Keyset-chunked extraction under supervision: plan, read, commit, resume.
+
+:class:`Extraction` copies a source to Parquet files with a manifest; :func:`iter_chunk_tables`
+yields the same chunks as ``pyarrow.Table`` objects in the caller's process. Both use
+:func:`_pipelined`, which asks the worker for chunk *k+1* as soon as chunk *k*'s last key is known,
+so the server reads the next page while the worker encodes the previous one.
+
+A dead worker (crash, kill, heartbeat loss) is replaced up to ``max_worker_restarts`` times; the new
+worker continues after the last committed chunk. Query errors and deadlines are not retried here:
+they fail the task, and Airflow's retry resumes from the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from airflow_provider_cxpg.catalog import describe_query
+from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
+from airflow_provider_cxpg.destination import Destination
+from airflow_provider_cxpg.exceptions import ExtractionAborted, InvalidInputError, WorkerError
+from airflow_provider_cxpg.incremental import WatermarkSpec, Window, resolve_window
+from airflow_provider_cxpg.manifest import ChunkEntry, Manifest, chunk_file_name, fingerprint
+from airflow_provider_cxpg.monitor import connect
+from airflow_provider_cxpg.plan import ExtractPlan, SourceSpec, build_plan, build_read_plan, key_to_json
+from airflow_provider_cxpg.querylog import QueryLog
+from airflow_provider_cxpg.supervisor import WorkerSession, WorkerSettings
+from airflow_provider_cxpg.worker.protocol import ChunkDone, ChunkRead, IpcSink, ParquetSink, ReadChunk
+
+__all__ = [
+    "ChunkSizer",
+    "ExtractResult",
+    "Extraction",
+    "iter_chunk_tables",
+    "new_run_id",
+    "read_query_table",
+    "run_application_name",
+]
+
+DEFAULT_CHUNK_ROWS = 500_000
+_BYTES_PROBE_ROWS = 50_000
+_MIN_BYTES_CHUNK_ROWS = 1_000
+_COMPRESSIONS = {"zstd", "snappy", "gzip", "brotli", "lz4", "none"}
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def run_application_name(run_id: str, prefix: str | None = None, worker: int | None = None) -> str:
+    """A unique ``application_name`` for a run's connections (found again in ``pg_stat_activity``)."""
+    suffix = f"cxpg-{run_id}" + (f"-w{worker}" if worker is not None else "")
+    if prefix:
+        return f"{prefix[: 62 - len(suffix)]}-{suffix}"
+    return suffix
+
+
+@dataclass
+class ChunkSizer:
+    """Rows for the next chunk: ``chunk_rows``, or sized from measured row width to ``chunk_bytes``.
+
+    :param chunk_rows: rows per chunk (the maximum when ``chunk_bytes`` is set).
+    :param chunk_bytes: target in-memory Arrow bytes per chunk; the first chunk probes the width.
+    """
+
+    chunk_rows: int
+    chunk_bytes: int | None = None
+    _rows: int = 0
+    _bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, int) or self.chunk_rows <= 0:
+            raise InvalidInputError(f"chunk_rows must be a positive integer, got {self.chunk_rows!r}")
+        if self.chunk_bytes is not None and (
+            isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) or self.chunk_bytes <= 0
+        ):
+            raise InvalidInputError(f"chunk_bytes must be a positive integer or None, got {self.chunk_bytes!r}")
+
+    def observe(self, rows: int, arrow_bytes: int) -> None:
+        self._rows += rows
+        self._bytes += arrow_bytes
+
+    def next_rows(self) -> int:
+        if self.chunk_bytes is None:
+            return self.chunk_rows
+        if not self._rows:
+            return min(self.chunk_rows, _BYTES_PROBE_ROWS)
+        width = max(1.0, self._bytes / self._rows)
+        return max(_MIN_BYTES_CHUNK_ROWS, min(self.chunk_rows, int(self.chunk_bytes / width)))
+
+
+@dataclass
+class ExtractResult:
+    """What an extraction produced; :meth:`summary` is the XCom-sized form."""
+
+    run_id: str
+    destination: str
+    rows: int
+    chunks: int
+    files: list[str]
+    bytes: int
+    first_key: list[Any] | None
+    last_key: list[Any] | None
+    seconds: float
+    manifest: str
+    resumed_from_chunk: int | None = None
+    worker_restarts: int = 0
+    high_watermark: Any = None
+    window: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        data = {
+            "rows": self.rows,
+            "chunks": self.chunks,
+            "files": self.files,
+            "destination": self.destination,
+            "first_key": self.first_key,
+            "last_key": self.last_key,
+            "high_watermark": self.high_watermark,
+            "seconds": round(self.seconds, 3),
+            "run_id": self.run_id,
+            "bytes": self.bytes,
+            "manifest": self.manifest,
+            "resumed_from_chunk": self.resumed_from_chunk,
+            "worker_restarts": self.worker_restarts,
+            "rows_per_s": round(self.rows / self.seconds, 1) if self.seconds else None,
+        }
+        if self.window is not None:
+            data["window"] = self.window
+        data.update(self.extra)
+        return data
+
+
+def _pipelined(
+    session: WorkerSession,
+    plan: ExtractPlan,
+    *,
+    after: Sequence[Any] | None,
+    upper: Sequence[Any] | None,
+    first_index: int,
+    sizer: ChunkSizer,
+    sink_for: Callable[[int], ParquetSink | IpcSink],
+    write_empty_first: bool,
+) -> Iterator[tuple[ChunkRead, ChunkDone]]:
+    """Yield each chunk once its file is committed, with the next chunk already being read."""
+
+    def submit(index: int, start: Sequence[Any] | None, limit: int, write_empty: bool) -> int:
+        peek = not plan.key_unique
+        request = ReadChunk(
+            query_id=session.next_query_id(),
+            chunk_index=index,
+            sql=plan.chunk_sql(start, limit + 1 if peek else limit, upper),
+            sink=sink_for(index),
+            schema=plan.schema,
+            key_fields=plan.key_names,
+            limit=limit,
+            peek_row=peek,
+            infinity_columns=plan.infinity_columns,
+            write_empty=write_empty,
+        )
+        session.submit(request)
+        return request.query_id
+
+    index, limit = first_index, sizer.next_rows()
+    query_id = submit(index, after, limit, write_empty_first)
+    while True:
+        read = session.wait_read(query_id)
+        sizer.observe(read.rows, read.arrow_bytes)
+        more = read.rows >= limit
+        if more:
+            assert read.last_key is not None
+            next_limit = sizer.next_rows()
+            next_query = submit(index + 1, read.last_key, next_limit, False)
+        done = session.wait_done(query_id)
+        yield read, done
+        if not more:
+            return
+        index, limit, query_id = index + 1, next_limit, next_query
+
+
+class Extraction:
+    """Copy one source (or one key range of it) to Parquet files plus a manifest.
+
+    :param endpoint: the server (credentials included); session options are added per run.
+    :param spec: the source.
+    :param destination: where files go.
+    :param settings: worker deadlines and intervals.
+    :param chunk_rows: rows per chunk (maximum, when ``chunk_bytes`` is set).
+    :param chunk_bytes: target Arrow bytes per chunk; sizes chunks from the measured row width.
+    :param compression: Parquet codec (``zstd`` default).
+    :param row_group_rows: Parquet row-group size.
+    :param max_worker_restarts: replace a dead worker this many times before failing.
+    :param extra_filters: SQL conditions added to every chunk (incremental windows).
+    :param lower: exclusive lower key bound; ``upper``: inclusive upper key bound (partitions).
+    :param watermark: read only an incremental window (see :mod:`.incremental`); a resumed run
+        reuses the window its manifest recorded.
+    :param resume: continue a matching unfinished manifest at the destination (default True).
+    :param querylog: event sink; a default one is created.
+    :param application_name_prefix: kept in front of the run's unique application name.
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint: PostgresEndpoint,
+        spec: SourceSpec,
+        destination: Destination,
+        settings: WorkerSettings | None = None,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        chunk_bytes: int | None = None,
+        compression: str = "zstd",
+        row_group_rows: int = 131_072,
+        max_worker_restarts: int = 2,
+        extra_filters: Sequence[str] = (),
+        lower: Sequence[Any] | None = None,
+        upper: Sequence[Any] | None = None,
+        watermark: WatermarkSpec | None = None,
+        resume: bool = True,
+        run_id: str | None = None,
+        querylog: QueryLog | None = None,
+        application_name_prefix: str | None = None,
+        worker_index: int = 0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.spec = spec
+        self.destination = destination
+        self.settings = settings or WorkerSettings()
+        self.sizer = ChunkSizer(chunk_rows, chunk_bytes)
+        if compression not in _COMPRESSIONS:
+            raise InvalidInputError(f"compression must be one of {sorted(_COMPRESSIONS)}, got {compression!r}")
+        self.compression = compression
+        if not isinstance(row_group_rows, int) or row_group_rows <= 0:
+            raise InvalidInputError(f"row_group_rows must be a positive integer, got {row_group_rows!r}")
+        self.row_group_rows = row_group_rows
+        if not isinstance(max_worker_restarts, int) or max_worker_restarts < 0:
+            raise InvalidInputError(f"max_worker_restarts must be >= 0, got {max_worker_restarts!r}")
+        self.max_worker_restarts = max_worker_restarts
+        self.extra_filters = tuple(extra_filters)
+        self.lower = list(lower) if lower is not None else None
+        self.upper = list(upper) if upper is not None else None
+        self.watermark = watermark
+        self.window: Window | None = None
+        self.resume = resume
+        self.run_id = run_id or new_run_id()
+        self.redactor = Redactor(endpoint.secrets())
+        self.log = querylog or QueryLog(self.run_id, redactor=self.redactor)
+        self.log.with_redactor(self.redactor)
+        self.application_name = run_application_name(self.run_id, application_name_prefix, None)
+        self.worker_index = worker_index
+        self._session: WorkerSession | None = None
+        self._aborted: str | None = None
+        self.plan: ExtractPlan | None = None
+
+    # -- control -----------------------------------------------------------------------------------
+
+    def session_endpoint(self) -> PostgresEndpoint:
+        timeout = self.settings.query_timeout
+        return self.endpoint.with_session(
+            application_name=self.application_name,
+            statement_timeout_ms=int(timeout * 1000) if timeout is not None else 0,
+        )
+
+    def abort(self, reason: str) -> None:
+        """Stop now (``on_kill``): safe to call from a signal handler in the thread running :meth:`run`."""
+        self._aborted = reason
+        session = self._session
+        if session is not None:
+            session.stop(reason=reason, fresh_monitor=True)
+
+    def _control(self, purpose: str) -> Any:
+        endpoint = self.session_endpoint().with_session(application_name=f"{self.application_name}-{purpose}")
+        return contextlib.closing(connect(endpoint))
+
+    def build_plan(self) -> ExtractPlan:
+        """Validate the source against the server; raise before any data moves."""
+        with self._control("plan") as conn:
+            plan = build_plan(conn, self.spec).with_filters(*self.extra_filters)
+        for note in plan.notes:
+            self.log.emit("job.plan", note=note)
+        self.plan = plan
+        return plan
+
+    def _windowed(self, plan: ExtractPlan, recorded: dict[str, Any] | None) -> ExtractPlan:
+        """Fix the incremental window (or reuse ``recorded``) and check one full chunk statement."""
+        with self._control("plan") as conn:
+            if self.watermark is not None:
+                spec = self.watermark
+                if recorded is not None:
+                    spec = WatermarkSpec(spec.column, recorded.get("start"), recorded.get("end"))
+                self.window = resolve_window(conn, plan, spec)
+                plan = plan.with_filters(*self.window.filters)
+                self.log.emit(
+                    "job.plan",
+                    watermark=self.window.column,
+                    window_start=self.window.start,
+                    window_end=self.window.end,
+                    note=self.window.note,
+                )
+            # Describe (never run) one complete chunk statement: window filters and key bounds are
+            # checked by the server here, before any worker starts.
+            describe_query(conn, plan.chunk_sql(self.lower, 0, self.upper))
+        return plan
+
+    def fingerprint(self, plan: ExtractPlan) -> str:
+        return fingerprint(
+            {
+                "source": plan.source.describe(),
+                "key": list(plan.key_names),
+                "schema": plan.describe_schema(),
+                "lower": key_to_json(self.lower),
+                "upper": key_to_json(self.upper),
+                "compression": self.compression,
+                "watermark": [self.watermark.column, str(self.watermark.start)] if self.watermark else None,
+            }
+        )
+
+    # -- run ---------------------------------------------------------------------------------------
+
+    def run(self) -> ExtractResult:
+        """Extract everything (resuming when possible) and return the result."""
+        started = time.monotonic()
+        job_deadline = started + self.settings.job_timeout if self.settings.job_timeout else None
+        self.log.emit(
+            "job.start",
+            source=self.spec.table or "sql",
+            destination=self.destination.url,
+            chunk_rows=self.sizer.chunk_rows,
+        )
+        plan = self.plan or self.build_plan()
+        manifest, resumed_from = self._open_manifest(plan)
+        try:
+            plan = self._windowed(plan, manifest.window if resumed_from is not None else None)
+        except BaseException as exc:
+            self._fail(manifest, f"{type(exc).__name__}: {exc}")
+            raise
+        if self.window is not None and manifest.window is None:
+            manifest.window = self.window.to_json()
+            manifest.save(self.destination)
+        restarts = 0
+        while True:
+            if self._aborted:
+                raise ExtractionAborted(f"extraction aborted: {self._aborted}", reason=self._aborted)
+            try:
+                self._run_session(plan, manifest, job_deadline)
+                break
+            except WorkerError as exc:
+                if self._aborted:
+                    self._fail(manifest, f"aborted: {self._aborted}")
+                    raise ExtractionAborted(f"extraction aborted: {self._aborted}", reason=self._aborted) from exc
+                if restarts >= self.max_worker_restarts:
+                    self._fail(manifest, str(exc))
+                    raise
+                restarts += 1
+                self.log.emit(
+                    "worker.restart",
+                    attempt=restarts,
+                    max_worker_restarts=self.max_worker_restarts,
+                    after_chunk=manifest.chunks[-1].index if manifest.chunks else None,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+            except BaseException as exc:
+                self._fail(manifest, f"{type(exc).__name__}: {exc}")
+                raise
+        manifest.status = "complete"
+        manifest.completed_at = manifest.updated_at
+        manifest.error = None
+        manifest.save(self.destination)
+        for name in manifest.stray_files(self.destination.list_names()):
+            self.destination.remove(name)
+        seconds = time.monotonic() - started
+        result = ExtractResult(
+            run_id=manifest.run_id,
+            destination=self.destination.url,
+            rows=manifest.rows,
+            chunks=len(manifest.chunks),
+            files=[self.destination.child_url(f) for f in manifest.files],
+            bytes=manifest.bytes,
+            first_key=manifest.first_key,
+            last_key=manifest.last_key,
+            seconds=seconds,
+            manifest=self.destination.child_url("_manifest.json"),
+            resumed_from_chunk=resumed_from,
+            worker_restarts=restarts,
+            window=self.window.to_json() if self.window else None,
+            high_watermark=self.window.high_watermark if self.window else None,
+        )
+        self.log.emit(
+            "job.done",
+            rows=result.rows,
+            chunks=result.chunks,
+            bytes=result.bytes,
+            seconds=seconds,
+            worker_restarts=restarts,
+            destination=self.destination.url,
+        )
+        return result
+
+    def _fail(self, manifest: Manifest, error: str) -> None:
+        with contextlib.suppress(Exception):
+            manifest.status = "failed"
+            manifest.error = self.redactor(error)[:2000]
+            manifest.save(self.destination)
+        self.log.emit("job.failed", error=error[:2000])
+
+    def _open_manifest(self, plan: ExtractPlan) -> tuple[Manifest, int | None]:
+        self.destination.ensure()
+        fp = self.fingerprint(plan)
+        existing = Manifest.load(self.destination)
+        if existing is not None and self.resume and existing.resumable_by(fp):
+            existing.attempts += 1
+            existing.status = "running"
+            existing.save(self.destination)
+            self.log.emit(
+                "job.resume",
+                extraction_run_id=existing.run_id,
+                chunks=len(existing.chunks),
+                rows=existing.rows,
+                key_from=existing.last_key,
+            )
+            return existing, existing.next_index
+        if existing is not None:  # a finished or different extraction: replace its files
+            for name in existing.files:
+                self.destination.remove(name)
+        manifest = Manifest(
+            run_id=self.run_id,
+            fingerprint=fp,
+            source=plan.source.describe(),
+            key_columns=list(plan.key_names),
+            schema=plan.describe_schema(),
+            chunk_rows=self.sizer.chunk_rows,
+            bounds={"lower": key_to_json(self.lower), "upper": key_to_json(self.upper)}
+            if self.lower is not None or self.upper is not None
+            else None,
+        )
+        for name in manifest.stray_files(self.destination.list_names()):
+            self.destination.remove(name)
+        manifest.save(self.destination)
+        return manifest, None
+
+    def _run_session(self, plan: ExtractPlan, manifest: Manifest, job_deadline: float | None) -> None:
+        session = WorkerSession(
+            self.session_endpoint(),
+            self.settings,
+            self.log,
+            application_name=self.application_name,
+            redactor=self.redactor,
+            worker_index=self.worker_index,
+            job_deadline=job_deadline,
+            abort_check=lambda: self._aborted,
+        )
+        self._session = session
+        try:
+            with session:
+                after = manifest.last_key if manifest.chunks else self.lower
+                chunks = _pipelined(
+                    session,
+                    plan,
+                    after=after,
+                    upper=self.upper,
+                    first_index=manifest.next_index,
+                    sizer=self.sizer,
+                    sink_for=lambda index: ParquetSink(
+                        url=self.destination.child_url(chunk_file_name(index)),
+                        storage_options=self.destination.storage_options,
+                        compression=self.compression,
+                        row_group_rows=self.row_group_rows,
+                    ),
+                    write_empty_first=not manifest.chunks,
+                )
+                for read, done in chunks:
+                    if not done.location:
+                        continue  # an empty page after a full one: nothing to commit
+                    entry = ChunkEntry(
+                        index=read.chunk_index,
+                        file=chunk_file_name(read.chunk_index),
+                        rows=done.rows,
+                        bytes=done.bytes,
+                        first_key=key_to_json(read.first_key),
+                        last_key=key_to_json(read.last_key),
+                        seconds=round(read.read_seconds + done.write_seconds, 4),
+                    )
+                    manifest.chunks.append(entry)
+                    manifest.save(self.destination)
+                    self.log.emit(
+                        "chunk.commit",
+                        worker=self.worker_index,
+                        worker_pid=session.pid,
+                        chunk=entry.index,
+                        file=entry.file,
+                        rows=entry.rows,
+                        bytes=entry.bytes,
+                        seconds=entry.seconds,
+                        key_from=entry.first_key,
+                        key_to=entry.last_key,
+                        total_rows=manifest.rows,
+                    )
+        finally:
+            self._session = None
+
+
+def iter_chunk_tables(
+    *,
+    endpoint: PostgresEndpoint,
+    spec: SourceSpec,
+    settings: WorkerSettings | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_bytes: int | None = None,
+    max_worker_restarts: int = 2,
+    extra_filters: Sequence[str] = (),
+    lower: Sequence[Any] | None = None,
+    upper: Sequence[Any] | None = None,
+    querylog: QueryLog | None = None,
+    application_name_prefix: str | None = None,
+    spool_dir: str | None = None,
+) -> Iterator[pa.Table]:
+    """Yield each chunk as a ``pyarrow.Table`` in this process, read by a supervised worker.
+
+    Chunks travel as Arrow IPC files in a private spool directory and are memory-mapped here (no
+    copy through the pipe); each file is unlinked as soon as it is mapped. While you process chunk
+    *k*, the worker already reads chunk *k+1*. Closing the generator early stops the worker.
+    """
+    extraction = Extraction(
+        endpoint=endpoint,
+        spec=spec,
+        destination=Destination(tempfile.gettempdir()),  # unused: no files are committed
+        settings=settings,
+        chunk_rows=chunk_rows,
+        chunk_bytes=chunk_bytes,
+        max_worker_restarts=max_worker_restarts,
+        extra_filters=extra_filters,
+        lower=lower,
+        upper=upper,
+        querylog=querylog,
+        application_name_prefix=application_name_prefix,
+    )
+    started = time.monotonic()
+    settings = extraction.settings
+    job_deadline = started + settings.job_timeout if settings.job_timeout else None
+    plan = extraction.build_plan()
+    spool = tempfile.mkdtemp(prefix="cxpg-spool-", dir=spool_dir)
+    os.chmod(spool, 0o700)
+    extraction.log.emit("job.start", source=spec.table or "sql", destination="iter_chunks", chunk_rows=chunk_rows)
+    after: Sequence[Any] | None = lower
+    index = rows = restarts = 0
+    try:
+        while True:
+            session = WorkerSession(
+                extraction.session_endpoint(),
+                settings,
+                extraction.log,
+                application_name=extraction.application_name,
+                redactor=extraction.redactor,
+                job_deadline=job_deadline,
+            )
+            try:
+                with session:
+                    for read, done in _pipelined(
+                        session,
+                        plan,
+                        after=after,
+                        upper=upper,
+                        first_index=index,
+                        sizer=extraction.sizer,
+                        sink_for=lambda i: IpcSink(os.path.join(spool, f"chunk-{i:06d}-{secrets.token_hex(3)}.arrow")),
+                        write_empty_first=index == 0,
+                    ):
+                        index = read.chunk_index + 1
+                        if not done.location:
+                            continue
+                        table = _map_ipc(done.location)
+                        after = read.last_key if read.last_key is not None else after
+                        rows += table.num_rows
+                        yield table
+                break
+            except WorkerError as exc:
+                if restarts >= max_worker_restarts:
+                    raise
+                restarts += 1
+                extraction.log.emit(
+                    "worker.restart",
+                    attempt=restarts,
+                    max_worker_restarts=max_worker_restarts,
+                    after_chunk=index - 1,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+        extraction.log.emit(
+            "job.done",
+            rows=rows,
+            chunks=index,
+            seconds=time.monotonic() - started,
+            worker_restarts=restarts,
+            destination="iter_chunks",
+        )
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def read_query_table(
+    *,
+    endpoint: PostgresEndpoint,
+    sql: str,
+    settings: WorkerSettings | None = None,
+    column_casts: dict[str, str] | None = None,
+    querylog: QueryLog | None = None,
+    application_name_prefix: str | None = None,
+) -> pa.Table:
+    """Run one query in a supervised worker and return the whole result here (no chunking)."""
+    settings = settings or WorkerSettings()
+    run_id = new_run_id()
+    app = run_application_name(run_id, application_name_prefix)
+    timeout = settings.query_timeout
+    session_endpoint = endpoint.with_session(
+        application_name=app, statement_timeout_ms=int(timeout * 1000) if timeout is not None else 0
+    )
+    redactor = Redactor(endpoint.secrets())
+    log = querylog or QueryLog(run_id, redactor=redactor)
+    log.with_redactor(redactor)
+    with contextlib.closing(connect(session_endpoint.with_session(application_name=f"{app}-plan"))) as conn:
+        plan = build_read_plan(conn, sql, column_casts)
+    spool = tempfile.mkdtemp(prefix="cxpg-spool-")
+    os.chmod(spool, 0o700)
+    try:
+        with WorkerSession(session_endpoint, settings, log, application_name=app, redactor=redactor) as session:
+            _, done = session.run(
+                ReadChunk(
+                    query_id=session.next_query_id(),
+                    chunk_index=0,
+                    sql=plan.chunk_sql(None, None),
+                    sink=IpcSink(os.path.join(spool, "result.arrow")),
+                    schema=plan.schema,
+                    infinity_columns=plan.infinity_columns,
+                )
+            )
+            return _map_ipc(done.location)
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def _map_ipc(path: str) -> pa.Table:
+    # Not closed here: the table's buffers point into the mapping, which lives as long as they do.
+    table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+    os.unlink(path)  # the mapping keeps the pages; the name is no longer needed
+    return table

@@ -1,0 +1,380 @@
+"""Hook: an Airflow Postgres connection as a connectorx source, read by a supervised worker."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+from airflow_provider_cxpg.conninfo import FORWARDED_PARAMS, PostgresEndpoint
+from airflow_provider_cxpg.destination import Destination
+from airflow_provider_cxpg.exceptions import ConnectionConfigError
+from airflow_provider_cxpg.extract import (
+    DEFAULT_CHUNK_ROWS,
+    Extraction,
+    ExtractResult,
+    iter_chunk_tables,
+    new_run_id,
+    read_query_table,
+)
+from airflow_provider_cxpg.incremental import WatermarkSpec
+from airflow_provider_cxpg.plan import SourceSpec
+from airflow_provider_cxpg.querylog import QueryLog
+from airflow_provider_cxpg.supervisor import WorkerSettings
+
+__all__ = ["ConnectorXPostgresHook"]
+
+_POSTGRES_CONN_TYPES = frozenset({"postgres", "postgresql"})
+
+
+def _mask(secret: str) -> None:
+    """Register ``secret`` with Airflow's log masker (best effort: absent outside a task)."""
+    try:
+        from airflow.providers.common.compat.sdk import mask_secret
+    except ImportError:  # pragma: no cover - very old compat provider
+        return
+    with contextlib.suppress(Exception):  # masking is defence in depth, never a reason to fail
+        mask_secret(secret)
+
+
+class ConnectorXPostgresHook(PostgresHook):
+    """Read PostgreSQL through connectorx in a supervised, spawned worker process.
+
+    Everything :class:`~airflow.providers.postgres.hooks.postgres.PostgresHook` does keeps working
+    (``get_conn``, ``get_records``, ``get_df``...): this hook only adds the connectorx path. The
+    connection is the usual ``postgres`` type; host, port, schema (database), login, password, the
+    extras in :data:`~airflow_provider_cxpg.conninfo.FORWARDED_PARAMS` and the AWS / Azure IAM token
+    extras apply to connectorx too.
+
+    No I/O happens in ``__init__``; the connection is resolved on first use.
+
+    :param postgres_conn_id: the Airflow connection id.
+    :param protocol: connectorx protocol, ``binary`` (default) or ``cursor`` (e.g. behind PgBouncer
+        in statement mode). connectorx ignores ``cxprotocol`` in a URI, so it is passed explicitly.
+
+    .. seealso:: :class:`~airflow_provider_cxpg.operators.extract.PostgresExtractOperator`
+    """
+
+    conn_name_attr = "postgres_conn_id"
+    default_conn_name = "postgres_default"
+    conn_type = "postgres"
+    hook_name = "Postgres"
+
+    def __init__(self, *args: Any, protocol: str = "binary", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.protocol = protocol
+        self._endpoint: PostgresEndpoint | None = None
+
+    # -- connection --------------------------------------------------------------------------------
+
+    def _resolved_connection(self) -> Any:
+        conn_id = self.get_conn_id()
+        try:
+            conn = self.connection
+        except Exception as exc:  # noqa: BLE001  AirflowNotFoundException and friends: say it plainly
+            raise ConnectionConfigError(
+                f"Airflow connection {conn_id!r} is not defined (or cannot be read): {type(exc).__name__}",
+                conn_id=conn_id,
+            ) from None
+        conn_type = (conn.conn_type or "").lower()
+        if conn_type not in _POSTGRES_CONN_TYPES:
+            raise ConnectionConfigError(
+                f"Airflow connection {conn_id!r} has type {conn.conn_type!r}; this hook needs a 'postgres' connection",
+                conn_id=conn_id,
+            )
+        if not conn.host:
+            raise ConnectionConfigError(
+                f"Airflow connection {conn_id!r} has no host (use a host name, an IP address, or a Unix-socket "
+                "directory such as /var/run/postgresql)",
+                conn_id=conn_id,
+            )
+        return conn
+
+    def get_endpoint(self) -> PostgresEndpoint:
+        """Resolve the connection (IAM tokens included) into a :class:`PostgresEndpoint`.
+
+        The endpoint holds the password; its ``repr`` and ``str`` never show it.
+
+        :raises ConnectionConfigError: the connection is missing, not ``postgres``, or has no host.
+        """
+        if self._endpoint is not None:
+            return self._endpoint
+        conn = self._resolved_connection()
+        extra = conn.extra_dejson
+        login, password, port = conn.login, conn.password, conn.port
+        if extra.get("iam", False):
+            login, password, port = self.get_iam_token(conn)
+        params: dict[str, str] = {}
+        for name in FORWARDED_PARAMS:
+            value = extra.get(name)
+            if value is not None and value != "":
+                params[name] = str(value)
+        if self.options:  # PostgresHook(options=...) adds libpq options, as get_conn does
+            params["options"] = f"{params['options']} {self.options}" if params.get("options") else self.options
+        endpoint = PostgresEndpoint(
+            host=conn.host,
+            port=int(port or 5432),
+            dbname=self.database or conn.schema or login or "postgres",
+            user=login or "",
+            password=password or "",
+            params=params,
+        )
+        for secret in endpoint.secrets():
+            _mask(secret)
+        self._endpoint = endpoint
+        return endpoint
+
+    @property
+    def connectorx_uri(self) -> str:
+        """The connectorx URI with the password replaced by ``***`` (for logs and messages)."""
+        return self.get_endpoint().redacted_uri()
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Check that a worker can read through connectorx (used by the Airflow UI's Test button)."""
+        try:
+            table = self.read_arrow("SELECT 1 AS ok", query_timeout=30)
+            return bool(table.num_rows == 1), "connectorx read through a supervised worker succeeded"
+        except Exception as exc:  # noqa: BLE001
+            return False, f"{type(exc).__name__}: {exc}"
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def worker_settings(
+        self,
+        *,
+        query_timeout: float | None = 3600.0,
+        job_timeout: float | None = None,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 20.0,
+        **more: Any,
+    ) -> WorkerSettings:
+        """Build :class:`WorkerSettings` from keyword arguments (validated)."""
+        return WorkerSettings(
+            query_timeout=query_timeout,
+            job_timeout=job_timeout,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            protocol=self.protocol,
+            **more,
+        )
+
+    def iter_chunks(
+        self,
+        *,
+        table: str | None = None,
+        sql: str | None = None,
+        columns: Sequence[str] | None = None,
+        where: str | None = None,
+        key_columns: Sequence[str] | None = None,
+        column_casts: Mapping[str, str] | None = None,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        chunk_bytes: int | None = None,
+        query_timeout: float | None = 3600.0,
+        job_timeout: float | None = None,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 20.0,
+        max_worker_restarts: int = 2,
+        query_log_path: str | None = None,
+        **settings: Any,
+    ) -> Iterator[pa.Table]:
+        """Yield a table or query in keyset chunks, each a ``pyarrow.Table`` in this process.
+
+        The reads happen in a supervised worker with the same deadlines, heartbeats and query log as
+        the operator; chunks arrive as memory-mapped Arrow IPC files.
+
+        :param table: ``schema.table`` to read (or ``sql``).
+        :param sql: a query whose output contains ``key_columns``.
+        :param columns: output columns (default: all).
+        :param where: SQL condition on the source's columns.
+        :param key_columns: keyset key (default: the primary key).
+        :param column_casts: ``{column: type}`` to read a column as another type, e.g. ``text``.
+        :param chunk_rows: rows per chunk.
+        :param chunk_bytes: size chunks to about this many Arrow bytes instead.
+        :param query_timeout: seconds per query (server ``statement_timeout`` too); None: no limit.
+        :param job_timeout: seconds for all chunks; None: no limit.
+        :param heartbeat_interval: seconds between worker heartbeats.
+        :param heartbeat_timeout: declare the worker dead after this many silent seconds.
+        :param max_worker_restarts: replace a dead worker this many times.
+        :param query_log_path: also write the structured query log as JSON lines here.
+        """
+        spec = SourceSpec(
+            table=table,
+            sql=sql,
+            columns=tuple(columns) if columns else None,
+            where=where,
+            key_columns=tuple(key_columns) if key_columns else None,
+            column_casts=dict(column_casts or {}),
+        )
+        worker_settings = self.worker_settings(
+            query_timeout=query_timeout,
+            job_timeout=job_timeout,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            **settings,
+        )
+        endpoint = self.get_endpoint()
+        yield from iter_chunk_tables(
+            endpoint=endpoint,
+            spec=spec,
+            settings=worker_settings,
+            chunk_rows=chunk_rows,
+            chunk_bytes=chunk_bytes,
+            max_worker_restarts=max_worker_restarts,
+            querylog=QueryLog(new_run_id(), logger=self.log, jsonl_path=query_log_path),
+            application_name_prefix=endpoint.application_name,
+        )
+
+    def read_arrow(
+        self,
+        sql: str,
+        *,
+        column_casts: Mapping[str, str] | None = None,
+        query_timeout: float | None = 3600.0,
+        query_log_path: str | None = None,
+        **settings: Any,
+    ) -> pa.Table:
+        """Run one query in a supervised worker and return the whole result as a ``pyarrow.Table``.
+
+        Types are read exactly as the extraction reads them (see the README's type table). For large
+        results use :meth:`iter_chunks` or the operator: this holds the whole result in memory.
+
+        :param sql: the query.
+        :param column_casts: ``{column: type}`` to read a column as another type.
+        :param query_timeout: seconds (server ``statement_timeout`` too); None: no limit.
+        :param query_log_path: also write the structured query log as JSON lines here.
+        """
+        endpoint = self.get_endpoint()
+        return read_query_table(
+            endpoint=endpoint,
+            sql=sql,
+            settings=self.worker_settings(query_timeout=query_timeout, **settings),
+            column_casts=dict(column_casts or {}),
+            querylog=QueryLog(new_run_id(), logger=self.log, jsonl_path=query_log_path),
+            application_name_prefix=endpoint.application_name,
+        )
+
+    def extract(
+        self,
+        *,
+        destination: Any,
+        table: str | None = None,
+        sql: str | None = None,
+        columns: Sequence[str] | None = None,
+        where: str | None = None,
+        key_columns: Sequence[str] | None = None,
+        column_casts: Mapping[str, str] | None = None,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        chunk_bytes: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        compression: str = "zstd",
+        query_timeout: float | None = 3600.0,
+        job_timeout: float | None = None,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 20.0,
+        max_worker_restarts: int = 2,
+        extra_filters: Sequence[str] = (),
+        lower: Sequence[Any] | None = None,
+        upper: Sequence[Any] | None = None,
+        watermark: WatermarkSpec | None = None,
+        resume: bool = True,
+        run_id: str | None = None,
+        query_log_path: str | None = None,
+        **settings: Any,
+    ) -> ExtractResult:
+        """Extract to Parquet files plus a manifest at ``destination`` (see :class:`Extraction`)."""
+        return self.prepare_extraction(
+            destination=destination,
+            table=table,
+            sql=sql,
+            columns=columns,
+            where=where,
+            key_columns=key_columns,
+            column_casts=column_casts,
+            chunk_rows=chunk_rows,
+            chunk_bytes=chunk_bytes,
+            storage_options=storage_options,
+            compression=compression,
+            query_timeout=query_timeout,
+            job_timeout=job_timeout,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            max_worker_restarts=max_worker_restarts,
+            extra_filters=extra_filters,
+            lower=lower,
+            upper=upper,
+            watermark=watermark,
+            resume=resume,
+            run_id=run_id,
+            query_log_path=query_log_path,
+            **settings,
+        ).run()
+
+    def prepare_extraction(
+        self,
+        *,
+        destination: Any,
+        table: str | None = None,
+        sql: str | None = None,
+        columns: Sequence[str] | None = None,
+        where: str | None = None,
+        key_columns: Sequence[str] | None = None,
+        column_casts: Mapping[str, str] | None = None,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        chunk_bytes: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        compression: str = "zstd",
+        query_timeout: float | None = 3600.0,
+        job_timeout: float | None = None,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 20.0,
+        max_worker_restarts: int = 2,
+        extra_filters: Sequence[str] = (),
+        lower: Sequence[Any] | None = None,
+        upper: Sequence[Any] | None = None,
+        watermark: WatermarkSpec | None = None,
+        resume: bool = True,
+        run_id: str | None = None,
+        query_log_path: str | None = None,
+        querylog: QueryLog | None = None,
+        **settings: Any,
+    ) -> Extraction:
+        """Build (but do not run) an :class:`Extraction`; the operator keeps it to abort on kill."""
+        spec = SourceSpec(
+            table=table,
+            sql=sql,
+            columns=tuple(columns) if columns else None,
+            where=where,
+            key_columns=tuple(key_columns) if key_columns else None,
+            column_casts=dict(column_casts or {}),
+        )
+        worker_settings = self.worker_settings(
+            query_timeout=query_timeout,
+            job_timeout=job_timeout,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            **settings,
+        )
+        endpoint = self.get_endpoint()
+        run_id = run_id or new_run_id()
+        log = querylog or QueryLog(run_id, logger=self.log, jsonl_path=query_log_path)
+        return Extraction(
+            endpoint=endpoint,
+            spec=spec,
+            destination=Destination(destination, storage_options),
+            settings=worker_settings,
+            chunk_rows=chunk_rows,
+            chunk_bytes=chunk_bytes,
+            compression=compression,
+            max_worker_restarts=max_worker_restarts,
+            extra_filters=extra_filters,
+            lower=lower,
+            upper=upper,
+            watermark=watermark,
+            resume=resume,
+            run_id=run_id,
+            querylog=log,
+            application_name_prefix=endpoint.application_name,
+        )

@@ -1,0 +1,149 @@
+"""The manifest: what an extraction has committed, and where a resumed one continues.
+
+``_manifest.json`` lives beside the chunk files and is rewritten atomically after every committed
+chunk. A chunk counts as committed only once it is listed here; a file without an entry (a worker
+killed between renaming its file and the parent's update) is removed when the run completes.
+
+A manifest is *resumable* by a later attempt when its status is ``running`` or ``failed`` and its
+``fingerprint`` (source, columns, key, bounds, chunking) matches: the new attempt continues after
+``chunks[-1].last_key``. A ``complete`` manifest, or one of a different extraction, is replaced.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from airflow_provider_cxpg.destination import Destination
+from airflow_provider_cxpg.exceptions import StorageError
+
+__all__ = ["MANIFEST_NAME", "ChunkEntry", "Manifest", "chunk_file_name", "fingerprint"]
+
+MANIFEST_NAME = "_manifest.json"
+FORMAT = "cxpg-manifest/1"
+_CHUNK_FILE = re.compile(r"^part-(\d{6,})\.parquet$")
+
+
+def chunk_file_name(index: int) -> str:
+    return f"part-{index:06d}.parquet"
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    """A stable hash of what defines an extraction's output."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class ChunkEntry:
+    """One committed chunk file."""
+
+    index: int
+    file: str
+    rows: int
+    bytes: int
+    first_key: list[Any] | None
+    last_key: list[Any] | None
+    seconds: float
+    committed_at: str = field(default_factory=_now)
+
+
+@dataclass
+class Manifest:
+    """The extraction's record (see the module docstring)."""
+
+    run_id: str
+    fingerprint: str
+    source: dict[str, Any]
+    key_columns: list[str]
+    schema: list[dict[str, str]]
+    chunk_rows: int
+    window: dict[str, Any] | None = None
+    bounds: dict[str, Any] | None = None
+    status: str = "running"
+    chunks: list[ChunkEntry] = field(default_factory=list)
+    attempts: int = 1
+    started_at: str = field(default_factory=_now)
+    updated_at: str = field(default_factory=_now)
+    completed_at: str | None = None
+    error: str | None = None
+    format: str = FORMAT
+
+    # -- derived -----------------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> int:
+        return sum(c.rows for c in self.chunks)
+
+    @property
+    def bytes(self) -> int:
+        return sum(c.bytes for c in self.chunks)
+
+    @property
+    def files(self) -> list[str]:
+        return [c.file for c in self.chunks if c.file]
+
+    @property
+    def next_index(self) -> int:
+        return self.chunks[-1].index + 1 if self.chunks else 0
+
+    @property
+    def last_key(self) -> list[Any] | None:
+        for chunk in reversed(self.chunks):
+            if chunk.last_key is not None:
+                return chunk.last_key
+        return None
+
+    @property
+    def first_key(self) -> list[Any] | None:
+        for chunk in self.chunks:
+            if chunk.first_key is not None:
+                return chunk.first_key
+        return None
+
+    def resumable_by(self, fp: str) -> bool:
+        return self.fingerprint == fp and self.status in {"running", "failed"}
+
+    # -- persistence -------------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["rows"] = self.rows
+        data["bytes"] = self.bytes
+        data["files"] = self.files
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        if data.get("format") != FORMAT:
+            raise StorageError(f"unknown manifest format {data.get('format')!r}")
+        known = set(cls.__dataclass_fields__)
+        values = {k: v for k, v in data.items() if k in known}
+        values["chunks"] = [ChunkEntry(**c) for c in data.get("chunks", [])]
+        return cls(**values)
+
+    def save(self, destination: Destination) -> None:
+        self.updated_at = _now()
+        destination.write_json(MANIFEST_NAME, self.to_json())
+
+    @classmethod
+    def load(cls, destination: Destination) -> Manifest | None:
+        data = destination.read_json(MANIFEST_NAME)
+        return None if data is None else cls.from_json(data)
+
+    def stray_files(self, names: list[str]) -> list[str]:
+        """Chunk files and temporaries in ``names`` that this manifest does not list."""
+        listed = set(self.files)
+        return [
+            n
+            for n in names
+            if (_CHUNK_FILE.match(n) and n not in listed) or (n.startswith(".part-") and n.endswith(".tmp"))
+        ]

@@ -1,0 +1,368 @@
+"""Operator: extract a PostgreSQL table or query to Parquet files, chunk by chunk, supervised."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import quote
+
+from airflow.providers.common.compat.sdk import BaseOperator
+
+from airflow_provider_cxpg.exceptions import InvalidInputError
+from airflow_provider_cxpg.extract import DEFAULT_CHUNK_ROWS, Extraction, ExtractResult
+from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+from airflow_provider_cxpg.incremental import WatermarkSpec
+
+if TYPE_CHECKING:
+    from airflow.providers.common.compat.sdk import Context
+
+__all__ = ["PostgresExtractOperator"]
+
+_FILE_FORMATS = ("parquet",)
+#: Keys of the XCom summary; a public contract (more may be added, none removed).
+SUMMARY_KEYS = (
+    "rows",
+    "chunks",
+    "files",
+    "destination",
+    "first_key",
+    "last_key",
+    "high_watermark",
+    "seconds",
+    "run_id",
+)
+
+
+def _positive(name: str, value: Any, *, allow_none: bool = False, integer: bool = False) -> Any:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        try:
+            value = int(value) if integer else float(value)
+        except ValueError:
+            raise InvalidInputError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise InvalidInputError(f"{name} must be a positive number, got {value!r}")
+    if integer and int(value) != value:
+        raise InvalidInputError(f"{name} must be an integer, got {value!r}")
+    return int(value) if integer else value
+
+
+def _names(name: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise InvalidInputError(f"{name} must be a list of column names, got {value!r}")
+    return tuple(value)
+
+
+class PostgresExtractOperator(BaseOperator):
+    """Extract a PostgreSQL table or query to Parquet files in keyset chunks, in a supervised worker.
+
+    connectorx never runs in the task process: a spawned worker reads each chunk (``WHERE key > last
+    ORDER BY key LIMIT chunk_rows``) and writes it as ``part-NNNNNN.parquet`` beside a
+    ``_manifest.json``. Every query has a deadline (also enforced by the server), the worker sends
+    heartbeats, and any failure cancels the server query and stops the worker. A retried task
+    resumes after the last committed chunk.
+
+    :param postgres_conn_id: Airflow ``postgres`` connection.
+    :param table: ``schema.table`` to extract (templated). Give ``table`` or ``sql``.
+    :param sql: a query whose output contains ``key_columns`` (templated, ``.sql`` files allowed).
+    :param columns: output columns (templated; default all). Key columns are added when missing.
+    :param where: SQL condition on the source's columns (templated).
+    :param key_columns: keyset key (templated; default: the table's primary key). A non-unique key
+        gets the primary key appended as a tie-breaker.
+    :param chunk_rows: rows per chunk (and per file).
+    :param chunk_bytes: size chunks to about this many in-memory Arrow bytes instead (``chunk_rows``
+        is then the maximum).
+    :param destination: directory or URL prefix for the files (templated): a local path, any fsspec
+        URL such as ``s3://bucket/prefix``, or an ``ObjectStoragePath``.
+    :param destination_conn_id: Airflow connection for object storage credentials (resolved through
+        ``ObjectStoragePath``).
+    :param storage_options: fsspec options for the destination (sent to the worker over its pipe).
+    :param file_format: ``parquet``.
+    :param compression: Parquet codec (``zstd`` default).
+    :param query_timeout: seconds per chunk query, enforced by the parent and as server
+        ``statement_timeout``; None for no limit.
+    :param job_timeout: seconds for the whole extraction; None for no limit.
+    :param heartbeat_interval: seconds between worker heartbeats.
+    :param heartbeat_timeout: declare the worker dead after this many seconds without one.
+    :param max_worker_restarts: replace a dead worker this many times within one try.
+    :param watermark_column: read only rows with ``watermark_start < column <= watermark_end``;
+        ``"xmin"`` uses transaction ids (see the README, "Incremental runs").
+    :param watermark_start: exclusive lower bound (templated); default: the previous successful run's
+        ``high_watermark`` (none: read everything).
+    :param watermark_end: inclusive upper bound (templated); default: fixed when the run starts.
+    :param column_casts: ``{column: sql_type}`` to read a column as another type (e.g. ``text``).
+    :param lower_key: exclusive lower key bound (templated), e.g. from the partition planner.
+    :param upper_key: inclusive upper key bound (templated).
+    :param parallelism: workers reading disjoint key ranges at once inside this task.
+    :param resume: continue an unfinished extraction found at the destination (default True).
+    :param query_log_path: also write the structured query log as JSON lines to this file.
+    :param worker_settings: further :class:`~airflow_provider_cxpg.supervisor.WorkerSettings` fields.
+
+    .. seealso:: :class:`~airflow_provider_cxpg.hooks.connectorx.ConnectorXPostgresHook`
+    """
+
+    template_fields: Sequence[str] = (
+        "table",
+        "sql",
+        "columns",
+        "where",
+        "key_columns",
+        "destination",
+        "watermark_start",
+        "watermark_end",
+        "lower_key",
+        "upper_key",
+        "query_log_path",
+    )
+    template_ext: Sequence[str] = (".sql",)
+    template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "where": "sql"}
+    ui_color = "#336791"
+
+    def __init__(
+        self,
+        *,
+        destination: Any,
+        postgres_conn_id: str = "postgres_default",
+        table: str | None = None,
+        sql: str | None = None,
+        columns: Sequence[str] | None = None,
+        where: str | None = None,
+        key_columns: Sequence[str] | None = None,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        chunk_bytes: int | None = None,
+        destination_conn_id: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        file_format: str = "parquet",
+        compression: str = "zstd",
+        query_timeout: float | None = 3600.0,
+        job_timeout: float | None = None,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 20.0,
+        max_worker_restarts: int = 2,
+        watermark_column: str | None = None,
+        watermark_start: Any = None,
+        watermark_end: Any = None,
+        column_casts: Mapping[str, str] | None = None,
+        lower_key: Sequence[Any] | None = None,
+        upper_key: Sequence[Any] | None = None,
+        parallelism: int = 1,
+        resume: bool = True,
+        query_log_path: str | None = None,
+        worker_settings: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.postgres_conn_id = postgres_conn_id
+        self.table = table
+        self.sql = sql
+        self.columns = columns
+        self.where = where
+        self.key_columns = key_columns
+        self.chunk_rows = chunk_rows
+        self.chunk_bytes = chunk_bytes
+        self.destination = destination
+        self.destination_conn_id = destination_conn_id
+        self.storage_options = storage_options
+        self.file_format = file_format
+        self.compression = compression
+        self.query_timeout = query_timeout
+        self.job_timeout = job_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.max_worker_restarts = max_worker_restarts
+        self.watermark_column = watermark_column
+        self.watermark_start = watermark_start
+        self.watermark_end = watermark_end
+        self.column_casts = column_casts
+        self.lower_key = lower_key
+        self.upper_key = upper_key
+        self.parallelism = parallelism
+        self.resume = resume
+        self.query_log_path = query_log_path
+        self.worker_settings = dict(worker_settings or {})
+        self._extraction: Any = None
+        self._result: ExtractResult | None = None
+        if "outlets" not in kwargs:
+            self.outlets = [self._asset_alias()]
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    @cached_property
+    def hook(self) -> ConnectorXPostgresHook:
+        return ConnectorXPostgresHook(postgres_conn_id=self.postgres_conn_id)
+
+    def _asset_alias(self) -> Any:
+        from airflow.providers.common.compat.sdk import AssetAlias
+
+        dag_id = getattr(self, "dag_id", None) or "_"
+        return AssetAlias(name=f"cxpg-extract:{dag_id}.{self.task_id}")
+
+    def _validate(self) -> None:
+        if (self.table is None) == (self.sql is None):
+            raise InvalidInputError(f"{self.task_id}: give exactly one of `table` or `sql`")
+        if self.file_format not in _FILE_FORMATS:
+            raise InvalidInputError(f"file_format must be one of {list(_FILE_FORMATS)}, got {self.file_format!r}")
+        self.chunk_rows = _positive("chunk_rows", self.chunk_rows, integer=True)
+        self.chunk_bytes = _positive("chunk_bytes", self.chunk_bytes, allow_none=True, integer=True)
+        self.query_timeout = _positive("query_timeout", self.query_timeout, allow_none=True)
+        self.job_timeout = _positive("job_timeout", self.job_timeout, allow_none=True)
+        self.heartbeat_interval = _positive("heartbeat_interval", self.heartbeat_interval)
+        self.heartbeat_timeout = _positive("heartbeat_timeout", self.heartbeat_timeout)
+        self.parallelism = _positive("parallelism", self.parallelism, integer=True)
+        if (
+            isinstance(self.max_worker_restarts, bool)
+            or not isinstance(self.max_worker_restarts, int)
+            or self.max_worker_restarts < 0
+        ):
+            raise InvalidInputError(f"max_worker_restarts must be an integer >= 0, got {self.max_worker_restarts!r}")
+        self.columns = _names("columns", self.columns)
+        self.key_columns = _names("key_columns", self.key_columns)
+        if self.watermark_column is None and (
+            self.watermark_start not in (None, "") or self.watermark_end not in (None, "")
+        ):
+            raise InvalidInputError("watermark_start / watermark_end need watermark_column")
+        if self.destination is None or (isinstance(self.destination, str) and not self.destination.strip()):
+            raise InvalidInputError("destination is empty")
+
+    def _previous_high_watermark(self, context: Context) -> Any:
+        """The ``high_watermark`` of this task's latest successful run (its XCom), or None."""
+        ti = context.get("ti")
+        if ti is None:
+            return None
+        try:
+            previous = ti.xcom_pull(task_ids=self.task_id, key="return_value", include_prior_dates=True)
+        except Exception as exc:  # noqa: BLE001  no history is not an error
+            self.log.info("no previous high_watermark (%s)", type(exc).__name__)
+            return None
+        if isinstance(previous, list):  # mapped or multiple: take the newest non-empty
+            previous = next((p for p in reversed(previous) if p), None)
+        if isinstance(previous, dict) and previous.get("watermark_column") == self.watermark_column:
+            return previous.get("high_watermark")
+        return None
+
+    def _watermark(self, context: Context) -> WatermarkSpec | None:
+        if not self.watermark_column:
+            return None
+        start = self.watermark_start
+        if start in (None, ""):
+            start = self._previous_high_watermark(context)
+            self.log.info("watermark_start from the previous successful run: %r", start)
+        return WatermarkSpec(self.watermark_column, start, self.watermark_end)
+
+    def _destination(self) -> Any:
+        if self.destination_conn_id:
+            from airflow.providers.common.compat.sdk import ObjectStoragePath
+
+            return ObjectStoragePath(str(self.destination), conn_id=self.destination_conn_id)
+        return self.destination
+
+    # -- execution ---------------------------------------------------------------------------------
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        self._validate()
+        settings = dict(self.worker_settings)
+        common: dict[str, Any] = {
+            "destination": self._destination(),
+            "table": self.table,
+            "sql": self.sql,
+            "columns": self.columns,
+            "where": self.where,
+            "key_columns": self.key_columns,
+            "column_casts": self.column_casts,
+            "chunk_rows": self.chunk_rows,
+            "chunk_bytes": self.chunk_bytes,
+            "storage_options": self.storage_options,
+            "compression": self.compression,
+            "query_timeout": self.query_timeout,
+            "job_timeout": self.job_timeout,
+            "heartbeat_interval": self.heartbeat_interval,
+            "heartbeat_timeout": self.heartbeat_timeout,
+            "max_worker_restarts": self.max_worker_restarts,
+            "watermark": self._watermark(context),
+            "lower": self.lower_key,
+            "upper": self.upper_key,
+            "resume": self.resume,
+            "query_log_path": self.query_log_path,
+            **settings,
+        }
+        if self.parallelism > 1:
+            from airflow_provider_cxpg.parallel import ParallelExtraction
+
+            self._extraction = ParallelExtraction(self.hook, parallelism=self.parallelism, **common)
+        else:
+            self._extraction = self.hook.prepare_extraction(**common)
+        result: ExtractResult = self._extraction.run()
+        self._result = result
+        summary = result.summary()
+        summary["watermark_column"] = self.watermark_column
+        self._emit_asset(context, summary)
+        return summary
+
+    def on_kill(self) -> None:
+        """Stop the worker: cancel its server query, SIGTERM, SIGKILL after a grace period."""
+        extraction: Extraction | None = self._extraction
+        if extraction is not None:
+            extraction.abort("on_kill")
+
+    # -- lineage -----------------------------------------------------------------------------------
+
+    def _asset_uri(self, destination: str) -> str:
+        if "://" in destination:
+            return destination.rstrip("/")
+        return "file://" + quote(os.path.abspath(destination))
+
+    def _emit_asset(self, context: Context, summary: dict[str, Any]) -> None:
+        try:
+            from airflow.providers.common.compat.sdk import Asset, AssetAlias
+        except ImportError:  # pragma: no cover
+            return
+        events = context.get("outlet_events")
+        if events is None:
+            return
+        uri = self._asset_uri(summary["destination"])
+        extra = {k: summary[k] for k in ("rows", "chunks", "run_id", "high_watermark") if summary.get(k) is not None}
+        for outlet in self.outlets or []:
+            try:
+                if isinstance(outlet, AssetAlias):
+                    events[outlet].add(Asset(uri=uri, name=uri), extra=extra)
+                elif isinstance(outlet, Asset):
+                    events[outlet].extra.update(extra)
+            except Exception as exc:  # noqa: BLE001  lineage must never fail an extraction
+                self.log.warning("could not record the asset event for %s: %s", uri, exc)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage: input table from the Postgres connection, output files at the destination."""
+        try:
+            from airflow.providers.common.compat.openlineage.facet import Dataset
+            from airflow.providers.openlineage.extractors import OperatorLineage
+        except ImportError:
+            return None
+        if self._result is None:
+            return None
+        endpoint = self.hook.get_endpoint()
+        inputs = []
+        if self.table:
+            from airflow_provider_cxpg.sql import parse_qualified_name
+
+            schema, name = parse_qualified_name(self.table)
+            inputs.append(
+                Dataset(
+                    namespace=f"postgres://{endpoint.host}:{endpoint.port}",
+                    name=f"{endpoint.dbname}.{schema or 'public'}.{name}",
+                )
+            )
+        uri = self._asset_uri(self._result.destination)
+        scheme, _, rest = uri.partition("://")
+        if scheme == "file":
+            output = Dataset(namespace="file", name="/" + rest.lstrip("/"))
+        else:
+            bucket, _, path = rest.partition("/")
+            output = Dataset(namespace=f"{scheme}://{bucket}", name=path or "/")
+        return OperatorLineage(inputs=inputs, outputs=[output])

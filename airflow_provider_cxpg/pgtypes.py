@@ -1,0 +1,147 @@
+"""How each PostgreSQL type is read: natively by connectorx, or as its text form.
+
+Measured with connectorx 0.4.6 (see ``docs/types.md``): many types are exact natively; some panic
+(interval, timetz, cidr, uuid[], ...), fail (``"char"``, xid), or are silently wrong (every numeric is
+read as decimal128(38,10), rounding anything finer). The rule here is simple and never lossy:
+
+* a type in :data:`NATIVE` is read by connectorx and cast to the precise Arrow type in the worker
+  (the stream path widens int2/int4/float4 and numeric; the cast puts the declared type back);
+* ``numeric(p, s)`` is native only where decimal128(38,10) holds every value exactly
+  (``s <= 10`` and ``p - s <= 28``), and written as ``decimal128(p, s)``;
+* every other type, unconstrained ``numeric`` included, is selected as ``expr::text``: PostgreSQL's
+  own text form, exact by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+__all__ = ["KEY_TYPES", "NATIVE", "ColumnRead", "PgType", "plan_column"]
+
+#: typname -> Arrow type for the types connectorx reads exactly.
+NATIVE: dict[str, pa.DataType] = {
+    "int2": pa.int16(),
+    "int4": pa.int32(),
+    "int8": pa.int64(),
+    "oid": pa.uint32(),
+    "float4": pa.float32(),
+    "float8": pa.float64(),
+    "bool": pa.bool_(),
+    "text": pa.string(),
+    "varchar": pa.string(),
+    "bpchar": pa.string(),
+    "name": pa.string(),
+    "json": pa.string(),
+    "jsonb": pa.string(),
+    "uuid": pa.string(),
+    "inet": pa.string(),
+    "bytea": pa.large_binary(),
+    "date": pa.date32(),
+    "time": pa.time64("us"),
+    "timestamp": pa.timestamp("us"),
+    "timestamptz": pa.timestamp("us", tz="UTC"),
+}
+
+#: Array element types connectorx reads exactly (one-dimensional arrays only).
+_NATIVE_ARRAY_ELEMENTS: dict[str, pa.DataType] = {
+    "int2": pa.int16(),
+    "int4": pa.int32(),
+    "int8": pa.int64(),
+    "float4": pa.float32(),
+    "float8": pa.float64(),
+    "bool": pa.bool_(),
+    "text": pa.string(),
+    "varchar": pa.string(),
+}
+
+#: Types allowed in a keyset key: ordered by a B-tree, with an exact literal form.
+KEY_TYPES: frozenset[str] = frozenset(
+    {
+        "int2",
+        "int4",
+        "int8",
+        "oid",
+        "numeric",
+        "float4",
+        "float8",
+        "text",
+        "varchar",
+        "bpchar",
+        "name",
+        "uuid",
+        "date",
+        "time",
+        "timestamp",
+        "timestamptz",
+        "bytea",
+        "bool",
+    }
+)
+
+# decimal128(38, 10) is what connectorx produces for every numeric.
+_CX_DECIMAL_SCALE = 10
+_CX_DECIMAL_INTEGER_DIGITS = 28
+
+
+@dataclass(frozen=True)
+class PgType:
+    """What the catalog says about one result column's type.
+
+    :param typname: ``pg_type.typname`` of the (domain-resolved) type, e.g. ``int4`` or ``_text``.
+    :param sql_name: ``format_type(oid, typmod)``, e.g. ``numeric(12,2)``; used in casts.
+    :param typtype: ``b`` base, ``e`` enum, ``c`` composite, ``r`` range, ``p`` pseudo, ...
+    :param element: typname of the element type for arrays, else None.
+    :param precision: numeric precision from the type modifier, None when unconstrained.
+    :param scale: numeric scale from the type modifier.
+    """
+
+    typname: str
+    sql_name: str
+    typtype: str = "b"
+    element: str | None = None
+    precision: int | None = None
+    scale: int | None = None
+
+
+@dataclass(frozen=True)
+class ColumnRead:
+    """How one output column is read and written.
+
+    :param name: output column name.
+    :param pg: the source type.
+    :param as_text: select ``expr::text`` instead of ``expr``.
+    :param arrow_type: the type written to Parquet / returned to Python.
+    """
+
+    name: str
+    pg: PgType
+    as_text: bool
+    arrow_type: pa.DataType
+
+    @property
+    def read_as(self) -> str:
+        return "text" if self.as_text else "native"
+
+
+def _numeric_is_exact(precision: int | None, scale: int | None) -> bool:
+    if precision is None or scale is None:
+        return False
+    return 0 <= scale <= _CX_DECIMAL_SCALE and precision - scale <= _CX_DECIMAL_INTEGER_DIGITS
+
+
+def plan_column(name: str, pg: PgType) -> ColumnRead:
+    """Decide how to read one column (see the module docstring)."""
+    if pg.typtype == "e":  # enums arrive as their label over the binary protocol
+        return ColumnRead(name, pg, False, pa.string())
+    if pg.typname == "numeric":
+        if _numeric_is_exact(pg.precision, pg.scale):
+            assert pg.precision is not None and pg.scale is not None
+            return ColumnRead(name, pg, False, pa.decimal128(max(pg.precision, 1), pg.scale))
+        return ColumnRead(name, pg, True, pa.string())
+    if pg.typname in NATIVE:
+        return ColumnRead(name, pg, False, NATIVE[pg.typname])
+    if pg.element is not None and pg.element in _NATIVE_ARRAY_ELEMENTS:
+        return ColumnRead(name, pg, False, pa.large_list(_NATIVE_ARRAY_ELEMENTS[pg.element]))
+    return ColumnRead(name, pg, True, pa.string())

@@ -1,0 +1,361 @@
+"""Turn what the user asked for into exact keyset SQL, validated before any data moves.
+
+Chunk *k+1* of a plan is::
+
+    SELECT <columns> FROM <source> AS "_cxpg_src"
+    WHERE (<user where>) AND (<window>) AND (k1, k2) > (<last key of chunk k>) [AND (k1, k2) <= (<upper>)]
+    ORDER BY k1, k2
+    LIMIT <chunk_rows>
+
+never ``OFFSET``: each page starts where the previous ended, so pages cost the same however deep
+they are, and rows are neither skipped nor repeated when the key is unique.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from airflow_provider_cxpg.catalog import SourceColumn, TableInfo, describe_query, describe_table, resolve_type
+from airflow_provider_cxpg.exceptions import InvalidInputError, InvalidKeyError, SourceNotFoundError
+from airflow_provider_cxpg.pgtypes import KEY_TYPES, ColumnRead, PgType, plan_column
+from airflow_provider_cxpg.sql import literal, parse_qualified_name, quote_ident, row_comparison
+
+__all__ = ["ExtractPlan", "KeyColumn", "SourceSpec", "build_plan", "build_read_plan", "key_to_json"]
+
+SOURCE_ALIAS = quote_ident("_cxpg_src")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What to extract, as the user gave it (before validation).
+
+    :param table: ``schema.table`` (or ``table`` on the search_path).
+    :param sql: a query whose output contains the key columns (used when ``table`` is None).
+    :param columns: output columns (default: all); key columns are added when missing.
+    :param where: a SQL condition on the source's columns (trusted DAG code, validated by the server).
+    :param key_columns: the keyset key; default: the table's primary key.
+    :param column_casts: ``{column: sql_type}`` to read a column as another type (e.g. ``text``).
+    """
+
+    table: str | None = None
+    sql: str | None = None
+    columns: tuple[str, ...] | None = None
+    where: str | None = None
+    key_columns: tuple[str, ...] | None = None
+    column_casts: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.table is None) == (self.sql is None):
+            raise InvalidInputError("give exactly one of `table` or `sql`")
+        if self.sql is not None and not self.sql.strip():
+            raise InvalidInputError("`sql` is empty")
+        if self.columns is not None and not self.columns:
+            raise InvalidInputError("`columns` is empty: omit it to read every column")
+        if self.key_columns is not None and not self.key_columns:
+            raise InvalidInputError("`key_columns` is empty: omit it to use the primary key")
+        for name in (self.columns or ()) + (self.key_columns or ()):
+            quote_ident(name)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "sql": self.sql,
+            "columns": list(self.columns) if self.columns else None,
+            "where": self.where,
+            "key_columns": list(self.key_columns) if self.key_columns else None,
+            "column_casts": dict(self.column_casts) or None,
+        }
+
+
+@dataclass(frozen=True)
+class KeyColumn:
+    """One key column: how to order and compare by it, and the type for its literals."""
+
+    name: str
+    expr: str
+    sql_type: str
+    typname: str
+
+
+@dataclass(frozen=True)
+class ExtractPlan:
+    """A validated extraction: columns with their read strategy, the key, the filters.
+
+    :param key_unique: proven unique by the catalog (a primary key or unique index); otherwise every
+        chunk peeks one row past its end to detect a duplicate key at the boundary.
+    """
+
+    source: SourceSpec
+    from_clause: str
+    columns: tuple[ColumnRead, ...]
+    select_exprs: tuple[str, ...]
+    key: tuple[KeyColumn, ...]
+    key_unique: bool
+    filters: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    table: TableInfo | None = None
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([pa.field(c.name, c.arrow_type) for c in self.columns])
+
+    @property
+    def key_names(self) -> tuple[str, ...]:
+        return tuple(k.name for k in self.key)
+
+    @property
+    def infinity_columns(self) -> tuple[str, ...]:
+        return tuple(
+            c.name for c in self.columns if not c.as_text and c.pg.typname in {"date", "timestamp", "timestamptz"}
+        )
+
+    def with_filters(self, *filters: str) -> ExtractPlan:
+        return ExtractPlan(
+            source=self.source,
+            from_clause=self.from_clause,
+            columns=self.columns,
+            select_exprs=self.select_exprs,
+            key=self.key,
+            key_unique=self.key_unique,
+            filters=self.filters + tuple(f for f in filters if f),
+            notes=self.notes,
+            table=self.table,
+        )
+
+    def key_literals(self, values: Sequence[Any]) -> list[str]:
+        return [literal(v, k.sql_type) for v, k in zip(values, self.key, strict=True)]
+
+    def range_condition(self, lower: Sequence[Any] | None, upper: Sequence[Any] | None) -> list[str]:
+        """Conditions for keys in ``(lower, upper]`` (either side open when None)."""
+        exprs = [k.expr for k in self.key]
+        conditions = []
+        if lower is not None:
+            conditions.append(row_comparison(exprs, self.key_literals(lower), ">"))
+        if upper is not None:
+            conditions.append(row_comparison(exprs, self.key_literals(upper), "<="))
+        return conditions
+
+    def chunk_sql(
+        self,
+        after: Sequence[Any] | None,
+        limit: int | None,
+        upper: Sequence[Any] | None = None,
+    ) -> str:
+        """The statement for the chunk that follows key ``after`` (None: the first chunk)."""
+        conditions = [f"({f})" for f in self.filters]
+        conditions.extend(self.range_condition(after, upper))
+        sql = f"SELECT {', '.join(self.select_exprs)} FROM {self.from_clause}"
+        if conditions:
+            sql += " WHERE " + " AND ".join(conditions)
+        if self.key:
+            sql += " ORDER BY " + ", ".join(k.expr for k in self.key)
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return sql
+
+    def count_sql(self) -> str:
+        conditions = [f"({f})" for f in self.filters]
+        sql = f"SELECT count(*) FROM {self.from_clause}"
+        return sql + (" WHERE " + " AND ".join(conditions) if conditions else "")
+
+    def describe_schema(self) -> list[dict[str, str]]:
+        return [
+            {"name": c.name, "pg_type": c.pg.sql_name, "arrow_type": str(c.arrow_type), "read_as": c.read_as}
+            for c in self.columns
+        ]
+
+
+def key_to_json(values: Sequence[Any] | None) -> list[Any] | None:
+    """Key values as JSON: ints, floats, bools and strings stay; others become their exact text form."""
+    if values is None:
+        return None
+    from airflow_provider_cxpg.sql import _text_form
+
+    return [v if v is None or isinstance(v, (bool, int, float, str)) else _text_form(v) for v in values]
+
+
+def _resolve_cast(conn: Any, type_name: str) -> str:
+    row = conn.execute("SELECT format_type(to_regtype(%s), NULL)", (type_name,)).fetchone()
+    if row is None or row[0] is None:
+        raise InvalidInputError(f"column_casts: {type_name!r} is not a known type")
+    return str(row[0])
+
+
+def _source_columns(conn: Any, spec: SourceSpec) -> tuple[str, list[SourceColumn], TableInfo | None]:
+    if spec.table is not None:
+        schema, name = parse_qualified_name(spec.table)
+        table = describe_table(conn, schema, name)
+        return f"{table.qualified_name} AS {SOURCE_ALIAS}", list(table.columns), table
+    assert spec.sql is not None
+    text = spec.sql.strip().rstrip(";").strip()
+    described = describe_query(conn, text)
+    cache: dict[tuple[int, int], PgType] = {}
+    columns = []
+    for name, oid, typmod in described:
+        if (oid, typmod) not in cache:
+            cache[(oid, typmod)] = resolve_type(conn, oid, typmod)
+        columns.append(SourceColumn(name, cache[(oid, typmod)], None))
+    return f"({text}) AS {SOURCE_ALIAS}", columns, None
+
+
+def _choose_key(
+    spec: SourceSpec, by_name: dict[str, SourceColumn], table: TableInfo | None
+) -> tuple[tuple[str, ...], bool, list[str]]:
+    notes: list[str] = []
+    if spec.key_columns is None:
+        if table is None:
+            raise InvalidKeyError("a `sql` source needs `key_columns`: keyset chunks need a key to order by")
+        if table.primary_key:
+            return table.primary_key, True, notes
+        if table.unique_keys:
+            notes.append(f"no primary key: using unique index on {list(table.unique_keys[0])} as the key")
+            return table.unique_keys[0], True, notes
+        raise InvalidKeyError(
+            f"{table.kind} {table.schema}.{table.name} has no primary key or unique index on NOT NULL "
+            "columns: pass key_columns"
+        )
+    key = tuple(spec.key_columns)
+    if len(set(key)) != len(key):
+        raise InvalidKeyError(f"key_columns repeats a column: {list(key)}")
+    for name in key:
+        if name not in by_name:
+            raise SourceNotFoundError(
+                f"key column {name!r} is not in the source (columns: {', '.join(by_name)})", column=name
+            )
+    if table is None:
+        return key, False, notes
+    if table.is_unique(key):
+        return key, True, notes
+    if table.primary_key:
+        extra = tuple(c for c in table.primary_key if c not in key)
+        notes.append(f"key {list(key)} is not unique: primary key {list(extra)} appended as tie-breaker")
+        return key + extra, True, notes
+    if table.kind in {"view", "materialized view", "foreign table"}:
+        notes.append(f"uniqueness of key {list(key)} cannot be proven for a {table.kind}: checked per chunk")
+        return key, False, notes
+    raise InvalidKeyError(
+        f"key {list(key)} is not unique in {table.schema}.{table.name} and the table has no primary key "
+        "to break ties: rows sharing a key value could be lost at chunk boundaries"
+    )
+
+
+def _plan_select(
+    conn: Any, spec: SourceSpec, from_clause: str, wanted: list[str], filters: tuple[str, ...]
+) -> tuple[list[ColumnRead], list[str]]:
+    """Decide each output column's read strategy from the types the server reports for it."""
+    exprs: list[str] = []
+    for name in wanted:
+        expr = f"{SOURCE_ALIAS}.{quote_ident(name)}"
+        if name in spec.column_casts:
+            expr = f"({expr})::{_resolve_cast(conn, spec.column_casts[name])}"
+        exprs.append(expr)
+    probe = "SELECT " + ", ".join(f"{e} AS {quote_ident(n)}" for e, n in zip(exprs, wanted, strict=True))
+    probe += f" FROM {from_clause}" + (f" WHERE ({filters[0]})" if filters else "")
+    described = describe_query(conn, probe)
+    columns: list[ColumnRead] = []
+    select_exprs: list[str] = []
+    cache: dict[tuple[int, int], PgType] = {}
+    for (name, oid, typmod), expr in zip(described, exprs, strict=True):
+        if (oid, typmod) not in cache:
+            cache[(oid, typmod)] = resolve_type(conn, oid, typmod)
+        read = plan_column(name, cache[(oid, typmod)])
+        columns.append(read)
+        select_exprs.append(
+            f"({expr})::text AS {quote_ident(name)}" if read.as_text else f"{expr} AS {quote_ident(name)}"
+        )
+    return columns, select_exprs
+
+
+def build_read_plan(conn: Any, sql: str, column_casts: Mapping[str, str] | None = None) -> ExtractPlan:
+    """Plan a single unchunked read of ``sql`` (no key): the same type handling as extraction."""
+    spec = SourceSpec(sql=sql, column_casts=dict(column_casts or {}))
+    from_clause, source_cols, _ = _source_columns(conn, spec)
+    names = [c.name for c in source_cols]
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise InvalidInputError(f"the query returns duplicate column names {dupes}: alias them")
+    unknown_casts = set(spec.column_casts) - set(names)
+    if unknown_casts:
+        raise SourceNotFoundError(f"column_casts names columns not in the output: {sorted(unknown_casts)}")
+    columns, select_exprs = _plan_select(conn, spec, from_clause, names, ())
+    return ExtractPlan(
+        source=spec,
+        from_clause=from_clause,
+        columns=tuple(columns),
+        select_exprs=tuple(select_exprs),
+        key=(),
+        key_unique=True,
+    )
+
+
+def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
+    """Validate ``spec`` against the server and return the plan (no data is read).
+
+    :raises InvalidInputError: and its subclasses, each naming what is wrong.
+    """
+    from_clause, source_cols, table = _source_columns(conn, spec)
+    names = [c.name for c in source_cols]
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise InvalidInputError(f"the source returns duplicate column names {dupes}: alias them")
+    by_name = {c.name: c for c in source_cols}
+    key_names, key_unique, notes = _choose_key(spec, by_name, table)
+
+    for name in key_names:
+        col = by_name[name]
+        if col.pg.typname not in KEY_TYPES and col.pg.typtype != "e":
+            raise InvalidKeyError(
+                f"key column {name!r} has type {col.pg.sql_name}, which cannot order keyset pages exactly; "
+                f"supported: integers, numeric, text/varchar/char, uuid, date, time, timestamp[tz], "
+                "float, bytea, boolean, enums"
+            )
+        if col.not_null is False:
+            raise InvalidKeyError(
+                f"key column {name!r} is nullable: rows with NULL keys cannot be paged by key. Add a NOT NULL "
+                "constraint, or read through `sql` with the NULLs filtered out"
+            )
+        if name in spec.column_casts:
+            raise InvalidInputError(f"column_casts cannot change key column {name!r}: its values must stay exact")
+
+    wanted = list(spec.columns) if spec.columns else names
+    for name in wanted:
+        if name not in by_name:
+            raise SourceNotFoundError(
+                f"column {name!r} does not exist in the source (columns: {', '.join(names)})", column=name
+            )
+    if len(set(wanted)) != len(wanted):
+        raise InvalidInputError(f"`columns` repeats a column: {wanted}")
+    missing_keys = [k for k in key_names if k not in wanted]
+    if missing_keys:
+        notes.append(f"key columns {missing_keys} added to the output")
+        wanted += missing_keys
+    unknown_casts = set(spec.column_casts) - set(wanted)
+    if unknown_casts:
+        raise SourceNotFoundError(f"column_casts names columns not in the output: {sorted(unknown_casts)}")
+
+    filters = (spec.where,) if spec.where and spec.where.strip() else ()
+    columns, select_exprs = _plan_select(conn, spec, from_clause, wanted, filters)
+    key = tuple(
+        KeyColumn(
+            name=name,
+            expr=f"{SOURCE_ALIAS}.{quote_ident(name)}",
+            sql_type=by_name[name].pg.sql_name,
+            typname=by_name[name].pg.typname,
+        )
+        for name in key_names
+    )
+    return ExtractPlan(
+        source=spec,
+        from_clause=from_clause,
+        columns=tuple(columns),
+        select_exprs=tuple(select_exprs),
+        key=key,
+        key_unique=key_unique,
+        filters=filters,
+        notes=tuple(notes),
+        table=table,
+    )

@@ -1,0 +1,699 @@
+"""The parent side of a worker: spawn it, talk to it, watch it, and stop it cleanly.
+
+::
+
+    parent (Airflow task process)                         worker (python -P -m airflow_provider_cxpg.worker)
+    ───────────────────────────────────────                ─────────────────────────────────────────────
+    WorkerSession.start()  ── spawn, allowlisted env ──▶   imports connectorx + pyarrow (no Airflow)
+         ◀──────────────────────── Ready ───────────────   heartbeat thread ── Heartbeat every interval ──▶
+         ── Configure(endpoint with password) ─────────▶
+    WorkerSession.run(ReadChunk) ── ReadChunk ─────────▶   connectorx arrow_stream ─▶ cast ─▶ Parquet/IPC
+         ◀── QueryStarted, ChunkRead, ChunkDone | Failed    (rows in memory; file renamed into place)
+    pump loop: deadlines (query, job, heartbeat),
+    crash (channel EOF), pg_stat_activity samples
+    ServerMonitor (psycopg control connection) ── pg_cancel_backend / pg_terminate_backend ──▶ server
+
+Every wait in this module has a deadline. :meth:`WorkerSession.stop` is the one way a worker ends
+abnormally: cancel its server queries, terminate what does not stop, SIGTERM (with SIGCONT, so a
+stopped process can act on it), SIGKILL after a grace period, reap, and sweep leftover backends.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib.util
+import itertools
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
+from airflow_provider_cxpg.exceptions import (
+    ExtractionAborted,
+    HeartbeatLostError,
+    InvalidInputError,
+    JobTimeoutError,
+    QueryCancelledError,
+    QueryTimeoutError,
+    RemoteTraceback,
+    WorkerCrashedError,
+    WorkerStartError,
+)
+from airflow_provider_cxpg.monitor import BackendInfo, ServerMonitor
+from airflow_provider_cxpg.querylog import QueryLog
+from airflow_provider_cxpg.worker.protocol import (
+    ChunkDone,
+    ChunkRead,
+    Configure,
+    Failed,
+    FrameReader,
+    FrameWriter,
+    Heartbeat,
+    QueryStarted,
+    ReadChunk,
+    Ready,
+    Shutdown,
+)
+
+__all__ = ["WorkerSession", "WorkerSettings", "worker_environment"]
+
+#: Environment variables a worker inherits (plus any ``LC_*``). Everything else, notably
+#: ``AIRFLOW_CONN_*``, ``AIRFLOW__*`` and cloud credentials, stays in the parent.
+ENV_ALLOWLIST: tuple[str, ...] = (
+    "PATH",
+    "HOME",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "TEMP",
+    "TMP",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "LD_LIBRARY_PATH",
+    "VIRTUAL_ENV",
+    "SYSTEMROOT",
+)
+
+_EOF = object()
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Tunables of one supervised worker; every wait is bounded by one of them.
+
+    :param heartbeat_interval: seconds between worker heartbeats.
+    :param heartbeat_timeout: declare the worker dead after this long without any message.
+    :param query_timeout: per-query limit, enforced by the parent and as server ``statement_timeout``;
+        None for no limit.
+    :param job_timeout: limit for the whole job (many queries); None for no limit.
+    :param start_timeout: spawn to ready.
+    :param deadline_grace: the parent's query deadline is ``query_timeout + deadline_grace``, so the
+        server's own timeout (more precise, and it leaves the worker usable) normally fires first.
+    :param cancel_grace: how long a cancelled query may take to stop before its backend is terminated.
+    :param kill_grace: how long SIGTERM may take before SIGKILL.
+    :param monitor_interval: seconds between ``pg_stat_activity`` samples while a query runs.
+    :param report_wait_after: report a backend that waits on a lock after this many seconds, and
+        again every ``report_wait_every`` seconds while it waits.
+    :param protocol: connectorx protocol, ``binary`` (default) or ``cursor``.
+    :param worker_env: extra environment variables for the worker (explicit: nothing is inherited
+        beyond :data:`ENV_ALLOWLIST`).
+    """
+
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 20.0
+    query_timeout: float | None = 3600.0
+    job_timeout: float | None = None
+    start_timeout: float = 60.0
+    deadline_grace: float = 2.0
+    cancel_grace: float = 3.0
+    kill_grace: float = 5.0
+    monitor_interval: float = 1.0
+    report_wait_after: float = 5.0
+    report_wait_every: float = 10.0
+    protocol: str = "binary"
+    worker_env: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        positive = {
+            "heartbeat_interval": self.heartbeat_interval,
+            "heartbeat_timeout": self.heartbeat_timeout,
+            "start_timeout": self.start_timeout,
+            "monitor_interval": self.monitor_interval,
+        }
+        if self.query_timeout is not None:
+            positive["query_timeout"] = self.query_timeout
+        if self.job_timeout is not None:
+            positive["job_timeout"] = self.job_timeout
+        for name, value in positive.items():
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise InvalidInputError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise InvalidInputError(
+                f"heartbeat_timeout ({self.heartbeat_timeout}s) must exceed heartbeat_interval "
+                f"({self.heartbeat_interval}s)"
+            )
+        if self.protocol not in {"binary", "cursor"}:
+            raise InvalidInputError(
+                f"protocol must be 'binary' or 'cursor', got {self.protocol!r} "
+                "('csv' turns empty strings into NULL and 'simple' panics on json)"
+            )
+
+
+def _module_root(name: str) -> str | None:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin:
+        return None
+    origin = Path(spec.origin)
+    # package: .../site-packages/name/__init__.py -> .../site-packages
+    return str(origin.parent.parent if origin.name == "__init__.py" else origin.parent)
+
+
+def worker_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Return the worker's environment: the allowlist, the import path it needs, and ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k in ENV_ALLOWLIST or k.startswith("LC_")}
+    roots: list[str] = []
+    for module in ("airflow_provider_cxpg", "connectorx", "pyarrow", "fsspec"):
+        root = _module_root(module)
+        if root and root not in roots:
+            roots.append(root)
+    env["PYTHONPATH"] = os.pathsep.join(roots)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["RUST_BACKTRACE"] = "0"
+    env.update(extra or {})
+    return env
+
+
+class WorkerSession:
+    """One supervised worker serving many queries.
+
+    :param endpoint: the server, with the run's session options already applied.
+    :param settings: deadlines and intervals.
+    :param querylog: where events go.
+    :param application_name: the run's unique name (finds its backends in ``pg_stat_activity``).
+    :param redactor: scrubs secrets from worker output.
+    :param worker_index: labels events when several workers run at once.
+    """
+
+    def __init__(
+        self,
+        endpoint: PostgresEndpoint,
+        settings: WorkerSettings,
+        querylog: QueryLog,
+        *,
+        application_name: str,
+        redactor: Redactor,
+        worker_index: int = 0,
+        job_deadline: float | None = None,
+        abort_check: Callable[[], str | None] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.settings = settings
+        self.log = querylog
+        self.application_name = application_name
+        self.redact = redactor
+        self.worker_index = worker_index
+        self.job_deadline = job_deadline
+        self._abort_check = abort_check or (lambda: None)
+        self.monitor = ServerMonitor(endpoint, application_name, redactor)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
+        self.ready: Ready | None = None
+        self.startup_seconds: float | None = None
+        self._writer: FrameWriter | None = None
+        self._queue: queue.Queue[tuple[float, object]] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._reads: dict[int, ChunkRead | Failed] = {}
+        self._dones: dict[int, ChunkDone | Failed] = {}
+        self._query_ids = itertools.count(1)
+        self._read_seen: set[int] = set()
+        self._requests: dict[int, ReadChunk] = {}
+        self._current: tuple[int, int, float] | None = None  # query_id, chunk, started_at
+        self._last_heard = 0.0
+        self._last_sample = 0.0
+        self._last_activity: list[BackendInfo] = []
+        self._wait_reported: dict[int, float] = {}
+        self._query_backends: dict[int, int] = {}
+        self._stopped = False
+        self._closing = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> WorkerSession:
+        if self.proc is None:
+            self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self.stop(reason=type(exc).__name__)
+
+    def next_query_id(self) -> int:
+        return next(self._query_ids)
+
+    def start(self) -> None:
+        """Check the server, spawn the worker, wait for Ready, send Configure."""
+        self.monitor.check()
+        env = worker_environment(self.settings.worker_env)
+        cmd = [sys.executable, "-P", "-m", "airflow_provider_cxpg.worker"]
+        t0 = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd="/",
+                start_new_session=True,  # a terminal's Ctrl+C reaches the parent, which stops the worker
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise WorkerStartError(f"cannot start the worker ({sys.executable}): {exc}") from exc
+        self.pid = self.proc.pid
+        assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
+        self._writer = FrameWriter(self.proc.stdin.fileno())
+        self._last_heard = time.monotonic()
+        self._spawn_thread(self._read_channel, self.proc.stdout, "cxpg-channel")
+        self._spawn_thread(self._read_stderr, self.proc.stderr, "cxpg-stderr")
+        self.log.emit("worker.start", worker=self.worker_index, worker_pid=self.pid)
+        deadline = t0 + self.settings.start_timeout
+        try:
+            self._pump(lambda: self.ready is not None, start_deadline=deadline)
+        except WorkerCrashedError as exc:
+            self.stop(reason="start failed")
+            raise WorkerStartError(f"the worker exited during start-up: {exc.message}", pid=self.pid) from exc
+        except BaseException:
+            self.stop(reason="start failed")
+            raise
+        assert self.ready is not None
+        self.startup_seconds = time.monotonic() - t0
+        self.log.emit(
+            "worker.ready",
+            worker=self.worker_index,
+            worker_pid=self.pid,
+            seconds=self.startup_seconds,
+            import_seconds=round(self.ready.startup_seconds, 4),
+            connectorx=self.ready.versions.get("connectorx"),
+        )
+        self._send(
+            Configure(
+                endpoint=self.endpoint,
+                protocol=self.settings.protocol,
+                heartbeat_interval=self.settings.heartbeat_interval,
+                secrets=tuple(self.endpoint.secrets()),
+            )
+        )
+
+    def _spawn_thread(self, target: Callable[[Any], None], stream: Any, name: str) -> None:
+        thread = threading.Thread(target=target, args=(stream,), name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _read_channel(self, stream: Any) -> None:
+        reader = FrameReader(stream)
+        while True:
+            try:
+                message = reader.receive()
+            except Exception:  # noqa: BLE001  a torn frame means the worker died mid-write
+                message = None
+            self._queue.put((time.monotonic(), _EOF if message is None else message))
+            if message is None:
+                return
+
+    def _read_stderr(self, stream: Any) -> None:
+        for raw in iter(stream.readline, b""):
+            line = self.redact(raw.decode("utf-8", errors="replace").rstrip())[:2000]
+            if line:
+                self._stderr_tail.append(line)
+                self.log.emit("worker.stderr", worker=self.worker_index, worker_pid=self.pid, line=line)
+
+    def close(self) -> None:
+        """Ask the worker to exit and reap it; stop it by force if it does not exit in time."""
+        if self.proc is None or self._stopped:
+            return
+        self._closing = True
+        with contextlib.suppress(OSError):
+            self._send(Shutdown())
+        try:
+            code = self.proc.wait(timeout=self.settings.kill_grace)
+        except subprocess.TimeoutExpired:
+            self.stop(reason="did not exit after Shutdown")
+            return
+        self._stopped = True
+        self.log.emit("worker.exit", worker=self.worker_index, worker_pid=self.pid, exitcode=code)
+        self._sweep_backends()
+        self._release()
+
+    def stop(self, reason: str, *, fresh_monitor: bool = False) -> None:
+        """Stop abnormally: cancel server queries, terminate backends, SIGTERM, SIGKILL, reap."""
+        if self.proc is None or self._stopped:
+            return
+        self._stopped = True
+        monitor = ServerMonitor(self.endpoint, self.application_name, self.redact) if fresh_monitor else self.monitor
+        try:
+            terminated = monitor.stop_backends(self.settings.cancel_grace)
+            if terminated:
+                self.log.emit("server.terminate", worker=self.worker_index, backend_pids=terminated, reason=reason)
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(signal.SIGTERM)
+                    os.kill(self.proc.pid, signal.SIGCONT)  # a SIGSTOPped worker acts on SIGTERM only once continued
+                try:
+                    self.proc.wait(timeout=self.settings.kill_grace)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        self.proc.kill()
+                    self.proc.wait(timeout=10)
+                self.log.emit(
+                    "worker.killed",
+                    worker=self.worker_index,
+                    worker_pid=self.pid,
+                    exitcode=self.proc.returncode,
+                    reason=reason,
+                )
+            # Backends of a killed client can linger (e.g. inside pg_sleep or a lock wait).
+            leftovers = monitor.stop_backends(self.settings.cancel_grace)
+            if leftovers:
+                self.log.emit("server.terminate", worker=self.worker_index, backend_pids=leftovers, reason=reason)
+        finally:
+            if fresh_monitor:
+                monitor.close()
+            self._release()
+
+    def _sweep_backends(self) -> None:
+        leftovers = self.monitor.stop_backends(self.settings.cancel_grace)
+        if leftovers:
+            self.log.emit("server.terminate", worker=self.worker_index, backend_pids=leftovers, reason="sweep")
+
+    def _release(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        for thread in self._threads:
+            thread.join(timeout=2.0)
+        if self.proc is not None:
+            for stream in (self.proc.stdout, self.proc.stderr):
+                with contextlib.suppress(Exception):
+                    if stream is not None:
+                        stream.close()
+        self.monitor.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and not self._stopped
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def _send(self, message: object) -> None:
+        assert self._writer is not None
+        try:
+            self._writer.send(message)
+        except OSError as exc:  # the worker is gone: report it as the crash it is
+            self._pump(lambda: False)  # raises WorkerCrashedError from the channel EOF
+            raise WorkerCrashedError(f"cannot reach the worker: {exc}", pid=self.pid) from exc
+
+    def submit(self, request: ReadChunk) -> None:
+        """Queue ``request`` in the worker (it reads requests one after another)."""
+        self._requests[request.query_id] = request
+        self._send(request)
+
+    def wait_read(self, query_id: int) -> ChunkRead:
+        """Wait, under every deadline, until the query's rows are in the worker; raise its error."""
+        self._pump(lambda: query_id in self._reads)
+        outcome = self._reads.pop(query_id)
+        request = self._requests[query_id]
+        backend_pid = self._query_backends.pop(query_id, None)
+        if isinstance(outcome, Failed):
+            self._requests.pop(query_id, None)
+            raise self._query_failure(request, outcome, backend_pid)
+        self.log.emit(
+            "query.done",
+            worker=self.worker_index,
+            worker_pid=self.pid,
+            backend_pid=backend_pid,
+            chunk=request.chunk_index,
+            query_id=query_id,
+            rows=outcome.rows,
+            bytes=outcome.arrow_bytes,
+            seconds=outcome.read_seconds,
+            key_from=_jsonable(outcome.first_key),
+            key_to=_jsonable(outcome.last_key),
+        )
+        return outcome
+
+    def wait_done(self, query_id: int) -> ChunkDone:
+        """Wait until the chunk's file is committed; raise the writer's error."""
+        self._pump(lambda: query_id in self._dones)
+        outcome = self._dones.pop(query_id)
+        request = self._requests.pop(query_id)
+        if isinstance(outcome, Failed):
+            raise self._query_failure(request, outcome, None)
+        return outcome
+
+    def run(self, request: ReadChunk) -> tuple[ChunkRead, ChunkDone]:
+        """Submit ``request`` and wait for both replies."""
+        self.submit(request)
+        return self.wait_read(request.query_id), self.wait_done(request.query_id)
+
+    def _query_failure(self, request: ReadChunk, failed: Failed, backend_pid: int | None) -> BaseException:
+        error = failed.error
+        if isinstance(error, QueryCancelledError) and getattr(error, "reason", None) == "statement_timeout":
+            activity = "; ".join(b.describe() for b in self._last_activity) or "no backend activity sampled"
+            error = QueryTimeoutError(
+                f"chunk {request.chunk_index}: query ran past query_timeout={self.settings.query_timeout}s "
+                f"and the server cancelled it (statement_timeout); server was doing: {activity}",
+                limit="query_timeout",
+                chunk=request.chunk_index,
+                server_activity=activity,
+            )
+            self.log.emit(
+                "query.timeout",
+                worker=self.worker_index,
+                worker_pid=self.pid,
+                chunk=request.chunk_index,
+                limit="query_timeout",
+                enforced_by="server",
+                server_activity=activity,
+            )
+        else:
+            self.log.emit(
+                "query.failed",
+                worker=self.worker_index,
+                worker_pid=self.pid,
+                backend_pid=backend_pid,
+                chunk=request.chunk_index,
+                error=f"{type(error).__name__}: {error}",
+            )
+        error.__cause__ = RemoteTraceback(failed.traceback)
+        return error
+
+    # -- the pump ----------------------------------------------------------------------------------
+
+    def _pump(self, done: Callable[[], bool], *, start_deadline: float | None = None) -> None:
+        """Handle worker messages until ``done()``; raise when a deadline fires or the worker dies.
+
+        On any exception out of here (ours, KeyboardInterrupt, AirflowTaskTimeout) the caller's
+        ``with`` block or :meth:`stop` cleans up.
+        """
+        tick = min(0.25, self.settings.heartbeat_interval)
+        while True:
+            if self._drain(done):
+                return
+            reason = self._abort_check()
+            if reason:
+                self.stop(reason=reason)
+                raise ExtractionAborted(f"extraction aborted: {reason}", reason=reason)
+            now = time.monotonic()
+            if start_deadline is not None and now > start_deadline:
+                raise WorkerStartError(
+                    f"the worker did not report ready within start_timeout={self.settings.start_timeout}s",
+                    pid=self.pid,
+                )
+            self._check_deadlines(now, heartbeats=start_deadline is None)
+            self._sample_server(now)
+            try:
+                received_at, message = self._queue.get(timeout=tick)
+            except queue.Empty:
+                continue
+            self._handle(received_at, message)
+            if done():
+                return
+
+    def _drain(self, done: Callable[[], bool]) -> bool:
+        """Handle queued messages one by one until ``done()``; a crash queued behind stays queued."""
+        while not done():
+            try:
+                received_at, message = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            self._handle(received_at, message)
+        return True
+
+    def _handle(self, received_at: float, message: object) -> None:
+        if message is _EOF:
+            self._on_channel_closed()
+            return
+        self._last_heard = max(self._last_heard, received_at)
+        if isinstance(message, Heartbeat):
+            return
+        if isinstance(message, Ready):
+            self.ready = message
+        elif isinstance(message, QueryStarted):
+            self._current = (message.query_id, message.chunk_index, received_at)
+            self._last_activity = []
+            self._wait_reported.clear()
+            request = self._requests.get(message.query_id)
+            self.log.emit(
+                "query.start",
+                worker=self.worker_index,
+                worker_pid=self.pid,
+                chunk=message.chunk_index,
+                query_id=message.query_id,
+                sql=request.sql if request else None,
+            )
+        elif isinstance(message, ChunkRead):
+            self._reads[message.query_id] = message
+            self._read_seen.add(message.query_id)
+            self._end_query(message.query_id)
+        elif isinstance(message, ChunkDone):
+            self._dones[message.query_id] = message
+        elif isinstance(message, Failed):
+            if message.query_id is None:  # a failure outside any request: treat as fatal
+                raise message.error
+            if message.query_id in self._read_seen:  # the write failed
+                self._dones[message.query_id] = message
+            else:
+                self._reads[message.query_id] = message
+                self._end_query(message.query_id)
+
+    def _end_query(self, query_id: int) -> None:
+        if self._current and self._current[0] == query_id:
+            self._current = None
+
+    def _on_channel_closed(self) -> None:
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:  # channel closed but process alive: treat as broken
+            code = None
+        if self._closing and code == 0:
+            return
+        chunk = self._current[1] if self._current else None
+        status = _describe_exit(code)
+        tail = " | ".join(list(self._stderr_tail)[-5:])
+        self.log.emit(
+            "worker.crash", worker=self.worker_index, worker_pid=self.pid, exitcode=code, chunk=chunk, status=status
+        )
+        where = f" while reading chunk {chunk}" if chunk is not None else ""
+        self._stopped_by_crash()
+        raise WorkerCrashedError(
+            f"worker pid {self.pid} {status}{where}" + (f"; last stderr: {tail}" if tail else ""),
+            pid=self.pid,
+            exitcode=code,
+            chunk=chunk,
+        )
+
+    def _stopped_by_crash(self) -> None:
+        # The process is gone; its backends may not be (a query in a lock wait runs on).
+        self._current = None
+        self.stop(reason="worker crashed")
+
+    def _check_deadlines(self, now: float, *, heartbeats: bool = True) -> None:
+        s = self.settings
+        if self.job_deadline is not None and now > self.job_deadline:
+            activity = self._describe_activity()
+            self.log.emit(
+                "query.timeout",
+                worker=self.worker_index,
+                worker_pid=self.pid,
+                limit="job_timeout",
+                server_activity=activity,
+            )
+            raise JobTimeoutError(
+                f"the job ran past job_timeout={s.job_timeout}s; server was doing: {activity}",
+                limit="job_timeout",
+                server_activity=activity,
+            )
+        silent = now - self._last_heard
+        if heartbeats and silent > s.heartbeat_timeout:
+            chunk = self._current[1] if self._current else None
+            self.log.emit(
+                "worker.heartbeat_missed",
+                worker=self.worker_index,
+                worker_pid=self.pid,
+                chunk=chunk,
+                seconds=silent,
+                limit="heartbeat_timeout",
+            )
+            raise HeartbeatLostError(
+                f"worker pid {self.pid} sent no heartbeat for {silent:.1f}s "
+                f"(heartbeat_timeout={s.heartbeat_timeout}s): frozen or stopped",
+                pid=self.pid,
+                limit="heartbeat_timeout",
+                chunk=chunk,
+            )
+        if self._current is not None and s.query_timeout is not None:
+            _, chunk, started = self._current
+            elapsed = now - started
+            if elapsed > s.query_timeout + s.deadline_grace:
+                activity = self._describe_activity()
+                self.log.emit(
+                    "query.timeout",
+                    worker=self.worker_index,
+                    worker_pid=self.pid,
+                    chunk=chunk,
+                    seconds=elapsed,
+                    limit="query_timeout",
+                    enforced_by="parent",
+                    server_activity=activity,
+                )
+                raise QueryTimeoutError(
+                    f"chunk {chunk}: query ran {elapsed:.1f}s, past query_timeout={s.query_timeout}s; "
+                    f"server was doing: {activity}",
+                    limit="query_timeout",
+                    chunk=chunk,
+                    server_activity=activity,
+                )
+
+    def _describe_activity(self) -> str:
+        backends = self.monitor.backends() or self._last_activity
+        return "; ".join(b.describe() for b in backends) or "no backend of this run found"
+
+    def _sample_server(self, now: float) -> None:
+        if self._current is None or now - self._last_sample < self.settings.monitor_interval:
+            return
+        self._last_sample = now
+        backends = self.monitor.backends()
+        if not backends:
+            return
+        self._last_activity = backends
+        query_id, chunk, _ = self._current
+        active = [b for b in backends if b.state == "active"]
+        if active:
+            self._query_backends.setdefault(query_id, active[0].pid)
+        for backend in backends:
+            if not backend.waiting or (backend.query_seconds or 0) < self.settings.report_wait_after:
+                continue
+            last = self._wait_reported.get(backend.pid)
+            if last is None or now - last >= self.settings.report_wait_every:
+                self._wait_reported[backend.pid] = now
+                self.log.emit(
+                    "server.waiting",
+                    worker=self.worker_index,
+                    worker_pid=self.pid,
+                    backend_pid=backend.pid,
+                    chunk=chunk,
+                    state=backend.state,
+                    wait_event=f"{backend.wait_event_type}:{backend.wait_event}",
+                    seconds=backend.query_seconds,
+                )
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "closed its channel but is still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} (exit status {code})"
+    return f"exited with status {code}"
+
+
+def _jsonable(key: tuple[Any, ...] | None) -> list[Any] | None:
+    if key is None:
+        return None
+    return [v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for v in key]

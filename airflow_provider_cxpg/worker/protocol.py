@@ -1,0 +1,264 @@
+"""Messages between the parent and the worker, and how they travel.
+
+Each message is a small frozen dataclass, pickled, and sent as one frame: a 4-byte big-endian length
+then the payload. The channel is a pair of pipes private to the two processes (the worker's stdin and
+a dedicated descriptor), so credentials in :class:`Configure` never touch argv, the environment or
+disk.
+
+Parent -> worker: :class:`Configure` once, then :class:`ReadChunk` per query, then :class:`Shutdown`.
+Worker -> parent: :class:`Ready` once, :class:`Heartbeat` every ``heartbeat_interval`` from a thread;
+for each :class:`ReadChunk`: :class:`QueryStarted`, then :class:`ChunkRead` when the rows are in
+memory (the parent can send the next query: its key is known), then :class:`ChunkDone` when the file
+is committed. :class:`Failed` replaces either reply.
+
+The worker reads chunk *k+1* while a writer thread writes chunk *k*, so at most two chunks are in
+memory and reading overlaps Parquet encoding.
+
+No Airflow import here: the worker must start fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+
+from airflow_provider_cxpg.conninfo import PostgresEndpoint
+
+__all__ = [
+    "ChunkDone",
+    "ChunkRead",
+    "Configure",
+    "Failed",
+    "FrameReader",
+    "FrameWriter",
+    "Heartbeat",
+    "IpcSink",
+    "Message",
+    "ParquetSink",
+    "QueryStarted",
+    "ReadChunk",
+    "Ready",
+    "Shutdown",
+]
+
+_HEADER = struct.Struct(">I")
+MAX_FRAME_BYTES = 64 * 1024 * 1024  # guards against reading garbage as a huge length
+
+
+# -- parent -> worker -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Configure:
+    """Sent once after start: where to read from and how.
+
+    :param endpoint: the server, with session options (statement_timeout, application_name) set.
+    :param protocol: connectorx transfer protocol (``binary`` or ``cursor``).
+    :param heartbeat_interval: seconds between heartbeats.
+    :param secrets: strings the worker must scrub from anything it reports.
+    """
+
+    endpoint: PostgresEndpoint
+    protocol: str = "binary"
+    heartbeat_interval: float = 1.0
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class ParquetSink:
+    """Write the result as one Parquet file that appears only when complete.
+
+    :param url: final location: a local path or an fsspec URL (``s3://bucket/prefix/part-000001.parquet``).
+    :param storage_options: fsspec options for remote URLs (credentials travel here, over the pipe).
+    :param compression: Parquet codec.
+    :param row_group_rows: rows buffered before a row group is written.
+    """
+
+    url: str
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    compression: str = "zstd"
+    compression_level: int | None = None
+    row_group_rows: int = 131_072
+
+
+@dataclass(frozen=True)
+class IpcSink:
+    """Write the result as an Arrow IPC file for the parent to memory-map (``iter_chunks``)."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class ReadChunk:
+    """Run one query and write its result to ``sink``.
+
+    :param query_id: unique per job, echoed in every reply.
+    :param chunk_index: the chunk's number (for logs and file names).
+    :param sql: the complete statement (literals inlined: connectorx takes no parameters).
+    :param schema: the Arrow schema to write; batches are cast to it.
+    :param key_fields: output columns of the key, to report the first and last key.
+    :param limit: the chunk's row limit (None: unlimited).
+    :param peek_row: the query asks for ``limit + 1`` rows; the worker drops the extra one, and
+        raises if it shares the key of the last kept row (the key is not unique).
+    :param infinity_columns: timestamp/date columns to check for ±infinity sentinels.
+    :param write_empty: write a file even when the result is empty (the first chunk of a run, so an
+        empty source still yields a typed file); otherwise an empty result writes nothing.
+    """
+
+    query_id: int
+    chunk_index: int
+    sql: str
+    sink: ParquetSink | IpcSink
+    schema: pa.Schema
+    key_fields: tuple[str, ...] = ()
+    limit: int | None = None
+    peek_row: bool = False
+    infinity_columns: tuple[str, ...] = ()
+    write_empty: bool = True
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Finish: the worker closes its channel and exits 0."""
+
+
+# -- worker -> parent -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The worker imported connectorx and pyarrow and waits for work."""
+
+    pid: int
+    startup_seconds: float
+    versions: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Sent by a thread every ``heartbeat_interval``: proves the process runs (not that a query moves).
+
+    :param seq: counts up from 1.
+    :param query_id: the query running now, or None between queries.
+    """
+
+    seq: int
+    query_id: int | None
+
+
+@dataclass(frozen=True)
+class QueryStarted:
+    """The worker is about to call connectorx for ``query_id``."""
+
+    query_id: int
+    chunk_index: int
+
+
+@dataclass(frozen=True)
+class ChunkRead:
+    """The query finished and its rows are in the worker's memory; the file is being written.
+
+    :param rows: rows in the chunk (a peeked extra row is already dropped).
+    :param first_key: key values of the first row (None for an empty result).
+    :param last_key: key values of the last row.
+    :param arrow_bytes: in-memory Arrow size of the rows (for sizing chunks by bytes).
+    """
+
+    query_id: int
+    chunk_index: int
+    rows: int
+    arrow_bytes: int
+    first_key: tuple[Any, ...] | None
+    last_key: tuple[Any, ...] | None
+    read_seconds: float
+
+
+@dataclass(frozen=True)
+class ChunkDone:
+    """The chunk's file is committed under its final name.
+
+    :param bytes: size of the written file (0 and ``location=""`` when an empty result wrote nothing).
+    """
+
+    query_id: int
+    chunk_index: int
+    rows: int
+    bytes: int
+    write_seconds: float
+    location: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request failed; ``error`` is one of the provider's exceptions.
+
+    :param traceback: the worker's formatted traceback (becomes ``__cause__`` in the parent).
+    """
+
+    query_id: int | None
+    error: BaseException
+    traceback: str
+
+
+Message = Configure | ReadChunk | Shutdown | Ready | Heartbeat | QueryStarted | ChunkRead | ChunkDone | Failed
+
+
+# -- framing ----------------------------------------------------------------------------------------
+
+
+class FrameWriter:
+    """Write pickled frames to a file descriptor; safe to share between threads."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+
+    def send(self, message: object) -> None:
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        data = _HEADER.pack(len(payload)) + payload
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+
+    def close(self) -> None:
+        with self._lock, contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+class FrameReader:
+    """Read pickled frames from a binary stream; returns None at end of stream."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def _read_exact(self, size: int) -> bytes | None:
+        chunks: list[bytes] = []
+        remaining = size
+        while remaining:
+            chunk = self._stream.read(remaining)
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+    def receive(self) -> object | None:
+        header = self._read_exact(_HEADER.size)
+        if header is None:
+            return None
+        (size,) = _HEADER.unpack(header)
+        if size > MAX_FRAME_BYTES:
+            raise ValueError(f"frame of {size} bytes exceeds the {MAX_FRAME_BYTES} byte limit")
+        payload = self._read_exact(size)
+        if payload is None:
+            return None
+        return pickle.loads(payload)  # noqa: S301  our own peer, over a private pipe

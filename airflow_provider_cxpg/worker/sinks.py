@@ -1,0 +1,172 @@
+"""Where a chunk goes, committed atomically.
+
+A chunk file appears under its final name only when complete:
+
+* local paths: write ``.<name>.<random>.tmp`` beside the target, then ``os.replace`` (atomic rename);
+* object stores (S3, GCS, Azure): write straight to the key; the object becomes visible only when the
+  upload completes on close, and a failed upload is discarded (multipart aborted), never committed;
+* other fsspec filesystems: write a temporary name, then move it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from airflow_provider_cxpg.exceptions import StorageError
+from airflow_provider_cxpg.worker.protocol import IpcSink, ParquetSink
+
+__all__ = ["ChunkWriter", "open_writer"]
+
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2"})
+
+
+class ChunkWriter(Protocol):
+    def write(self, table: pa.Table) -> None: ...
+
+    def commit(self) -> int:
+        """Make the file visible under its final name; return its size in bytes."""
+        ...
+
+    def abort(self) -> None:
+        """Remove every trace of the partial file."""
+        ...
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+class _ParquetWriter:
+    """Write tables to a Parquet file object or path in row groups of ``row_group_rows``."""
+
+    def __init__(self, schema: pa.Schema, sink: ParquetSink, target: Any) -> None:
+        import pyarrow.parquet as pq
+
+        self._sink = sink
+        options: dict[str, Any] = {"compression": sink.compression}
+        if sink.compression_level is not None:
+            options["compression_level"] = sink.compression_level
+        self._writer = pq.ParquetWriter(target, schema, **options)
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._writer.write_table(table, row_group_size=self._sink.row_group_rows)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class LocalParquetChunk:
+    """Parquet to a local temporary file, renamed into place on commit."""
+
+    def __init__(self, schema: pa.Schema, sink: ParquetSink) -> None:
+        self.final = _local_path(sink.url)
+        directory, name = os.path.split(self.final)
+        os.makedirs(directory or ".", exist_ok=True)
+        self.tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+        self._writer = _ParquetWriter(schema, sink, self.tmp)
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write(table)
+
+    def commit(self) -> int:
+        self._writer.close()
+        os.replace(self.tmp, self.final)
+        return os.path.getsize(self.final)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
+class RemoteParquetChunk:
+    """Parquet through fsspec: direct upload on object stores, temporary name elsewhere."""
+
+    def __init__(self, schema: pa.Schema, sink: ParquetSink) -> None:
+        import fsspec
+
+        self.fs, self.final = fsspec.core.url_to_fs(sink.url, **sink.storage_options)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        self.atomic_upload = bool(set(protocols) & _OBJECT_STORES)
+        if self.atomic_upload:
+            self.path = self.final
+        else:
+            directory, name = self.final.rsplit("/", 1) if "/" in self.final else ("", self.final)
+            self.path = f"{directory}/.{name}.{secrets.token_hex(4)}.tmp" if directory else f".{name}.tmp"
+            self.fs.makedirs(directory, exist_ok=True)
+        self._file = self.fs.open(self.path, "wb")
+        self._writer = _ParquetWriter(schema, sink, self._file)
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write(table)
+
+    def commit(self) -> int:
+        self._writer.close()
+        self._file.close()  # object stores: completes the upload, the object appears now
+        if not self.atomic_upload:
+            self.fs.mv(self.path, self.final)
+        return int(self.fs.size(self.final))
+
+    def abort(self) -> None:
+        discard = getattr(self._file, "discard", None)
+        if callable(discard):  # s3fs, gcsfs: abort the multipart upload, nothing appears
+            with contextlib.suppress(Exception):
+                discard()
+        else:
+            with contextlib.suppress(Exception):
+                self._file.close()
+            with contextlib.suppress(Exception):
+                self.fs.rm(self.path)
+
+
+class IpcChunk:
+    """An Arrow IPC file for the parent to memory-map (the ``iter_chunks`` path)."""
+
+    def __init__(self, schema: pa.Schema, sink: IpcSink) -> None:
+        self.final = sink.path
+        self.tmp = f"{sink.path}.{secrets.token_hex(4)}.tmp"
+        self._writer = pa.ipc.new_file(self.tmp, schema)
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._writer.write_table(table)
+
+    def commit(self) -> int:
+        self._writer.close()
+        os.replace(self.tmp, self.final)
+        return os.path.getsize(self.final)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
+def open_writer(schema: pa.Schema, sink: ParquetSink | IpcSink) -> ChunkWriter:
+    """Open the writer for ``sink``; errors become :class:`StorageError`."""
+    try:
+        if isinstance(sink, IpcSink):
+            return IpcChunk(schema, sink)
+        if _is_local(sink.url):
+            return LocalParquetChunk(schema, sink)
+        return RemoteParquetChunk(schema, sink)
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise StorageError(f"cannot open {_describe(sink)} for writing: {exc}") from exc
+
+
+def _describe(sink: ParquetSink | IpcSink) -> str:
+    return sink.path if isinstance(sink, IpcSink) else sink.url

@@ -1,0 +1,103 @@
+"""Helpers shared by tests: connection info, leftovers checks, reading outputs back."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from airflow_provider_cxpg.embedded_postgres import EmbeddedPostgres
+
+WORKER_MODULE = "airflow_provider_cxpg.worker"
+
+
+@dataclass
+class PgInfo:
+    dsn: str
+    host: str
+    port: int
+    user: str
+    password: str
+    dbname: str
+    server: EmbeddedPostgres | None
+
+    def airflow_conn_json(
+        self,
+        *,
+        login: str | None = None,
+        password: str | None = None,
+        host: str | None = None,
+        extra: dict[str, Any] | None = None,
+        conn_type: str = "postgres",
+        schema: str | None = None,
+    ) -> str:
+        return json.dumps(
+            {
+                "conn_type": conn_type,
+                "host": self.host if host is None else host,
+                "port": self.port,
+                "login": login or self.user,
+                "password": self.password if password is None else password,
+                "schema": schema or self.dbname,
+                "extra": extra or {},
+            }
+        )
+
+
+def worker_pids() -> list[int]:
+    """PIDs of provider worker processes alive on this machine (zombies excluded)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if WORKER_MODULE.encode() in cmdline and state != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def cxpg_backends(admin: psycopg.Connection) -> list[tuple[int, str, str | None]]:
+    """Server backends opened by the provider (application_name contains 'cxpg-'), except control ones."""
+    rows = admin.execute(
+        "SELECT pid, application_name, state FROM pg_stat_activity "
+        "WHERE application_name LIKE '%%cxpg-%%' AND application_name NOT LIKE '%%-ctl' "
+        "AND pid <> pg_backend_pid()"
+    ).fetchall()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def assert_nothing_left(admin: psycopg.Connection, timeout: float = 10.0) -> None:
+    """No worker process and no provider backend remain (allowing a short time to wind down)."""
+    assert wait_until(lambda: not worker_pids(), timeout), f"worker processes left: {worker_pids()}"
+    assert wait_until(lambda: not cxpg_backends(admin), timeout), f"backends left: {cxpg_backends(admin)}"
+
+
+def read_output(directory: str | Path) -> pa.Table:
+    """Read every chunk file listed in the manifest, in chunk order."""
+    manifest = json.loads((Path(directory) / "_manifest.json").read_text())
+    tables = [pq.read_table(Path(directory) / c["file"]) for c in manifest["chunks"]]
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def manifest_of(directory: str | Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / "_manifest.json").read_text())
