@@ -132,8 +132,9 @@ class PostgresEndpoint:
             auth += ":" + (password if password == REDACTED else quote(password, safe=""))
         query = dict(self.params)
         if self.is_unix_socket:
-            netloc_host = "localhost"
-            query["host"] = self.host
+            # The socket directory goes in the authority, percent-encoded: as a ``?host=`` parameter
+            # beside a netloc host, connectorx would treat it as a second host and try TCP first.
+            netloc_host = quote(self.host, safe="")
         else:
             netloc_host = f"[{self.host}]" if ":" in self.host else self.host
         uri = f"postgresql://{auth}@{netloc_host}:{int(self.port)}/{quote(self.dbname, safe='')}"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
+from airflow_provider_cxpg.exceptions import ServerConnectionError
 
 __all__ = ["BackendInfo", "ServerMonitor", "connect"]
 
@@ -55,15 +56,28 @@ class BackendInfo:
         return f"backend {self.pid} {self.state or 'unknown'}{wait}{secs}"
 
 
-def connect(endpoint: PostgresEndpoint, *, connect_timeout: float = 10.0, statement_timeout_ms: int = 10_000) -> Any:
-    """Open an autocommit psycopg connection with deadlines on connecting and on every statement."""
+def connect(
+    endpoint: PostgresEndpoint, *, connect_timeout: float = 10.0, statement_timeout_ms: int = 10_000
+) -> Any:
+    """Open an autocommit psycopg connection with deadlines on connecting and on every statement.
+
+    :raises ServerConnectionError: the server cannot be reached or refuses the login (no secret in
+        the message).
+    """
     import psycopg
 
     kwargs: dict[str, Any] = endpoint.libpq_kwargs()
     kwargs["connect_timeout"] = max(1, round(connect_timeout))
     own = f"-c statement_timeout={int(statement_timeout_ms)} -c lock_timeout={int(statement_timeout_ms)}"
     kwargs["options"] = f"{kwargs['options']} {own}" if kwargs.get("options") else own
-    return psycopg.connect(autocommit=True, **kwargs)
+    try:
+        return psycopg.connect(autocommit=True, **kwargs)
+    except psycopg.Error as exc:
+        redact = Redactor(endpoint.secrets())
+        detail = redact(str(exc).strip()) or type(exc).__name__
+        raise ServerConnectionError(
+            f"cannot connect to {endpoint.redacted_uri()}: {detail}", endpoint=endpoint.redacted_uri()
+        ) from None
 
 
 class ServerMonitor:

@@ -1,0 +1,230 @@
+"""The hook against a real server: URI building, a real read, redaction, bad connections."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from urllib.parse import quote
+
+import psycopg
+import pytest
+
+from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
+from airflow_provider_cxpg.exceptions import ConnectionConfigError, ServerConnectionError
+from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+from tests.helpers import PgInfo, assert_nothing_left
+
+NASTY_PASSWORDS = [
+    "p@ss:w/rd%#?&",
+    "with space and +plus",
+    "quote'\"back\\slash",
+    "ünïcödé-パスワード",
+    "%40%3A already-encoded",
+]
+
+
+def _set_conn(monkeypatch: pytest.MonkeyPatch, pg: PgInfo, **kwargs: object) -> str:
+    cid = f"cxpg_{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv(f"AIRFLOW_CONN_{cid.upper()}", pg.airflow_conn_json(**kwargs))  # type: ignore[arg-type]
+    return cid
+
+
+@pytest.fixture
+def nasty_role(admin: psycopg.Connection) -> tuple[str, str]:
+    """A login role whose password needs every kind of escaping."""
+    name = f"r_{uuid.uuid4().hex[:8]}"
+    password = "p@ss:w/rd%#?& x+'\"\\ü"
+    admin.execute(psycopg.sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+        psycopg.sql.Identifier(name), psycopg.sql.Literal(password)))
+    try:
+        yield name, password
+    finally:
+        admin.execute(psycopg.sql.SQL("DROP ROLE IF EXISTS {}").format(psycopg.sql.Identifier(name)))
+
+
+# -- URI building (pure) --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("password", NASTY_PASSWORDS)
+def test_uri_percent_encodes_every_part(password: str) -> None:
+    ep = PostgresEndpoint(host="db.example", port=6543, dbname="my db/x", user="us@er:1", password=password)
+    uri = ep.connectorx_uri()
+    assert quote(password, safe="") in uri
+    assert "us%40er%3A1" in uri and "my%20db%2Fx" in uri
+    assert password not in ep.redacted_uri() and "***" in ep.redacted_uri()
+    assert password not in repr(ep) and password not in str(ep)
+
+
+def test_uri_unix_socket_and_ipv6() -> None:
+    sock = PostgresEndpoint(host="/var/run/postgresql", port=5433, user="u")
+    assert sock.connectorx_uri().startswith("postgresql://u@%2Fvar%2Frun%2Fpostgresql:5433/postgres")
+    assert PostgresEndpoint(host="::1", user="u").connectorx_uri().startswith("postgresql://u@[::1]:5432/")
+
+
+def test_session_options_are_in_the_startup_packet() -> None:
+    ep = PostgresEndpoint(host="h", user="u", params={"options": "-c search_path=app"}).with_session(
+        application_name="x" * 100, statement_timeout_ms=1500
+    )
+    options = ep.params["options"]
+    assert options.startswith("-c search_path=app ")
+    assert "-c statement_timeout=1500" in options and "-c TimeZone=UTC" in options
+    assert len(ep.params["application_name"]) == 63
+
+
+def test_redactor_scrubs_raw_and_encoded_forms() -> None:
+    secret = "p@ss:w/rd%#?& x"
+    redact = Redactor([secret])
+    text = f"raw {secret} enc {quote(secret, safe='')} plus {secret.replace(' ', '+')}"
+    assert secret not in redact(text) and quote(secret, safe="") not in redact(text)
+
+
+# -- the hook against Airflow connections -----------------------------------------------------------
+
+
+def test_hook_builds_endpoint_from_allowlisted_extras(pg: PgInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    extra = {
+        "sslmode": "disable",
+        "sslrootcert": "/etc/ssl/root.crt",
+        "sslcert": "/etc/ssl/client.crt",
+        "sslkey": "/etc/ssl/client.key",
+        "application_name": "nightly",
+        "options": "-c search_path=public",
+        "cursor": "dictcursor",  # Airflow's business, not the server's
+        "iam": False,
+        "evil": "drop table",
+    }
+    cid = _set_conn(monkeypatch, pg, extra=extra)
+    hook = ConnectorXPostgresHook(postgres_conn_id=cid)
+    ep = hook.get_endpoint()
+    assert ep.params["sslmode"] == "disable" and ep.params["sslrootcert"] == "/etc/ssl/root.crt"
+    assert ep.params["sslcert"] == "/etc/ssl/client.crt" and ep.params["sslkey"] == "/etc/ssl/client.key"
+    assert ep.params["application_name"] == "nightly"
+    assert "cursor" not in ep.params and "evil" not in ep.params and "iam" not in ep.params
+    assert "sslmode=disable" in hook.connectorx_uri
+
+
+def test_no_io_in_init(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a connection id that does not exist: constructing the hook must not look it up
+    ConnectorXPostgresHook(postgres_conn_id="does_not_exist_anywhere")
+
+
+@pytest.mark.parametrize("sslmode", ["disable", "prefer"])
+def test_real_select_through_connectorx(pg: PgInfo, monkeypatch: pytest.MonkeyPatch, admin: psycopg.Connection,
+                                        sslmode: str) -> None:
+    cid = _set_conn(monkeypatch, pg, extra={"sslmode": sslmode, "application_name": "hooktest"})
+    table = ConnectorXPostgresHook(postgres_conn_id=cid).read_arrow(
+        "SELECT 42::int AS answer, 'x'::text AS s, current_setting('application_name') AS app"
+    )
+    assert table.to_pylist()[0]["answer"] == 42
+    assert table.to_pylist()[0]["app"].startswith("hooktest-cxpg-")
+    assert_nothing_left(admin)
+
+
+def test_special_character_password_authenticates(
+    pg: PgInfo, monkeypatch: pytest.MonkeyPatch, nasty_role: tuple[str, str]
+) -> None:
+    user, password = nasty_role
+    cid = _set_conn(monkeypatch, pg, login=user, password=password)
+    table = ConnectorXPostgresHook(postgres_conn_id=cid).read_arrow("SELECT current_user AS u")
+    assert table.column("u").to_pylist() == [user]
+
+
+def test_unix_socket_host(pg: PgInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    if pg.server is None:
+        pytest.skip("needs the embedded server's socket directory")
+    cid = _set_conn(monkeypatch, pg, host=str(pg.server.socket_dir))
+    table = ConnectorXPostgresHook(postgres_conn_id=cid).read_arrow(
+        "SELECT inet_server_addr() IS NULL AS over_socket"
+    )
+    assert table.column("over_socket").to_pylist() == [True]
+
+
+def test_iam_token_path(pg: PgInfo, monkeypatch: pytest.MonkeyPatch, nasty_role: tuple[str, str]) -> None:
+    """With ``iam: true`` the password comes from PostgresHook's token call (stubbed here)."""
+    user, token = nasty_role
+    cid = _set_conn(monkeypatch, pg, login=user, password="not-the-token", extra={"iam": True, "aws_conn_id": "x"})
+    calls: list[str] = []
+
+    def fake_token(self: ConnectorXPostgresHook, conn: object) -> tuple[str, str, int]:
+        calls.append(getattr(conn, "conn_id", ""))
+        return user, token, pg.port
+
+    monkeypatch.setattr(ConnectorXPostgresHook, "get_aws_iam_token", fake_token)
+    hook = ConnectorXPostgresHook(postgres_conn_id=cid)
+    assert hook.read_arrow("SELECT current_user AS u").column("u").to_pylist() == [user]
+    assert calls
+
+
+def test_password_never_in_repr_logs_or_errors(
+    pg: PgInfo, monkeypatch: pytest.MonkeyPatch, nasty_role: tuple[str, str], caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    user, password = nasty_role
+    cid = _set_conn(monkeypatch, pg, login=user, password=password)
+    hook = ConnectorXPostgresHook(postgres_conn_id=cid)
+    caplog.set_level(logging.DEBUG)
+    texts = [repr(hook), str(hook.get_endpoint()), repr(hook.get_endpoint()), hook.connectorx_uri]
+    hook.read_arrow("SELECT 1 AS one")
+    with pytest.raises(Exception) as failure:
+        hook.read_arrow("SELECT * FROM no_such_table_anywhere")
+    texts.append(str(failure.value))
+    texts.append(repr(failure.value))
+    if failure.value.__cause__ is not None:
+        texts.append(str(failure.value.__cause__))
+    out, err = capfd.readouterr()
+    texts += [caplog.text, out, err]
+    for text in texts:
+        for form in Redactor.variants([password]):
+            assert form not in text
+
+
+def test_wrong_password_fails_fast_with_clear_error(pg: PgInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "definitely-wrong-" + uuid.uuid4().hex
+    cid = _set_conn(monkeypatch, pg, password=secret)
+    with pytest.raises(Exception) as failure:
+        ConnectorXPostgresHook(postgres_conn_id=cid).read_arrow("SELECT 1 AS one")
+    assert "password authentication failed" in str(failure.value)
+    assert secret not in str(failure.value)
+
+
+# -- bad connections ---------------------------------------------------------------------------------
+
+
+def test_unknown_connection_id() -> None:
+    with pytest.raises(ConnectionConfigError, match="no_such_conn_xyz"):
+        ConnectorXPostgresHook(postgres_conn_id="no_such_conn_xyz").get_endpoint()
+
+
+def test_connection_of_another_type(pg: PgInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    cid = _set_conn(monkeypatch, pg, conn_type="mysql")
+    with pytest.raises(ConnectionConfigError, match=f"{cid}.*'mysql'") as failure:
+        ConnectorXPostgresHook(postgres_conn_id=cid).get_endpoint()
+    assert pg.password not in str(failure.value)
+
+
+def test_connection_without_host(pg: PgInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    cid = f"cxpg_{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv(f"AIRFLOW_CONN_{cid.upper()}", json.dumps({"conn_type": "postgres", "login": "u",
+                                                                    "password": "hunter2-secret"}))
+    with pytest.raises(ConnectionConfigError, match=f"{cid}.*no host") as failure:
+        ConnectorXPostgresHook(postgres_conn_id=cid).get_endpoint()
+    assert "hunter2-secret" not in str(failure.value)
+
+
+def test_refused_port_fails_fast(pg: PgInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """connectorx alone waits 30 s for a dead server; the hook's control connection says so at once."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    cid = f"cxpg_{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv(f"AIRFLOW_CONN_{cid.upper()}", json.dumps(
+        {"conn_type": "postgres", "host": "127.0.0.1", "port": free, "login": "u", "password": "pw-123456"}))
+    started = time.monotonic()
+    with pytest.raises((ServerConnectionError, psycopg.OperationalError, Exception)) as failure:
+        ConnectorXPostgresHook(postgres_conn_id=cid).read_arrow("SELECT 1 AS one")
+    assert time.monotonic() - started < 15
+    assert "pw-123456" not in str(failure.value)
