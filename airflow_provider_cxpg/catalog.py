@@ -9,11 +9,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_cxpg.exceptions import InvalidInputError, SourceNotFoundError
+from airflow_provider_cxpg.exceptions import (
+    InvalidInputError,
+    QueryTimeoutError,
+    ServerConnectionError,
+    SourceNotFoundError,
+)
 from airflow_provider_cxpg.pgtypes import PgType
 from airflow_provider_cxpg.sql import qualified, quote_ident
 
-__all__ = ["SourceColumn", "TableInfo", "describe_query", "describe_table", "resolve_type"]
+__all__ = [
+    "SourceColumn",
+    "TableInfo",
+    "classify_control_error",
+    "describe_query",
+    "describe_table",
+    "resolve_type",
+]
+
+#: query_canceled (statement_timeout) and lock_not_available (lock_timeout)
+_TIMEOUT_SQLSTATES = frozenset({"57014", "55P03"})
 
 _RELKINDS = {"r": "table", "p": "partitioned table", "v": "view", "m": "materialized view", "f": "foreign table"}
 
@@ -165,15 +180,33 @@ def describe_query(conn: Any, sql: str) -> list[tuple[str, int, int]]:
     """Return ``(name, type oid, typmod)`` for each column the statement returns, without running it.
 
     The statement is wrapped in ``LIMIT 0``; errors (syntax, unknown column, bad cast) surface here.
+
+    :raises InvalidInputError: the server rejects the statement.
+    :raises QueryTimeoutError: describing it waited past the control connection's statement or lock
+        timeout (e.g. another session holds an ACCESS EXCLUSIVE lock on a table it reads).
     """
     try:
         cursor = conn.execute(f"SELECT * FROM ({sql}) AS {quote_ident('_cxpg_describe')} LIMIT 0")
-    except Exception as exc:  # noqa: BLE001  any server error here means bad input
-        raise InvalidInputError(f"the source query is not valid: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001  classified below
+        raise classify_control_error(exc, "describing the source query") from None
     result = cursor.pgresult
     if result is None or cursor.description is None:
         raise InvalidInputError("the source query returns no columns")
     return [(cursor.description[i].name, result.ftype(i), result.fmod(i)) for i in range(len(cursor.description))]
+
+
+def classify_control_error(exc: BaseException, doing: str) -> Exception:
+    """A server error on the control connection: a timeout, a lost connection, or bad input."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate in _TIMEOUT_SQLSTATES:
+        return QueryTimeoutError(
+            f"{doing} timed out on the server ({_first_line(exc)}): another session may hold a lock on the source",
+            limit="query_timeout",
+            sqlstate=sqlstate,
+        )
+    if sqlstate is None or sqlstate.startswith(("08", "57P")):
+        return ServerConnectionError(f"{doing} failed: {_first_line(exc)}")
+    return InvalidInputError(f"the source query is not valid: {_first_line(exc)}", sqlstate=sqlstate)
 
 
 def _first_line(exc: Exception) -> str:

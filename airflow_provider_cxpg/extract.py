@@ -25,13 +25,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from airflow_provider_cxpg.catalog import describe_query
+from airflow_provider_cxpg.catalog import classify_control_error, describe_query
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
 from airflow_provider_cxpg.destination import Destination
-from airflow_provider_cxpg.exceptions import ExtractionAborted, InvalidInputError, WorkerError
+from airflow_provider_cxpg.exceptions import CxpgError, ExtractionAborted, InvalidInputError, WorkerError
 from airflow_provider_cxpg.incremental import WatermarkSpec, Window, resolve_window
 from airflow_provider_cxpg.manifest import ChunkEntry, Manifest, chunk_file_name, fingerprint
-from airflow_provider_cxpg.monitor import connect
+from airflow_provider_cxpg.monitor import ServerMonitor, WaitWatcher, connect
 from airflow_provider_cxpg.plan import ExtractPlan, SourceSpec, build_plan, build_read_plan, key_to_json
 from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.supervisor import WorkerSession, WorkerSettings
@@ -278,9 +278,45 @@ class Extraction:
         if session is not None:
             session.stop(reason=reason, fresh_monitor=True)
 
-    def _control(self, purpose: str) -> Any:
-        endpoint = self.session_endpoint().with_session(application_name=f"{self.application_name}-{purpose}")
-        return contextlib.closing(connect(endpoint))
+    @contextlib.contextmanager
+    def _control(self, purpose: str) -> Iterator[Any]:
+        """A control connection for the parent's own queries, bounded by ``query_timeout``.
+
+        While it is open a thread reports lock waits of its backend; server errors on it become
+        provider errors (timeouts as :class:`QueryTimeoutError`, bad SQL as invalid input).
+        """
+        app = f"{self.application_name}-{purpose}"
+        timeout = self.settings.query_timeout
+        limit_ms = int(timeout * 1000) if timeout is not None else 0
+        endpoint = self.endpoint.with_session(application_name=app)
+        watcher = WaitWatcher(
+            ServerMonitor(self.endpoint, app, self.redactor),
+            lambda b: self.log.emit(
+                "server.waiting",
+                phase=purpose,
+                backend_pid=b.pid,
+                state=b.state,
+                wait_event=f"{b.wait_event_type}:{b.wait_event}",
+                seconds=b.query_seconds,
+                sql=b.query,
+            ),
+            interval=self.settings.monitor_interval,
+            after=self.settings.report_wait_after,
+            every=self.settings.report_wait_every,
+        )
+        conn = connect(endpoint, statement_timeout_ms=limit_ms)
+        try:
+            with watcher:
+                try:
+                    yield conn
+                except CxpgError:
+                    raise
+                except Exception as exc:
+                    if type(exc).__module__.startswith("psycopg"):
+                        raise classify_control_error(exc, f"{purpose} query") from None
+                    raise
+        finally:
+            conn.close()
 
     def build_plan(self) -> ExtractPlan:
         """Validate the source against the server; raise before any data moves."""
@@ -371,6 +407,9 @@ class Extraction:
                 )
             except BaseException as exc:
                 self._fail(manifest, f"{type(exc).__name__}: {exc}")
+                if self._aborted and not isinstance(exc, ExtractionAborted):
+                    # on_kill cancelled the query: the worker's "cancelled" error is the echo of it
+                    raise ExtractionAborted(f"extraction aborted: {self._aborted}", reason=self._aborted) from exc
                 raise
         manifest.status = "complete"
         manifest.completed_at = manifest.updated_at
@@ -616,22 +655,26 @@ def read_query_table(
     application_name_prefix: str | None = None,
 ) -> pa.Table:
     """Run one query in a supervised worker and return the whole result here (no chunking)."""
-    settings = settings or WorkerSettings()
-    run_id = new_run_id()
-    app = run_application_name(run_id, application_name_prefix)
-    timeout = settings.query_timeout
-    session_endpoint = endpoint.with_session(
-        application_name=app, statement_timeout_ms=int(timeout * 1000) if timeout is not None else 0
+    extraction = Extraction(
+        endpoint=endpoint,
+        spec=SourceSpec(sql=sql, column_casts=dict(column_casts or {})),
+        destination=Destination(tempfile.gettempdir()),  # unused: nothing is committed
+        settings=settings,
+        querylog=querylog,
+        application_name_prefix=application_name_prefix,
     )
-    redactor = Redactor(endpoint.secrets())
-    log = querylog or QueryLog(run_id, redactor=redactor)
-    log.with_redactor(redactor)
-    with contextlib.closing(connect(session_endpoint.with_session(application_name=f"{app}-plan"))) as conn:
+    with extraction._control("plan") as conn:
         plan = build_read_plan(conn, sql, column_casts)
     spool = tempfile.mkdtemp(prefix="cxpg-spool-")
     os.chmod(spool, 0o700)
     try:
-        with WorkerSession(session_endpoint, settings, log, application_name=app, redactor=redactor) as session:
+        with WorkerSession(
+            extraction.session_endpoint(),
+            extraction.settings,
+            extraction.log,
+            application_name=extraction.application_name,
+            redactor=extraction.redactor,
+        ) as session:
             _, done = session.run(
                 ReadChunk(
                     query_id=session.next_query_id(),

@@ -19,7 +19,7 @@ from typing import Any
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
 from airflow_provider_cxpg.exceptions import ServerConnectionError
 
-__all__ = ["BackendInfo", "ServerMonitor", "connect"]
+__all__ = ["BackendInfo", "ServerMonitor", "WaitWatcher", "connect"]
 
 _ACTIVITY_SQL = """
 SELECT pid, state, wait_event_type, wait_event,
@@ -56,9 +56,7 @@ class BackendInfo:
         return f"backend {self.pid} {self.state or 'unknown'}{wait}{secs}"
 
 
-def connect(
-    endpoint: PostgresEndpoint, *, connect_timeout: float = 10.0, statement_timeout_ms: int = 10_000
-) -> Any:
+def connect(endpoint: PostgresEndpoint, *, connect_timeout: float = 10.0, statement_timeout_ms: int = 10_000) -> Any:
     """Open an autocommit psycopg connection with deadlines on connecting and on every statement.
 
     :raises ServerConnectionError: the server cannot be reached or refuses the login (no secret in
@@ -169,3 +167,49 @@ class ServerMonitor:
                 with contextlib.suppress(Exception):
                     self._conn.close()
                 self._conn = None
+
+
+class WaitWatcher:
+    """Report, from a thread, while the backends of ``monitor`` wait on a lock.
+
+    The parent's own catalog queries (planning, a watermark's ``max()``) block in psycopg; this
+    thread keeps sampling ``pg_stat_activity`` meanwhile, so a lock wait is logged while it lasts.
+
+    :param report: called with each waiting backend, at most every ``every`` seconds per backend.
+    """
+
+    def __init__(
+        self,
+        monitor: ServerMonitor,
+        report: Any,
+        *,
+        interval: float = 1.0,
+        after: float = 5.0,
+        every: float = 10.0,
+    ) -> None:
+        self._monitor = monitor
+        self._report = report
+        self._interval, self._after, self._every = interval, after, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cxpg-wait-watcher", daemon=True)
+        self._reported: dict[int, float] = {}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            now = time.monotonic()
+            for backend in self._monitor.backends():
+                if not backend.waiting or (backend.query_seconds or 0) < self._after:
+                    continue
+                last = self._reported.get(backend.pid)
+                if last is None or now - last >= self._every:
+                    self._reported[backend.pid] = now
+                    self._report(backend)
+
+    def __enter__(self) -> WaitWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._monitor.close()

@@ -88,14 +88,15 @@ def admin(pg: PgInfo) -> Iterator[psycopg.Connection]:
 
 
 @pytest.fixture
-def schema(admin: psycopg.Connection) -> Iterator[str]:
+def schema(pg: PgInfo, admin: psycopg.Connection) -> Iterator[str]:
     """A fresh schema per test (dropped afterwards), so tests never see each other's tables."""
     name = f"t_{uuid.uuid4().hex[:10]}"
     admin.execute(f'CREATE SCHEMA "{name}"')
     try:
         yield name
     finally:
-        admin.execute(f'DROP SCHEMA "{name}" CASCADE')
+        with psycopg.connect(pg.dsn, autocommit=True) as fresh:  # `admin` may have died in a restart test
+            fresh.execute(f'DROP SCHEMA "{name}" CASCADE')
 
 
 @pytest.fixture

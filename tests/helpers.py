@@ -51,18 +51,20 @@ class PgInfo:
         )
 
 
-def worker_pids() -> list[int]:
-    """PIDs of provider worker processes alive on this machine (zombies excluded)."""
+def worker_pids(parent: int | None = None) -> list[int]:
+    """PIDs of live provider workers started by ``parent`` (default: this process; 0: anyone)."""
+    parent = os.getpid() if parent is None else parent
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if WORKER_MODULE.encode() in cmdline and state != "Z":
+        state, ppid = fields[0], int(fields[1])
+        if WORKER_MODULE.encode() in cmdline and state != "Z" and (parent == 0 or ppid == parent):
             pids.append(int(entry))
     return pids
 

@@ -35,8 +35,11 @@ def nasty_role(admin: psycopg.Connection) -> tuple[str, str]:
     """A login role whose password needs every kind of escaping."""
     name = f"r_{uuid.uuid4().hex[:8]}"
     password = "p@ss:w/rd%#?& x+'\"\\ü"
-    admin.execute(psycopg.sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-        psycopg.sql.Identifier(name), psycopg.sql.Literal(password)))
+    admin.execute(
+        psycopg.sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+            psycopg.sql.Identifier(name), psycopg.sql.Literal(password)
+        )
+    )
     try:
         yield name, password
     finally:
@@ -110,8 +113,9 @@ def test_no_io_in_init(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("sslmode", ["disable", "prefer"])
-def test_real_select_through_connectorx(pg: PgInfo, monkeypatch: pytest.MonkeyPatch, admin: psycopg.Connection,
-                                        sslmode: str) -> None:
+def test_real_select_through_connectorx(
+    pg: PgInfo, monkeypatch: pytest.MonkeyPatch, admin: psycopg.Connection, sslmode: str
+) -> None:
     cid = _set_conn(monkeypatch, pg, extra={"sslmode": sslmode, "application_name": "hooktest"})
     table = ConnectorXPostgresHook(postgres_conn_id=cid).read_arrow(
         "SELECT 42::int AS answer, 'x'::text AS s, current_setting('application_name') AS app"
@@ -134,9 +138,7 @@ def test_unix_socket_host(pg: PgInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     if pg.server is None:
         pytest.skip("needs the embedded server's socket directory")
     cid = _set_conn(monkeypatch, pg, host=str(pg.server.socket_dir))
-    table = ConnectorXPostgresHook(postgres_conn_id=cid).read_arrow(
-        "SELECT inet_server_addr() IS NULL AS over_socket"
-    )
+    table = ConnectorXPostgresHook(postgres_conn_id=cid).read_arrow("SELECT inet_server_addr() IS NULL AS over_socket")
     assert table.column("over_socket").to_pylist() == [True]
 
 
@@ -157,7 +159,10 @@ def test_iam_token_path(pg: PgInfo, monkeypatch: pytest.MonkeyPatch, nasty_role:
 
 
 def test_password_never_in_repr_logs_or_errors(
-    pg: PgInfo, monkeypatch: pytest.MonkeyPatch, nasty_role: tuple[str, str], caplog: pytest.LogCaptureFixture,
+    pg: PgInfo,
+    monkeypatch: pytest.MonkeyPatch,
+    nasty_role: tuple[str, str],
+    caplog: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     user, password = nasty_role
@@ -205,8 +210,9 @@ def test_connection_of_another_type(pg: PgInfo, monkeypatch: pytest.MonkeyPatch)
 
 def test_connection_without_host(pg: PgInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     cid = f"cxpg_{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv(f"AIRFLOW_CONN_{cid.upper()}", json.dumps({"conn_type": "postgres", "login": "u",
-                                                                    "password": "hunter2-secret"}))
+    monkeypatch.setenv(
+        f"AIRFLOW_CONN_{cid.upper()}", json.dumps({"conn_type": "postgres", "login": "u", "password": "hunter2-secret"})
+    )
     with pytest.raises(ConnectionConfigError, match=f"{cid}.*no host") as failure:
         ConnectorXPostgresHook(postgres_conn_id=cid).get_endpoint()
     assert "hunter2-secret" not in str(failure.value)
@@ -221,8 +227,10 @@ def test_refused_port_fails_fast(pg: PgInfo, monkeypatch: pytest.MonkeyPatch) ->
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
     cid = f"cxpg_{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv(f"AIRFLOW_CONN_{cid.upper()}", json.dumps(
-        {"conn_type": "postgres", "host": "127.0.0.1", "port": free, "login": "u", "password": "pw-123456"}))
+    monkeypatch.setenv(
+        f"AIRFLOW_CONN_{cid.upper()}",
+        json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": free, "login": "u", "password": "pw-123456"}),
+    )
     started = time.monotonic()
     with pytest.raises((ServerConnectionError, psycopg.OperationalError, Exception)) as failure:
         ConnectorXPostgresHook(postgres_conn_id=cid).read_arrow("SELECT 1 AS one")

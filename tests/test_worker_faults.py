@@ -1,0 +1,473 @@
+"""Real faults against the supervised worker: each test provokes one and checks the aftermath.
+
+Every test ends with :func:`assert_nothing_left`: no worker process and no server backend of the
+run remain, whatever went wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import pytest
+
+from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
+from airflow_provider_cxpg.exceptions import (
+    CxpgError,
+    ExtractionAborted,
+    HeartbeatLostError,
+    JobTimeoutError,
+    QueryTimeoutError,
+    ReadPanicError,
+    RemoteTraceback,
+    ServerConnectionError,
+    WorkerCrashedError,
+)
+from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+from airflow_provider_cxpg.querylog import QueryLog
+from airflow_provider_cxpg.supervisor import WorkerSession, WorkerSettings
+from airflow_provider_cxpg.worker.protocol import IpcSink, ReadChunk
+from tests.helpers import PgInfo, assert_nothing_left, cxpg_backends, read_output, wait_until, worker_pids
+
+pytestmark = pytest.mark.integration
+
+FAST = {
+    "heartbeat_interval": 0.2,
+    "heartbeat_timeout": 3.0,
+    "monitor_interval": 0.2,
+    "report_wait_after": 0.5,
+    "report_wait_every": 1.0,
+    "cancel_grace": 2.0,
+    "kill_grace": 2.0,
+}
+GRACE = 6.0  # slack for a loaded 2-core CI machine on top of each limit
+
+
+@pytest.fixture
+def table(admin: psycopg.Connection, schema: str) -> str:
+    admin.execute(
+        f'CREATE TABLE "{schema}".items AS SELECT g AS id, md5(g::text) AS payload FROM generate_series(1, 5000) g'
+    )
+    admin.execute(f'ALTER TABLE "{schema}".items ADD PRIMARY KEY (id)')
+    return f"{schema}.items"
+
+
+def events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def after_worker_starts(action: Callable[[int], None], timeout: float = 20.0) -> threading.Thread:
+    """Run ``action(worker_pid)`` in a thread as soon as a worker process exists."""
+
+    def run() -> None:
+        if wait_until(lambda: bool(worker_pids()), timeout, 0.02):
+            action(worker_pids()[0])
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def active_backend(admin: psycopg.Connection, timeout: float = 20.0) -> int | None:
+    def find() -> int | None:
+        rows = [b for b in cxpg_backends(admin) if b[2] == "active"]
+        return rows[0][0] if rows else None
+
+    wait_until(lambda: find() is not None, timeout, 0.05)
+    return find()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers(pg: PgInfo) -> Iterator[None]:
+    yield
+    with psycopg.connect(pg.dsn, autocommit=True) as fresh:  # `admin` may have died with a restart
+        assert_nothing_left(fresh)
+
+
+# -- deadlines ------------------------------------------------------------------------------------
+
+
+def test_access_exclusive_lock_on_source_times_out_and_is_reported_while_waiting(
+    conn_id: str, pg: PgInfo, table: str, out_dir: Path
+) -> None:
+    log = out_dir / "log.jsonl"
+    with psycopg.connect(pg.dsn) as holder:
+        holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        with pytest.raises(QueryTimeoutError) as failure:
+            ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+                destination=str(out_dir / "out"), table=table, query_timeout=2.0, query_log_path=str(log), **FAST
+            )
+        elapsed = time.monotonic() - started
+        holder.rollback()
+    assert elapsed < 2.0 + GRACE, elapsed
+    waits = [e for e in events(log) if e["event"] == "server.waiting"]
+    assert waits and waits[0]["wait_event"].startswith("Lock:")
+    assert "lock" in str(failure.value).lower()
+
+
+def test_lock_met_during_a_chunk_read_is_reported_and_cancelled(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, schema: str, table: str, out_dir: Path
+) -> None:
+    # A plpgsql function reads another table only when it runs, so planning needs no lock on it.
+    admin.execute(f'CREATE TABLE "{schema}".other (x int)')
+    admin.execute(
+        f'CREATE FUNCTION "{schema}".touch_other() RETURNS bigint LANGUAGE plpgsql AS '
+        f'$$ BEGIN RETURN (SELECT count(*) FROM "{schema}".other); END $$'
+    )
+    log = out_dir / "log.jsonl"
+    with psycopg.connect(pg.dsn) as holder:
+        holder.execute(f'LOCK TABLE "{schema}".other IN ACCESS EXCLUSIVE MODE')
+        started = time.monotonic()
+        with pytest.raises(QueryTimeoutError) as failure:
+            ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+                destination=str(out_dir / "out"),
+                sql=f'SELECT id, "{schema}".touch_other() AS n FROM {table}',
+                key_columns=["id"],
+                query_timeout=2.0,
+                query_log_path=str(log),
+                **FAST,
+            )
+        elapsed = time.monotonic() - started
+        holder.rollback()
+    assert elapsed < 2.0 + GRACE, elapsed
+    names = [e["event"] for e in events(log)]
+    assert names.index("query.start") < names.index("server.waiting") < names.index("query.timeout")
+    waiting = next(e for e in events(log) if e["event"] == "server.waiting")
+    assert waiting["wait_event"].startswith("Lock:") and waiting["worker_pid"] > 0
+    assert "Lock" in str(failure.value) and failure.value.limit == "query_timeout"
+    assert isinstance(failure.value.__cause__, RemoteTraceback)
+
+
+def test_pg_sleep_longer_than_query_timeout(conn_id: str, table: str, out_dir: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(QueryTimeoutError, match="query_timeout=1.5"):
+        ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+            destination=str(out_dir / "out"),
+            table=table,
+            where="pg_sleep(0.01) IS NOT NULL AND id < 2000",  # ~20 s of sleeping per chunk
+            chunk_rows=2000,
+            query_timeout=1.5,
+            **FAST,
+        )
+    assert time.monotonic() - started < 1.5 + GRACE
+
+
+def test_parent_enforces_query_timeout_when_the_server_cannot(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, table: str, out_dir: Path
+) -> None:
+    """A SIGSTOPped backend cannot act on statement_timeout; the parent's own deadline fires."""
+    if pg.server is None:
+        pytest.skip("needs to signal server processes of the embedded server")
+    stopped: list[int] = []
+
+    def freeze_backend() -> None:
+        pid = active_backend(admin)
+        if pid:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+
+    threading.Thread(target=freeze_backend, daemon=True).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(QueryTimeoutError) as failure:
+            ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+                destination=str(out_dir / "out"),
+                table=table,
+                where="pg_sleep(0.002) IS NOT NULL",
+                query_timeout=1.0,
+                max_worker_restarts=0,
+                **{**FAST, "deadline_grace": 1.0},
+            )
+        assert time.monotonic() - started < 2.0 + GRACE + 2 * FAST["cancel_grace"]
+        assert stopped, "the test did not catch the backend"
+        assert "ran" in str(failure.value)
+    finally:
+        for pid in stopped:  # it acts on the pending terminate once continued
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_job_timeout(conn_id: str, table: str, out_dir: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(JobTimeoutError):
+        ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+            destination=str(out_dir / "out"),
+            table=table,
+            where="pg_sleep(0.001) IS NOT NULL",
+            chunk_rows=500,
+            query_timeout=60,
+            job_timeout=1.5,
+            **FAST,
+        )
+    assert time.monotonic() - started < 1.5 + GRACE
+
+
+# -- the worker process -------------------------------------------------------------------------------
+
+
+def test_sigstop_on_worker_is_detected_by_heartbeat_loss(conn_id: str, table: str, out_dir: Path) -> None:
+    frozen: list[int] = []
+    after_worker_starts(lambda pid: (time.sleep(0.5), os.kill(pid, signal.SIGSTOP), frozen.append(pid)))
+    started = time.monotonic()
+    with pytest.raises(HeartbeatLostError) as failure:
+        ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+            destination=str(out_dir / "out"),
+            table=table,
+            where="pg_sleep(0.002) IS NOT NULL",
+            query_timeout=60,
+            max_worker_restarts=0,
+            **FAST,
+        )
+    assert frozen
+    assert time.monotonic() - started < 0.5 + FAST["heartbeat_timeout"] + GRACE
+    assert failure.value.limit == "heartbeat_timeout"
+
+
+def test_sigkill_on_worker_is_reported_at_once_as_a_crash(conn_id: str, table: str, out_dir: Path) -> None:
+    killed_at: list[float] = []
+
+    def kill(pid: int) -> None:
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        killed_at.append(time.monotonic())
+
+    after_worker_starts(kill)
+    with pytest.raises(WorkerCrashedError) as failure:
+        ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+            destination=str(out_dir / "out"),
+            table=table,
+            where="pg_sleep(0.002) IS NOT NULL",
+            query_timeout=60,
+            max_worker_restarts=0,
+            **{**FAST, "heartbeat_timeout": 60.0},  # a crash must not wait for the heartbeat
+        )
+    assert killed_at and time.monotonic() - killed_at[0] < 5.0
+    assert failure.value.exitcode == -signal.SIGKILL
+    assert "SIGKILL" in str(failure.value)
+
+
+def test_pg_terminate_backend_of_the_worker(conn_id: str, admin: psycopg.Connection, table: str, out_dir: Path) -> None:
+    def terminate() -> None:
+        pid = active_backend(admin)
+        if pid:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    threading.Thread(target=terminate, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(ServerConnectionError, match="terminat|connection"):
+        ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+            destination=str(out_dir / "out"),
+            table=table,
+            where="pg_sleep(0.002) IS NOT NULL",
+            query_timeout=60,
+            **FAST,
+        )
+    assert time.monotonic() - started < 15
+
+
+def test_server_restart_mid_run_fails_clearly_and_a_rerun_resumes(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, table: str, out_dir: Path
+) -> None:
+    if pg.server is None:
+        pytest.skip("needs to restart the embedded server")
+    destination = out_dir / "out"
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+
+    def restart_when_running() -> None:
+        if active_backend(admin, timeout=30):
+            pg.server.restart()  # type: ignore[union-attr]
+
+    restarter = threading.Thread(target=restart_when_running, daemon=True)
+    restarter.start()
+    with pytest.raises(CxpgError) as failure:
+        hook.extract(
+            destination=str(destination),
+            table=table,
+            where="pg_sleep(0.0005) IS NOT NULL",
+            chunk_rows=1000,
+            query_timeout=60,
+            **FAST,
+        )
+    assert isinstance(failure.value, (ServerConnectionError, WorkerCrashedError)), repr(failure.value)
+    restarter.join(timeout=60)
+    result = hook.extract(destination=str(destination), table=table, chunk_rows=1000, **FAST)
+    out = read_output(destination)
+    assert result.rows == out.num_rows == 5000
+    assert out.column("id").to_pylist() == list(range(1, 5001))
+
+
+# -- parent-side interruptions ---------------------------------------------------------------------------
+
+
+def test_task_timeout_signal_in_parent_stops_worker_and_server_query(conn_id: str, table: str, out_dir: Path) -> None:
+    """Airflow's execution_timeout raises AirflowTaskTimeout from SIGALRM inside execute()."""
+    from airflow.providers.common.compat.sdk import AirflowTaskTimeout
+
+    def alarm(signum: int, frame: Any) -> None:
+        raise AirflowTaskTimeout("Timeout, PID: test")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, 1.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(AirflowTaskTimeout):
+            ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+                destination=str(out_dir / "out"),
+                table=table,
+                where="pg_sleep(0.002) IS NOT NULL",
+                query_timeout=60,
+                **FAST,
+            )
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 1.5 + GRACE
+
+
+def test_keyboard_interrupt_in_parent(conn_id: str, table: str, out_dir: Path) -> None:
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+                destination=str(out_dir / "out"),
+                table=table,
+                where="pg_sleep(0.002) IS NOT NULL",
+                query_timeout=60,
+                **FAST,
+            )
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_on_kill_from_sigterm_handler_aborts_execute(conn_id: str, table: str, out_dir: Path) -> None:
+    """Airflow 3 calls on_kill from its SIGTERM handler in the task process, then lets execute go on."""
+    from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+
+    op = PostgresExtractOperator(
+        task_id="extract",
+        postgres_conn_id=conn_id,
+        table=table,
+        destination=str(out_dir / "out"),
+        where="pg_sleep(0.002) IS NOT NULL",
+        query_timeout=60,
+        worker_settings=FAST,
+    )
+    previous = signal.signal(signal.SIGTERM, lambda s, f: op.on_kill())
+    after_worker_starts(lambda pid: (time.sleep(0.5), os.kill(os.getpid(), signal.SIGTERM)))
+    started = time.monotonic()
+    try:
+        with pytest.raises(ExtractionAborted, match="on_kill"):
+            op.execute({})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert time.monotonic() - started < 0.5 + GRACE
+
+
+# -- protocol-level faults ---------------------------------------------------------------------------------
+
+
+def _session(pg: PgInfo, **overrides: Any) -> WorkerSession:
+    endpoint = PostgresEndpoint(host=pg.host, port=pg.port, dbname=pg.dbname, user=pg.user, password=pg.password)
+    app = f"cxpg-faults{os.getpid()}"
+    settings = WorkerSettings(**{**FAST, **overrides})
+    redactor = Redactor(endpoint.secrets())
+    return WorkerSession(
+        endpoint.with_session(application_name=app, statement_timeout_ms=10_000),
+        settings,
+        QueryLog("faults", redactor=redactor),
+        application_name=app,
+        redactor=redactor,
+    )
+
+
+def test_rust_panic_becomes_a_proper_error_and_the_worker_survives(pg: PgInfo, tmp_path: Path) -> None:
+    """Reading an interval natively panics inside connectorx (a BaseException); the worker reports it."""
+    with _session(pg) as session:
+        panic = ReadChunk(
+            query_id=session.next_query_id(),
+            chunk_index=0,
+            sql="SELECT interval '1 day' AS x",
+            sink=IpcSink(str(tmp_path / "a.arrow")),
+            schema=pa.schema([("x", pa.string())]),
+        )
+        with pytest.raises(ReadPanicError, match="panicked") as failure:
+            session.run(panic)
+        assert isinstance(failure.value.__cause__, RemoteTraceback)
+        ok = ReadChunk(
+            query_id=session.next_query_id(),
+            chunk_index=1,
+            sql="SELECT 1::int AS x",
+            sink=IpcSink(str(tmp_path / "b.arrow")),
+            schema=pa.schema([("x", pa.int32())]),
+        )
+        read, _ = session.run(ok)
+        assert read.rows == 1
+
+
+def test_worker_exit_during_start_is_a_start_error(pg: PgInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_provider_cxpg.exceptions import WorkerStartError
+
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(WorkerStartError):
+        _session(pg).start()
+
+
+def test_worker_has_no_secret_in_argv_or_environment(
+    conn_id: str, pg: PgInfo, table: str, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIRFLOW__CORE__FERNET_KEY", "fernet-secret-value")
+    monkeypatch.setenv("MY_API_TOKEN", "token-secret-value")
+    seen: dict[str, bytes] = {}
+
+    def inspect(pid: int) -> None:
+        time.sleep(0.3)
+        seen["cmdline"] = Path(f"/proc/{pid}/cmdline").read_bytes()
+        seen["environ"] = Path(f"/proc/{pid}/environ").read_bytes()
+
+    after_worker_starts(inspect)
+    ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+        destination=str(out_dir / "out"), table=table, where="pg_sleep(0.0003) IS NOT NULL", **FAST
+    )
+    assert seen, "the worker was not observed"
+    blob = seen["cmdline"] + b"\0" + seen["environ"]
+    for secret in Redactor.variants([pg.password]) + ["fernet-secret-value", "token-secret-value"]:
+        assert secret.encode() not in blob
+    names = {kv.split(b"=", 1)[0].decode() for kv in seen["environ"].split(b"\0") if kv}
+    assert not any(n.startswith("AIRFLOW") for n in names), names
+    assert b"airflow_provider_cxpg.worker" in seen["cmdline"]
+
+
+def test_worker_modules_do_not_import_airflow() -> None:
+    code = (
+        "import sys, airflow_provider_cxpg.worker.server, airflow_provider_cxpg.worker.chunk;"
+        "bad = [m for m in sys.modules if m == 'airflow' or m.startswith('airflow.')];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_hostile_host_fork_hazard_and_provider_immunity(pg: PgInfo, tmp_path: Path) -> None:
+    """A host that read with connectorx, runs threads and Sentry, and set start method 'fork'."""
+    script = Path(__file__).with_name("hostile_host.py")
+    env = {**os.environ, "CXPG_HOSTILE_DSN": pg.dsn, "CXPG_HOSTILE_READS": "20"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["raw_fork_hung"] is True, report  # the hazard is real here
+    assert report["provider_reads_ok"] == 20, report
+    assert report["provider_max_seconds"] < 30, report
