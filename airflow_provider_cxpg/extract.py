@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_ROWS = 500_000
-_BYTES_PROBE_ROWS = 50_000
+_BYTES_PROBE_ROWS = 10_000
 _MIN_BYTES_CHUNK_ROWS = 1_000
 _COMPRESSIONS = {"zstd", "snappy", "gzip", "brotli", "lz4", "none"}
 

@@ -1,0 +1,301 @@
+"""Keyset extraction: exactness, the manifest, resume after a killed worker, sizing, iter_chunks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pyarrow.parquet as pq
+import pytest
+
+from airflow_provider_cxpg.exceptions import DataIntegrityError, InvalidInputError, WorkerCrashedError
+from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+from tests.helpers import assert_nothing_left, manifest_of, read_output, wait_until, worker_pids
+
+pytestmark = pytest.mark.integration
+
+FAST = {"heartbeat_interval": 0.2, "heartbeat_timeout": 5.0, "cancel_grace": 2.0, "kill_grace": 2.0}
+ROWS = 20_000
+
+
+@pytest.fixture
+def orders(admin: psycopg.Connection, schema: str) -> str:
+    admin.execute(
+        f"""CREATE TABLE "{schema}".orders AS
+            SELECT g::bigint AS id, (g % 97)::int AS customer, md5(g::text) AS note,
+                   (g * 1.25)::numeric(12,2) AS amount, timestamptz '2024-01-01' + g * interval '1 second' AS at
+            FROM generate_series(1, {ROWS}) g"""
+    )
+    admin.execute(f'ALTER TABLE "{schema}".orders ADD PRIMARY KEY (id)')
+    for column in ("customer", "note", "amount", "at"):
+        admin.execute(f'ALTER TABLE "{schema}".orders ALTER COLUMN {column} SET NOT NULL')
+    return f"{schema}.orders"
+
+
+def source_rows(admin: psycopg.Connection, table: str) -> list[tuple[Any, ...]]:
+    return admin.execute(f"SELECT id, customer, note, amount, at FROM {table} ORDER BY id").fetchall()
+
+
+def output_rows(directory: Path) -> list[tuple[Any, ...]]:
+    table = read_output(directory)
+    return [tuple(r[c] for c in ("id", "customer", "note", "amount", "at")) for r in table.to_pylist()]
+
+
+def test_full_extract_is_exact_and_the_manifest_records_every_chunk(
+    conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path
+) -> None:
+    result = ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+        destination=str(out_dir), table=orders, chunk_rows=3_000, **FAST
+    )
+    assert output_rows(out_dir) == source_rows(admin, orders)
+    manifest = manifest_of(out_dir)
+    assert manifest["status"] == "complete" and manifest["rows"] == ROWS == result.rows
+    assert manifest["run_id"] == result.run_id and manifest["key_columns"] == ["id"]
+    assert manifest["source"]["table"] == orders
+    assert [c["name"] for c in manifest["schema"]] == ["id", "customer", "note", "amount", "at"]
+    chunks = manifest["chunks"]
+    assert len(chunks) == result.chunks == 7
+    assert [c["file"] for c in chunks] == [f"part-{i:06d}.parquet" for i in range(7)]
+    assert chunks[0]["first_key"] == [1] and chunks[-1]["last_key"] == [ROWS]
+    for previous, chunk in zip(chunks, chunks[1:], strict=False):
+        assert chunk["first_key"][0] == previous["last_key"][0] + 1
+    for chunk in chunks:
+        assert chunk["bytes"] == os.path.getsize(out_dir / chunk["file"]) and chunk["seconds"] > 0
+        assert pq.read_metadata(out_dir / chunk["file"]).num_rows == chunk["rows"]
+    assert pq.read_schema(out_dir / "part-000000.parquet").field("amount").type.scale == 2
+    assert sorted(os.listdir(out_dir)) == ["_manifest.json"] + [c["file"] for c in chunks]
+    summary = result.summary()
+    assert {"rows", "chunks", "files", "destination", "first_key", "last_key", "seconds", "run_id"} <= set(summary)
+    assert_nothing_left(admin)
+
+
+def test_composite_key_and_where(conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path) -> None:
+    result = ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+        destination=str(out_dir),
+        table=orders,
+        key_columns=["customer", "id"],
+        where="customer < 10",
+        chunk_rows=700,
+        **FAST,
+    )
+    expected = admin.execute(f"SELECT id FROM {orders} WHERE customer < 10 ORDER BY customer, id").fetchall()
+    assert read_output(out_dir).column("id").to_pylist() == [r[0] for r in expected]
+    assert result.rows == len(expected)
+    sql = manifest_of(out_dir)
+    assert sql["key_columns"] == ["customer", "id"]
+
+
+def test_sigkill_mid_run_restarts_the_worker_and_output_is_exact(
+    conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path
+) -> None:
+    killed: list[int] = []
+
+    def kill_after_two_chunks() -> None:
+        manifest = out_dir / "_manifest.json"
+
+        def committed() -> int:
+            try:
+                return len(json.loads(manifest.read_text())["chunks"])
+            except (OSError, ValueError):
+                return 0
+
+        if wait_until(lambda: committed() >= 2 and bool(worker_pids()), 60, 0.01):
+            pid = worker_pids()[0]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    threading.Thread(target=kill_after_two_chunks, daemon=True).start()
+    result = ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+        destination=str(out_dir),
+        table=orders,
+        where="pg_sleep(0.00005) IS NOT NULL",
+        chunk_rows=1_500,
+        max_worker_restarts=2,
+        **FAST,
+    )
+    assert killed, "the worker was never killed"
+    assert result.worker_restarts == 1
+    assert output_rows(out_dir) == source_rows(admin, orders)  # every row exactly once
+    names = os.listdir(out_dir)
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert_nothing_left(admin)
+
+
+def test_task_retry_resumes_from_the_manifest(conn_id: str, admin: psycopg.Connection, orders: str,
+                                              out_dir: Path) -> None:
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+
+    def kill_after_three_chunks() -> None:
+        def committed() -> int:
+            try:
+                return len(manifest_of(out_dir)["chunks"])
+            except (OSError, ValueError):
+                return 0
+
+        if wait_until(lambda: committed() >= 3 and bool(worker_pids()), 60, 0.01):
+            os.kill(worker_pids()[0], signal.SIGKILL)
+
+    threading.Thread(target=kill_after_three_chunks, daemon=True).start()
+    with pytest.raises(WorkerCrashedError):
+        hook.extract(destination=str(out_dir), table=orders, where="pg_sleep(0.00005) IS NOT NULL",
+                     chunk_rows=1_500, max_worker_restarts=0, **FAST)
+    failed = manifest_of(out_dir)
+    assert failed["status"] == "failed" and len(failed["chunks"]) >= 3
+    committed_files = {c["file"]: os.path.getmtime(out_dir / c["file"]) for c in failed["chunks"]}
+
+    # the retry (same arguments): continues after the last committed chunk
+    result = hook.extract(destination=str(out_dir), table=orders, where="pg_sleep(0.00005) IS NOT NULL",
+                          chunk_rows=1_500, **FAST)
+    assert result.resumed_from_chunk == len(failed["chunks"])
+    assert result.run_id == failed["run_id"]
+    assert output_rows(out_dir) == source_rows(admin, orders)
+    for name, mtime in committed_files.items():  # committed chunks were not rewritten
+        assert os.path.getmtime(out_dir / name) == mtime
+    assert manifest_of(out_dir)["attempts"] == 2
+    assert_nothing_left(admin)
+
+
+def test_a_complete_extraction_is_replaced_by_a_rerun(conn_id: str, admin: psycopg.Connection, orders: str,
+                                                      out_dir: Path) -> None:
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+    first = hook.extract(destination=str(out_dir), table=orders, chunk_rows=5_000, **FAST)
+    (out_dir / "part-000042.parquet").write_bytes(b"stray file from some crashed attempt")
+    (out_dir / ".part-000001.parquet.abcd.tmp").write_bytes(b"half")
+    (out_dir / "README.txt").write_text("not ours: left alone")
+    admin.execute(f"DELETE FROM {orders} WHERE id > 12000")
+    second = hook.extract(destination=str(out_dir), table=orders, chunk_rows=5_000, **FAST)
+    assert second.run_id != first.run_id and second.rows == 12_000 and second.resumed_from_chunk is None
+    assert sorted(os.listdir(out_dir)) == ["README.txt", "_manifest.json", *[f"part-{i:06d}.parquet" for i in range(3)]]
+    assert output_rows(out_dir) == source_rows(admin, orders)
+
+
+def test_chunk_bytes_sizes_chunks_from_measured_width(conn_id: str, orders: str, out_dir: Path) -> None:
+    result = ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+        destination=str(out_dir), table=orders, chunk_rows=100_000, chunk_bytes=200_000, **FAST
+    )
+    rows = [c["rows"] for c in manifest_of(out_dir)["chunks"]]
+    assert result.rows == ROWS and len(rows) > 3
+    # the first chunk probes the width; later ones hold about 200 kB of Arrow data each
+    assert all(1_000 <= r <= 5_000 for r in rows[1:-1]), rows
+
+
+def test_query_source_with_a_key_that_is_not_unique_fails_instead_of_losing_rows(
+    conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path
+) -> None:
+    with pytest.raises(DataIntegrityError, match="not unique"):
+        ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+            destination=str(out_dir), sql=f"SELECT customer, note FROM {orders}", key_columns=["customer"],
+            chunk_rows=50, **FAST,
+        )
+    assert manifest_of(out_dir)["status"] == "failed"
+    assert_nothing_left(admin)
+
+
+def test_query_source_with_unique_key_is_exact(conn_id: str, admin: psycopg.Connection, orders: str,
+                                               out_dir: Path) -> None:
+    ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+        destination=str(out_dir), sql=f"SELECT id * 2 AS k, note FROM {orders} WHERE customer = 3",
+        key_columns=["k"], chunk_rows=40, **FAST,
+    )
+    expected = [r[0] for r in admin.execute(f"SELECT id * 2 FROM {orders} WHERE customer = 3 ORDER BY 1")]
+    assert read_output(out_dir).column("k").to_pylist() == expected
+
+
+def test_null_key_in_a_query_source_is_a_clear_error(conn_id: str, orders: str, out_dir: Path) -> None:
+    with pytest.raises(DataIntegrityError, match="NULL"):
+        ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+            destination=str(out_dir),
+            sql=f"SELECT CASE WHEN id > 10 THEN id END AS k FROM {orders}",
+            key_columns=["k"],
+            **FAST,
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"chunk_rows": 0}, "chunk_rows"),
+        ({"chunk_rows": -5}, "chunk_rows"),
+        ({"table": "no_such_table"}, "does not exist"),
+        ({"columns": ["id", "nope"]}, "nope"),
+        ({"key_columns": ["note"]}, "not unique|tie"),
+        ({"compression": "bogus"}, "compression"),
+        ({"where": "no_such_column > 1"}, "not valid"),
+        ({"column_casts": {"note": "no_such_type"}}, "not a known type"),
+        ({"table": 'x"; DROP TABLE y; --'}, "cannot parse"),
+        ({"table": '"x""; DROP TABLE y; --"'}, "does not exist"),
+        ({"key_columns": ["id"], "columns": ["note", "note"]}, "repeats"),
+    ],
+)
+def test_bad_input_fails_before_any_file_is_written(
+    conn_id: str, orders: str, out_dir: Path, kwargs: dict[str, Any], message: str
+) -> None:
+    arguments: dict[str, Any] = {"destination": str(out_dir / "dest"), "table": orders, **FAST}
+    arguments.update(kwargs)
+    try:
+        ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(**arguments)
+    except InvalidInputError as exc:
+        import re
+
+        assert re.search(message, str(exc)), str(exc)
+    else:
+        # A non-unique user key on a table with a primary key gets the key appended instead.
+        assert kwargs == {"key_columns": ["note"]}
+        assert manifest_of(out_dir / "dest")["key_columns"] == ["note", "id"]
+        return
+    assert not (out_dir / "dest").exists() or not [n for n in os.listdir(out_dir / "dest") if n.startswith("part-")]
+
+
+def test_iter_chunks_yields_exact_tables_and_early_close_stops_the_worker(
+    conn_id: str, admin: psycopg.Connection, orders: str
+) -> None:
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+    tables = list(hook.iter_chunks(table=orders, chunk_rows=6_000, **FAST))
+    assert [t.num_rows for t in tables] == [6_000, 6_000, 6_000, 2_000]
+    ids = [i for t in tables for i in t.column("id").to_pylist()]
+    assert ids == list(range(1, ROWS + 1))
+
+    chunks = hook.iter_chunks(table=orders, chunk_rows=1_000, **FAST)
+    first = next(chunks)
+    assert first.num_rows == 1_000 and worker_pids()
+    chunks.close()  # the consumer stops early
+    assert_nothing_left(admin)
+    assert first.column("id").to_pylist()[-1] == 1_000  # the mapped table outlives its spool file
+
+
+def test_iter_chunks_survives_a_killed_worker(conn_id: str, admin: psycopg.Connection, orders: str) -> None:
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+    ids: list[int] = []
+    for index, table in enumerate(hook.iter_chunks(table=orders, chunk_rows=4_000, max_worker_restarts=1, **FAST)):
+        ids.extend(table.column("id").to_pylist())
+        if index == 1:
+            os.kill(worker_pids()[0], signal.SIGKILL)
+            time.sleep(0.2)
+    assert ids == list(range(1, ROWS + 1))
+    assert_nothing_left(admin)
+
+
+def test_empty_table_gives_an_empty_typed_file(conn_id: str, admin: psycopg.Connection, schema: str,
+                                                out_dir: Path) -> None:
+    admin.execute(f'CREATE TABLE "{schema}".empty (id int PRIMARY KEY, amount numeric(10,3), at timestamptz)')
+    result = ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+        destination=str(out_dir), table=f"{schema}.empty", **FAST
+    )
+    assert result.rows == 0 and result.chunks == 1
+    table = pq.read_table(out_dir / "part-000000.parquet")
+    assert table.num_rows == 0 and str(table.schema.field("amount").type) == "decimal128(10, 3)"
+    assert manifest_of(out_dir)["rows"] == 0
+
+
+def test_exact_multiple_of_chunk_rows_writes_no_empty_trailing_file(conn_id: str, orders: str,
+                                                                     out_dir: Path) -> None:
+    result = ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+        destination=str(out_dir), table=orders, chunk_rows=5_000, **FAST
+    )
+    assert result.chunks == 4 and all(c["rows"] == 5_000 for c in manifest_of(out_dir)["chunks"])
