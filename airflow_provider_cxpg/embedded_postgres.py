@@ -200,6 +200,35 @@ class EmbeddedPostgres:
         )  # fmt: skip
         self._current_port = port
 
+    def create_replica(self, timeout: float = 120.0) -> EmbeddedPostgres:
+        """Clone this server with ``pg_basebackup`` and start the clone as a hot standby.
+
+        The standby streams from this server over TCP (``primary_conninfo`` written by ``-R``) and
+        serves read-only queries; stop it like any other :class:`EmbeddedPostgres`.
+        """
+        replica = EmbeddedPostgres(password=self.password, user=self.user, database=self.database,
+                                   base_dir=self.base_dir, bindir=self.bindir)
+        replica.bindir = self.bindir
+        replica._account = self._account
+        root = Path(tempfile.mkdtemp(prefix="cxpg-pg-replica-", dir=self.base_dir))
+        replica.datadir = root / "data"
+        replica.socket_dir = root / "sock"
+        replica.socket_dir.mkdir()
+        root.chmod(0o755)
+        replica.socket_dir.chmod(0o777)
+        if self._account is not None:
+            os.chown(root, self._account.pw_uid, self._account.pw_gid)
+            os.chown(replica.socket_dir, self._account.pw_uid, self._account.pw_gid)
+        atexit.register(replica.stop)
+        self._run(
+            "pg_basebackup", "-D", str(replica.datadir), "-h", self.host, "-p", str(self.port),
+            "-U", self.user, "-R", "-X", "stream", "--checkpoint=fast", "--no-sync",
+            timeout=timeout, env={"PGPASSWORD": self.password},
+        )  # fmt: skip
+        replica._start_server(timeout)
+        replica._started = True
+        return replica
+
     def restart(self, timeout: float = 60.0) -> None:
         """Restart the server in fast mode (kills every backend), keeping port and data."""
         self._run(
@@ -265,11 +294,11 @@ class EmbeddedPostgres:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def _run(self, exe: str, *args: str, timeout: float) -> None:
+    def _run(self, exe: str, *args: str, timeout: float, env: dict[str, str] | None = None) -> None:
         assert self.bindir is not None
-        kwargs: dict[str, object] = {}
+        kwargs: dict[str, object] = {"env": {**os.environ, **env}} if env else {}
         if self._account is not None:
-            kwargs = {"user": self._account.pw_uid, "group": self._account.pw_gid, "extra_groups": []}
+            kwargs.update(user=self._account.pw_uid, group=self._account.pw_gid, extra_groups=[])
         # Output goes to files, not pipes: pg_ctl's server child inherits the descriptors and a
         # pipe would never reach EOF while the server runs.
         with tempfile.TemporaryFile() as out:

@@ -127,8 +127,9 @@ def test_sigkill_mid_run_restarts_the_worker_and_output_is_exact(
     assert_nothing_left(admin)
 
 
-def test_task_retry_resumes_from_the_manifest(conn_id: str, admin: psycopg.Connection, orders: str,
-                                              out_dir: Path) -> None:
+def test_task_retry_resumes_from_the_manifest(
+    conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path
+) -> None:
     hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
 
     def kill_after_three_chunks() -> None:
@@ -143,15 +144,22 @@ def test_task_retry_resumes_from_the_manifest(conn_id: str, admin: psycopg.Conne
 
     threading.Thread(target=kill_after_three_chunks, daemon=True).start()
     with pytest.raises(WorkerCrashedError):
-        hook.extract(destination=str(out_dir), table=orders, where="pg_sleep(0.00005) IS NOT NULL",
-                     chunk_rows=1_500, max_worker_restarts=0, **FAST)
+        hook.extract(
+            destination=str(out_dir),
+            table=orders,
+            where="pg_sleep(0.00005) IS NOT NULL",
+            chunk_rows=1_500,
+            max_worker_restarts=0,
+            **FAST,
+        )
     failed = manifest_of(out_dir)
     assert failed["status"] == "failed" and len(failed["chunks"]) >= 3
     committed_files = {c["file"]: os.path.getmtime(out_dir / c["file"]) for c in failed["chunks"]}
 
     # the retry (same arguments): continues after the last committed chunk
-    result = hook.extract(destination=str(out_dir), table=orders, where="pg_sleep(0.00005) IS NOT NULL",
-                          chunk_rows=1_500, **FAST)
+    result = hook.extract(
+        destination=str(out_dir), table=orders, where="pg_sleep(0.00005) IS NOT NULL", chunk_rows=1_500, **FAST
+    )
     assert result.resumed_from_chunk == len(failed["chunks"])
     assert result.run_id == failed["run_id"]
     assert output_rows(out_dir) == source_rows(admin, orders)
@@ -161,8 +169,9 @@ def test_task_retry_resumes_from_the_manifest(conn_id: str, admin: psycopg.Conne
     assert_nothing_left(admin)
 
 
-def test_a_complete_extraction_is_replaced_by_a_rerun(conn_id: str, admin: psycopg.Connection, orders: str,
-                                                      out_dir: Path) -> None:
+def test_a_complete_extraction_is_replaced_by_a_rerun(
+    conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path
+) -> None:
     hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
     first = hook.extract(destination=str(out_dir), table=orders, chunk_rows=5_000, **FAST)
     (out_dir / "part-000042.parquet").write_bytes(b"stray file from some crashed attempt")
@@ -190,18 +199,25 @@ def test_query_source_with_a_key_that_is_not_unique_fails_instead_of_losing_rows
 ) -> None:
     with pytest.raises(DataIntegrityError, match="not unique"):
         ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
-            destination=str(out_dir), sql=f"SELECT customer, note FROM {orders}", key_columns=["customer"],
-            chunk_rows=50, **FAST,
+            destination=str(out_dir),
+            sql=f"SELECT customer, note FROM {orders}",
+            key_columns=["customer"],
+            chunk_rows=50,
+            **FAST,
         )
     assert manifest_of(out_dir)["status"] == "failed"
     assert_nothing_left(admin)
 
 
-def test_query_source_with_unique_key_is_exact(conn_id: str, admin: psycopg.Connection, orders: str,
-                                               out_dir: Path) -> None:
+def test_query_source_with_unique_key_is_exact(
+    conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path
+) -> None:
     ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
-        destination=str(out_dir), sql=f"SELECT id * 2 AS k, note FROM {orders} WHERE customer = 3",
-        key_columns=["k"], chunk_rows=40, **FAST,
+        destination=str(out_dir),
+        sql=f"SELECT id * 2 AS k, note FROM {orders} WHERE customer = 3",
+        key_columns=["k"],
+        chunk_rows=40,
+        **FAST,
     )
     expected = [r[0] for r in admin.execute(f"SELECT id * 2 FROM {orders} WHERE customer = 3 ORDER BY 1")]
     assert read_output(out_dir).column("k").to_pylist() == expected
@@ -281,8 +297,9 @@ def test_iter_chunks_survives_a_killed_worker(conn_id: str, admin: psycopg.Conne
     assert_nothing_left(admin)
 
 
-def test_empty_table_gives_an_empty_typed_file(conn_id: str, admin: psycopg.Connection, schema: str,
-                                                out_dir: Path) -> None:
+def test_empty_table_gives_an_empty_typed_file(
+    conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
     admin.execute(f'CREATE TABLE "{schema}".empty (id int PRIMARY KEY, amount numeric(10,3), at timestamptz)')
     result = ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
         destination=str(out_dir), table=f"{schema}.empty", **FAST
@@ -293,8 +310,7 @@ def test_empty_table_gives_an_empty_typed_file(conn_id: str, admin: psycopg.Conn
     assert manifest_of(out_dir)["rows"] == 0
 
 
-def test_exact_multiple_of_chunk_rows_writes_no_empty_trailing_file(conn_id: str, orders: str,
-                                                                     out_dir: Path) -> None:
+def test_exact_multiple_of_chunk_rows_writes_no_empty_trailing_file(conn_id: str, orders: str, out_dir: Path) -> None:
     result = ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
         destination=str(out_dir), table=orders, chunk_rows=5_000, **FAST
     )
