@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -63,7 +64,7 @@ def test_full_extract_is_exact_and_the_manifest_records_every_chunk(
     assert len(chunks) == result.chunks == 7
     assert [c["file"] for c in chunks] == [f"part-{i:06d}.parquet" for i in range(7)]
     assert chunks[0]["first_key"] == [1] and chunks[-1]["last_key"] == [ROWS]
-    for previous, chunk in zip(chunks, chunks[1:], strict=False):
+    for previous, chunk in itertools.pairwise(chunks):
         assert chunk["first_key"][0] == previous["last_key"][0] + 1
     for chunk in chunks:
         assert chunk["bytes"] == os.path.getsize(out_dir / chunk["file"]) and chunk["seconds"] > 0
