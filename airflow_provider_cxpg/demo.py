@@ -158,8 +158,15 @@ def main(argv: list[str] | None = None) -> int:
 
             endpoint = ConnectorXPostgresHook(postgres_conn_id=args.conn_id).get_endpoint()
             os.environ["AIRFLOW_CONN_ORDERS_DB"] = json.dumps(
-                {"conn_type": "postgres", "host": endpoint.host, "port": endpoint.port, "login": endpoint.user,
-                 "password": endpoint.password, "schema": endpoint.dbname, "extra": dict(endpoint.params)}
+                {
+                    "conn_type": "postgres",
+                    "host": endpoint.host,
+                    "port": endpoint.port,
+                    "login": endpoint.user,
+                    "password": endpoint.password,
+                    "schema": endpoint.dbname,
+                    "extra": dict(endpoint.params),
+                }
             )
             dsn_for_setup = None
         else:
@@ -212,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  files     {len(manifest['files'])} Parquet files, {manifest['bytes'] / 1e6:.1f} MB")
         print(f"  where     {manifests[-1].parent}")
         print(f"  seconds   {elapsed:.1f} for the DAG run ({chunk_seconds:.1f} reading + writing chunks)")
-        print(f"  rows/s    {manifest['rows'] / elapsed:,.0f} end to end, {manifest['rows'] / chunk_seconds:,.0f} in chunks")
+        rows = manifest["rows"]
+        print(f"  rows/s    {rows / elapsed:,.0f} end to end, {rows / chunk_seconds:,.0f} in chunks")
         print(f"  query log {log_path}")
         return 0
     finally:

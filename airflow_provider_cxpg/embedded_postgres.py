@@ -206,8 +206,9 @@ class EmbeddedPostgres:
         The standby streams from this server over TCP (``primary_conninfo`` written by ``-R``) and
         serves read-only queries; stop it like any other :class:`EmbeddedPostgres`.
         """
-        replica = EmbeddedPostgres(password=self.password, user=self.user, database=self.database,
-                                   base_dir=self.base_dir, bindir=self.bindir)
+        replica = EmbeddedPostgres(
+            password=self.password, user=self.user, database=self.database, base_dir=self.base_dir, bindir=self.bindir
+        )
         replica.bindir = self.bindir
         replica._account = self._account
         root = Path(tempfile.mkdtemp(prefix="cxpg-pg-replica-", dir=self.base_dir))

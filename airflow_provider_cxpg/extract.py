@@ -1,9 +1,8 @@
-"""Keyset-chunked extraction under supervision: plan, read, commit, resume.
+"""Chunked extraction under supervision: plan, read, commit, resume.
 
-:class:`Extraction` copies a source to Parquet files with a manifest; :func:`iter_chunk_tables`
-yields the same chunks as ``pyarrow.Table`` objects in the caller's process. Both use
-:func:`_pipelined`, which asks the worker for chunk *k+1* as soon as chunk *k*'s last key is known,
-so the server reads the next page while the worker encodes the previous one.
+:class:`Extraction` copies a source (or one key range of it) to Parquet files with a manifest. The
+chunking itself lives in :mod:`.chunking`; in-process reads (``iter_chunks``, ``read_arrow``) in
+:mod:`.reads`.
 
 A dead worker (crash, kill, heartbeat loss) is replaced up to ``max_worker_restarts`` times; the new
 worker continues after the last committed chunk. Query errors and deadlines are not retried here:
@@ -13,43 +12,35 @@ they fail the task, and Airflow's retry resumes from the manifest.
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
-import shutil
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-
 from airflow_provider_cxpg.catalog import classify_control_error, describe_query
+from airflow_provider_cxpg.chunking import ChunkSizer, chunks_for, pipelined
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
 from airflow_provider_cxpg.destination import Destination
 from airflow_provider_cxpg.exceptions import CxpgError, ExtractionAborted, InvalidInputError, WorkerError
 from airflow_provider_cxpg.incremental import WatermarkSpec, Window, resolve_window
 from airflow_provider_cxpg.manifest import ChunkEntry, Manifest, chunk_file_name, fingerprint
 from airflow_provider_cxpg.monitor import ServerMonitor, WaitWatcher, connect
-from airflow_provider_cxpg.plan import ExtractPlan, SourceSpec, build_plan, build_read_plan, key_to_json
+from airflow_provider_cxpg.plan import ExtractPlan, SourceSpec, build_plan, key_to_json
 from airflow_provider_cxpg.querylog import QueryLog
+from airflow_provider_cxpg.snapshot import ExportedSnapshot, import_statements
 from airflow_provider_cxpg.supervisor import WorkerSession, WorkerSettings
-from airflow_provider_cxpg.worker.protocol import ChunkDone, ChunkRead, IpcSink, ParquetSink, ReadChunk
+from airflow_provider_cxpg.worker.protocol import ParquetSink
 
 __all__ = [
-    "ChunkSizer",
+    "DEFAULT_CHUNK_ROWS",
     "ExtractResult",
     "Extraction",
-    "iter_chunk_tables",
     "new_run_id",
-    "read_query_table",
     "run_application_name",
 ]
 
 DEFAULT_CHUNK_ROWS = 500_000
-_BYTES_PROBE_ROWS = 10_000
-_MIN_BYTES_CHUNK_ROWS = 1_000
 _COMPRESSIONS = {"zstd", "snappy", "gzip", "brotli", "lz4", "none"}
 
 
@@ -63,40 +54,6 @@ def run_application_name(run_id: str, prefix: str | None = None, worker: int | N
     if prefix:
         return f"{prefix[: 62 - len(suffix)]}-{suffix}"
     return suffix
-
-
-@dataclass
-class ChunkSizer:
-    """Rows for the next chunk: ``chunk_rows``, or sized from measured row width to ``chunk_bytes``.
-
-    :param chunk_rows: rows per chunk (the maximum when ``chunk_bytes`` is set).
-    :param chunk_bytes: target in-memory Arrow bytes per chunk; the first chunk probes the width.
-    """
-
-    chunk_rows: int
-    chunk_bytes: int | None = None
-    _rows: int = 0
-    _bytes: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, int) or self.chunk_rows <= 0:
-            raise InvalidInputError(f"chunk_rows must be a positive integer, got {self.chunk_rows!r}")
-        if self.chunk_bytes is not None and (
-            isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) or self.chunk_bytes <= 0
-        ):
-            raise InvalidInputError(f"chunk_bytes must be a positive integer or None, got {self.chunk_bytes!r}")
-
-    def observe(self, rows: int, arrow_bytes: int) -> None:
-        self._rows += rows
-        self._bytes += arrow_bytes
-
-    def next_rows(self) -> int:
-        if self.chunk_bytes is None:
-            return self.chunk_rows
-        if not self._rows:
-            return min(self.chunk_rows, _BYTES_PROBE_ROWS)
-        width = max(1.0, self._bytes / self._rows)
-        return max(_MIN_BYTES_CHUNK_ROWS, min(self.chunk_rows, int(self.chunk_bytes / width)))
 
 
 @dataclass
@@ -142,53 +99,6 @@ class ExtractResult:
         return data
 
 
-def _pipelined(
-    session: WorkerSession,
-    plan: ExtractPlan,
-    *,
-    after: Sequence[Any] | None,
-    upper: Sequence[Any] | None,
-    first_index: int,
-    sizer: ChunkSizer,
-    sink_for: Callable[[int], ParquetSink | IpcSink],
-    write_empty_first: bool,
-) -> Iterator[tuple[ChunkRead, ChunkDone]]:
-    """Yield each chunk once its file is committed, with the next chunk already being read."""
-
-    def submit(index: int, start: Sequence[Any] | None, limit: int, write_empty: bool) -> int:
-        peek = not plan.key_unique
-        request = ReadChunk(
-            query_id=session.next_query_id(),
-            chunk_index=index,
-            sql=plan.chunk_sql(start, limit + 1 if peek else limit, upper),
-            sink=sink_for(index),
-            schema=plan.schema,
-            key_fields=plan.key_names,
-            limit=limit,
-            peek_row=peek,
-            infinity_columns=plan.infinity_columns,
-            write_empty=write_empty,
-        )
-        session.submit(request)
-        return request.query_id
-
-    index, limit = first_index, sizer.next_rows()
-    query_id = submit(index, after, limit, write_empty_first)
-    while True:
-        read = session.wait_read(query_id)
-        sizer.observe(read.rows, read.arrow_bytes)
-        more = read.rows >= limit
-        if more:
-            assert read.last_key is not None
-            next_limit = sizer.next_rows()
-            next_query = submit(index + 1, read.last_key, next_limit, False)
-        done = session.wait_done(query_id)
-        yield read, done
-        if not more:
-            return
-        index, limit, query_id = index + 1, next_limit, next_query
-
-
 class Extraction:
     """Copy one source (or one key range of it) to Parquet files plus a manifest.
 
@@ -206,6 +116,9 @@ class Extraction:
     :param watermark: read only an incremental window (see :mod:`.incremental`); a resumed run
         reuses the window its manifest recorded.
     :param resume: continue a matching unfinished manifest at the destination (default True).
+    :param snapshot: read every chunk from one exported snapshot (a point-in-time copy, see
+        :mod:`.snapshot`): True exports one for this run; a string imports an existing snapshot id
+        (parallel workers share their parent's).
     :param querylog: event sink; a default one is created.
     :param application_name_prefix: kept in front of the run's unique application name.
     """
@@ -227,6 +140,7 @@ class Extraction:
         upper: Sequence[Any] | None = None,
         watermark: WatermarkSpec | None = None,
         resume: bool = True,
+        snapshot: bool | str = False,
         run_id: str | None = None,
         querylog: QueryLog | None = None,
         application_name_prefix: str | None = None,
@@ -252,6 +166,8 @@ class Extraction:
         self.watermark = watermark
         self.window: Window | None = None
         self.resume = resume
+        self.snapshot = snapshot
+        self.snapshot_id: str | None = snapshot if isinstance(snapshot, str) else None
         self.run_id = run_id or new_run_id()
         self.redactor = Redactor(endpoint.secrets())
         self.log = querylog or QueryLog(self.run_id, redactor=self.redactor)
@@ -279,7 +195,7 @@ class Extraction:
             session.stop(reason=reason, fresh_monitor=True)
 
     @contextlib.contextmanager
-    def _control(self, purpose: str) -> Iterator[Any]:
+    def control_connection(self, purpose: str) -> Iterator[Any]:
         """A control connection for the parent's own queries, bounded by ``query_timeout``.
 
         While it is open a thread reports lock waits of its backend; server errors on it become
@@ -306,6 +222,9 @@ class Extraction:
         )
         conn = connect(endpoint, statement_timeout_ms=limit_ms)
         try:
+            if self.snapshot_id:  # the window's end and the plan see what every chunk will see
+                for statement in import_statements(self.snapshot_id):
+                    conn.execute(statement)
             with watcher:
                 try:
                     yield conn
@@ -320,7 +239,7 @@ class Extraction:
 
     def build_plan(self) -> ExtractPlan:
         """Validate the source against the server; raise before any data moves."""
-        with self._control("plan") as conn:
+        with self.control_connection("plan") as conn:
             plan = build_plan(conn, self.spec).with_filters(*self.extra_filters)
         for note in plan.notes:
             self.log.emit("job.plan", note=note)
@@ -329,7 +248,7 @@ class Extraction:
 
     def _windowed(self, plan: ExtractPlan, recorded: dict[str, Any] | None) -> ExtractPlan:
         """Fix the incremental window (or reuse ``recorded``) and check one full chunk statement."""
-        with self._control("plan") as conn:
+        with self.control_connection("plan") as conn:
             if self.watermark is not None:
                 spec = self.watermark
                 if recorded is not None:
@@ -345,7 +264,8 @@ class Extraction:
                 )
             # Describe (never run) one complete chunk statement: window filters and key bounds are
             # checked by the server here, before any worker starts.
-            describe_query(conn, plan.chunk_sql(self.lower, 0, self.upper))
+            probe = plan.page_sql(0, 0) if plan.pages is not None else plan.chunk_sql(self.lower, 0, self.upper)
+            describe_query(conn, probe)
         return plan
 
     def fingerprint(self, plan: ExtractPlan) -> str:
@@ -373,6 +293,14 @@ class Extraction:
             destination=self.destination.url,
             chunk_rows=self.sizer.chunk_rows,
         )
+        with contextlib.ExitStack() as stack:
+            if self.snapshot is True:
+                holder = stack.enter_context(ExportedSnapshot(self.endpoint, f"{self.application_name}-snap"))
+                self.snapshot_id = holder.id
+                self.log.emit("job.plan", snapshot=holder.id, note="all chunks read from one exported snapshot")
+            return self._run(started, job_deadline)
+
+    def _run(self, started: float, job_deadline: float | None) -> ExtractResult:
         plan = self.plan or self.build_plan()
         manifest, resumed_from = self._open_manifest(plan)
         try:
@@ -487,7 +415,8 @@ class Extraction:
         manifest.save(self.destination)
         return manifest, None
 
-    def _run_session(self, plan: ExtractPlan, manifest: Manifest, job_deadline: float | None) -> None:
+    def new_session(self, job_deadline: float | None) -> WorkerSession:
+        """A worker session for this run (its application name, deadlines, snapshot)."""
         session = WorkerSession(
             self.session_endpoint(),
             self.settings,
@@ -497,16 +426,22 @@ class Extraction:
             worker_index=self.worker_index,
             job_deadline=job_deadline,
             abort_check=lambda: self._aborted,
+            pre_execution=import_statements(self.snapshot_id) if self.snapshot_id else (),
         )
         self._session = session
+        return session
+
+    def _run_session(self, plan: ExtractPlan, manifest: Manifest, job_deadline: float | None) -> None:
+        if manifest.chunks and plan.pages is not None and manifest.chunks[-1].last_key == [None]:
+            return  # the open-ended last page range is committed: nothing is left to read
+        session = self.new_session(job_deadline)
         try:
             with session:
-                after = manifest.last_key if manifest.chunks else self.lower
-                chunks = _pipelined(
+                after = manifest.chunks[-1].last_key if manifest.chunks else self.lower
+                for query, read, done in pipelined(
                     session,
                     plan,
-                    after=after,
-                    upper=self.upper,
+                    chunks_for(plan, self.sizer, after, self.upper),
                     first_index=manifest.next_index,
                     sizer=self.sizer,
                     sink_for=lambda index: ParquetSink(
@@ -516,17 +451,17 @@ class Extraction:
                         row_group_rows=self.row_group_rows,
                     ),
                     write_empty_first=not manifest.chunks,
-                )
-                for read, done in chunks:
+                ):
                     if not done.location:
                         continue  # an empty page after a full one: nothing to commit
+                    paged = plan.pages is not None
                     entry = ChunkEntry(
                         index=read.chunk_index,
                         file=chunk_file_name(read.chunk_index),
                         rows=done.rows,
                         bytes=done.bytes,
-                        first_key=key_to_json(read.first_key),
-                        last_key=key_to_json(read.last_key),
+                        first_key=query.start if paged else key_to_json(read.first_key),
+                        last_key=query.end if paged else key_to_json(read.last_key),
                         seconds=round(read.read_seconds + done.write_seconds, 4),
                     )
                     manifest.chunks.append(entry)
@@ -546,152 +481,3 @@ class Extraction:
                     )
         finally:
             self._session = None
-
-
-def iter_chunk_tables(
-    *,
-    endpoint: PostgresEndpoint,
-    spec: SourceSpec,
-    settings: WorkerSettings | None = None,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    chunk_bytes: int | None = None,
-    max_worker_restarts: int = 2,
-    extra_filters: Sequence[str] = (),
-    lower: Sequence[Any] | None = None,
-    upper: Sequence[Any] | None = None,
-    querylog: QueryLog | None = None,
-    application_name_prefix: str | None = None,
-    spool_dir: str | None = None,
-) -> Iterator[pa.Table]:
-    """Yield each chunk as a ``pyarrow.Table`` in this process, read by a supervised worker.
-
-    Chunks travel as Arrow IPC files in a private spool directory and are memory-mapped here (no
-    copy through the pipe); each file is unlinked as soon as it is mapped. While you process chunk
-    *k*, the worker already reads chunk *k+1*. Closing the generator early stops the worker.
-    """
-    extraction = Extraction(
-        endpoint=endpoint,
-        spec=spec,
-        destination=Destination(tempfile.gettempdir()),  # unused: no files are committed
-        settings=settings,
-        chunk_rows=chunk_rows,
-        chunk_bytes=chunk_bytes,
-        max_worker_restarts=max_worker_restarts,
-        extra_filters=extra_filters,
-        lower=lower,
-        upper=upper,
-        querylog=querylog,
-        application_name_prefix=application_name_prefix,
-    )
-    started = time.monotonic()
-    settings = extraction.settings
-    job_deadline = started + settings.job_timeout if settings.job_timeout else None
-    plan = extraction.build_plan()
-    spool = tempfile.mkdtemp(prefix="cxpg-spool-", dir=spool_dir)
-    os.chmod(spool, 0o700)
-    extraction.log.emit("job.start", source=spec.table or "sql", destination="iter_chunks", chunk_rows=chunk_rows)
-    after: Sequence[Any] | None = lower
-    index = rows = restarts = 0
-    try:
-        while True:
-            session = WorkerSession(
-                extraction.session_endpoint(),
-                settings,
-                extraction.log,
-                application_name=extraction.application_name,
-                redactor=extraction.redactor,
-                job_deadline=job_deadline,
-            )
-            try:
-                with session:
-                    for read, done in _pipelined(
-                        session,
-                        plan,
-                        after=after,
-                        upper=upper,
-                        first_index=index,
-                        sizer=extraction.sizer,
-                        sink_for=lambda i: IpcSink(os.path.join(spool, f"chunk-{i:06d}-{secrets.token_hex(3)}.arrow")),
-                        write_empty_first=index == 0,
-                    ):
-                        index = read.chunk_index + 1
-                        if not done.location:
-                            continue
-                        table = _map_ipc(done.location)
-                        after = read.last_key if read.last_key is not None else after
-                        rows += table.num_rows
-                        yield table
-                break
-            except WorkerError as exc:
-                if restarts >= max_worker_restarts:
-                    raise
-                restarts += 1
-                extraction.log.emit(
-                    "worker.restart",
-                    attempt=restarts,
-                    max_worker_restarts=max_worker_restarts,
-                    after_chunk=index - 1,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-        extraction.log.emit(
-            "job.done",
-            rows=rows,
-            chunks=index,
-            seconds=time.monotonic() - started,
-            worker_restarts=restarts,
-            destination="iter_chunks",
-        )
-    finally:
-        shutil.rmtree(spool, ignore_errors=True)
-
-
-def read_query_table(
-    *,
-    endpoint: PostgresEndpoint,
-    sql: str,
-    settings: WorkerSettings | None = None,
-    column_casts: dict[str, str] | None = None,
-    querylog: QueryLog | None = None,
-    application_name_prefix: str | None = None,
-) -> pa.Table:
-    """Run one query in a supervised worker and return the whole result here (no chunking)."""
-    extraction = Extraction(
-        endpoint=endpoint,
-        spec=SourceSpec(sql=sql, column_casts=dict(column_casts or {})),
-        destination=Destination(tempfile.gettempdir()),  # unused: nothing is committed
-        settings=settings,
-        querylog=querylog,
-        application_name_prefix=application_name_prefix,
-    )
-    with extraction._control("plan") as conn:
-        plan = build_read_plan(conn, sql, column_casts)
-    spool = tempfile.mkdtemp(prefix="cxpg-spool-")
-    os.chmod(spool, 0o700)
-    try:
-        with WorkerSession(
-            extraction.session_endpoint(),
-            extraction.settings,
-            extraction.log,
-            application_name=extraction.application_name,
-            redactor=extraction.redactor,
-        ) as session:
-            _, done = session.run(
-                ReadChunk(
-                    query_id=session.next_query_id(),
-                    chunk_index=0,
-                    sql=plan.chunk_sql(None, None),
-                    sink=IpcSink(os.path.join(spool, "result.arrow")),
-                    schema=plan.schema,
-                    infinity_columns=plan.infinity_columns,
-                )
-            )
-            return _map_ipc(done.location)
-    finally:
-        shutil.rmtree(spool, ignore_errors=True)
-
-
-def _map_ipc(path: str) -> pa.Table:
-    # Not closed here: the table's buffers point into the mapping, which lives as long as they do.
-    table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
-    os.unlink(path)  # the mapping keeps the pages; the name is no longer needed
-    return table

@@ -14,7 +14,7 @@ they are, and rows are neither skipped nor repeated when the key is unique.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -27,6 +27,8 @@ from airflow_provider_cxpg.sql import literal, parse_qualified_name, quote_ident
 __all__ = ["ExtractPlan", "KeyColumn", "SourceSpec", "build_plan", "build_read_plan", "key_to_json"]
 
 SOURCE_ALIAS = quote_ident("_cxpg_src")
+#: ``key_columns=["ctid"]`` asks for heap page-range chunks instead of keyset pages.
+CTID = "ctid"
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ class ExtractPlan:
 
     :param key_unique: proven unique by the catalog (a primary key or unique index); otherwise every
         chunk peeks one row past its end to detect a duplicate key at the boundary.
+    :param pages: for ``key_columns=["ctid"]``: heap pages at planning time (chunks are page ranges).
+    :param rows_per_page: for page chunks: the estimate that turns ``chunk_rows`` into pages.
     """
 
     source: SourceSpec
@@ -98,6 +102,8 @@ class ExtractPlan:
     filters: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     table: TableInfo | None = None
+    pages: int | None = None
+    rows_per_page: float | None = None
 
     @property
     def schema(self) -> pa.Schema:
@@ -114,17 +120,7 @@ class ExtractPlan:
         )
 
     def with_filters(self, *filters: str) -> ExtractPlan:
-        return ExtractPlan(
-            source=self.source,
-            from_clause=self.from_clause,
-            columns=self.columns,
-            select_exprs=self.select_exprs,
-            key=self.key,
-            key_unique=self.key_unique,
-            filters=self.filters + tuple(f for f in filters if f),
-            notes=self.notes,
-            table=self.table,
-        )
+        return replace(self, filters=self.filters + tuple(f for f in filters if f))
 
     def key_literals(self, values: Sequence[Any]) -> list[str]:
         return [literal(v, k.sql_type) for v, k in zip(values, self.key, strict=True)]
@@ -156,6 +152,14 @@ class ExtractPlan:
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return sql
+
+    def page_sql(self, first_page: int, end_page: int | None) -> str:
+        """The statement for heap pages ``[first_page, end_page)`` (open-ended when None)."""
+        conditions = [f"({f})" for f in self.filters]
+        conditions.append(f"{SOURCE_ALIAS}.ctid >= '({int(first_page)},0)'::tid")
+        if end_page is not None:
+            conditions.append(f"{SOURCE_ALIAS}.ctid < '({int(end_page)},0)'::tid")
+        return f"SELECT {', '.join(self.select_exprs)} FROM {self.from_clause} WHERE " + " AND ".join(conditions)
 
     def count_sql(self) -> str:
         conditions = [f"({f})" for f in self.filters]
@@ -292,6 +296,46 @@ def build_read_plan(conn: Any, sql: str, column_casts: Mapping[str, str] | None 
     )
 
 
+def _page_plan(conn: Any, spec: SourceSpec, from_clause: str, names: list[str], table: TableInfo | None) -> ExtractPlan:
+    """A plan chunked by heap page ranges (``key_columns=["ctid"]``): for tables with no usable key."""
+    if table is None or table.kind not in {"table", "materialized view"}:
+        raise InvalidKeyError(
+            "key_columns=['ctid'] (page-range chunks) needs a plain table or materialized view `table` source"
+        )
+    wanted = list(spec.columns) if spec.columns else names
+    for name in wanted:
+        if name not in names:
+            raise SourceNotFoundError(f"column {name!r} does not exist in the source (columns: {', '.join(names)})")
+    filters = (spec.where,) if spec.where and spec.where.strip() else ()
+    columns, select_exprs = _plan_select(conn, spec, from_clause, wanted, filters)
+    pages, reltuples, relpages = conn.execute(
+        "SELECT pg_relation_size(c.oid) / current_setting('block_size')::int, c.reltuples, c.relpages "
+        "FROM pg_class c WHERE c.oid = to_regclass(%s)",
+        (table.qualified_name,),
+    ).fetchone()
+    if reltuples is not None and reltuples > 0 and relpages:
+        per_page = float(reltuples) / float(relpages)
+    else:  # never analysed: count the first pages
+        sample = min(int(pages), 64) or 1
+        counted = conn.execute(
+            f"SELECT count(*) FROM {from_clause} WHERE {SOURCE_ALIAS}.ctid < '({sample},0)'::tid"
+        ).fetchone()[0]
+        per_page = max(1.0, counted / sample)
+    return ExtractPlan(
+        source=spec,
+        from_clause=from_clause,
+        columns=tuple(columns),
+        select_exprs=tuple(select_exprs),
+        key=(),
+        key_unique=True,
+        filters=filters,
+        notes=(f"page-range chunks over {pages} heap pages (~{per_page:.0f} rows/page)",),
+        table=table,
+        pages=int(pages),
+        rows_per_page=per_page,
+    )
+
+
 def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
     """Validate ``spec`` against the server and return the plan (no data is read).
 
@@ -303,6 +347,8 @@ def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise InvalidInputError(f"the source returns duplicate column names {dupes}: alias them")
     by_name = {c.name: c for c in source_cols}
+    if spec.key_columns == (CTID,):
+        return _page_plan(conn, spec, from_clause, names, table)
     key_names, key_unique, notes = _choose_key(spec, by_name, table)
 
     for name in key_names:

@@ -182,6 +182,9 @@ class WorkerSession:
     :param application_name: the run's unique name (finds its backends in ``pg_stat_activity``).
     :param redactor: scrubs secrets from worker output.
     :param worker_index: labels events when several workers run at once.
+    :param job_deadline: ``time.monotonic()`` value after which the job has run too long.
+    :param abort_check: returns a reason when the run was aborted (``on_kill``).
+    :param pre_execution: statements each data connection runs before its query.
     """
 
     def __init__(
@@ -195,6 +198,7 @@ class WorkerSession:
         worker_index: int = 0,
         job_deadline: float | None = None,
         abort_check: Callable[[], str | None] | None = None,
+        pre_execution: tuple[str, ...] = (),
     ) -> None:
         self.endpoint = endpoint
         self.settings = settings
@@ -203,6 +207,7 @@ class WorkerSession:
         self.redact = redactor
         self.worker_index = worker_index
         self.job_deadline = job_deadline
+        self.pre_execution = tuple(pre_execution)
         self._abort_check = abort_check or (lambda: None)
         self.monitor = ServerMonitor(endpoint, application_name, redactor)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -264,7 +269,7 @@ class WorkerSession:
             raise WorkerStartError(f"cannot start the worker ({sys.executable}): {exc}") from exc
         self.pid = self.proc.pid
         assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
-        self._writer = FrameWriter(self.proc.stdin.fileno())
+        self._writer = FrameWriter(self.proc.stdin.fileno(), owns_fd=False)
         self._last_heard = time.monotonic()
         self._spawn_thread(self._read_channel, self.proc.stdout, "cxpg-channel")
         self._spawn_thread(self._read_stderr, self.proc.stderr, "cxpg-stderr")
@@ -294,6 +299,7 @@ class WorkerSession:
                 protocol=self.settings.protocol,
                 heartbeat_interval=self.settings.heartbeat_interval,
                 secrets=tuple(self.endpoint.secrets()),
+                pre_execution=self.pre_execution,
             )
         )
 
@@ -384,7 +390,7 @@ class WorkerSession:
         for thread in self._threads:
             thread.join(timeout=2.0)
         if self.proc is not None:
-            for stream in (self.proc.stdout, self.proc.stderr):
+            for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
                 with contextlib.suppress(Exception):
                     if stream is not None:
                         stream.close()

@@ -12,17 +12,11 @@ from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow_provider_cxpg.conninfo import FORWARDED_PARAMS, PostgresEndpoint
 from airflow_provider_cxpg.destination import Destination
 from airflow_provider_cxpg.exceptions import ConnectionConfigError
-from airflow_provider_cxpg.extract import (
-    DEFAULT_CHUNK_ROWS,
-    Extraction,
-    ExtractResult,
-    iter_chunk_tables,
-    new_run_id,
-    read_query_table,
-)
+from airflow_provider_cxpg.extract import DEFAULT_CHUNK_ROWS, Extraction, ExtractResult, new_run_id
 from airflow_provider_cxpg.incremental import WatermarkSpec
 from airflow_provider_cxpg.plan import SourceSpec
 from airflow_provider_cxpg.querylog import QueryLog
+from airflow_provider_cxpg.reads import iter_chunk_tables, read_query_table
 from airflow_provider_cxpg.supervisor import WorkerSettings
 
 __all__ = ["ConnectorXPostgresHook"]
@@ -177,6 +171,7 @@ class ConnectorXPostgresHook(PostgresHook):
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 20.0,
         max_worker_restarts: int = 2,
+        snapshot: bool = False,
         query_log_path: str | None = None,
         **settings: Any,
     ) -> Iterator[pa.Table]:
@@ -198,6 +193,7 @@ class ConnectorXPostgresHook(PostgresHook):
         :param heartbeat_interval: seconds between worker heartbeats.
         :param heartbeat_timeout: declare the worker dead after this many silent seconds.
         :param max_worker_restarts: replace a dead worker this many times.
+        :param snapshot: read every chunk from one exported snapshot (a point-in-time view).
         :param query_log_path: also write the structured query log as JSON lines here.
         """
         spec = SourceSpec(
@@ -223,6 +219,7 @@ class ConnectorXPostgresHook(PostgresHook):
             chunk_rows=chunk_rows,
             chunk_bytes=chunk_bytes,
             max_worker_restarts=max_worker_restarts,
+            snapshot=snapshot,
             querylog=QueryLog(new_run_id(), logger=self.log, jsonl_path=query_log_path),
             application_name_prefix=endpoint.application_name,
         )
@@ -280,6 +277,7 @@ class ConnectorXPostgresHook(PostgresHook):
         upper: Sequence[Any] | None = None,
         watermark: WatermarkSpec | None = None,
         resume: bool = True,
+        snapshot: bool | str = False,
         run_id: str | None = None,
         query_log_path: str | None = None,
         **settings: Any,
@@ -307,6 +305,7 @@ class ConnectorXPostgresHook(PostgresHook):
             upper=upper,
             watermark=watermark,
             resume=resume,
+            snapshot=snapshot,
             run_id=run_id,
             query_log_path=query_log_path,
             **settings,
@@ -336,6 +335,7 @@ class ConnectorXPostgresHook(PostgresHook):
         upper: Sequence[Any] | None = None,
         watermark: WatermarkSpec | None = None,
         resume: bool = True,
+        snapshot: bool | str = False,
         run_id: str | None = None,
         query_log_path: str | None = None,
         querylog: QueryLog | None = None,
@@ -374,6 +374,7 @@ class ConnectorXPostgresHook(PostgresHook):
             upper=upper,
             watermark=watermark,
             resume=resume,
+            snapshot=snapshot,
             run_id=run_id,
             querylog=log,
             application_name_prefix=endpoint.application_name,

@@ -116,7 +116,9 @@ def _check(table: pa.Table, request: ReadChunk) -> None:
                 )
 
 
-def read_chunk(request: ReadChunk, uri: str, protocol: str) -> tuple[pa.Table, ChunkRead]:
+def read_chunk(
+    request: ReadChunk, uri: str, protocol: str, pre_execution: tuple[str, ...] = ()
+) -> tuple[pa.Table, ChunkRead]:
     """Run the query (connectorx releases the GIL throughout) and check the rows.
 
     ``return_type="arrow"`` rather than ``arrow_stream``: measured, iterating a stream holds the GIL
@@ -126,7 +128,9 @@ def read_chunk(request: ReadChunk, uri: str, protocol: str) -> tuple[pa.Table, C
     import connectorx as cx
 
     t0 = time.monotonic()
-    table = cx.read_sql(uri, request.sql, return_type="arrow", protocol=protocol)
+    table = cx.read_sql(
+        uri, request.sql, return_type="arrow", protocol=protocol, pre_execution_query=list(pre_execution) or None
+    )
     read_seconds = time.monotonic() - t0
     if table.schema != request.schema:
         # connectorx returns no columns at all for some empty results: use the planned schema

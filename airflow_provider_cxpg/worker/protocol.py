@@ -63,12 +63,15 @@ class Configure:
     :param protocol: connectorx transfer protocol (``binary`` or ``cursor``).
     :param heartbeat_interval: seconds between heartbeats.
     :param secrets: strings the worker must scrub from anything it reports.
+    :param pre_execution: statements run on each data connection before the query (connectorx
+        ``pre_execution_query``), e.g. importing the run's exported snapshot.
     """
 
     endpoint: PostgresEndpoint
     protocol: str = "binary"
     heartbeat_interval: float = 1.0
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    pre_execution: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -214,24 +217,37 @@ Message = Configure | ReadChunk | Shutdown | Ready | Heartbeat | QueryStarted | 
 
 
 class FrameWriter:
-    """Write pickled frames to a file descriptor; safe to share between threads."""
+    """Write pickled frames to a file descriptor; safe to share between threads.
 
-    def __init__(self, fd: int) -> None:
+    :param owns_fd: close the descriptor on :meth:`close`. The parent passes False: its descriptor
+        belongs to ``Popen.stdin``, and closing it twice could close a reused descriptor number.
+    """
+
+    def __init__(self, fd: int, *, owns_fd: bool = True) -> None:
         self._fd = fd
+        self._owns_fd = owns_fd
+        self._closed = False
         self._lock = threading.Lock()
 
     def send(self, message: object) -> None:
         payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         data = _HEADER.pack(len(payload)) + payload
         with self._lock:
+            if self._closed:
+                raise BrokenPipeError("the channel is closed")
             view = memoryview(data)
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
 
     def close(self) -> None:
-        with self._lock, contextlib.suppress(OSError):
-            os.close(self._fd)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._owns_fd:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
 
 
 class FrameReader:

@@ -135,7 +135,7 @@ def main() -> None:
         if message is None or isinstance(message, Shutdown):
             break
         if isinstance(message, ReadChunk):
-            _serve(message, uri, config.protocol, state, writer, background, redact)
+            _serve(message, uri, config, state, writer, background, redact)
     background.wait()
     writer.close()
     # os._exit: skip interpreter teardown; connectorx's native threads have nothing left to do.
@@ -145,7 +145,7 @@ def main() -> None:
 def _serve(
     request: ReadChunk,
     uri: str,
-    protocol: str,
+    config: Configure,
     state: ChunkState,
     writer: FrameWriter,
     background: _BackgroundWriter,
@@ -154,7 +154,7 @@ def _serve(
     state.query_id = request.query_id
     writer.send(QueryStarted(query_id=request.query_id, chunk_index=request.chunk_index))
     try:
-        table, info = read_chunk(request, uri, protocol)
+        table, info = read_chunk(request, uri, config.protocol, config.pre_execution)
     except BaseException as exc:  # noqa: BLE001  PanicException is a BaseException
         error = classify(exc, redact)
         writer.send(Failed(query_id=request.query_id, error=error, traceback=redact(traceback.format_exc())))

@@ -1,0 +1,196 @@
+"""Which query reads the next chunk, and the pipeline that keeps the worker busy.
+
+Two ways to cut a source into chunks:
+
+* :class:`KeysetChunks` (the default): ``WHERE key > <last key> ORDER BY key LIMIT n``. Chunk *k+1*
+  is known as soon as chunk *k*'s last key is, never by ``OFFSET``.
+* :class:`PageChunks` (``key_columns=["ctid"]``, for tables with no usable key): heap page ranges,
+  ``ctid >= '(a,0)' AND ctid < '(b,0)'``, read by TID range scans (PostgreSQL 14+). Exact while the
+  table is not updated during the run (an UPDATE moves a row to another page); use
+  ``snapshot=True`` for a point-in-time copy.
+
+:func:`pipelined` submits chunk *k+1* to the worker as soon as chunk *k*'s rows are in (its key is
+then known), so the server reads the next page while the worker encodes the previous one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from airflow_provider_cxpg.exceptions import InvalidInputError
+from airflow_provider_cxpg.plan import ExtractPlan
+from airflow_provider_cxpg.supervisor import WorkerSession
+from airflow_provider_cxpg.worker.protocol import ChunkDone, ChunkRead, IpcSink, ParquetSink, ReadChunk
+
+__all__ = ["ChunkQuery", "ChunkSizer", "KeysetChunks", "PageChunks", "chunks_for", "pipelined"]
+
+_BYTES_PROBE_ROWS = 10_000
+_MIN_BYTES_CHUNK_ROWS = 1_000
+
+
+@dataclass
+class ChunkSizer:
+    """Rows for the next chunk: ``chunk_rows``, or sized from measured row width to ``chunk_bytes``.
+
+    :param chunk_rows: rows per chunk (the maximum when ``chunk_bytes`` is set).
+    :param chunk_bytes: target in-memory Arrow bytes per chunk; the first chunk probes the width.
+    """
+
+    chunk_rows: int
+    chunk_bytes: int | None = None
+    _rows: int = 0
+    _bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, int) or self.chunk_rows <= 0:
+            raise InvalidInputError(f"chunk_rows must be a positive integer, got {self.chunk_rows!r}")
+        if self.chunk_bytes is not None and (
+            isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) or self.chunk_bytes <= 0
+        ):
+            raise InvalidInputError(f"chunk_bytes must be a positive integer or None, got {self.chunk_bytes!r}")
+
+    def observe(self, rows: int, arrow_bytes: int) -> None:
+        self._rows += rows
+        self._bytes += arrow_bytes
+
+    def next_rows(self) -> int:
+        if self.chunk_bytes is None:
+            return self.chunk_rows
+        if not self._rows:
+            return min(self.chunk_rows, _BYTES_PROBE_ROWS)
+        width = max(1.0, self._bytes / self._rows)
+        return max(_MIN_BYTES_CHUNK_ROWS, min(self.chunk_rows, int(self.chunk_bytes / width)))
+
+
+@dataclass(frozen=True)
+class ChunkQuery:
+    """One chunk's statement and where it starts and ends (for the manifest and resume)."""
+
+    sql: str
+    limit: int | None
+    peek: bool
+    start: list[Any] | None = None
+    end: list[Any] | None = None
+
+
+class Chunks(Protocol):
+    def first(self) -> ChunkQuery: ...
+
+    def next(self, query: ChunkQuery, read: ChunkRead) -> ChunkQuery | None:
+        """The query after ``query`` (which returned ``read``), or None when the source is done."""
+        ...
+
+
+class KeysetChunks:
+    """``WHERE key > last ORDER BY key LIMIT n`` within ``(after, upper]``."""
+
+    def __init__(
+        self, plan: ExtractPlan, sizer: ChunkSizer, after: Sequence[Any] | None, upper: Sequence[Any] | None
+    ) -> None:
+        self.plan, self.sizer, self.after, self.upper = plan, sizer, after, upper
+
+    def _query(self, after: Sequence[Any] | None) -> ChunkQuery:
+        limit = self.sizer.next_rows()
+        peek = not self.plan.key_unique
+        sql = self.plan.chunk_sql(after, limit + 1 if peek else limit, self.upper)
+        return ChunkQuery(sql=sql, limit=limit, peek=peek)
+
+    def first(self) -> ChunkQuery:
+        return self._query(self.after)
+
+    def next(self, query: ChunkQuery, read: ChunkRead) -> ChunkQuery | None:
+        if query.limit is None or read.rows < query.limit:
+            return None
+        assert read.last_key is not None
+        return self._query(read.last_key)
+
+
+class PageChunks:
+    """Heap page ranges ``[a, b)`` from ``start_page`` to ``end_page`` (None: to the end of the table).
+
+    Pages appended while the run reads are covered: past the pages counted at planning, the last
+    chunk is open-ended.
+    """
+
+    def __init__(self, plan: ExtractPlan, sizer: ChunkSizer, start_page: int, end_page: int | None) -> None:
+        assert plan.pages is not None
+        self.plan, self.sizer = plan, sizer
+        self.start_page, self.end_page = int(start_page), None if end_page is None else int(end_page)
+
+    def _query(self, first_page: int) -> ChunkQuery:
+        per_page = max(self.plan.rows_per_page or 1.0, 1.0)
+        span = max(1, int(self.sizer.next_rows() / per_page))
+        last = first_page + span
+        limit_page = self.end_page if self.end_page is not None else None
+        if limit_page is not None:
+            last = min(last, limit_page)
+        elif first_page >= (self.plan.pages or 0):
+            last = None  # past the planned end of the heap: everything that follows
+        sql = self.plan.page_sql(first_page, last)
+        return ChunkQuery(sql=sql, limit=None, peek=False, start=[first_page], end=[last])
+
+    def first(self) -> ChunkQuery:
+        return self._query(self.start_page)
+
+    def next(self, query: ChunkQuery, read: ChunkRead) -> ChunkQuery | None:
+        assert query.end is not None
+        end = query.end[0]
+        if end is None or (self.end_page is not None and end >= self.end_page):
+            return None
+        return self._query(end)
+
+
+def chunks_for(
+    plan: ExtractPlan, sizer: ChunkSizer, after: Sequence[Any] | None, upper: Sequence[Any] | None
+) -> Chunks:
+    """The chunking that fits ``plan``: page ranges for ``ctid`` plans, keyset otherwise."""
+    if plan.pages is not None:
+        start = int(after[0]) if after else 0
+        end = int(upper[0]) if upper else None
+        return PageChunks(plan, sizer, start, end)
+    return KeysetChunks(plan, sizer, after, upper)
+
+
+def pipelined(
+    session: WorkerSession,
+    plan: ExtractPlan,
+    chunks: Chunks,
+    *,
+    first_index: int,
+    sizer: ChunkSizer,
+    sink_for: Callable[[int], ParquetSink | IpcSink],
+    write_empty_first: bool,
+) -> Iterator[tuple[ChunkQuery, ChunkRead, ChunkDone]]:
+    """Yield each chunk once its file is committed, with the next chunk already being read."""
+
+    def submit(index: int, query: ChunkQuery, write_empty: bool) -> int:
+        request = ReadChunk(
+            query_id=session.next_query_id(),
+            chunk_index=index,
+            sql=query.sql,
+            sink=sink_for(index),
+            schema=plan.schema,
+            key_fields=plan.key_names,
+            limit=query.limit,
+            peek_row=query.peek,
+            infinity_columns=plan.infinity_columns,
+            write_empty=write_empty,
+        )
+        session.submit(request)
+        return request.query_id
+
+    index, query = first_index, chunks.first()
+    query_id = submit(index, query, write_empty_first)
+    while True:
+        read = session.wait_read(query_id)
+        sizer.observe(read.rows, read.arrow_bytes)
+        following = chunks.next(query, read)
+        if following is not None:
+            next_id = submit(index + 1, following, False)
+        done = session.wait_done(query_id)
+        yield query, read, done
+        if following is None:
+            return
+        index, query, query_id = index + 1, following, next_id

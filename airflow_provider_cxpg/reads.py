@@ -1,0 +1,194 @@
+"""Reads into the caller's process: chunks as ``pyarrow.Table`` (``iter_chunks``) or one query.
+
+The worker writes each chunk as an Arrow IPC file in a private spool directory (mode 0700); the
+parent memory-maps it, so the rows never travel through the pipe and are not copied. Each file is
+unlinked as soon as it is mapped; the mapping lives as long as the table's buffers do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from airflow_provider_cxpg.chunking import chunks_for, pipelined
+from airflow_provider_cxpg.conninfo import PostgresEndpoint
+from airflow_provider_cxpg.destination import Destination
+from airflow_provider_cxpg.exceptions import WorkerError
+from airflow_provider_cxpg.extract import DEFAULT_CHUNK_ROWS, Extraction
+from airflow_provider_cxpg.plan import SourceSpec, build_read_plan
+from airflow_provider_cxpg.querylog import QueryLog
+from airflow_provider_cxpg.supervisor import WorkerSettings
+from airflow_provider_cxpg.worker.protocol import IpcSink, ReadChunk
+
+__all__ = ["iter_chunk_tables", "map_ipc", "read_query_table"]
+
+
+def map_ipc(path: str) -> pa.Table:
+    """Memory-map an Arrow IPC file as a table and unlink its name."""
+    # Not closed here: the table's buffers point into the mapping, which lives as long as they do.
+    table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+    os.unlink(path)
+    return table
+
+
+def _spool(spool_dir: str | None) -> str:
+    spool = tempfile.mkdtemp(prefix="cxpg-spool-", dir=spool_dir)
+    os.chmod(spool, 0o700)
+    return spool
+
+
+def _extraction(endpoint: PostgresEndpoint, spec: SourceSpec, **kwargs: Any) -> Extraction:
+    # An Extraction gives planning, sessions and logs; its destination is never written.
+    return Extraction(endpoint=endpoint, spec=spec, destination=Destination(tempfile.gettempdir()), **kwargs)
+
+
+def iter_chunk_tables(
+    *,
+    endpoint: PostgresEndpoint,
+    spec: SourceSpec,
+    settings: WorkerSettings | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_bytes: int | None = None,
+    max_worker_restarts: int = 2,
+    lower: Sequence[Any] | None = None,
+    upper: Sequence[Any] | None = None,
+    snapshot: bool | str = False,
+    querylog: QueryLog | None = None,
+    application_name_prefix: str | None = None,
+    spool_dir: str | None = None,
+) -> Iterator[pa.Table]:
+    """Yield each chunk as a ``pyarrow.Table`` in this process, read by a supervised worker.
+
+    While you process chunk *k*, the worker already reads chunk *k+1*. A dead worker is replaced (up
+    to ``max_worker_restarts``) and continues after the last chunk yielded. Closing the generator
+    early stops the worker and cancels its query.
+    """
+    from airflow_provider_cxpg.snapshot import ExportedSnapshot
+
+    extraction = _extraction(
+        endpoint,
+        spec,
+        settings=settings,
+        chunk_rows=chunk_rows,
+        chunk_bytes=chunk_bytes,
+        max_worker_restarts=max_worker_restarts,
+        lower=lower,
+        upper=upper,
+        snapshot=snapshot,
+        querylog=querylog,
+        application_name_prefix=application_name_prefix,
+    )
+    started = time.monotonic()
+    settings = extraction.settings
+    job_deadline = started + settings.job_timeout if settings.job_timeout else None
+    spool = _spool(spool_dir)
+    try:
+        with contextlib.ExitStack() as stack:
+            if snapshot is True:
+                holder = stack.enter_context(ExportedSnapshot(endpoint, f"{extraction.application_name}-snap"))
+                extraction.snapshot_id = holder.id
+            yield from _iterate(extraction, spec, lower, upper, spool, job_deadline, max_worker_restarts, started)
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def _iterate(
+    extraction: Extraction,
+    spec: SourceSpec,
+    lower: Sequence[Any] | None,
+    upper: Sequence[Any] | None,
+    spool: str,
+    job_deadline: float | None,
+    max_worker_restarts: int,
+    started: float,
+) -> Iterator[pa.Table]:
+    plan = extraction.build_plan()
+    extraction.log.emit(
+        "job.start", source=spec.table or "sql", destination="iter_chunks", chunk_rows=extraction.sizer.chunk_rows
+    )
+    after: Sequence[Any] | None = lower
+    index = rows = restarts = 0
+    while True:
+        try:
+            with extraction.new_session(job_deadline) as session:
+                for query, read, done in pipelined(
+                    session,
+                    plan,
+                    chunks_for(plan, extraction.sizer, after, upper),
+                    first_index=index,
+                    sizer=extraction.sizer,
+                    sink_for=lambda i: IpcSink(os.path.join(spool, f"chunk-{i:06d}-{secrets.token_hex(3)}.arrow")),
+                    write_empty_first=index == 0,
+                ):
+                    index = read.chunk_index + 1
+                    after = query.end if plan.pages is not None else (read.last_key or after)
+                    if not done.location:
+                        continue
+                    table = map_ipc(done.location)
+                    rows += table.num_rows
+                    yield table
+            break
+        except WorkerError as exc:
+            if restarts >= max_worker_restarts:
+                raise
+            restarts += 1
+            extraction.log.emit(
+                "worker.restart",
+                attempt=restarts,
+                max_worker_restarts=max_worker_restarts,
+                after_chunk=index - 1,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+    extraction.log.emit(
+        "job.done",
+        rows=rows,
+        chunks=index,
+        seconds=time.monotonic() - started,
+        worker_restarts=restarts,
+        destination="iter_chunks",
+    )
+
+
+def read_query_table(
+    *,
+    endpoint: PostgresEndpoint,
+    sql: str,
+    settings: WorkerSettings | None = None,
+    column_casts: dict[str, str] | None = None,
+    querylog: QueryLog | None = None,
+    application_name_prefix: str | None = None,
+) -> pa.Table:
+    """Run one query in a supervised worker and return the whole result here (no chunking)."""
+    extraction = _extraction(
+        endpoint,
+        SourceSpec(sql=sql, column_casts=dict(column_casts or {})),
+        settings=settings,
+        querylog=querylog,
+        application_name_prefix=application_name_prefix,
+    )
+    with extraction.control_connection("plan") as conn:
+        plan = build_read_plan(conn, sql, column_casts)
+    spool = _spool(None)
+    try:
+        with extraction.new_session(None) as session:
+            _, done = session.run(
+                ReadChunk(
+                    query_id=session.next_query_id(),
+                    chunk_index=0,
+                    sql=plan.chunk_sql(None, None),
+                    sink=IpcSink(os.path.join(spool, "result.arrow")),
+                    schema=plan.schema,
+                    infinity_columns=plan.infinity_columns,
+                )
+            )
+            return map_ipc(done.location)
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
