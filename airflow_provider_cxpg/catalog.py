@@ -145,7 +145,9 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
         key = (atttypid, atttypmod)
         if key not in type_cache:
             type_cache[key] = resolve_type(conn, atttypid, atttypmod)
-        columns.append(SourceColumn(attname, type_cache[key], bool(attnotnull)))
+        # A view's columns never carry NOT NULL: their nullability is unknown, not "nullable".
+        not_null = bool(attnotnull) if relkind in {"r", "p"} or attnotnull else None
+        columns.append(SourceColumn(attname, type_cache[key], not_null))
     not_null = {c.name for c in columns if c.not_null}
     primary: tuple[str, ...] | None = None
     uniques: list[tuple[str, ...]] = []

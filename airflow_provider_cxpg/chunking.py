@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from airflow_provider_cxpg.exceptions import InvalidInputError
+from airflow_provider_cxpg.exceptions import DataIntegrityError, InvalidInputError
 from airflow_provider_cxpg.plan import ExtractPlan
 from airflow_provider_cxpg.supervisor import WorkerSession
 from airflow_provider_cxpg.worker.protocol import ChunkDone, ChunkRead, IpcSink, ParquetSink, ReadChunk
@@ -84,18 +84,16 @@ class Chunks(Protocol):
 
 
 class KeysetChunks:
-    """``WHERE key > last ORDER BY key LIMIT n`` within ``(after, upper]``."""
+    """``WHERE key > last ORDER BY key LIMIT n``, after key ``after`` (key range bounds are filters)."""
 
-    def __init__(
-        self, plan: ExtractPlan, sizer: ChunkSizer, after: Sequence[Any] | None, upper: Sequence[Any] | None
-    ) -> None:
-        self.plan, self.sizer, self.after, self.upper = plan, sizer, after, upper
+    def __init__(self, plan: ExtractPlan, sizer: ChunkSizer, after: Sequence[Any] | None) -> None:
+        self.plan, self.sizer, self.after = plan, sizer, after
 
     def _query(self, after: Sequence[Any] | None) -> ChunkQuery:
         limit = self.sizer.next_rows()
         peek = not self.plan.key_unique
-        sql = self.plan.chunk_sql(after, limit + 1 if peek else limit, self.upper)
-        return ChunkQuery(sql=sql, limit=limit, peek=peek)
+        sql = self.plan.chunk_sql(after, limit + 1 if peek else limit)
+        return ChunkQuery(sql=sql, limit=limit, peek=peek, start=list(after) if after is not None else None)
 
     def first(self) -> ChunkQuery:
         return self._query(self.after)
@@ -104,6 +102,13 @@ class KeysetChunks:
         if query.limit is None or read.rows < query.limit:
             return None
         assert read.last_key is not None
+        if query.start is not None and list(read.last_key) == list(query.start):
+            # Keys strictly increase, so a page ending where it started means a key value read back
+            # differently than it sorts: paging on would loop forever.
+            raise DataIntegrityError(
+                f"keyset paging made no progress past key {list(read.last_key)}: a key value does not read back "
+                "exactly; choose another key or read the key column as text"
+            )
         return self._query(read.last_key)
 
 
@@ -145,12 +150,16 @@ class PageChunks:
 def chunks_for(
     plan: ExtractPlan, sizer: ChunkSizer, after: Sequence[Any] | None, upper: Sequence[Any] | None
 ) -> Chunks:
-    """The chunking that fits ``plan``: page ranges for ``ctid`` plans, keyset otherwise."""
+    """The chunking that fits ``plan``: page ranges for ``ctid`` plans, keyset otherwise.
+
+    For page plans ``after`` / ``upper`` are page numbers ``[after, upper)``; for keyset plans
+    ``after`` is the last key read and key-range bounds are already in the plan's filters.
+    """
     if plan.pages is not None:
         start = int(after[0]) if after else 0
-        end = int(upper[0]) if upper else None
+        end = int(upper[0]) if upper and upper[0] is not None else None
         return PageChunks(plan, sizer, start, end)
-    return KeysetChunks(plan, sizer, after, upper)
+    return KeysetChunks(plan, sizer, after)
 
 
 def pipelined(
@@ -171,12 +180,10 @@ def pipelined(
             chunk_index=index,
             sql=query.sql,
             sink=sink_for(index),
-            schema=plan.schema,
-            key_fields=plan.key_names,
             limit=query.limit,
             peek_row=query.peek,
-            infinity_columns=plan.infinity_columns,
             write_empty=write_empty,
+            **plan.request_fields(),
         )
         session.submit(request)
         return request.query_id

@@ -164,7 +164,8 @@ class Redactor:
     """Replace secrets (and their URL-encoded forms) in text by ``***``."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        variants = self.variants(s for s in secrets if s)
+        self.secrets = tuple(s for s in secrets if s)
+        variants = self.variants(self.secrets)
         # Longest first so that a secret containing another is replaced whole.
         self._pattern = (
             re.compile("|".join(re.escape(v) for v in sorted(variants, key=len, reverse=True))) if variants else None

@@ -15,7 +15,10 @@ from typing import Any
 
 from airflow_provider_cxpg.exceptions import InvalidInputError, StorageError
 
-__all__ = ["Destination"]
+__all__ = ["OBJECT_STORES", "Destination"]
+
+#: fsspec protocols whose objects appear only when an upload completes (atomic by themselves).
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2"})
 
 
 def _split_object_storage_path(path: Any) -> tuple[str, dict[str, Any]]:
@@ -78,12 +81,30 @@ class Destination:
 
     # -- operations --------------------------------------------------------------------------------
 
+    @property
+    def is_object_store(self) -> bool:
+        protocols = self._fs.protocol if self._fs is not None else ()
+        protocols = protocols if isinstance(protocols, (tuple, list)) else (protocols,)
+        return bool(set(protocols) & OBJECT_STORES)
+
     def ensure(self) -> None:
+        """Create the directory (local, other filesystems); for object stores check the bucket exists.
+
+        Object stores need no directories, and ``makedirs`` on a missing bucket would *create* it:
+        a typo in the bucket name must fail instead.
+        """
         try:
             if self.is_local:
                 os.makedirs(self.root, exist_ok=True)
-            else:
-                self._fs.makedirs(self.root, exist_ok=True)
+                return
+            if self.is_object_store:
+                bucket = self.root.split("/", 1)[0]
+                if not self._fs.exists(bucket):
+                    raise StorageError(f"bucket {bucket!r} of destination {self.url} does not exist")
+                return
+            self._fs.makedirs(self.root, exist_ok=True)
+        except StorageError:
+            raise
         except Exception as exc:
             raise StorageError(f"cannot create destination {self.url}: {exc}") from exc
 

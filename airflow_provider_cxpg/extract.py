@@ -12,6 +12,7 @@ they fail the task, and Airflow's retry resumes from the manifest.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,7 @@ from airflow_provider_cxpg.monitor import ServerMonitor, WaitWatcher, connect
 from airflow_provider_cxpg.plan import ExtractPlan, SourceSpec, build_plan, key_to_json
 from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.snapshot import ExportedSnapshot, import_statements
+from airflow_provider_cxpg.storage_env import worker_storage
 from airflow_provider_cxpg.supervisor import WorkerSession, WorkerSettings
 from airflow_provider_cxpg.worker.protocol import ParquetSink
 
@@ -150,6 +152,14 @@ class Extraction:
         self.spec = spec
         self.destination = destination
         self.settings = settings or WorkerSettings()
+        storage_secrets: list[str] = []
+        self.sink_options: dict[str, Any] = dict(destination.storage_options)
+        if not destination.is_local:
+            self.sink_options, storage_env, storage_secrets = worker_storage(
+                destination.url, destination.storage_options
+            )
+            env = {**storage_env, **self.settings.worker_env}
+            self.settings = dataclasses.replace(self.settings, worker_env=env)
         self.sizer = ChunkSizer(chunk_rows, chunk_bytes)
         if compression not in _COMPRESSIONS:
             raise InvalidInputError(f"compression must be one of {sorted(_COMPRESSIONS)}, got {compression!r}")
@@ -169,7 +179,7 @@ class Extraction:
         self.snapshot = snapshot
         self.snapshot_id: str | None = snapshot if isinstance(snapshot, str) else None
         self.run_id = run_id or new_run_id()
-        self.redactor = Redactor(endpoint.secrets())
+        self.redactor = Redactor([*endpoint.secrets(), *storage_secrets])
         self.log = querylog or QueryLog(self.run_id, redactor=self.redactor)
         self.log.with_redactor(self.redactor)
         self.application_name = run_application_name(self.run_id, application_name_prefix, None)
@@ -241,12 +251,14 @@ class Extraction:
         """Validate the source against the server; raise before any data moves."""
         with self.control_connection("plan") as conn:
             plan = build_plan(conn, self.spec).with_filters(*self.extra_filters)
+            if plan.pages is None and (self.lower is not None or self.upper is not None):
+                plan = plan.with_filters(*plan.range_condition(self.lower, self.upper))
         for note in plan.notes:
             self.log.emit("job.plan", note=note)
         self.plan = plan
         return plan
 
-    def _windowed(self, plan: ExtractPlan, recorded: dict[str, Any] | None) -> ExtractPlan:
+    def windowed(self, plan: ExtractPlan, recorded: dict[str, Any] | None) -> ExtractPlan:
         """Fix the incremental window (or reuse ``recorded``) and check one full chunk statement."""
         with self.control_connection("plan") as conn:
             if self.watermark is not None:
@@ -264,7 +276,7 @@ class Extraction:
                 )
             # Describe (never run) one complete chunk statement: window filters and key bounds are
             # checked by the server here, before any worker starts.
-            probe = plan.page_sql(0, 0) if plan.pages is not None else plan.chunk_sql(self.lower, 0, self.upper)
+            probe = plan.page_sql(0, 0) if plan.pages is not None else plan.chunk_sql(None, 0)
             describe_query(conn, probe)
         return plan
 
@@ -304,7 +316,7 @@ class Extraction:
         plan = self.plan or self.build_plan()
         manifest, resumed_from = self._open_manifest(plan)
         try:
-            plan = self._windowed(plan, manifest.window if resumed_from is not None else None)
+            plan = self.windowed(plan, manifest.window if resumed_from is not None else None)
         except BaseException as exc:
             self._fail(manifest, f"{type(exc).__name__}: {exc}")
             raise
@@ -437,7 +449,9 @@ class Extraction:
         session = self.new_session(job_deadline)
         try:
             with session:
-                after = manifest.chunks[-1].last_key if manifest.chunks else self.lower
+                after = manifest.chunks[-1].last_key if manifest.chunks else None
+                if plan.pages is not None and not manifest.chunks:
+                    after = self.lower  # page plans: bounds are page numbers, not filters
                 for query, read, done in pipelined(
                     session,
                     plan,
@@ -446,7 +460,7 @@ class Extraction:
                     sizer=self.sizer,
                     sink_for=lambda index: ParquetSink(
                         url=self.destination.child_url(chunk_file_name(index)),
-                        storage_options=self.destination.storage_options,
+                        storage_options=self.sink_options,
                         compression=self.compression,
                         row_group_rows=self.row_group_rows,
                     ),

@@ -32,7 +32,10 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {
                 "integration-name": "PostgreSQL via connectorx",
-                "python-modules": ["airflow_provider_cxpg.operators.extract"],
+                "python-modules": [
+                    "airflow_provider_cxpg.operators.extract",
+                    "airflow_provider_cxpg.operators.partition",
+                ],
             }
         ],
     }

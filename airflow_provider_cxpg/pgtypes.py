@@ -9,7 +9,9 @@ read as decimal128(38,10), rounding anything finer). The rule here is simple and
 * ``numeric(p, s)`` is native only where decimal128(38,10) holds every value exactly
   (``s <= 10`` and ``p - s <= 28``), and written as ``decimal128(p, s)``;
 * every other type, unconstrained ``numeric`` included, is selected as ``expr::text``: PostgreSQL's
-  own text form, exact by construction.
+  own text form, exact by construction. ``json``/``jsonb`` are among them (connectorx re-parses
+  their numbers as 64-bit floats and reorders json keys), and ``inet`` (connectorx rewrites some
+  addresses, e.g. ``::1.2.3.4`` as ``::102:304``).
 """
 
 from __future__ import annotations
@@ -33,10 +35,7 @@ NATIVE: dict[str, pa.DataType] = {
     "varchar": pa.string(),
     "bpchar": pa.string(),
     "name": pa.string(),
-    "json": pa.string(),
-    "jsonb": pa.string(),
     "uuid": pa.string(),
-    "inet": pa.string(),
     "bytea": pa.large_binary(),
     "date": pa.date32(),
     "time": pa.time64("us"),

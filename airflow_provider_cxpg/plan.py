@@ -24,7 +24,15 @@ from airflow_provider_cxpg.exceptions import InvalidInputError, InvalidKeyError,
 from airflow_provider_cxpg.pgtypes import KEY_TYPES, ColumnRead, PgType, plan_column
 from airflow_provider_cxpg.sql import literal, parse_qualified_name, quote_ident, row_comparison
 
-__all__ = ["ExtractPlan", "KeyColumn", "SourceSpec", "build_plan", "build_read_plan", "key_to_json"]
+__all__ = [
+    "ExtractPlan",
+    "HiddenField",
+    "KeyColumn",
+    "SourceSpec",
+    "build_plan",
+    "build_read_plan",
+    "key_to_json",
+]
 
 SOURCE_ALIAS = quote_ident("_cxpg_src")
 #: ``key_columns=["ctid"]`` asks for heap page-range chunks instead of keyset pages.
@@ -75,12 +83,36 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class KeyColumn:
-    """One key column: how to order and compare by it, and the type for its literals."""
+    """One key column: how to order and compare by it, and the type for its literals.
+
+    :param field: the result field the worker reads the key's values from: the column itself, or a
+        hidden ``key::text`` field for types whose Python values do not round-trip.
+    """
 
     name: str
     expr: str
     sql_type: str
     typname: str
+    field: str = ""
+
+
+@dataclass(frozen=True)
+class HiddenField:
+    """A field read but not written: a key's exact text form, or a guard flag.
+
+    :param guard: for a boolean guard: the error raised when it is true for any row.
+    """
+
+    name: str
+    expr: str
+    arrow_type: pa.DataType
+    guard: str | None = None
+
+
+#: Key types read natively whose Python values may not round-trip (time '24:00' reads as 00:00;
+#: dates and timestamps outside years 1-9999 cannot become Python objects): their literals come
+#: from the server's own text form, read in a hidden field.
+_TEXT_KEYED = frozenset({"date", "time", "timestamp", "timestamptz"})
 
 
 @dataclass(frozen=True)
@@ -104,14 +136,28 @@ class ExtractPlan:
     table: TableInfo | None = None
     pages: int | None = None
     rows_per_page: float | None = None
+    hidden: tuple[HiddenField, ...] = ()
 
     @property
     def schema(self) -> pa.Schema:
+        """The schema written (Parquet, or the tables ``iter_chunks`` yields)."""
         return pa.schema([pa.field(c.name, c.arrow_type) for c in self.columns])
+
+    @property
+    def read_schema(self) -> pa.Schema:
+        """The schema the worker reads: written columns, then hidden fields."""
+        return pa.schema(list(self.schema) + [pa.field(h.name, h.arrow_type) for h in self.hidden])
 
     @property
     def key_names(self) -> tuple[str, ...]:
         return tuple(k.name for k in self.key)
+
+    @property
+    def key_fields(self) -> tuple[str, ...]:
+        return tuple(k.field or k.name for k in self.key)
+
+    def _select(self) -> str:
+        return ", ".join([*self.select_exprs, *(f"{h.expr} AS {quote_ident(h.name)}" for h in self.hidden)])
 
     @property
     def infinity_columns(self) -> tuple[str, ...]:
@@ -119,32 +165,43 @@ class ExtractPlan:
             c.name for c in self.columns if not c.as_text and c.pg.typname in {"date", "timestamp", "timestamptz"}
         )
 
+    def request_fields(self) -> dict[str, Any]:
+        """The :class:`ReadChunk` fields every chunk of this plan shares."""
+        return {
+            "schema": self.read_schema,
+            "key_fields": self.key_fields,
+            "infinity_columns": self.infinity_columns,
+            "drop_fields": tuple(h.name for h in self.hidden),
+            "guards": tuple((h.name, h.guard) for h in self.hidden if h.guard),
+        }
+
     def with_filters(self, *filters: str) -> ExtractPlan:
         return replace(self, filters=self.filters + tuple(f for f in filters if f))
 
     def key_literals(self, values: Sequence[Any]) -> list[str]:
-        return [literal(v, k.sql_type) for v, k in zip(values, self.key, strict=True)]
+        """Literals for the first ``len(values)`` key columns (a bound may be a key prefix)."""
+        if not values or len(values) > len(self.key):
+            raise InvalidKeyError(f"a key bound needs 1 to {len(self.key)} values, got {list(values)!r}")
+        return [literal(v, k.sql_type) for v, k in zip(values, self.key[: len(values)], strict=True)]
 
     def range_condition(self, lower: Sequence[Any] | None, upper: Sequence[Any] | None) -> list[str]:
-        """Conditions for keys in ``(lower, upper]`` (either side open when None)."""
-        exprs = [k.expr for k in self.key]
+        """Conditions for keys in ``(lower, upper]`` (either side open when None).
+
+        A bound shorter than the key compares that key prefix: ``(k1) > (v)`` puts every row with
+        ``k1 = v`` below the bound, so prefix ranges still cover the key space exactly once.
+        """
         conditions = []
-        if lower is not None:
-            conditions.append(row_comparison(exprs, self.key_literals(lower), ">"))
-        if upper is not None:
-            conditions.append(row_comparison(exprs, self.key_literals(upper), "<="))
+        for bound, op in ((lower, ">"), (upper, "<=")):
+            if bound is not None:
+                exprs = [k.expr for k in self.key[: len(bound)]]
+                conditions.append(row_comparison(exprs, self.key_literals(bound), op))
         return conditions
 
-    def chunk_sql(
-        self,
-        after: Sequence[Any] | None,
-        limit: int | None,
-        upper: Sequence[Any] | None = None,
-    ) -> str:
+    def chunk_sql(self, after: Sequence[Any] | None, limit: int | None) -> str:
         """The statement for the chunk that follows key ``after`` (None: the first chunk)."""
         conditions = [f"({f})" for f in self.filters]
-        conditions.extend(self.range_condition(after, upper))
-        sql = f"SELECT {', '.join(self.select_exprs)} FROM {self.from_clause}"
+        conditions.extend(self.range_condition(after, None))
+        sql = f"SELECT {self._select()} FROM {self.from_clause}"
         if conditions:
             sql += " WHERE " + " AND ".join(conditions)
         if self.key:
@@ -159,7 +216,7 @@ class ExtractPlan:
         conditions.append(f"{SOURCE_ALIAS}.ctid >= '({int(first_page)},0)'::tid")
         if end_page is not None:
             conditions.append(f"{SOURCE_ALIAS}.ctid < '({int(end_page)},0)'::tid")
-        return f"SELECT {', '.join(self.select_exprs)} FROM {self.from_clause} WHERE " + " AND ".join(conditions)
+        return f"SELECT {self._select()} FROM {self.from_clause} WHERE " + " AND ".join(conditions)
 
     def count_sql(self) -> str:
         conditions = [f"({f})" for f in self.filters]
@@ -293,6 +350,7 @@ def build_read_plan(conn: Any, sql: str, column_casts: Mapping[str, str] | None 
         select_exprs=tuple(select_exprs),
         key=(),
         key_unique=True,
+        hidden=_time_guard(columns, spec),
     )
 
 
@@ -333,6 +391,7 @@ def _page_plan(conn: Any, spec: SourceSpec, from_clause: str, names: list[str], 
         table=table,
         pages=int(pages),
         rows_per_page=per_page,
+        hidden=_time_guard(columns, spec),
     )
 
 
@@ -385,23 +444,38 @@ def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
 
     filters = (spec.where,) if spec.where and spec.where.strip() else ()
     columns, select_exprs = _plan_select(conn, spec, from_clause, wanted, filters)
-    key = tuple(
-        KeyColumn(
-            name=name,
-            expr=f"{SOURCE_ALIAS}.{quote_ident(name)}",
-            sql_type=by_name[name].pg.sql_name,
-            typname=by_name[name].pg.typname,
-        )
-        for name in key_names
-    )
+    reads = {c.name: c for c in columns}
+    hidden: list[HiddenField] = []
+    key: list[KeyColumn] = []
+    for index, name in enumerate(key_names):
+        expr = f"{SOURCE_ALIAS}.{quote_ident(name)}"
+        field_name = name
+        if by_name[name].pg.typname in _TEXT_KEYED and not reads[name].as_text:
+            field_name = f"__cxpg_key{index}"
+            hidden.append(HiddenField(field_name, f"({expr})::text", pa.string()))
+        key.append(KeyColumn(name, expr, by_name[name].pg.sql_name, by_name[name].pg.typname, field_name))
     return ExtractPlan(
         source=spec,
         from_clause=from_clause,
         columns=tuple(columns),
         select_exprs=tuple(select_exprs),
-        key=key,
+        key=tuple(key),
         key_unique=key_unique,
         filters=filters,
         notes=tuple(notes),
         table=table,
+        hidden=(*hidden, *_time_guard(columns, spec)),
     )
+
+
+def _time_guard(columns: list[ColumnRead], spec: SourceSpec) -> tuple[HiddenField, ...]:
+    """A flag that is true for a row holding time '24:00', which connectorx would turn into 00:00."""
+    times = [c.name for c in columns if not c.as_text and c.pg.typname == "time" and c.name not in spec.column_casts]
+    if not times:
+        return ()
+    test = " OR ".join(f"{SOURCE_ALIAS}.{quote_ident(n)} = '24:00'::time" for n in times)
+    message = (
+        f"a time column ({', '.join(times)}) holds '24:00', which connectorx would read as 00:00; "
+        f"read it as text with column_casts={{{times[0]!r}: 'text'}}"
+    )
+    return (HiddenField("__cxpg_time24", f"({test})", pa.bool_(), guard=message),)

@@ -114,7 +114,7 @@ def _iterate(
     extraction.log.emit(
         "job.start", source=spec.table or "sql", destination="iter_chunks", chunk_rows=extraction.sizer.chunk_rows
     )
-    after: Sequence[Any] | None = lower
+    after: Sequence[Any] | None = lower if plan.pages is not None else None
     index = rows = restarts = 0
     while True:
         try:
@@ -185,8 +185,7 @@ def read_query_table(
                     chunk_index=0,
                     sql=plan.chunk_sql(None, None),
                     sink=IpcSink(os.path.join(spool, "result.arrow")),
-                    schema=plan.schema,
-                    infinity_columns=plan.infinity_columns,
+                    **plan.request_fields(),
                 )
             )
             return map_ipc(done.location)

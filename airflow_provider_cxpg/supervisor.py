@@ -298,7 +298,7 @@ class WorkerSession:
                 endpoint=self.endpoint,
                 protocol=self.settings.protocol,
                 heartbeat_interval=self.settings.heartbeat_interval,
-                secrets=tuple(self.endpoint.secrets()),
+                secrets=self.redact.secrets,
                 pre_execution=self.pre_execution,
             )
         )

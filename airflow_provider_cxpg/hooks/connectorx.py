@@ -339,6 +339,7 @@ class ConnectorXPostgresHook(PostgresHook):
         run_id: str | None = None,
         query_log_path: str | None = None,
         querylog: QueryLog | None = None,
+        worker_index: int = 0,
         **settings: Any,
     ) -> Extraction:
         """Build (but do not run) an :class:`Extraction`; the operator keeps it to abort on kill."""
@@ -378,4 +379,5 @@ class ConnectorXPostgresHook(PostgresHook):
             run_id=run_id,
             querylog=log,
             application_name_prefix=endpoint.application_name,
+            worker_index=worker_index,
         )

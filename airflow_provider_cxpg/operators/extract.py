@@ -100,7 +100,12 @@ class PostgresExtractOperator(BaseOperator):
     :param column_casts: ``{column: sql_type}`` to read a column as another type (e.g. ``text``).
     :param lower_key: exclusive lower key bound (templated), e.g. from the partition planner.
     :param upper_key: inclusive upper key bound (templated).
-    :param parallelism: workers reading disjoint key ranges at once inside this task.
+    :param parallelism: workers reading disjoint key ranges at once inside this task; files go to
+        ``range=NNNN/`` sub-prefixes with a ``_dataset_manifest.json`` on top.
+    :param partition_method: how ``parallelism`` splits the key space: ``auto``, ``histogram``,
+        ``sample``, ``ntile`` or ``ctid`` (see the README, "Scale out").
+    :param snapshot: read every chunk from one exported snapshot, a point-in-time copy even while
+        rows change; default True when ``parallelism > 1``, else False.
     :param resume: continue an unfinished extraction found at the destination (default True).
     :param query_log_path: also write the structured query log as JSON lines to this file.
     :param worker_settings: further :class:`~airflow_provider_cxpg.supervisor.WorkerSettings` fields.
@@ -153,6 +158,8 @@ class PostgresExtractOperator(BaseOperator):
         lower_key: Sequence[Any] | None = None,
         upper_key: Sequence[Any] | None = None,
         parallelism: int = 1,
+        partition_method: str = "auto",
+        snapshot: bool | None = None,
         resume: bool = True,
         query_log_path: str | None = None,
         worker_settings: Mapping[str, Any] | None = None,
@@ -184,6 +191,8 @@ class PostgresExtractOperator(BaseOperator):
         self.lower_key = lower_key
         self.upper_key = upper_key
         self.parallelism = parallelism
+        self.partition_method = partition_method
+        self.snapshot = snapshot
         self.resume = resume
         self.query_log_path = query_log_path
         self.worker_settings = dict(worker_settings or {})
@@ -295,9 +304,15 @@ class PostgresExtractOperator(BaseOperator):
         if self.parallelism > 1:
             from airflow_provider_cxpg.parallel import ParallelExtraction
 
-            self._extraction = ParallelExtraction(self.hook, parallelism=self.parallelism, **common)
+            self._extraction = ParallelExtraction(
+                self.hook,
+                parallelism=self.parallelism,
+                partition_method=self.partition_method,
+                snapshot=True if self.snapshot is None else bool(self.snapshot),
+                **common,
+            )
         else:
-            self._extraction = self.hook.prepare_extraction(**common)
+            self._extraction = self.hook.prepare_extraction(snapshot=bool(self.snapshot), **common)
         result: ExtractResult = self._extraction.run()
         self._result = result
         summary = result.summary()

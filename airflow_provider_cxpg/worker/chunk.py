@@ -8,6 +8,7 @@ turns all of them into the provider's own exceptions by what the message says.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +90,10 @@ def _key_at(table: pa.Table, index: int, fields: tuple[str, ...]) -> tuple[Any, 
 
 
 def _check(table: pa.Table, request: ReadChunk) -> None:
+    for name, message in request.guards:
+        flags = table.column(name)
+        if flags.null_count < len(flags) and any(chunk.true_count for chunk in flags.chunks):
+            raise DataIntegrityError(f"chunk {request.chunk_index}: {message}", guard=name)
     for name in request.key_fields:
         if table.column(name).null_count:
             raise DataIntegrityError(
@@ -116,6 +121,22 @@ def _check(table: pa.Table, request: ReadChunk) -> None:
                 )
 
 
+_DESERIALIZE = re.compile(r"error deserializing column (\d+)")
+
+
+def _named_column_error(exc: RuntimeError, request: ReadChunk) -> BaseException:
+    """connectorx names a failing column by its 0-based index; say which column and what to do."""
+    match = _DESERIALIZE.search(str(exc))
+    if not match or int(match.group(1)) >= len(request.schema):
+        return exc
+    name = request.schema.field(int(match.group(1))).name
+    return DataIntegrityError(
+        f"column {name!r} (chunk {request.chunk_index}) holds a value connectorx cannot convert: {exc}. "
+        f"Read it as text with column_casts={{{name!r}: 'text'}}, or filter the value out with `where`",
+        column=name,
+    )
+
+
 def read_chunk(
     request: ReadChunk, uri: str, protocol: str, pre_execution: tuple[str, ...] = ()
 ) -> tuple[pa.Table, ChunkRead]:
@@ -128,9 +149,12 @@ def read_chunk(
     import connectorx as cx
 
     t0 = time.monotonic()
-    table = cx.read_sql(
-        uri, request.sql, return_type="arrow", protocol=protocol, pre_execution_query=list(pre_execution) or None
-    )
+    try:
+        table = cx.read_sql(
+            uri, request.sql, return_type="arrow", protocol=protocol, pre_execution_query=list(pre_execution) or None
+        )
+    except RuntimeError as exc:
+        raise _named_column_error(exc, request) from exc
     read_seconds = time.monotonic() - t0
     if table.schema != request.schema:
         # connectorx returns no columns at all for some empty results: use the planned schema
@@ -148,13 +172,17 @@ def read_chunk(
         table = table.slice(0, request.limit)
         rows = table.num_rows
     has_key = bool(request.key_fields) and rows > 0
+    first = _key_at(table, 0, request.key_fields) if has_key else None
+    last = _key_at(table, rows - 1, request.key_fields) if has_key else None
+    if request.drop_fields:
+        table = table.drop_columns(list(request.drop_fields))
     info = ChunkRead(
         query_id=request.query_id,
         chunk_index=request.chunk_index,
         rows=rows,
         arrow_bytes=table.nbytes,
-        first_key=_key_at(table, 0, request.key_fields) if has_key else None,
-        last_key=_key_at(table, rows - 1, request.key_fields) if has_key else None,
+        first_key=first,
+        last_key=last,
         read_seconds=read_seconds,
     )
     return table, info
@@ -165,7 +193,7 @@ def write_chunk(request: ReadChunk, table: pa.Table) -> ChunkDone:
     t0 = time.monotonic()
     if table.num_rows == 0 and not request.write_empty:
         return ChunkDone(request.query_id, request.chunk_index, rows=0, bytes=0, write_seconds=0.0, location="")
-    writer = open_writer(request.schema, request.sink)
+    writer = open_writer(table.schema, request.sink)
     try:
         writer.write(table)
         size = writer.commit()

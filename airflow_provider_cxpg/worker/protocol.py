@@ -105,12 +105,14 @@ class ReadChunk:
     :param query_id: unique per job, echoed in every reply.
     :param chunk_index: the chunk's number (for logs and file names).
     :param sql: the complete statement (literals inlined: connectorx takes no parameters).
-    :param schema: the Arrow schema to write; batches are cast to it.
+    :param schema: the Arrow schema read (results are cast to it); written minus ``drop_fields``.
     :param key_fields: output columns of the key, to report the first and last key.
     :param limit: the chunk's row limit (None: unlimited).
     :param peek_row: the query asks for ``limit + 1`` rows; the worker drops the extra one, and
         raises if it shares the key of the last kept row (the key is not unique).
     :param infinity_columns: timestamp/date columns to check for ±infinity sentinels.
+    :param drop_fields: fields read but not written (a key's text form, guard flags).
+    :param guards: ``(field, message)``: raise ``message`` when the boolean field is true in any row.
     :param write_empty: write a file even when the result is empty (the first chunk of a run, so an
         empty source still yields a typed file); otherwise an empty result writes nothing.
     """
@@ -124,6 +126,8 @@ class ReadChunk:
     limit: int | None = None
     peek_row: bool = False
     infinity_columns: tuple[str, ...] = ()
+    drop_fields: tuple[str, ...] = ()
+    guards: tuple[tuple[str, str], ...] = ()
     write_empty: bool = True
 
 

@@ -17,12 +17,11 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from airflow_provider_cxpg.destination import OBJECT_STORES
 from airflow_provider_cxpg.exceptions import StorageError
 from airflow_provider_cxpg.worker.protocol import IpcSink, ParquetSink
 
 __all__ = ["ChunkWriter", "open_writer"]
-
-_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2"})
 
 
 class ChunkWriter(Protocol):
@@ -98,7 +97,7 @@ class RemoteParquetChunk:
 
         self.fs, self.final = fsspec.core.url_to_fs(sink.url, **sink.storage_options)
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
-        self.atomic_upload = bool(set(protocols) & _OBJECT_STORES)
+        self.atomic_upload = bool(set(protocols) & OBJECT_STORES)
         if self.atomic_upload:
             self.path = self.final
         else:

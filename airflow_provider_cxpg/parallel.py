@@ -1,0 +1,273 @@
+"""``parallelism=N`` inside one task: N supervised workers on disjoint key ranges, one dataset.
+
+::
+
+    <destination>/_dataset_manifest.json     the ranges, then the totals when every range is complete
+    <destination>/range=0000/_manifest.json  one ordinary extraction per range (own worker, own resume)
+    <destination>/range=0000/part-000000.parquet ...
+
+The ranges come from :mod:`.partition` and are recorded before any data moves; a retried task reuses
+them, so every range resumes from its own manifest. Each range runs in a thread of this process
+driving its own worker (own deadlines, heartbeats, application name and log events with
+``worker=i``). When one fails, the others are aborted (their server queries cancelled, their workers
+stopped) and the first error is raised. The main thread only waits, so Airflow's
+``AirflowTaskTimeout`` and ``KeyboardInterrupt`` reach it and stop everything.
+
+Consistency: by default (``snapshot=True``) every range reads from one exported snapshot, so the
+dataset is one point-in-time copy even while rows change (see :mod:`.snapshot`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import threading
+import time
+from typing import Any
+
+from airflow_provider_cxpg.destination import Destination
+from airflow_provider_cxpg.exceptions import CxpgError, ExtractionAborted, InvalidInputError, StorageError
+from airflow_provider_cxpg.extract import Extraction, ExtractResult, new_run_id
+from airflow_provider_cxpg.manifest import Manifest, fingerprint
+from airflow_provider_cxpg.partition import plan_key_ranges
+from airflow_provider_cxpg.snapshot import ExportedSnapshot
+
+__all__ = ["DATASET_MANIFEST", "ParallelExtraction", "plan_or_reuse_ranges", "range_dir", "validate_dataset"]
+
+DATASET_MANIFEST = "_dataset_manifest.json"
+_FORMAT = "cxpg-dataset/1"
+
+
+def range_dir(index: int) -> str:
+    return f"range={index:04d}"
+
+
+def validate_dataset(destination: Destination, ranges: list[dict[str, Any]]) -> dict[str, Any]:
+    """Check that every range's extraction is complete and the ranges tile the key space; return totals.
+
+    :raises StorageError: a range is missing, unfinished, or its bounds do not match the plan.
+    """
+    problems: list[str] = []
+    partitions: list[dict[str, Any]] = []
+    for position, entry in enumerate(ranges):
+        if position and entry.get("lower") != ranges[position - 1].get("upper"):
+            problems.append(f"range {position}: lower bound {entry.get('lower')} is not the previous upper bound")
+        sub = destination.sub(entry.get("path") or range_dir(entry["index"]))
+        manifest = Manifest.load(sub)
+        if manifest is None:
+            problems.append(f"range {position}: no manifest in {sub.url}")
+            continue
+        if manifest.status != "complete":
+            problems.append(f"range {position}: status {manifest.status!r} in {sub.url}")
+        bounds = manifest.bounds or {"lower": None, "upper": None}
+        if [bounds.get("lower"), bounds.get("upper")] != [entry.get("lower"), entry.get("upper")]:
+            problems.append(f"range {position}: manifest bounds {bounds} differ from the plan")
+        if manifest.rows != sum(c.rows for c in manifest.chunks):
+            problems.append(f"range {position}: chunk rows do not add up to {manifest.rows}")
+        partitions.append(
+            {
+                "index": position,
+                "path": sub.url,
+                "lower": entry.get("lower"),
+                "upper": entry.get("upper"),
+                "rows": manifest.rows,
+                "bytes": manifest.bytes,
+                "files": [f"{range_dir(position)}/{f}" for f in manifest.files],
+                "run_id": manifest.run_id,
+            }
+        )
+    first_lower = ranges[0].get("lower") if ranges else None
+    if ranges and (first_lower not in (None, [0]) or ranges[-1].get("upper") is not None):  # [0]: page ranges
+        problems.append("the ranges do not cover the whole key space (open first lower / last upper bound)")
+    if problems:
+        raise StorageError("the dataset is not complete: " + "; ".join(problems), problems=problems)
+    return {
+        "partitions": partitions,
+        "rows": sum(p["rows"] for p in partitions),
+        "bytes": sum(p["bytes"] for p in partitions),
+        "files": [f for p in partitions for f in p["files"]],
+    }
+
+
+def plan_or_reuse_ranges(
+    coordinator: Extraction, destination: Destination, partitions: int, method: str
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The ranges recorded by an unfinished run of the same extraction, or new ones (then recorded).
+
+    Reusing them is what lets every range resume from its own manifest after a retry.
+    """
+    plan = coordinator.build_plan()
+    fp = fingerprint({"source": plan.source.describe(), "key": list(plan.key_names), "n": partitions, "method": method})
+    existing = destination.read_json(DATASET_MANIFEST)
+    if existing and existing.get("fingerprint") == fp and existing.get("status") == "running":
+        coordinator.log.emit("job.resume", note="reusing the recorded key ranges", ranges=len(existing["ranges"]))
+        return existing["ranges"], existing
+    with coordinator.control_connection("partition") as conn:
+        ranges, used, seconds = plan_key_ranges(conn, plan, partitions, method)
+    coordinator.log.emit(
+        "job.plan", note=f"{len(ranges)} key ranges by {used} in {seconds:.3f}s", partition_method=used, seconds=seconds
+    )
+    record = {
+        "format": _FORMAT,
+        "status": "running",
+        "fingerprint": fp,
+        "run_id": coordinator.run_id,
+        "source": plan.source.describe(),
+        "key_columns": list(plan.key_names) or ["ctid"],
+        "partition_method": used,
+        "planning_seconds": round(seconds, 4),
+        "ranges": [dict(r.to_json(), path=range_dir(r.index)) for r in ranges],
+    }
+    destination.ensure()
+    destination.write_json(DATASET_MANIFEST, record)
+    return record["ranges"], record
+
+
+class ParallelExtraction:
+    """Run one extraction per key range, ``parallelism`` at a time, into sub-prefixes of ``destination``.
+
+    :param hook: the :class:`~airflow_provider_cxpg.hooks.connectorx.ConnectorXPostgresHook`.
+    :param parallelism: workers (and ranges).
+    :param partition_method: see :mod:`.partition` (``auto`` default).
+    :param snapshot: all ranges read one exported snapshot (default True).
+    :param kwargs: everything else :meth:`ConnectorXPostgresHook.prepare_extraction` takes.
+    """
+
+    def __init__(
+        self,
+        hook: Any,
+        *,
+        parallelism: int,
+        destination: Any,
+        partition_method: str = "auto",
+        snapshot: bool = True,
+        lower: Any = None,
+        upper: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(parallelism, bool) or not isinstance(parallelism, int) or parallelism < 1:
+            raise InvalidInputError(f"parallelism must be a positive integer, got {parallelism!r}")
+        if lower is not None or upper is not None:
+            raise InvalidInputError("parallelism > 1 plans its own key ranges: do not combine it with lower/upper_key")
+        self.hook = hook
+        self.parallelism = parallelism
+        self.partition_method = partition_method
+        self.snapshot = snapshot
+        self.kwargs = kwargs
+        self.destination = Destination(destination, kwargs.get("storage_options"))
+        self.run_id = kwargs.pop("run_id", None) or new_run_id()
+        self.coordinator: Extraction = hook.prepare_extraction(destination=destination, run_id=self.run_id, **kwargs)
+        self.children: list[Extraction] = []
+        self._aborted: str | None = None
+        self._lock = threading.Lock()
+
+    def abort(self, reason: str) -> None:
+        """Stop every range now (``on_kill``)."""
+        self._aborted = reason
+        with self._lock:
+            children = list(self.children)
+        for child in children:
+            with contextlib.suppress(Exception):
+                child.abort(reason)
+
+    def _ranges(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        return plan_or_reuse_ranges(self.coordinator, self.destination, self.parallelism, self.partition_method)
+
+    def run(self) -> ExtractResult:
+        started = time.monotonic()
+        with contextlib.ExitStack() as stack:
+            snapshot_id: str | None = None
+            if self.snapshot:
+                holder = stack.enter_context(
+                    ExportedSnapshot(self.coordinator.endpoint, f"{self.coordinator.application_name}-snap")
+                )
+                snapshot_id = holder.id
+                self.coordinator.snapshot_id = snapshot_id
+            ranges, record = self._ranges()
+            window_filters: tuple[str, ...] = ()
+            if self.coordinator.watermark is not None:  # one window for every range, fixed once
+                self.coordinator.windowed(self.coordinator.build_plan(), record.get("window"))
+                assert self.coordinator.window is not None
+                window_filters = self.coordinator.window.filters
+                record["window"] = self.coordinator.window.to_json()
+                self.destination.write_json(DATASET_MANIFEST, record)
+            results = self._run_ranges(ranges, snapshot_id, window_filters)
+        totals = validate_dataset(self.destination, ranges)
+        record.update(
+            status="complete",
+            rows=totals["rows"],
+            bytes=totals["bytes"],
+            files=totals["files"],
+            partitions=totals["partitions"],
+        )
+        self.destination.write_json(DATASET_MANIFEST, record)
+        window = self.coordinator.window
+        result = ExtractResult(
+            run_id=self.run_id,
+            destination=self.destination.url,
+            rows=totals["rows"],
+            chunks=sum(r.chunks for r in results),
+            files=[f for r in results for f in r.files],
+            bytes=totals["bytes"],
+            first_key=next((r.first_key for r in results if r.first_key is not None), None),
+            last_key=next((r.last_key for r in reversed(results) if r.last_key is not None), None),
+            seconds=time.monotonic() - started,
+            manifest=self.destination.child_url(DATASET_MANIFEST),
+            worker_restarts=sum(r.worker_restarts for r in results),
+            window=window.to_json() if window else None,
+            high_watermark=window.high_watermark if window else None,
+            extra={
+                "parallelism": self.parallelism,
+                "partitions": len(ranges),
+                "partition_method": record.get("partition_method"),
+            },
+        )
+        self.coordinator.log.emit(
+            "job.done",
+            rows=result.rows,
+            chunks=result.chunks,
+            bytes=result.bytes,
+            seconds=result.seconds,
+            destination=self.destination.url,
+            partitions=len(ranges),
+        )
+        return result
+
+    def _run_ranges(
+        self, ranges: list[dict[str, Any]], snapshot_id: str | None, window_filters: tuple[str, ...]
+    ) -> list[ExtractResult]:
+        kwargs = {k: v for k, v in self.kwargs.items() if k not in {"watermark", "snapshot"}}
+        kwargs["extra_filters"] = tuple(kwargs.get("extra_filters", ())) + window_filters
+        with self._lock:
+            for entry in ranges:
+                self.children.append(
+                    self.hook.prepare_extraction(
+                        destination=self.destination.sub(entry["path"]).url,
+                        lower=entry["lower"],
+                        upper=entry["upper"],
+                        snapshot=snapshot_id or False,
+                        run_id=f"{self.run_id}-{entry['index']}",
+                        worker_index=entry["index"],
+                        **kwargs,
+                    )
+                )
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.parallelism, thread_name_prefix="cxpg-range")
+        futures = [pool.submit(child.run) for child in self.children]
+        try:
+            while True:
+                done, pending = concurrent.futures.wait(
+                    futures, timeout=0.2, return_when=concurrent.futures.FIRST_EXCEPTION
+                )
+                failed = [f for f in done if f.exception() is not None]
+                if failed:
+                    raise failed[0].exception()  # type: ignore[misc]
+                if not pending:
+                    return [f.result() for f in futures]
+                if self._aborted:
+                    raise ExtractionAborted(f"extraction aborted: {self._aborted}", reason=self._aborted)
+        except BaseException as exc:
+            self.abort(f"{type(exc).__name__} in another range" if isinstance(exc, CxpgError) else type(exc).__name__)
+            concurrent.futures.wait(futures, timeout=120)
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)

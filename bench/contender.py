@@ -1,0 +1,377 @@
+"""One contender, run in a fresh process: ``python -m bench.contender NAME --table ... --result FILE``.
+
+The orchestrator (:mod:`bench.run`) starts this module once per measurement. Each contender imports
+what it needs first, then calls :meth:`Run.start`, does its work, and returns what it read; the
+*work time* is from ``start`` to the end of the work, so interpreter start-up and imports
+(``airflow`` alone takes over a second) are outside it, while everything a task pays per run (for
+the provider: planning queries, spawning and supervising its worker) is inside. The orchestrator
+measures the *process time* (spawn to exit) and the memory of the process tree on its own.
+
+Credentials come from the environment, never argv: ``BENCH_PG_URI`` (a ``postgresql://`` URI) and
+``AIRFLOW_CONN_BENCH_PG`` (the same server as an Airflow connection).
+
+The result is one JSON object written to ``--result``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CONTENDERS", "main"]
+
+CONN_ID = "bench_pg"
+
+
+@dataclass
+class Run:
+    """Arguments of one measurement, and its clock."""
+
+    table: str
+    rows: int
+    out: Path
+    chunk_rows: int
+    partitions: int
+    batch_size: int
+    page_rows: int
+    uri: str
+    t0: float | None = None
+    rss_at_start: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def start(self) -> None:
+        """Mark the start of the work; remember what the process holds now (interpreter + imports)."""
+        self.rss_at_start = _self_rss()
+        self.t0 = time.perf_counter()
+
+
+def _self_rss() -> int | None:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+Contender = Callable[[Run], dict[str, Any]]
+CONTENDERS: dict[str, Contender] = {}
+
+
+def contender(name: str) -> Callable[[Contender], Contender]:
+    def register(func: Contender) -> Contender:
+        CONTENDERS[name] = func
+        return func
+
+    return register
+
+
+def _files(out: Path) -> tuple[int, int]:
+    files = [p for p in out.rglob("*.parquet") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+# -- the provider ---------------------------------------------------------------------------------
+
+
+def _provider_details(log_path: Path) -> dict[str, Any]:
+    """Summarise the provider's query log: worker start-up, per-query read seconds, chunk commits."""
+    if not log_path.exists():
+        return {}
+    ready: list[float] = []
+    reads: list[float] = []
+    commits: list[float] = []
+    with log_path.open() as handle:
+        for line in handle:
+            event = json.loads(line)
+            name = event.get("event")
+            if name == "worker.ready":
+                ready.append(float(event.get("seconds", 0.0)))
+            elif name == "query.done":
+                reads.append(float(event.get("seconds", 0.0)))
+            elif name == "chunk.commit":
+                commits.append(float(event.get("seconds", 0.0)))
+    return {
+        "worker_ready_s": round(sum(ready), 4),
+        "workers": len(ready),
+        "queries": len(reads),
+        "query_read_s_sum": round(sum(reads), 4),
+        "query_read_s_max": round(max(reads), 4) if reads else None,
+        "chunk_read_write_s_sum": round(sum(commits), 4),
+    }
+
+
+@contender("provider_parquet")
+def provider_parquet(run: Run) -> dict[str, Any]:
+    from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+
+    hook = ConnectorXPostgresHook(postgres_conn_id=CONN_ID)
+    log_path = run.out.parent / f"{run.out.name}.querylog.jsonl"
+    dest = run.out / "parquet"
+    run.start()
+    result = hook.extract(
+        destination=str(dest),
+        table=f"public.{run.table}",
+        chunk_rows=run.chunk_rows,
+        query_log_path=str(log_path),
+    )
+    end = time.perf_counter()
+    files, size = _files(dest)
+    details = _provider_details(log_path)
+    details.update({"extract_seconds": round(result.seconds, 4), "chunks": result.chunks})
+    return {"rows": result.rows, "files": files, "file_bytes": size, "end": end, "details": details}
+
+
+@contender("provider_iter")
+def provider_iter(run: Run) -> dict[str, Any]:
+    import pyarrow.compute as pc
+
+    from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+
+    hook = ConnectorXPostgresHook(postgres_conn_id=CONN_ID)
+    log_path = run.out.parent / f"{run.out.name}.querylog.jsonl"
+    rows = nbytes = chunks = 0
+    id_sum = 0
+    run.start()
+    for table in hook.iter_chunks(table=f"public.{run.table}", chunk_rows=run.chunk_rows, query_log_path=str(log_path)):
+        rows += table.num_rows
+        nbytes += table.nbytes
+        chunks += 1
+        id_sum += pc.sum(table.column("id")).as_py() or 0  # touches one column of the mapped chunk
+        del table  # drop the mapping before the next chunk arrives
+    end = time.perf_counter()
+    details = _provider_details(log_path)
+    details.update({"chunks": chunks, "id_sum_ok": id_sum == run.rows * (run.rows + 1) // 2})
+    return {"rows": rows, "arrow_bytes": nbytes, "end": end, "details": details}
+
+
+# -- connectorx directly ---------------------------------------------------------------------------
+
+
+@contender("cx_single_parquet")
+def cx_single_parquet(run: Run) -> dict[str, Any]:
+    import connectorx as cx
+    import pyarrow.parquet as pq
+
+    run.start()
+    table = cx.read_sql(run.uri, f"SELECT * FROM public.{run.table}", return_type="arrow")
+    read_end = time.perf_counter()
+    pq.write_table(table, run.out / "bench.parquet", compression="zstd")
+    end = time.perf_counter()
+    assert run.t0 is not None
+    files, size = _files(run.out)
+    return {
+        "rows": table.num_rows,
+        "arrow_bytes": table.nbytes,
+        "files": files,
+        "file_bytes": size,
+        "end": end,
+        "details": {"read_s": round(read_end - run.t0, 4), "write_s": round(end - read_end, 4)},
+    }
+
+
+@contender("cx_single_read")
+def cx_single_read(run: Run) -> dict[str, Any]:
+    import connectorx as cx
+
+    run.start()
+    table = cx.read_sql(run.uri, f"SELECT * FROM public.{run.table}", return_type="arrow")
+    end = time.perf_counter()
+    return {"rows": table.num_rows, "arrow_bytes": table.nbytes, "end": end}
+
+
+@contender("cx_partitioned")
+def cx_partitioned(run: Run) -> dict[str, Any]:
+    import connectorx as cx
+
+    run.start()
+    table = cx.read_sql(
+        run.uri,
+        f"SELECT * FROM public.{run.table}",
+        return_type="arrow",
+        partition_on="id",
+        partition_num=run.partitions,
+    )
+    end = time.perf_counter()
+    return {"rows": table.num_rows, "arrow_bytes": table.nbytes, "end": end}
+
+
+@contender("cx_stream")
+def cx_stream(run: Run) -> dict[str, Any]:
+    import connectorx as cx
+
+    rows = nbytes = batches = 0
+    run.start()
+    reader = cx.read_sql(
+        run.uri, f"SELECT * FROM public.{run.table}", return_type="arrow_stream", batch_size=run.batch_size
+    )
+    for batch in reader:
+        rows += batch.num_rows
+        nbytes += batch.nbytes
+        batches += 1
+    end = time.perf_counter()
+    return {"rows": rows, "arrow_bytes": nbytes, "end": end, "details": {"batches": batches}}
+
+
+@contender("cx_offset_parquet")
+def cx_offset_parquet(run: Run) -> dict[str, Any]:
+    import connectorx as cx
+    import pyarrow.parquet as pq
+
+    rows = offset = page = 0
+    page_seconds: list[float] = []
+    run.start()
+    while True:
+        t = time.perf_counter()
+        table = cx.read_sql(
+            run.uri,
+            f"SELECT * FROM public.{run.table} ORDER BY id LIMIT {run.page_rows} OFFSET {offset}",
+            return_type="arrow",
+        )
+        if table.num_rows:
+            pq.write_table(table, run.out / f"part-{page:06d}.parquet", compression="zstd")
+        page_seconds.append(round(time.perf_counter() - t, 3))
+        rows += table.num_rows
+        offset += run.page_rows
+        page += 1
+        if table.num_rows < run.page_rows:
+            break
+        del table
+    end = time.perf_counter()
+    files, size = _files(run.out)
+    return {
+        "rows": rows,
+        "files": files,
+        "file_bytes": size,
+        "end": end,
+        "details": {"pages": page, "page_seconds": page_seconds},
+    }
+
+
+# -- other readers ---------------------------------------------------------------------------------
+
+
+@contender("adbc_stream")
+def adbc_stream(run: Run) -> dict[str, Any]:
+    import adbc_driver_postgresql.dbapi as adbc
+
+    rows = nbytes = batches = 0
+    run.start()
+    with adbc.connect(run.uri) as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT * FROM public.{run.table}")
+        reader = cur.fetch_record_batch()
+        for batch in reader:
+            rows += batch.num_rows
+            nbytes += batch.nbytes
+            batches += 1
+    end = time.perf_counter()
+    return {"rows": rows, "arrow_bytes": nbytes, "end": end, "details": {"batches": batches}}
+
+
+@contender("airflow_get_df")
+def airflow_get_df(run: Run) -> dict[str, Any]:
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    hook = PostgresHook(postgres_conn_id=CONN_ID)
+    run.start()
+    df = hook.get_df(f"SELECT * FROM public.{run.table}")
+    end = time.perf_counter()
+    return {"rows": len(df), "end": end, "details": {"pandas_bytes": int(df.memory_usage(deep=False).sum())}}
+
+
+@contender("psycopg_copy")
+def psycopg_copy(run: Run) -> dict[str, Any]:
+    import psycopg
+
+    total = blocks = 0
+    run.start()
+    with (
+        psycopg.connect(run.uri) as conn,
+        conn.cursor() as cur,
+        cur.copy(f"COPY (SELECT * FROM public.{run.table}) TO STDOUT (FORMAT binary)") as copy,
+    ):
+        for block in copy:
+            total += len(block)
+            blocks += 1
+    end = time.perf_counter()
+    # Binary COPY is not parsed, so rows are not counted: the orchestrator knows the table's size.
+    return {"rows": None, "end": end, "details": {"copy_bytes": total, "blocks": blocks}}
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+def _watch_parent() -> None:
+    """Exit when the orchestrator is gone (killed without a chance to clean up)."""
+    parent = os.getppid()
+
+    def loop() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=loop, name="bench-parent-watch", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.contender")
+    parser.add_argument("name", choices=sorted(CONTENDERS))
+    parser.add_argument("--table", required=True)
+    parser.add_argument("--rows", type=int, required=True, help="rows the table holds (for checks)")
+    parser.add_argument("--out", type=Path, required=True, help="an empty directory for output files")
+    parser.add_argument("--result", type=Path, required=True)
+    parser.add_argument("--chunk-rows", type=int, default=500_000)
+    parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=100_000)
+    parser.add_argument("--page-rows", type=int, default=1_000_000)
+    args = parser.parse_args(argv)
+    _watch_parent()
+    started = time.perf_counter()
+    run = Run(
+        table=args.table,
+        rows=args.rows,
+        out=args.out,
+        chunk_rows=args.chunk_rows,
+        partitions=args.partitions,
+        batch_size=args.batch_size,
+        page_rows=args.page_rows,
+        uri=os.environ["BENCH_PG_URI"],
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    outcome = CONTENDERS[args.name](run)
+    assert run.t0 is not None, "the contender never called run.start()"
+    end = float(outcome.pop("end"))
+    result: dict[str, Any] = {
+        "name": args.name,
+        "setup_s": round(run.t0 - started, 4),
+        "work_s": round(end - run.t0, 4),
+        "rss_at_start_bytes": run.rss_at_start,
+        "rows": outcome.pop("rows"),
+        "arrow_bytes": outcome.pop("arrow_bytes", None),
+        "files": outcome.pop("files", None),
+        "file_bytes": outcome.pop("file_bytes", None),
+        "details": outcome.pop("details", {}),
+        # Kernel high-water marks, a cross-check of the sampled tree peak (children: reaped ones only).
+        "maxrss_self_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "maxrss_children_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+    }
+    tmp = args.result.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(args.result)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: freeing a multi-GB table or joining native threads is not the work.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

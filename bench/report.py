@@ -1,0 +1,531 @@
+"""Turn raw runs into figures: statistics, the Markdown report, the JSON file and the PNG plot."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Job", "JobRun", "Summary", "rerender", "summarise", "write_flatness", "write_main"]
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Job:
+    """One thing to measure: a contender with its arguments, under a display label.
+
+    :param label: unique display name, e.g. ``provider_parquet@500k``.
+    :param contender: the name in :data:`bench.contender.CONTENDERS`.
+    :param args: extra command-line arguments for the contender.
+    :param sink: what the contender produces (``parquet``, ``arrow in parent``, ``none``).
+    :param section: ``main`` (the results table), ``overhead`` or ``flatness``.
+    :param provider: one of the provider's own paths.
+    :param table_rows: rows of the table it reads.
+    """
+
+    label: str
+    contender: str
+    args: tuple[str, ...] = ()
+    sink: str = "none"
+    section: str = "main"
+    provider: bool = False
+    table_rows: int = 0
+    chunk_rows: int | None = None
+    description: str = ""
+
+
+@dataclass
+class JobRun:
+    """One measurement (one fresh process)."""
+
+    label: str
+    round: int
+    ok: bool
+    error: str | None = None
+    work_s: float | None = None
+    process_s: float | None = None
+    cpu_s: float | None = None
+    setup_s: float | None = None
+    peak_rss: int | None = None
+    root_peak_rss: int | None = None
+    descendants_peak_rss: int | None = None
+    rss_at_start: int | None = None
+    peak_processes: int | None = None
+    rss_samples: int = 0
+    rows: int | None = None
+    arrow_bytes: int | None = None
+    files: int | None = None
+    file_bytes: int | None = None
+    maxrss_self: int | None = None
+    maxrss_children: int | None = None
+    leftover_processes: int = 0
+    leftover_backends: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+    rss_series: list[tuple[float, int]] = field(default_factory=list)
+
+
+@dataclass
+class Summary:
+    """A job's runs condensed: medians and ranges over the successful runs."""
+
+    job: Job
+    runs: int
+    ok_runs: int
+    errors: list[str]
+    work_median: float | None = None
+    work_min: float | None = None
+    work_max: float | None = None
+    process_median: float | None = None
+    cpu_median: float | None = None
+    setup_median: float | None = None
+    peak_rss_median: int | None = None
+    peak_rss_max: int | None = None
+    work_rss_median: int | None = None
+    descendants_peak_median: int | None = None
+    rows_per_s: float | None = None
+    mb_per_s: float | None = None
+    ratio_to_provider: float | None = None
+    file_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.ok_runs > 0 and self.ok_runs == self.runs
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["job"] = asdict(self.job)
+        data["ok"] = self.ok
+        return data
+
+
+def summarise(job: Job, runs: Sequence[JobRun], *, rows: int, data_bytes: int | None) -> Summary:
+    mine = [r for r in runs if r.label == job.label]
+    good = [r for r in mine if r.ok and r.work_s is not None]
+    summary = Summary(job=job, runs=len(mine), ok_runs=len(good), errors=[r.error for r in mine if r.error])
+    if not good:
+        return summary
+    works = [r.work_s for r in good if r.work_s is not None]
+    summary.work_median = statistics.median(works)
+    summary.work_min = min(works)
+    summary.work_max = max(works)
+    procs = [r.process_s for r in good if r.process_s is not None]
+    summary.process_median = statistics.median(procs) if procs else None
+    cpus = [r.cpu_s for r in good if r.cpu_s is not None]
+    summary.cpu_median = statistics.median(cpus) if cpus else None
+    setups = [r.setup_s for r in good if r.setup_s is not None]
+    summary.setup_median = statistics.median(setups) if setups else None
+    peaks = [r.peak_rss for r in good if r.peak_rss]
+    if peaks:
+        summary.peak_rss_median = int(statistics.median(peaks))
+        summary.peak_rss_max = max(peaks)
+    grown = [r.peak_rss - r.rss_at_start for r in good if r.peak_rss and r.rss_at_start is not None]
+    if grown:
+        summary.work_rss_median = int(statistics.median(grown))
+    below = [r.descendants_peak_rss for r in good if r.descendants_peak_rss]
+    if below:
+        summary.descendants_peak_median = int(statistics.median(below))
+    summary.rows_per_s = rows / summary.work_median if summary.work_median else None
+    if data_bytes and summary.work_median:
+        summary.mb_per_s = data_bytes / 1e6 / summary.work_median
+    sizes = [r.file_bytes for r in good if r.file_bytes]
+    summary.file_bytes = int(statistics.median(sizes)) if sizes else None
+    if sum(r.leftover_processes for r in mine):
+        summary.notes.append(f"{sum(r.leftover_processes for r in mine)} leftover process(es) killed")
+    if sum(r.leftover_backends for r in mine):
+        summary.notes.append(f"{sum(r.leftover_backends for r in mine)} leftover server backend(s)")
+    return summary
+
+
+# -- formatting ------------------------------------------------------------------------------------
+
+
+def _s(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _mib(value: int | None) -> str:
+    return "—" if value is None else f"{value / MIB:,.0f}"
+
+
+def _rate(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f} M"
+    return f"{value / 1e3:.0f} k"
+
+
+def _count(n: int) -> str:
+    if n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    if n % 1_000 == 0:
+        return f"{n // 1_000}k"
+    return f"{n:,}"
+
+
+def _machine_md(meta: dict[str, Any]) -> list[str]:
+    m = meta["machine"]
+    v = m["versions"]
+    server = meta.get("server", {})
+    lines = [
+        "| | |",
+        "|---|---|",
+        f"| CPU | {m['cpu_model']} — {m['logical_cores']} logical cores ({m['usable_cores']} usable) |",
+        f"| RAM | {m['ram_bytes'] / 2**30:.1f} GiB |",
+        f"| OS / Python | {m['platform']} / {m['python']} |",
+        f"| PostgreSQL | {server.get('server_version')} ({meta.get('server_kind')}; "
+        + ", ".join(f"{k}={val}" for k, val in sorted(server.get("settings", {}).items()))
+        + ") |",
+        f"| connectorx / pyarrow | {v.get('connectorx')} / {v.get('pyarrow')} |",
+        f"| provider / Airflow / postgres provider | {v.get('airflow-provider-cxpg')} / {v.get('apache-airflow')} / "
+        f"{v.get('apache-airflow-providers-postgres')} |",
+        f"| psycopg / ADBC / pandas | {v.get('psycopg')} / {v.get('adbc-driver-postgresql')} / {v.get('pandas')} |",
+        _package_row(meta),
+        f"| load average at start / end | {' '.join(str(x) for x in m['load_average_at_start'])} / "
+        f"{' '.join(str(x) for x in meta.get('load_average_at_end', []))} |",
+    ]
+    return lines
+
+
+def _package_row(meta: dict[str, Any]) -> str:
+    if "package" not in meta:
+        return "| provider source | not recorded |"
+    pkg = meta["package"] or {}
+    if not pkg.get("commit"):
+        return "| provider source | unknown (not a git checkout) |"
+    dirty = pkg.get("uncommitted") or []
+    state = f"{len(dirty)} uncommitted file(s) in the package" if dirty else "clean"
+    return f"| provider source | git {pkg['commit']} ({pkg.get('subject') or ''}); {state} |"
+
+
+def _results_md(summaries: Sequence[Summary], basis: str) -> list[str]:
+    lines = [
+        "| contender | output | work s median (min–max) | process s | CPU s | rows/s | MB/s "
+        "| peak RSS MiB median (max) | growth MiB | × provider | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        if s.ok_runs:
+            work = f"{_s(s.work_median)} ({_s(s.work_min)}–{_s(s.work_max)})"
+            status = "ok" if s.ok else f"{s.runs - s.ok_runs}/{s.runs} FAILED: {_first_error(s)}"
+        else:
+            work = "—"
+            status = f"FAILED: {_first_error(s)}" if s.runs else "not run"
+        if s.notes:
+            status += "; " + "; ".join(s.notes)
+        label = f"**{s.job.label}**" if s.job.provider else s.job.label
+        lines.append(
+            f"| {label} | {s.job.sink} | {work} | {_s(s.process_median)} | {_s(s.cpu_median)} | "
+            f"{_rate(s.rows_per_s)} | {_s(s.mb_per_s, 0)} | {_mib(s.peak_rss_median)} ({_mib(s.peak_rss_max)}) | "
+            f"{_mib(s.work_rss_median)} | {_s(s.ratio_to_provider)} | {status} |"
+        )
+    lines.append("")
+    lines.append(f"MB/s = {basis}, divided by the median work time (MB = 10⁶ bytes).")
+    return lines
+
+
+def _first_error(s: Summary) -> str:
+    """The first failure, shortened to what matters: its cause and the exception's last line."""
+    if not s.errors:
+        return "?"
+    error = s.errors[0]
+    if "stderr:" in error:
+        head, tail = error.split("stderr:", 1)
+        error = f"{head.strip().rstrip(';')}: {tail.split(' | ')[-1].strip()}"
+    return error.replace("|", "/").replace("\n", " ")[:160]
+
+
+def write_main(
+    path_stem: Path,
+    *,
+    meta: dict[str, Any],
+    summaries: Sequence[Summary],
+    runs: Sequence[JobRun],
+    startup: dict[str, Any] | None,
+    overhead: dict[str, Any] | None,
+    checks: Sequence[dict[str, Any]],
+) -> tuple[Path, Path, Path | None]:
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png``; return their paths (png None on failure)."""
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    json_path = path_stem.with_suffix(".json")
+    md_path = path_stem.with_suffix(".md")
+    png_path = path_stem.with_suffix(".png")
+    payload = {
+        "meta": meta,
+        "summaries": [s.to_json() for s in summaries],
+        "runs": [asdict(r) for r in runs],
+        "worker_startup": startup,
+        "per_chunk_overhead": overhead,
+        "checks": list(checks),
+    }
+    json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+    table = meta["table"]
+    lines = [
+        f"# connectorx-postgres provider benchmark — {_count(table['rows'])} rows",
+        "",
+        f"Run {meta['started_at']} ({meta['duration_s']:.0f} s), {meta['rounds']} round(s), contenders alternated; "
+        f"each measurement is a fresh process. Command: `{meta['command']}`",
+        "",
+        "## Machine",
+        "",
+        *_machine_md(meta),
+        "",
+        "## Data",
+        "",
+        f"`{table['qualified']}`: {table['rows']:,} rows × 8 columns (bigint PK, int, double, text ~20 chars, "
+        f"timestamptz, numeric(12,2), boolean, uuid); heap {table['heap_bytes'] / MIB:,.0f} MiB on disk "
+        f"({table['total_bytes'] / MIB:,.0f} MiB with the index); Arrow size as connectorx returns it "
+        f"{_mib(meta.get('arrow_bytes'))} MiB.",
+        "",
+        "## Results",
+        "",
+        "*work s*: from just before the first query to the last byte handled, in the contender's process "
+        "(imports excluded; the provider's planning queries and worker spawn included). *process s*: spawn to "
+        "exit of the contender process (adds interpreter start and imports; anything importing Airflow pays "
+        f"{meta.get('airflow_setup_s') or 0:.1f} s of imports). *peak RSS*: highest sum of RSS over the contender "
+        f"process and all its descendants, sampled every {meta['sample_interval_ms']:.0f} ms. *growth*: that peak "
+        "minus the contender's own RSS when the work started (interpreter and imports; Airflow alone is a few "
+        "hundred MiB), i.e. the memory the work itself added, worker process included. *CPU s*: user + system CPU "
+        "of the contender process and its worker over the whole process (imports included; the server's CPU is "
+        "not). *× provider*: median work "
+        "time divided by that of "
+        f"`{meta['reference_label']}`. Bold rows are the provider.",
+        "",
+        *_results_md(summaries, meta["mb_basis"]),
+        "",
+    ]
+    if startup:
+        lines += [
+            "## Worker start-up",
+            "",
+            f"`python -P -m airflow_provider_cxpg.worker` with the worker's environment, spawn to its first frame "
+            f"(Ready) on the channel, {startup['runs']} runs: median **{startup['median_s'] * 1000:.0f} ms** "
+            f"(min {startup['min_s'] * 1000:.0f}, max {startup['max_s'] * 1000:.0f}); of which the worker's own "
+            f"import time (as it reports it) median {startup['import_median_s'] * 1000:.0f} ms.",
+        ]
+        if startup.get("in_provider_median_s") is not None:
+            lines.append(
+                f"Inside the provider runs (spawned by `WorkerSession.start()` from a process with Airflow loaded, "
+                f"after its server check), start to Ready took a median of "
+                f"**{startup['in_provider_median_s'] * 1000:.0f} ms** over {startup['in_provider_runs']} runs."
+            )
+        lines.append("")
+    if overhead:
+        lines += ["## Per-chunk overhead", ""]
+        if overhead.get("per_query_ms") is not None:
+            lines += [
+                f"`{overhead['small_label']}` median {overhead['small_median_s']:.2f} s ({overhead['small_queries']} "
+                f"queries) vs `{overhead['large_label']}` median {overhead['large_median_s']:.2f} s "
+                f"({overhead['large_queries']} queries): **{overhead['per_query_ms']:.1f} ms per extra chunk** "
+                "(the difference over the extra number of keyset queries; a keyset run of N rows at chunk size c "
+                "issues ⌊N/c⌋+1 queries, the last one finding the end).",
+            ]
+        else:
+            lines.append(f"not computed: {overhead.get('error')}")
+        lines.append("")
+    if checks:
+        lines += ["## Target checks", "", "| check | measured | target | result |", "|---|---|---|---|"]
+        for c in checks:
+            lines.append(f"| {c['name']} | {c['measured']} | {c['target']} | {c['result']} |")
+        lines.append("")
+    md_path.write_text("\n".join(lines).rstrip("\n") + "\n")
+    png = _plot_main(png_path, summaries, meta)
+    return json_path, md_path, png
+
+
+def _plot_main(path: Path, summaries: Sequence[Summary], meta: dict[str, Any]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return None
+    shown = list(summaries)
+    labels = [s.job.label for s in shown]
+    colors = ["tab:orange" if s.job.provider else "tab:blue" for s in shown]
+    rates = [(s.rows_per_s or 0) / 1e6 for s in shown]
+    peaks = [(s.peak_rss_median or 0) / MIB for s in shown]
+    grown = [min(peaks[i], (s.work_rss_median or 0) / MIB) for i, s in enumerate(shown)]
+    base = [peaks[i] - grown[i] for i in range(len(shown))]
+    height = max(3.0, 0.42 * len(shown) + 1.2)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, height), sharey=True)
+    y = list(range(len(shown)))
+    ax1.barh(y, rates, color=colors)
+    ax1.set_yticks(y, labels)
+    ax1.invert_yaxis()
+    ax1.set_xlabel("throughput, million rows/s (median work time; higher is better)")
+    for i, s in enumerate(shown):
+        text = "FAILED" if not s.ok_runs else f"{rates[i]:.2f}  ({_s(s.work_median)} s)"
+        ax1.text(rates[i], i, " " + text, va="center", fontsize=8)
+    ax2.barh(y, base, color=colors, alpha=0.35, label="process RSS when the work started")
+    ax2.barh(y, grown, left=base, color=colors, label="growth during the work")
+    ax2.set_xlabel("peak RSS of the process tree, MiB (median; lower is better)")
+    ax2.legend(fontsize=8, loc="lower right")
+    for i, s in enumerate(shown):
+        ax2.text(peaks[i], i, " " + ("FAILED" if not s.ok_runs else f"{peaks[i]:,.0f}"), va="center", fontsize=8)
+    for ax in (ax1, ax2):
+        ax.margins(x=0.25)
+        ax.grid(axis="x", alpha=0.3)
+    rows = meta["table"]["rows"]
+    fig.suptitle(
+        f"{_count(rows)} rows × 8 columns, {meta['rounds']} round(s) — orange: the provider; "
+        f"{meta['machine']['logical_cores']} cores, PostgreSQL {meta.get('server', {}).get('server_version')}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_flatness(
+    path_stem: Path,
+    *,
+    meta: dict[str, Any],
+    pairs: Sequence[dict[str, Any]],
+    summaries: Sequence[Summary],
+    runs: Sequence[JobRun],
+) -> tuple[Path, Path, Path | None]:
+    """Write the ``--flatness`` report: peak RSS per path and chunk size at each table size."""
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    json_path = path_stem.with_suffix(".json")
+    md_path = path_stem.with_suffix(".md")
+    png_path = path_stem.with_suffix(".png")
+    payload = {
+        "meta": meta,
+        "pairs": list(pairs),
+        "summaries": [s.to_json() for s in summaries],
+        "runs": [asdict(r) for r in runs],
+    }
+    json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    sizes = meta["flatness_rows"]
+    lines = [
+        "# Memory flatness of the provider",
+        "",
+        f"Run {meta['started_at']} ({meta['duration_s']:.0f} s), {meta['rounds']} round(s). Peak RSS of the "
+        f"contender's process tree (contender + worker), sampled every {meta['sample_interval_ms']:.0f} ms, "
+        "median over rounds; the same chunk size on tables of "
+        + " and ".join(_count(n) for n in sizes)
+        + " rows. Flat means the larger table's peak is within 15 % of the smaller's. *growth*: the peak minus the "
+        "contender's RSS when the work started (Airflow and pyarrow imported), i.e. what the extraction added.",
+        "",
+        "## Machine",
+        "",
+        *_machine_md(meta),
+        "",
+        "## Peak RSS",
+        "",
+        "| path | chunk rows | "
+        + " | ".join(f"{_count(n)}: peak MiB (growth; work s)" for n in sizes)
+        + " | ratio | flat (≤ 1.15) | runs |",
+        "|---|---|" + "---|" * len(sizes) + "---|---|---|",
+    ]
+    for p in pairs:
+        cells = [
+            f"{_mib(c['peak_rss_median'])} ({_mib(c.get('work_rss_median'))}; {_s(c['work_median'])} s)"
+            for c in p["cells"]
+        ]
+        mine = [
+            s
+            for s in summaries
+            if s.job.contender == p["path"] and s.job.chunk_rows == p["chunk_rows"] and s.job.table_rows in sizes
+        ]
+        failed = [s for s in mine if not s.ok]
+        status = (
+            "all ok"
+            if not failed
+            else "; ".join(
+                f"{_count(s.job.table_rows)}: {s.runs - s.ok_runs}/{s.runs} FAILED ({_first_error(s)[:100]})"
+                for s in failed
+            )
+        )
+        lines.append(
+            f"| {p['path']} | {p['chunk_rows']:,} | "
+            + " | ".join(cells)
+            + f" | {_s(p['ratio'])} | {p['result']} | {status} |"
+        )
+    lines += [
+        "",
+        "Medians are over the successful runs only; a FAILED run is listed with the first line of its error.",
+        "",
+    ]
+    md_path.write_text("\n".join(lines).rstrip("\n") + "\n")
+    png = _plot_flatness(png_path, summaries, runs, meta)
+    return json_path, md_path, png
+
+
+def _plot_flatness(
+    path: Path, summaries: Sequence[Summary], runs: Sequence[JobRun], meta: dict[str, Any]
+) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return None
+    fig, ax = plt.subplots(figsize=(11, 5))
+    for s in summaries:
+        run = next((r for r in runs if r.label == s.job.label and r.ok and r.rss_series), None)
+        if run is None:
+            continue
+        # x = 0 where the work starts: the contender exits right after its work, so that is about
+        # process time minus work time after spawn. Imports before it show as negative time.
+        shift = (run.process_s or 0.0) - (run.work_s or 0.0)
+        points = [(t - shift, v / MIB) for t, v in run.rss_series if v]
+        ax.plot([t for t, _ in points], [v for _, v in points], label=s.job.label, linewidth=1.2)
+    ax.axvline(0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("seconds since the work started (first round; negative: interpreter start and imports)")
+    ax.set_ylabel("RSS of the process tree, MiB")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Provider memory over time: same chunk size, growing table", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -- re-rendering ----------------------------------------------------------------------------------
+
+
+def rerender(json_path: Path) -> tuple[Path, Path, Path | None]:
+    """Rewrite the Markdown and PNG next to a results JSON from its raw runs (no measurement)."""
+    data = json.loads(json_path.read_text())
+    meta: dict[str, Any] = data["meta"]
+    runs = [JobRun(**{**r, "rss_series": [tuple(x) for x in r.get("rss_series", [])]}) for r in data["runs"]]
+    jobs = [Job(**{**s["job"], "args": tuple(s["job"]["args"])}) for s in data["summaries"]]
+    stem = json_path.with_suffix("")
+    if "pairs" in data:
+        summaries = [summarise(j, runs, rows=j.table_rows, data_bytes=None) for j in jobs]
+        return write_flatness(stem, meta=meta, pairs=data["pairs"], summaries=summaries, runs=runs)
+    rows = int(meta["table"]["rows"])
+    data_bytes = meta.get("arrow_bytes") or meta["table"]["heap_bytes"]
+    summaries = [summarise(j, runs, rows=rows, data_bytes=data_bytes) for j in jobs]
+    ref = next((s for s in summaries if s.job.label == meta.get("reference_label")), None)
+    for s in summaries:
+        if ref and ref.work_median and s.work_median:
+            s.ratio_to_provider = s.work_median / ref.work_median
+    return write_main(
+        stem,
+        meta=meta,
+        summaries=summaries,
+        runs=runs,
+        startup=data.get("worker_startup"),
+        overhead=data.get("per_chunk_overhead"),
+        checks=data.get("checks", []),
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    for arg in sys.argv[1:] or [str(Path(__file__).resolve().parent / "results" / "latest.json")]:
+        print("rewritten:", ", ".join(str(p) for p in rerender(Path(arg)) if p))

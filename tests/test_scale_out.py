@@ -1,0 +1,322 @@
+"""Scale out: key-range planning, parallel workers in one task, fan-out over mapped tasks, consistency."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from airflow_provider_cxpg.exceptions import CxpgError, StorageError, WorkerCrashedError
+from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+from airflow_provider_cxpg.monitor import connect
+from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+from airflow_provider_cxpg.operators.partition import PostgresPartitionPlanOperator, PostgresPartitionValidateOperator
+from airflow_provider_cxpg.partition import plan_key_ranges
+from airflow_provider_cxpg.plan import SourceSpec, build_plan
+from tests.helpers import PgInfo, assert_nothing_left, manifest_of, wait_until, worker_pids
+
+pytestmark = pytest.mark.integration
+
+FAST = {"heartbeat_interval": 0.2, "heartbeat_timeout": 5.0, "cancel_grace": 2.0, "kill_grace": 2.0}
+ROWS = 40_000
+
+
+@pytest.fixture
+def events_table(admin: psycopg.Connection, schema: str) -> str:
+    admin.execute(
+        f"""CREATE TABLE "{schema}".events (
+              tenant int NOT NULL, seq bigint NOT NULL, kind text NOT NULL, payload text,
+              PRIMARY KEY (tenant, seq))"""
+    )
+    admin.execute(
+        f"""INSERT INTO "{schema}".events
+            SELECT g % 7, g, (ARRAY['a','b','c'])[1 + g % 3], md5(g::text) FROM generate_series(1, {ROWS}) g"""
+    )
+    admin.execute(f'ANALYZE "{schema}".events')
+    return f"{schema}.events"
+
+
+def all_rows(admin: psycopg.Connection, table: str) -> list[tuple[Any, ...]]:
+    return sorted(admin.execute(f"SELECT tenant, seq, kind, payload FROM {table}").fetchall())
+
+
+def dataset_rows(base: Path) -> list[tuple[Any, ...]]:
+    tables = [pq.read_table(p) for p in sorted(base.glob("range=*/part-*.parquet"))]
+    table = pa.concat_tables(tables)
+    return sorted(zip(*(table.column(c).to_pylist() for c in ("tenant", "seq", "kind", "payload")), strict=True))
+
+
+def _plan(pg: PgInfo, conn_id: str, table: str, key: list[str] | None = None) -> Any:
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+    conn = connect(hook.get_endpoint().with_session())
+    return conn, build_plan(conn, SourceSpec(table=table, key_columns=tuple(key) if key else None))
+
+
+@pytest.mark.parametrize(
+    ("method", "composite"), [("histogram", False), ("sample", True), ("ntile", True), ("sample", False)]
+)
+def test_planner_ranges_tile_the_key_space(
+    pg: PgInfo, conn_id: str, admin: psycopg.Connection, schema: str, events_table: str, method: str, composite: bool
+) -> None:
+    table = events_table
+    if not composite:  # pg_stats keeps a histogram only for a high-cardinality first key column
+        admin.execute(f'CREATE TABLE "{schema}".single AS SELECT seq AS id, kind FROM {events_table}')
+        admin.execute(f'ALTER TABLE "{schema}".single ADD PRIMARY KEY (id)')
+        admin.execute(f'ANALYZE "{schema}".single')
+        table = f"{schema}.single"
+    conn, plan = _plan(pg, conn_id, table)
+    with conn:
+        ranges, used, seconds = plan_key_ranges(conn, plan, 4, method)
+        assert used == method and seconds >= 0
+        assert ranges[0].lower is None and ranges[-1].upper is None
+        for previous, current in itertools.pairwise(ranges):
+            assert current.lower == previous.upper
+        counts = []
+        for r in ranges:
+            condition = " AND ".join(plan.range_condition(r.lower, r.upper)) or "true"
+            counts.append(conn.execute(f"SELECT count(*) FROM {plan.from_clause} WHERE {condition}").fetchone()[0])
+    assert sum(counts) == ROWS  # every row in exactly one range
+    assert len(ranges) == 4
+    if method == "ntile":
+        assert max(counts) - min(counts) <= 1, counts
+    else:
+        assert min(counts) > ROWS / 4 * 0.5, counts  # estimates, but not wildly off
+
+
+def test_parallel_workers_in_one_task_are_exact(
+    conn_id: str, admin: psycopg.Connection, events_table: str, out_dir: Path
+) -> None:
+    op = PostgresExtractOperator(
+        task_id="p",
+        postgres_conn_id=conn_id,
+        table=events_table,
+        destination=str(out_dir),
+        parallelism=3,
+        chunk_rows=4_000,
+        worker_settings=FAST,
+    )
+    summary = op.execute({})
+    assert summary["rows"] == ROWS and summary["parallelism"] == 3 and summary["partitions"] == 3
+    assert dataset_rows(out_dir) == all_rows(admin, events_table)
+    dataset = manifest_of(out_dir).get("status") if (out_dir / "_manifest.json").exists() else None
+    assert dataset is None  # the top level holds the dataset manifest, not an extraction manifest
+    import json
+
+    record = json.loads((out_dir / "_dataset_manifest.json").read_text())
+    assert record["status"] == "complete" and record["rows"] == ROWS and len(record["partitions"]) == 3
+    for entry in record["ranges"]:
+        sub = manifest_of(out_dir / entry["path"])
+        assert sub["status"] == "complete" and sub["bounds"] == {"lower": entry["lower"], "upper": entry["upper"]}
+    assert_nothing_left(admin)
+
+
+def test_parallel_stops_every_worker_when_one_dies_and_a_retry_resumes(
+    conn_id: str, admin: psycopg.Connection, events_table: str, out_dir: Path
+) -> None:
+    arguments: dict[str, Any] = {
+        "task_id": "p",
+        "postgres_conn_id": conn_id,
+        "table": events_table,
+        "destination": str(out_dir),
+        "parallelism": 2,
+        "chunk_rows": 1_000,
+        "where": "pg_sleep(0.00005) IS NOT NULL",
+        "max_worker_restarts": 0,
+        "worker_settings": FAST,
+    }
+
+    def kill_one() -> None:
+        if wait_until(lambda: len(worker_pids()) == 2, 60, 0.01):
+            time.sleep(0.8)
+            with contextlib.suppress(ProcessLookupError, IndexError):
+                os.kill(worker_pids()[0], signal.SIGKILL)
+
+    threading.Thread(target=kill_one, daemon=True).start()
+    with pytest.raises(CxpgError) as failure:
+        PostgresExtractOperator(**arguments).execute({})
+    assert isinstance(failure.value, (WorkerCrashedError, CxpgError))
+    assert_nothing_left(admin)  # the surviving worker was stopped too
+
+    summary = PostgresExtractOperator(**arguments).execute({})  # the task's retry
+    assert summary["rows"] == ROWS
+    assert dataset_rows(out_dir) == all_rows(admin, events_table)
+    resumed = [manifest_of(p.parent)["attempts"] for p in out_dir.glob("range=*/_manifest.json")]
+    assert max(resumed) == 2  # at least one range continued from its manifest
+    assert_nothing_left(admin)
+
+
+def test_snapshot_gives_a_point_in_time_copy_while_rows_change(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, events_table: str, out_dir: Path
+) -> None:
+    """Documented guarantee: with snapshot=True the dataset equals the table at the run's start."""
+    before = all_rows(admin, events_table)
+    stop = threading.Event()
+    changes = {"n": 0}
+
+    def churn() -> None:
+        wait_until(lambda: bool(worker_pids()), 60, 0.01)
+        with psycopg.connect(pg.dsn, autocommit=True) as writer:
+            while not stop.is_set():
+                n = changes["n"]
+                writer.execute(
+                    f"INSERT INTO {events_table} VALUES (%s, %s, 'new', 'inserted during run')", (n % 7, 10_000_000 + n)
+                )
+                writer.execute(
+                    f"UPDATE {events_table} SET payload = 'updated during run' WHERE seq = %s", (1 + (n * 997) % ROWS,)
+                )
+                writer.execute(f"DELETE FROM {events_table} WHERE seq = %s", (ROWS - n,))
+                changes["n"] = n + 1
+                time.sleep(0.005)
+
+    churner = threading.Thread(target=churn, daemon=True)
+    churner.start()
+    try:
+        PostgresExtractOperator(
+            task_id="p",
+            postgres_conn_id=conn_id,
+            table=events_table,
+            destination=str(out_dir),
+            parallelism=2,
+            chunk_rows=2_000,
+            where="pg_sleep(0.00005) IS NOT NULL",
+            worker_settings=FAST,
+        ).execute({})
+    finally:
+        stop.set()
+        churner.join(timeout=30)
+    assert changes["n"] > 20, "the table did not change during the run"
+    assert dataset_rows(out_dir) == before
+
+
+def test_ctid_page_ranges_for_a_table_without_a_key(
+    conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    admin.execute(f'CREATE TABLE "{schema}".heap AS SELECT g AS n, md5(g::text) AS s FROM generate_series(1, 30000) g')
+    admin.execute(f'INSERT INTO "{schema}".heap SELECT * FROM "{schema}".heap WHERE n <= 100')  # duplicates: no key
+    admin.execute(f'ANALYZE "{schema}".heap')
+    expected = sorted(admin.execute(f'SELECT n, s FROM "{schema}".heap').fetchall())
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+    result = hook.extract(
+        destination=str(out_dir / "one"), table=f"{schema}.heap", key_columns=["ctid"], chunk_rows=3_000, **FAST
+    )
+    got = pq.read_table(out_dir / "one" / "part-000000.parquet").num_rows
+    assert result.chunks > 5 and got > 0
+    table = pa.concat_tables([pq.read_table(out_dir / "one" / f) for f in manifest_of(out_dir / "one")["files"]])
+    assert sorted(zip(table.column("n").to_pylist(), table.column("s").to_pylist(), strict=True)) == expected
+
+    PostgresExtractOperator(
+        task_id="p",
+        postgres_conn_id=conn_id,
+        table=f"{schema}.heap",
+        key_columns=["ctid"],
+        destination=str(out_dir / "par"),
+        parallelism=3,
+        chunk_rows=3_000,
+        worker_settings=FAST,
+    ).execute({})
+    tables = [pq.read_table(p) for p in sorted((out_dir / "par").glob("range=*/part-*.parquet"))]
+    merged = pa.concat_tables(tables)
+    assert sorted(zip(merged.column("n").to_pylist(), merged.column("s").to_pylist(), strict=True)) == expected
+    assert_nothing_left(admin)
+
+
+def test_fan_out_operators_with_a_failed_range_retried_alone(
+    conn_id: str, admin: psycopg.Connection, events_table: str, out_dir: Path
+) -> None:
+    planner = PostgresPartitionPlanOperator(
+        task_id="plan",
+        postgres_conn_id=conn_id,
+        table=events_table,
+        partitions=3,
+        method="ntile",
+        destination=str(out_dir),
+    )
+    ranges = planner.execute({})
+    assert len(ranges) == 3 and {"lower_key", "upper_key", "destination"} <= set(ranges[0])
+    assert planner.execute({}) == ranges  # re-planning before completion reuses the recorded ranges
+
+    with pytest.raises(StorageError, match="not complete"):
+        PostgresPartitionValidateOperator(task_id="v", destination=str(out_dir)).execute({})
+
+    def extract(kwargs: dict[str, Any], **more: Any) -> dict[str, Any]:
+        return PostgresExtractOperator(
+            task_id="e",
+            postgres_conn_id=conn_id,
+            table=events_table,
+            chunk_rows=1_500,
+            worker_settings=FAST,
+            **kwargs,
+            **more,
+        ).execute({})
+
+    extract(ranges[0])
+    killer = threading.Thread(
+        target=lambda: (
+            wait_until(
+                lambda: (
+                    len(manifest_of(Path(ranges[1]["destination"]))["chunks"]) >= 2
+                    if (Path(ranges[1]["destination"]) / "_manifest.json").exists()
+                    else False
+                ),
+                60,
+                0.01,
+            )
+            and os.kill(worker_pids()[0], signal.SIGKILL)
+        ),
+        daemon=True,
+    )
+    killer.start()
+    with pytest.raises(WorkerCrashedError):
+        extract(ranges[1], where="pg_sleep(0.0001) IS NOT NULL", max_worker_restarts=0)
+    retried = extract(ranges[1], where="pg_sleep(0.0001) IS NOT NULL")  # the mapped task's retry
+    assert retried["resumed_from_chunk"] >= 2
+    extract(ranges[2])
+    summary = PostgresPartitionValidateOperator(
+        task_id="v", destination=str(out_dir), verify_count=True, postgres_conn_id=conn_id, table=events_table
+    ).execute({})
+    assert summary["rows"] == ROWS and summary["partitions"] == 3
+    assert dataset_rows(out_dir) == all_rows(admin, events_table)
+
+
+def test_fan_out_example_dag(orders_db_for_fanout: Path, admin: psycopg.Connection) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "dags" / "example_fan_out_mapped.py"
+    spec = importlib.util.spec_from_file_location("example_fan_out_mapped_test", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dag_run = module.dag.test()
+    assert "success" in str(dag_run.state)
+    import json
+
+    (dataset,) = list(orders_db_for_fanout.glob("orders_fanout/*/_dataset_manifest.json"))
+    record = json.loads(dataset.read_text())
+    assert record["status"] == "complete" and record["rows"] == 20_000 and len(record["partitions"]) == 4
+    assert_nothing_left(admin)
+
+
+@pytest.fixture
+def orders_db_for_fanout(
+    pg: PgInfo, admin: psycopg.Connection, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, airflow_db: Path
+) -> Iterator[Path]:
+    from airflow_provider_cxpg.demo import create_orders
+
+    create_orders(admin, 20_000)
+    monkeypatch.setenv("AIRFLOW_CONN_ORDERS_DB", pg.airflow_conn_json())
+    monkeypatch.setenv("CXPG_EXAMPLE_OUTPUT", str(tmp_path))
+    try:
+        yield tmp_path
+    finally:
+        admin.execute("DROP TABLE IF EXISTS public.orders")
