@@ -313,12 +313,20 @@ class Extraction:
             return self._run(started, job_deadline)
 
     def _run(self, started: float, job_deadline: float | None) -> ExtractResult:
-        plan = self.plan or self.build_plan()
-        manifest, resumed_from = self._open_manifest(plan)
+        # The worker imports connectorx while the parent plans: ~0.2 s less per run.
+        prespawned: WorkerSession | None = self.new_session(job_deadline)
+        assert prespawned is not None
+        prespawned.spawn()
         try:
-            plan = self.windowed(plan, manifest.window if resumed_from is not None else None)
-        except BaseException as exc:
-            self._fail(manifest, f"{type(exc).__name__}: {exc}")
+            plan = self.plan or self.build_plan()
+            manifest, resumed_from = self._open_manifest(plan)
+            try:
+                plan = self.windowed(plan, manifest.window if resumed_from is not None else None)
+            except BaseException as exc:
+                self._fail(manifest, f"{type(exc).__name__}: {exc}")
+                raise
+        except BaseException:
+            prespawned.stop(reason="planning failed")
             raise
         if self.window is not None and manifest.window is None:
             manifest.window = self.window.to_json()
@@ -328,7 +336,8 @@ class Extraction:
             if self._aborted:
                 raise ExtractionAborted(f"extraction aborted: {self._aborted}", reason=self._aborted)
             try:
-                self._run_session(plan, manifest, job_deadline)
+                session, prespawned = prespawned or self.new_session(job_deadline), None
+                self._run_session(session, plan, manifest)
                 break
             except WorkerError as exc:
                 if self._aborted:
@@ -443,10 +452,11 @@ class Extraction:
         self._session = session
         return session
 
-    def _run_session(self, plan: ExtractPlan, manifest: Manifest, job_deadline: float | None) -> None:
+    def _run_session(self, session: WorkerSession, plan: ExtractPlan, manifest: Manifest) -> None:
         if manifest.chunks and plan.pages is not None and manifest.chunks[-1].last_key == [None]:
-            return  # the open-ended last page range is committed: nothing is left to read
-        session = self.new_session(job_deadline)
+            session.stop(reason="nothing left to read")  # the open-ended last page range is committed
+            return
+        self._session = session
         try:
             with session:
                 after = manifest.chunks[-1].last_key if manifest.chunks else None

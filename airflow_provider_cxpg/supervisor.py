@@ -231,12 +231,15 @@ class WorkerSession:
         self._query_backends: dict[int, int] = {}
         self._stopped = False
         self._closing = False
+        self._spawned_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def __enter__(self) -> WorkerSession:
         if self.proc is None:
             self.start()
+        elif self.ready is None:
+            self.finish_start()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
@@ -250,10 +253,19 @@ class WorkerSession:
 
     def start(self) -> None:
         """Check the server, spawn the worker, wait for Ready, send Configure."""
+        self.spawn()
+        self.finish_start()
+
+    def spawn(self) -> None:
+        """Check the server and start the worker process without waiting for it.
+
+        The worker imports connectorx and pyarrow meanwhile; the caller can plan in parallel and
+        call :meth:`finish_start` (or enter the ``with`` block) when it needs the worker.
+        """
         self.monitor.check()
         env = worker_environment(self.settings.worker_env)
         cmd = [sys.executable, "-P", "-m", "airflow_provider_cxpg.worker"]
-        t0 = time.monotonic()
+        self._spawned_at = time.monotonic()
         try:
             self.proc = subprocess.Popen(
                 cmd,
@@ -274,6 +286,11 @@ class WorkerSession:
         self._spawn_thread(self._read_channel, self.proc.stdout, "cxpg-channel")
         self._spawn_thread(self._read_stderr, self.proc.stderr, "cxpg-stderr")
         self.log.emit("worker.start", worker=self.worker_index, worker_pid=self.pid)
+
+    def finish_start(self) -> None:
+        """Wait (under ``start_timeout``) for the spawned worker's Ready, then send Configure."""
+        assert self.proc is not None, "spawn() first"
+        t0 = self._spawned_at
         deadline = t0 + self.settings.start_timeout
         try:
             self._pump(lambda: self.ready is not None, start_deadline=deadline)
