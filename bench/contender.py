@@ -44,6 +44,7 @@ class Run:
     batch_size: int
     page_rows: int
     uri: str
+    parallelism: int = 1
     t0: float | None = None
     rss_at_start: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
@@ -83,12 +84,17 @@ def _files(out: Path) -> tuple[int, int]:
 
 
 def _provider_details(log_path: Path) -> dict[str, Any]:
-    """Summarise the provider's query log: worker start-up, per-query read seconds, chunk commits."""
+    """Summarise the provider's query log: worker start-up, per-query read seconds, chunk commits.
+
+    With ``parallelism > 1`` the workers' threads append to one log: the sums are over all workers,
+    and the key-range planning (``job.plan`` with ``partition_method``) is recorded as well.
+    """
     if not log_path.exists():
         return {}
     ready: list[float] = []
     reads: list[float] = []
     commits: list[float] = []
+    planning: dict[str, Any] = {}
     with log_path.open() as handle:
         for line in handle:
             event = json.loads(line)
@@ -99,7 +105,11 @@ def _provider_details(log_path: Path) -> dict[str, Any]:
                 reads.append(float(event.get("seconds", 0.0)))
             elif name == "chunk.commit":
                 commits.append(float(event.get("seconds", 0.0)))
-    return {
+            elif name == "job.plan" and "partition_method" in event:
+                planning = {"partition_method": event["partition_method"], "planning_s": event.get("seconds")}
+            elif name == "job.plan" and event.get("snapshot"):
+                planning.setdefault("snapshot", True)
+    details: dict[str, Any] = {
         "worker_ready_s": round(sum(ready), 4),
         "workers": len(ready),
         "queries": len(reads),
@@ -107,6 +117,8 @@ def _provider_details(log_path: Path) -> dict[str, Any]:
         "query_read_s_max": round(max(reads), 4) if reads else None,
         "chunk_read_write_s_sum": round(sum(commits), 4),
     }
+    details.update(planning)
+    return details
 
 
 @contender("provider_parquet")
@@ -151,6 +163,49 @@ def provider_iter(run: Run) -> dict[str, Any]:
     details = _provider_details(log_path)
     details.update({"chunks": chunks, "id_sum_ok": id_sum == run.rows * (run.rows + 1) // 2})
     return {"rows": rows, "arrow_bytes": nbytes, "end": end, "details": details}
+
+
+@contender("provider_parallel")
+def provider_parallel(run: Run) -> dict[str, Any]:
+    """``PostgresExtractOperator(parallelism=N).execute``: N workers on planned key ranges.
+
+    Defaults kept: ``partition_method="auto"`` (histogram on this table) and ``snapshot=True`` (every
+    worker reads one exported snapshot, held by one more connection for the run).
+    """
+    from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+    from airflow_provider_cxpg.parallel import DATASET_MANIFEST
+
+    log_path = run.out.parent / f"{run.out.name}.querylog.jsonl"
+    dest = run.out / "parquet"
+    operator = PostgresExtractOperator(
+        task_id="b",
+        postgres_conn_id=CONN_ID,
+        table=f"public.{run.table}",
+        destination=str(dest),
+        chunk_rows=run.chunk_rows,
+        parallelism=run.parallelism,
+        query_log_path=str(log_path),
+    )
+    run.start()
+    summary = operator.execute({})  # type: ignore[arg-type]
+    end = time.perf_counter()
+    files, size = _files(dest)
+    details = _provider_details(log_path)
+    details.update(
+        {
+            "parallelism": run.parallelism,
+            "extract_seconds": summary.get("seconds"),
+            "chunks": summary.get("chunks"),
+            "partitions": summary.get("partitions"),
+        }
+    )
+    manifest = dest / DATASET_MANIFEST
+    if manifest.exists():
+        record = json.loads(manifest.read_text())
+        details["range_rows"] = [p.get("rows") for p in record.get("partitions", [])]
+        details["planning_s"] = record.get("planning_seconds", details.get("planning_s"))
+        details["partition_method"] = record.get("partition_method", details.get("partition_method"))
+    return {"rows": summary["rows"], "files": files, "file_bytes": size, "end": end, "details": details}
 
 
 # -- connectorx directly ---------------------------------------------------------------------------
@@ -333,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=100_000)
     parser.add_argument("--page-rows", type=int, default=1_000_000)
+    parser.add_argument("--parallelism", type=int, default=1, help="provider_parallel: workers")
     args = parser.parse_args(argv)
     _watch_parent()
     started = time.perf_counter()
@@ -345,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         page_rows=args.page_rows,
         uri=os.environ["BENCH_PG_URI"],
+        parallelism=args.parallelism,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     outcome = CONTENDERS[args.name](run)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Job", "JobRun", "Summary", "rerender", "summarise", "write_flatness", "write_main"]
+__all__ = ["Job", "JobRun", "Summary", "rerender", "summarise", "write_flatness", "write_main", "write_planner"]
 
 MIB = 2**20
 
@@ -206,8 +206,8 @@ def _package_row(meta: dict[str, Any]) -> str:
 def _results_md(summaries: Sequence[Summary], basis: str) -> list[str]:
     lines = [
         "| contender | output | work s median (min–max) | process s | CPU s | rows/s | MB/s "
-        "| peak RSS MiB median (max) | growth MiB | × provider | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS MiB median (max) | worker peak MiB | growth MiB | × provider | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         if s.ok_runs:
@@ -222,7 +222,7 @@ def _results_md(summaries: Sequence[Summary], basis: str) -> list[str]:
         lines.append(
             f"| {label} | {s.job.sink} | {work} | {_s(s.process_median)} | {_s(s.cpu_median)} | "
             f"{_rate(s.rows_per_s)} | {_s(s.mb_per_s, 0)} | {_mib(s.peak_rss_median)} ({_mib(s.peak_rss_max)}) | "
-            f"{_mib(s.work_rss_median)} | {_s(s.ratio_to_provider)} | {status} |"
+            f"{_mib(s.descendants_peak_median)} | {_mib(s.work_rss_median)} | {_s(s.ratio_to_provider)} | {status} |"
         )
     lines.append("")
     lines.append(f"MB/s = {basis}, divided by the median work time (MB = 10⁶ bytes).")
@@ -240,6 +240,96 @@ def _first_error(s: Summary) -> str:
     return error.replace("|", "/").replace("\n", " ")[:160]
 
 
+def _range(values: Sequence[int | None]) -> str:
+    clean = [v for v in values if v is not None]
+    return f"{min(clean):,}–{max(clean):,}" if clean else "—"
+
+
+def _scale_out_md(summaries: Sequence[Summary], runs: Sequence[JobRun], reference: str | None) -> list[str]:
+    """One worker (the reference row) vs ``parallelism=N``: time, speed-up, CPU, memory, planning."""
+    parallel = [s for s in summaries if s.job.contender == "provider_parallel"]
+    if not parallel:
+        return []
+    ref = next((s for s in summaries if s.job.label == reference), None)
+    rows = [s for s in [ref, *parallel] if s is not None]
+    lines = [
+        "## Scale out: one worker vs N workers",
+        "",
+        "The same table to Parquet at the same chunk size: the reference row is one worker "
+        "(`ConnectorXPostgresHook.extract`, no snapshot: its default); the others are "
+        "`PostgresExtractOperator(parallelism=N).execute({})` with the **defaults kept**: "
+        '`partition_method="auto"` (histogram bounds here) and **`snapshot=True`** — the parent exports a '
+        "snapshot and holds its transaction open for the run, and every worker reads from it (one more "
+        "connection; a consistent point-in-time copy). *planning s*: the `job.plan` key-range planning inside "
+        "the run (median); *rows/range*: rows per range in the dataset manifest (all rounds). "
+        "*worker(s) peak*: the summed RSS of all workers at their peak. Every process — the server's backends, "
+        "the N workers and the parent — shares this machine's cores.",
+        "",
+        "| workers | contender | work s median (min–max) | speed-up vs 1 | CPU s | peak RSS MiB (tree) "
+        "| worker(s) peak MiB | planning s | method | rows/range min–max | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in rows:
+        mine = [r for r in runs if r.label == s.job.label and r.ok]
+        workers = int(s.job.args[s.job.args.index("--parallelism") + 1]) if "--parallelism" in s.job.args else 1
+        speed = ref.work_median / s.work_median if ref and ref.work_median and s.work_median else None
+        planning = [r.details.get("planning_s") for r in mine if r.details.get("planning_s") is not None]
+        methods = sorted({str(r.details["partition_method"]) for r in mine if r.details.get("partition_method")})
+        sizes = [n for r in mine for n in (r.details.get("range_rows") or [])]
+        work = f"{_s(s.work_median)} ({_s(s.work_min)}–{_s(s.work_max)})" if s.ok_runs else "—"
+        status = "ok" if s.ok else f"{s.runs - s.ok_runs}/{s.runs} FAILED: {_first_error(s)}" if s.runs else "not run"
+        lines.append(
+            f"| {workers} | {s.job.label} | {work} | {_s(speed)}× | {_s(s.cpu_median)} | {_mib(s.peak_rss_median)} | "
+            f"{_mib(s.descendants_peak_median)} | {_s(statistics.median(planning), 3) if planning else '—'} | "
+            f"{', '.join(methods) or '—'} | {_range(sizes) if workers > 1 else 'whole table'} | {status} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _secs(value: float) -> str:
+    return f"{value:.4f}" if value >= 0.0001 else "<0.0001"
+
+
+def _planner_md(planner: dict[str, Any] | None, heading: str = "##") -> list[str]:
+    """The planner's own cost: ``plan_key_ranges`` per method and partition count."""
+    if not planner:
+        return []
+    lines = [f"{heading} Planner cost", ""]
+    if "error" in planner:
+        return [*lines, f"FAILED: {planner['error']}", ""]
+    build = planner.get("build_plan_s", {})
+    lines += [
+        f"`airflow_provider_cxpg.partition.plan_key_ranges(conn, plan, partitions, method)` on `{planner['table']}`, "
+        f"median of {planner['repeats']} calls each, in a fresh process over one autocommit connection (what "
+        "`parallelism=N` and `PostgresPartitionPlanOperator` run before any data moves). `histogram`, `sample` and "
+        '`ntile` plan the primary key; `ctid` plans the same table with `key_columns=["ctid"]` (heap page ranges). '
+        "*rows/range*: the fewest and most rows in one range, counted afterwards with one `count(*)` per range "
+        "(`plan.range_condition(lower, upper)`, page bounds for `ctid`; not timed); for `sample`, whose "
+        "ranges differ per call, over every call's ranges. *max/min*: their ratio (1.00 = equal ranges). "
+        "Building the plan itself (`build_plan`, catalog queries, paid once per run whatever the method): "
+        + ", ".join(f"{k} plan {v * 1000:.1f} ms" for k, v in build.items())
+        + ".",
+        "",
+        "| method | partitions | seconds (median) | min–max of 3 | ranges | rows/range min–max | max/min |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in planner.get("entries", []):
+        if "error" in e:
+            lines.append(f"| {e['method']} | {e['partitions']} | FAILED: {e['error'][:160]} | | | | |")
+            continue
+        times = e.get("seconds_all") or []
+        spread = e["rows_max"] / e["rows_min"] if e.get("rows_min") else None
+        counts = sorted(set(e.get("ranges") or []))
+        lines.append(
+            f"| {e['method']} | {e['partitions']} | {_secs(e['seconds_median'])} | "
+            f"{_secs(min(times))}–{_secs(max(times))} | {'/'.join(map(str, counts))} | "
+            f"{_range([e.get('rows_min'), e.get('rows_max')])} | {_s(spread)} |"
+        )
+    lines.append("")
+    return lines
+
+
 def write_main(
     path_stem: Path,
     *,
@@ -249,6 +339,7 @@ def write_main(
     startup: dict[str, Any] | None,
     overhead: dict[str, Any] | None,
     checks: Sequence[dict[str, Any]],
+    planner: dict[str, Any] | None = None,
 ) -> tuple[Path, Path, Path | None]:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png``; return their paths (png None on failure)."""
     path_stem.parent.mkdir(parents=True, exist_ok=True)
@@ -262,6 +353,7 @@ def write_main(
         "worker_startup": startup,
         "per_chunk_overhead": overhead,
         "checks": list(checks),
+        "planner": planner,
     }
     json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
@@ -291,7 +383,10 @@ def write_main(
         f"{meta.get('airflow_setup_s') or 0:.1f} s of imports). *peak RSS*: highest sum of RSS over the contender "
         f"process and all its descendants, sampled every {meta['sample_interval_ms']:.0f} ms. *growth*: that peak "
         "minus the contender's own RSS when the work started (interpreter and imports; Airflow alone is a few "
-        "hundred MiB), i.e. the memory the work itself added, worker process included. *CPU s*: user + system CPU "
+        "hundred MiB), i.e. the memory the work itself added, worker process included. *worker peak*: the peak "
+        "of the contender's descendants alone — the provider's worker (summed over all workers for "
+        "`provider_parallel*`), without the parent that imports Airflow; — where the contender has no child "
+        "process. *CPU s*: user + system CPU "
         "of the contender process and its worker over the whole process (imports included; the server's CPU is "
         "not). *× provider*: median work "
         "time divided by that of "
@@ -299,6 +394,8 @@ def write_main(
         "",
         *_results_md(summaries, meta["mb_basis"]),
         "",
+        *_scale_out_md(summaries, runs, meta.get("reference_label")),
+        *_planner_md(planner),
     ]
     if startup:
         lines += [
@@ -337,6 +434,28 @@ def write_main(
     md_path.write_text("\n".join(lines).rstrip("\n") + "\n")
     png = _plot_main(png_path, summaries, meta)
     return json_path, md_path, png
+
+
+def write_planner(path_stem: Path, *, meta: dict[str, Any], planner: dict[str, Any]) -> tuple[Path, Path]:
+    """Write the ``--planner`` report (``<stem>.json`` and ``<stem>.md``)."""
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    json_path = path_stem.with_suffix(".json")
+    md_path = path_stem.with_suffix(".md")
+    json_path.write_text(json.dumps({"meta": meta, "planner": planner}, indent=2, default=str) + "\n")
+    table = meta["table"]
+    lines = [
+        f"# Key-range planner cost — {_count(table['rows'])} rows",
+        "",
+        f"Run {meta['started_at']} ({meta['duration_s']:.0f} s). Command: `{meta['command']}`",
+        "",
+        "## Machine",
+        "",
+        *_machine_md(meta),
+        "",
+        *_planner_md(planner),
+    ]
+    md_path.write_text("\n".join(lines).rstrip("\n") + "\n")
+    return json_path, md_path
 
 
 def _plot_main(path: Path, summaries: Sequence[Summary], meta: dict[str, Any]) -> Path | None:
@@ -496,10 +615,12 @@ def _plot_flatness(
 # -- re-rendering ----------------------------------------------------------------------------------
 
 
-def rerender(json_path: Path) -> tuple[Path, Path, Path | None]:
+def rerender(json_path: Path) -> tuple[Path, ...]:
     """Rewrite the Markdown and PNG next to a results JSON from its raw runs (no measurement)."""
     data = json.loads(json_path.read_text())
     meta: dict[str, Any] = data["meta"]
+    if "runs" not in data and "planner" in data:
+        return write_planner(json_path.with_suffix(""), meta=meta, planner=data["planner"])
     runs = [JobRun(**{**r, "rss_series": [tuple(x) for x in r.get("rss_series", [])]}) for r in data["runs"]]
     jobs = [Job(**{**s["job"], "args": tuple(s["job"]["args"])}) for s in data["summaries"]]
     stem = json_path.with_suffix("")
@@ -521,6 +642,7 @@ def rerender(json_path: Path) -> tuple[Path, Path, Path | None]:
         startup=data.get("worker_startup"),
         overhead=data.get("per_chunk_overhead"),
         checks=data.get("checks", []),
+        planner=data.get("planner"),
     )
 
 

@@ -1,9 +1,11 @@
-"""Benchmark orchestrator: ``python -m bench [--rows 1M] [--rounds 3] [--dsn URI] [--flatness]``.
+"""Benchmark orchestrator: ``python -m bench [--rows 1M] [--rounds 3] [--dsn URI] [--flatness | --planner]``.
 
 Starts (or connects to) PostgreSQL, loads ``public.bench_<rows>`` once, then runs every contender as a
 fresh process (``python -m bench.contender``) in each of ``--rounds`` rounds, in a rotated order per
-round, while sampling the memory of each contender's whole process tree. Writes
-``bench/results/<output>.json``, ``.md`` and ``.png`` and prints the Markdown plus the target checks.
+round, while sampling the memory of each contender's whole process tree; then times the key-range
+planner in one more fresh process (``python -m bench.planner``; ``--no-planner`` skips it,
+``--planner`` runs only it). Writes ``bench/results/<output>.json``, ``.md`` and ``.png`` and prints
+the Markdown plus the target checks.
 
 Everything started here is stopped on exit, on Ctrl+C (SIGINT), SIGTERM and on a contender failure:
 the contender's process tree is killed by pid (every process the sampler saw), leftover server
@@ -44,17 +46,19 @@ import psutil
 import psycopg
 
 from bench.data import TableInfo, machine_info, package_state, prepare_table, server_info
-from bench.report import Job, JobRun, Summary, summarise, write_flatness, write_main
+from bench.report import Job, JobRun, Summary, summarise, write_flatness, write_main, write_planner
 from bench.sampler import TreeSampler, tree_pids
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 APP_NAME = "cxpg-bench"
 
-#: Every contender of the main run, in display order (provider rows are added per chunk size).
+#: Every contender of the main run, in display order (provider rows are added per chunk size;
+#: ``provider_parallel`` once per ``--parallelism`` value, at the first chunk size).
 ALL_CONTENDERS = (
     "provider_parquet",
     "provider_iter",
+    "provider_parallel",
     "cx_single_parquet",
     "cx_single_read",
     "cx_partition_2",
@@ -284,6 +288,55 @@ class Runner:
         self.runs.append(record)
         return record
 
+    def run_planner(self, table: TableInfo, partitions: Sequence[int], repeats: int) -> dict[str, Any]:
+        """Run ``python -m bench.planner`` on ``table`` in a fresh process; return its result or an error."""
+        self._counter += 1
+        run_dir = self.workdir / f"{self._counter:03d}-planner"
+        run_dir.mkdir(parents=True)
+        result_path = run_dir / "result.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.planner",
+            "--table",
+            table.qualified,
+            "--partitions",
+            ",".join(str(n) for n in partitions),
+            "--repeats",
+            str(repeats),
+            "--result",
+            str(result_path),
+        ]
+        t0 = time.perf_counter()
+        with (run_dir / "stdout.txt").open("wb") as out_f, (run_dir / "stderr.txt").open("wb") as err_f:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out_f,
+                stderr=err_f,
+                env=self.env,
+                cwd=str(REPO_ROOT),
+                start_new_session=True,
+            )
+            self._proc = proc
+            try:
+                code: int | None = proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                code = None
+                self.kill_current()
+            self._proc = None
+        leftover = self.sweep_backends()
+        if code == 0 and result_path.exists():
+            result: dict[str, Any] = json.loads(result_path.read_text())
+        elif code is None:
+            result = {"error": f"timed out after {self.timeout:.0f}s (killed); stderr: {_tail(run_dir / 'stderr.txt')}"}
+        else:
+            result = {"error": f"exit status {code}; stderr: {_tail(run_dir / 'stderr.txt')}"}
+        result["process_s"] = round(time.perf_counter() - t0, 3)
+        result["leftover_backends"] = leftover
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return result
+
     def kill_current(self) -> None:
         """Kill the running contender and every descendant (by pid; a worker has its own session)."""
         proc, sampler = self._proc, self._sampler
@@ -457,6 +510,22 @@ def main_jobs(args: argparse.Namespace, rows: int) -> list[Job]:
                     description="ConnectorXPostgresHook.iter_chunks, chunks consumed",
                 )
             )
+    if "provider_parallel" in wanted:
+        chunk = args.chunk_rows[0]
+        for workers in args.parallelism:
+            jobs.append(
+                Job(
+                    f"provider_parallel{workers}@{short(chunk)}",
+                    "provider_parallel",
+                    ("--chunk-rows", str(chunk), "--parallelism", str(workers)),
+                    sink="Parquet zstd",
+                    provider=True,
+                    table_rows=rows,
+                    chunk_rows=chunk,
+                    description=f"PostgresExtractOperator(parallelism={workers}).execute "
+                    "(partition_method=auto, snapshot=True: the defaults)",
+                )
+            )
     simple: dict[str, tuple[str, tuple[str, ...], str, str]] = {
         "cx_single_parquet": ("cx_single_parquet", (), "Parquet zstd", "read_sql arrow + write_table"),
         "cx_single_read": ("cx_single_read", (), "Arrow (read only)", "read_sql arrow, no write"),
@@ -500,6 +569,29 @@ def main_jobs(args: argparse.Namespace, rows: int) -> list[Job]:
     return jobs
 
 
+def measure_planner(args: argparse.Namespace, runner: Runner, table: TableInfo) -> dict[str, Any]:
+    """The planner section: ``plan_key_ranges`` per method and partition count (see :mod:`bench.planner`)."""
+    print(
+        f"planner cost: histogram, sample, ntile, ctid x partitions {','.join(map(str, args.planner_partitions))}, "
+        f"median of {args.planner_repeats}...",
+        flush=True,
+    )
+    result = runner.run_planner(table, args.planner_partitions, args.planner_repeats)
+    if "error" in result:
+        print(f"  FAILED: {result['error'][:300]}", flush=True)
+        return result
+    for e in result.get("entries", []):
+        if "error" in e:
+            print(f"  {e['method']:<9} {e['partitions']:>3}: FAILED {e['error'][:200]}", flush=True)
+        else:
+            print(
+                f"  {e['method']:<9} {e['partitions']:>3}: {e['seconds_median'] * 1000:8.1f} ms  "
+                f"rows/range {e['rows_min']:,}–{e['rows_max']:,}",
+                flush=True,
+            )
+    return result
+
+
 def _median(values: Sequence[float | int | None]) -> float | None:
     clean = [v for v in values if v is not None]
     return statistics.median(clean) if clean else None
@@ -523,6 +615,7 @@ def run_main(args: argparse.Namespace, server: Server, runner: Runner, meta: dic
         print(f"round {round_no}/{args.rounds}", flush=True)
         for job in order:
             runner.run(job, round_no, table)
+    planner = None if args.no_planner else measure_planner(args, runner, table)
 
     arrow_sizes = [
         r.arrow_bytes
@@ -567,6 +660,7 @@ def run_main(args: argparse.Namespace, server: Server, runner: Runner, meta: dic
         startup=startup if startup and "error" not in startup else None,
         overhead=overhead,
         checks=checks,
+        planner=planner,
     )
     print()
     print(paths[1].read_text())
@@ -574,7 +668,22 @@ def run_main(args: argparse.Namespace, server: Server, runner: Runner, meta: dic
     for c in checks:
         print(f"  {c['result']:<4}  {c['name']}: {c['measured']} (target {c['target']})")
     print("\nwritten: " + ", ".join(str(p) for p in paths if p))
-    return 0 if all(r.ok for r in runner.runs) else 1
+    planner_ok = planner is None or ("error" not in planner and not any("error" in e for e in planner["entries"]))
+    return 0 if all(r.ok for r in runner.runs) and planner_ok else 1
+
+
+def run_planner_only(args: argparse.Namespace, server: Server, runner: Runner, meta: dict[str, Any]) -> int:
+    """``--planner``: load (or reuse) the table and measure only the planner section."""
+    table = prepare_table(server.admin_uri, args.rows, jobs=args.load_jobs, reload=args.reload)
+    meta["table"] = table.to_json()
+    planner = measure_planner(args, runner, table)
+    meta["duration_s"] = time.monotonic() - meta.pop("_t0")
+    meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    paths = write_planner(RESULTS_DIR / args.output, meta=meta, planner=planner)
+    print()
+    print(paths[1].read_text())
+    print("written: " + ", ".join(str(p) for p in paths))
+    return 0 if "error" not in planner and not any("error" in e for e in planner["entries"]) else 1
 
 
 def compute_overhead(jobs: Sequence[Job], runs: Sequence[JobRun], rows: int) -> dict[str, Any]:
@@ -638,13 +747,23 @@ def target_checks(summaries: Sequence[Summary], args: argparse.Namespace) -> lis
     if low and single and low.peak_rss_median and single.peak_rss_median:
         frac = low.peak_rss_median / single.peak_rss_median
         add(
-            "provider_parquet@250k peak RSS vs cx_single_parquet",
+            "provider_parquet@250k peak RSS (whole tree) vs cx_single_parquet",
             f"{low.peak_rss_median / 2**20:,.0f} MiB / {single.peak_rss_median / 2**20:,.0f} MiB = {frac:.2f}",
             "≤ 0.33",
             frac <= 1 / 3,
         )
     else:
-        add("provider_parquet@250k peak RSS vs cx_single_parquet", "not measured", "≤ 0.33", None)
+        add("provider_parquet@250k peak RSS (whole tree) vs cx_single_parquet", "not measured", "≤ 0.33", None)
+    if low and single and low.descendants_peak_median and single.peak_rss_median:
+        frac = low.descendants_peak_median / single.peak_rss_median
+        add(
+            "provider_parquet@250k worker-only peak RSS vs cx_single_parquet",
+            f"{low.descendants_peak_median / 2**20:,.0f} MiB / {single.peak_rss_median / 2**20:,.0f} MiB = {frac:.2f}",
+            "≤ 0.33",
+            frac <= 1 / 3,
+        )
+    else:
+        add("provider_parquet@250k worker-only peak RSS vs cx_single_parquet", "not measured", "≤ 0.33", None)
     if low and single and low.work_rss_median and single.work_rss_median:
         frac = low.work_rss_median / single.work_rss_median
         add(
@@ -745,6 +864,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contenders", help=f"comma list to run only these (of: {', '.join(ALL_CONTENDERS)})")
     p.add_argument("--skip", help="comma list of contenders to leave out")
     p.add_argument("--flatness", action="store_true", help="only measure the provider's peak RSS at two table sizes")
+    p.add_argument(
+        "--parallelism",
+        type=parse_counts,
+        default=[2, 4],
+        help="worker counts of the provider_parallel contenders, at the first --chunk-rows (default 2,4)",
+    )
+    p.add_argument("--planner", action="store_true", help="only measure the key-range planner's cost")
+    p.add_argument("--no-planner", action="store_true", help="leave the planner section out of the main run")
+    p.add_argument(
+        "--planner-partitions", type=parse_counts, default=[4, 16], help="partition counts to plan (default 4,16)"
+    )
+    p.add_argument("--planner-repeats", type=int, default=3, help="timed plans per method and count (default 3)")
     p.add_argument("--flatness-rows", type=parse_counts, default=[1_000_000, 5_000_000], help="default 1M,5M")
     p.add_argument("--startup-runs", type=int, default=10, help="worker spawn->Ready measurements (0: skip)")
     p.add_argument(
@@ -761,7 +892,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-ms", type=float, default=20.0, help="RSS sampling interval (default 20 ms)")
     p.add_argument("--load-jobs", type=int, default=os.cpu_count() or 2, help="connections loading the table")
     p.add_argument("--reload", action="store_true", help="recreate the table even if a complete one exists")
-    p.add_argument("--output", help="results file stem in bench/results (default latest / latest-flatness)")
+    p.add_argument(
+        "--output", help="results file stem in bench/results (default latest / latest-flatness / latest-planner)"
+    )
     p.add_argument("--workdir", type=Path, help="scratch directory (default: a new temporary directory)")
     return p
 
@@ -774,7 +907,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.rounds < 1:
         raise SystemExit("--rounds must be at least 1")
-    args.output = args.output or ("latest-flatness" if args.flatness else "latest")
+    if args.flatness and args.planner:
+        raise SystemExit("--flatness and --planner are separate modes: run them one after the other")
+    default_output = "latest-flatness" if args.flatness else "latest-planner" if args.planner else "latest"
+    args.output = args.output or default_output
     largest = max(args.flatness_rows) if args.flatness else args.rows
     timeout = args.timeout or 120 + 90 * largest / 1e6
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -815,7 +951,12 @@ def main(argv: list[str] | None = None) -> int:
             sample_interval=args.sample_ms / 1000,
             keep_series=args.flatness,
         )
-        code = run_flatness(args, server, runner, meta) if args.flatness else run_main(args, server, runner, meta)
+        if args.flatness:
+            code = run_flatness(args, server, runner, meta)
+        elif args.planner:
+            code = run_planner_only(args, server, runner, meta)
+        else:
+            code = run_main(args, server, runner, meta)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping everything", flush=True)
         code = 130

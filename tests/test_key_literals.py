@@ -33,8 +33,7 @@ from airflow_provider_cxpg.exceptions import (
 )
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.sql import literal
-from tests import helpers
-from tests.helpers import PgInfo, manifest_of, read_output
+from tests.helpers import PgInfo, assert_nothing_left, manifest_of, read_output
 
 pytestmark = pytest.mark.integration
 
@@ -61,21 +60,81 @@ def _micro_ts() -> str:
 
 
 TEXT_KEYS = (
-    "", " ", "  ", "a", "A", "a ", " a", "Ab", "aB", "AB", "ab", "it's", "''", "'", "\\", "\\\\",
-    "back\\slash", "ends with backslash\\", 'double"quote', "tab\tsep", "new\nline", "crlf\r\n", "ü", "u",
-    "é", "e\u0301", "日本語", "🎉", "🎉🎉", "😀 smile", "zero\u200bwidth", "nbsp\u00a0", "%", "_", "$1", "$$",
-    "$tag$", "--comment", "/* c */", "'); DROP TABLE x; --", "NULL", "null", "E'\\x41'", "1", "10", "2", "~",
-    "\x7f", "\x01control", "z" * 300,
+    "",
+    " ",
+    "  ",
+    "a",
+    "A",
+    "a ",
+    " a",
+    "Ab",
+    "aB",
+    "AB",
+    "ab",
+    "it's",
+    "''",
+    "'",
+    "\\",
+    "\\\\",
+    "back\\slash",
+    "ends with backslash\\",
+    'double"quote',
+    "tab\tsep",
+    "new\nline",
+    "crlf\r\n",
+    "ü",
+    "u",
+    "é",
+    "e\u0301",
+    "日本語",
+    "🎉",
+    "🎉🎉",
+    "😀 smile",
+    "zero\u200bwidth",
+    "nbsp\u00a0",
+    "%",
+    "_",
+    "$1",
+    "$$",
+    "$tag$",
+    "--comment",
+    "/* c */",
+    "'); DROP TABLE x; --",
+    "NULL",
+    "null",
+    "E'\\x41'",
+    "1",
+    "10",
+    "2",
+    "~",
+    "\x7f",
+    "\x01control",
+    "z" * 300,
 )
 
 NUMERIC_KEYS = _fill(
     [
-        "0", "0.1", "0.10000000000000000000001", "0.33333333333333333333", "1e-20", "-5",
-        "-5.000000000000000000001", "123456789012345678901234567890.123456789", "1e100", "-1e100", "NaN",
-        "Infinity", "-Infinity", "1.500", "99999999999999999999999999999999999999",
-        "-0.000000000000000000000000000001", "0.14285714285714285714285714285714285714", "7", "7.0000001",
+        "0",
+        "0.1",
+        "0.10000000000000000000001",
+        "0.33333333333333333333",
+        "1e-20",
+        "-5",
+        "-5.000000000000000000001",
+        "123456789012345678901234567890.123456789",
+        "1e100",
+        "-1e100",
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "1.500",
+        "99999999999999999999999999999999999999",
+        "-0.000000000000000000000000000001",
+        "0.14285714285714285714285714285714285714",
+        "7",
+        "7.0000001",
     ],
-    lambda: f"{_rng.choice('-+')}{_rng.randrange(10**_rng.randrange(1, 25))}.{_rng.randrange(10**20):020d}",
+    lambda: f"{_rng.choice('-+')}{_rng.randrange(10 ** _rng.randrange(1, 25))}.{_rng.randrange(10**20):020d}",
 )
 
 
@@ -90,96 +149,213 @@ class KeyCase:
 
 
 KEY_CASES = (
-    KeyCase("smallint", "smallint", _fill(["-32768", "32767", "0", "1", "-1"],
-                                          lambda: str(_rng.randrange(-32768, 32768))), "int"),
-    KeyCase("integer", "integer", _fill(["-2147483648", "2147483647", "0", "1", "-1"],
-                                        lambda: str(_rng.randrange(-(2**31), 2**31))), "int"),
-    KeyCase("bigint", "bigint", _fill(["-9223372036854775808", "9223372036854775807", "0", "1", "-1",
-                                       "9007199254740993", "-9007199254740993"],
-                                      lambda: str(_rng.randrange(-(2**63), 2**63))), "int"),
-    KeyCase("oid", "oid", _fill(["0", "1", "2147483647", "2147483648", "4294967295"],
-                                lambda: str(_rng.randrange(0, 2**32))), "int"),
+    KeyCase(
+        "smallint",
+        "smallint",
+        _fill(["-32768", "32767", "0", "1", "-1"], lambda: str(_rng.randrange(-32768, 32768))),
+        "int",
+    ),
+    KeyCase(
+        "integer",
+        "integer",
+        _fill(["-2147483648", "2147483647", "0", "1", "-1"], lambda: str(_rng.randrange(-(2**31), 2**31))),
+        "int",
+    ),
+    KeyCase(
+        "bigint",
+        "bigint",
+        _fill(
+            ["-9223372036854775808", "9223372036854775807", "0", "1", "-1", "9007199254740993", "-9007199254740993"],
+            lambda: str(_rng.randrange(-(2**63), 2**63)),
+        ),
+        "int",
+    ),
+    KeyCase(
+        "oid",
+        "oid",
+        _fill(["0", "1", "2147483647", "2147483648", "4294967295"], lambda: str(_rng.randrange(0, 2**32))),
+        "int",
+    ),
     KeyCase("numeric", "numeric", NUMERIC_KEYS, "text_form"),
-    KeyCase("numeric_12_2", "numeric(12,2)",
-            _fill(["-9999999999.99", "9999999999.99", "0", "0.01", "-0.01", "1.5", "100"],
-                  lambda: f"{_rng.randrange(-10**12 + 1, 10**12) / 100:.2f}"), "decimal"),
-    KeyCase("double", "double precision",
-            _fill(["0", "0.1", "0.2", "0.30000000000000004", "5e-324", "-5e-324", "1.7976931348623157e308",
-                   "-1.7976931348623157e308", "Infinity", "-Infinity", "NaN", "1e-300", "2.2250738585072014e-308",
-                   "9007199254740993"],
-                  lambda: repr(_rng.uniform(-1e6, 1e6) * 10 ** _rng.randrange(-30, 30))), "float8"),
-    KeyCase("real", "real",
-            _fill(["0", "0.1", "3.4028235e38", "-3.4028235e38", "1.4e-45", "-1.4e-45", "NaN", "Infinity", "-Infinity",
-                   "16777216", "0.2"],
-                  lambda: repr(struct.unpack("<f", struct.pack("<f", _rng.uniform(-1e6, 1e6)))[0])), "float4"),
+    KeyCase(
+        "numeric_12_2",
+        "numeric(12,2)",
+        _fill(
+            ["-9999999999.99", "9999999999.99", "0", "0.01", "-0.01", "1.5", "100"],
+            lambda: f"{_rng.randrange(-(10**12) + 1, 10**12) / 100:.2f}",
+        ),
+        "decimal",
+    ),
+    KeyCase(
+        "double",
+        "double precision",
+        _fill(
+            [
+                "0",
+                "0.1",
+                "0.2",
+                "0.30000000000000004",
+                "5e-324",
+                "-5e-324",
+                "1.7976931348623157e308",
+                "-1.7976931348623157e308",
+                "Infinity",
+                "-Infinity",
+                "NaN",
+                "1e-300",
+                "2.2250738585072014e-308",
+                "9007199254740993",
+            ],
+            lambda: repr(_rng.uniform(-1e6, 1e6) * 10 ** _rng.randrange(-30, 30)),
+        ),
+        "float8",
+    ),
+    KeyCase(
+        "real",
+        "real",
+        _fill(
+            [
+                "0",
+                "0.1",
+                "3.4028235e38",
+                "-3.4028235e38",
+                "1.4e-45",
+                "-1.4e-45",
+                "NaN",
+                "Infinity",
+                "-Infinity",
+                "16777216",
+                "0.2",
+            ],
+            lambda: repr(struct.unpack("<f", struct.pack("<f", _rng.uniform(-1e6, 1e6)))[0]),
+        ),
+        "float4",
+    ),
     KeyCase("text", "text", TEXT_KEYS, "str"),
     KeyCase("varchar", "varchar(400)", TEXT_KEYS, "str"),
-    KeyCase("char5", "char(5)",
-            _fill(["", "a", "A", " a", "it's", "\\", "ü", "🎉", "ab c", "x'\\y", "abcde"],
-                  lambda: "".join(_rng.choice("aB' \\ü🎉") for _ in range(_rng.randrange(1, 6))).rstrip() or "q",
-                  count=30), "str"),
-    KeyCase("uuid", "uuid", _fill(["00000000-0000-0000-0000-000000000000", "ffffffff-ffff-ffff-ffff-ffffffffffff",
-                                   "7fffffff-ffff-ffff-ffff-ffffffffffff", "80000000-0000-0000-0000-000000000000"],
-                                  lambda: str(uuid.UUID(int=_rng.getrandbits(128)))), "uuid"),
-    KeyCase("bytea", "bytea", _fill(["\\x", "\\x00", "\\x0000", "\\x01", "\\x7f", "\\x80", "\\xff", "\\xffff",
-                                     "\\x2720", "\\x5c"],
-                                    lambda: "\\x" + _rng.randbytes(_rng.randrange(1, 6)).hex()), "plain"),
-    KeyCase("date", "date", _fill(["0001-01-01", "9999-12-31", "2000-02-29", "1970-01-01", "1969-12-31",
-                                   "1582-10-15", "1582-10-04"],
-                                  lambda: (dt.date(1, 1, 1) + dt.timedelta(days=_rng.randrange(3_652_058))).isoformat()),
-            "plain"),
-    KeyCase("time", "time", _fill(["00:00:00", "00:00:00.000001", "00:00:00.000002", "12:00:00", "11:59:59.999999",
-                                   "23:59:59.999999", "23:59:59.999998"],
-                                  lambda: (dt.datetime(2000, 1, 1) + dt.timedelta(
-                                      microseconds=_rng.randrange(86_400 * 10**6))).time().isoformat()), "plain"),
-    KeyCase("timestamp", "timestamp",
-            _fill(["2020-01-01 00:00:00", "2020-01-01 00:00:00.000001", "2020-01-01 00:00:00.000002",
-                   "2019-12-31 23:59:59.999999", "1969-12-31 23:59:59.999999", "1970-01-01 00:00:00",
-                   "1970-01-01 00:00:00.000001", "0001-01-01 00:00:00", "9999-12-31 23:59:59.999999",
-                   "9999-12-31 23:59:59.999998"], _micro_ts), "plain"),
-    KeyCase("timestamptz", "timestamptz",
-            _fill(["2020-01-01 00:00:00+00", "2020-01-01 00:00:00.000001+00", "2020-01-01 05:30:00.000002+05:30",
-                   "2019-12-31 13:00:00.000003-11", "2019-12-31 23:59:59.999999+00", "1969-12-31 23:59:59.999999+00",
-                   "1970-01-01 00:00:00+00", "0001-01-01 00:00:00+00", "9999-12-31 23:59:59.999999+00",
-                   "2024-03-10 02:30:00.000001-05"], lambda: _micro_ts() + _rng.choice(["+00", "+14", "-12", "+05:45"])),
-            "tstz"),
+    KeyCase(
+        "char5",
+        "char(5)",
+        _fill(
+            ["", "a", "A", " a", "it's", "\\", "ü", "🎉", "ab c", "x'\\y", "abcde"],
+            lambda: "".join(_rng.choice("aB' \\ü🎉") for _ in range(_rng.randrange(1, 6))).rstrip() or "q",
+            count=30,
+        ),
+        "str",
+    ),
+    KeyCase(
+        "uuid",
+        "uuid",
+        _fill(
+            [
+                "00000000-0000-0000-0000-000000000000",
+                "ffffffff-ffff-ffff-ffff-ffffffffffff",
+                "7fffffff-ffff-ffff-ffff-ffffffffffff",
+                "80000000-0000-0000-0000-000000000000",
+            ],
+            lambda: str(uuid.UUID(int=_rng.getrandbits(128))),
+        ),
+        "uuid",
+    ),
+    KeyCase(
+        "bytea",
+        "bytea",
+        _fill(
+            ["\\x", "\\x00", "\\x0000", "\\x01", "\\x7f", "\\x80", "\\xff", "\\xffff", "\\x2720", "\\x5c"],
+            lambda: "\\x" + _rng.randbytes(_rng.randrange(1, 6)).hex(),
+        ),
+        "plain",
+    ),
+    KeyCase(
+        "date",
+        "date",
+        _fill(
+            ["0001-01-01", "9999-12-31", "2000-02-29", "1970-01-01", "1969-12-31", "1582-10-15", "1582-10-04"],
+            lambda: (dt.date(1, 1, 1) + dt.timedelta(days=_rng.randrange(3_652_058))).isoformat(),
+        ),
+        "plain",
+    ),
+    KeyCase(
+        "time",
+        "time",
+        _fill(
+            [
+                "00:00:00",
+                "00:00:00.000001",
+                "00:00:00.000002",
+                "12:00:00",
+                "11:59:59.999999",
+                "23:59:59.999999",
+                "23:59:59.999998",
+            ],
+            lambda: (
+                (dt.datetime(2000, 1, 1) + dt.timedelta(microseconds=_rng.randrange(86_400 * 10**6))).time().isoformat()
+            ),
+        ),
+        "plain",
+    ),
+    KeyCase(
+        "timestamp",
+        "timestamp",
+        _fill(
+            [
+                "2020-01-01 00:00:00",
+                "2020-01-01 00:00:00.000001",
+                "2020-01-01 00:00:00.000002",
+                "2019-12-31 23:59:59.999999",
+                "1969-12-31 23:59:59.999999",
+                "1970-01-01 00:00:00",
+                "1970-01-01 00:00:00.000001",
+                "0001-01-01 00:00:00",
+                "9999-12-31 23:59:59.999999",
+                "9999-12-31 23:59:59.999998",
+            ],
+            _micro_ts,
+        ),
+        "plain",
+    ),
+    KeyCase(
+        "timestamptz",
+        "timestamptz",
+        _fill(
+            [
+                "2020-01-01 00:00:00+00",
+                "2020-01-01 00:00:00.000001+00",
+                "2020-01-01 05:30:00.000002+05:30",
+                "2019-12-31 13:00:00.000003-11",
+                "2019-12-31 23:59:59.999999+00",
+                "1969-12-31 23:59:59.999999+00",
+                "1970-01-01 00:00:00+00",
+                "0001-01-01 00:00:00+00",
+                "9999-12-31 23:59:59.999999+00",
+                "2024-03-10 02:30:00.000001-05",
+            ],
+            lambda: _micro_ts() + _rng.choice(["+00", "+14", "-12", "+05:45"]),
+        ),
+        "tstz",
+    ),
 )
 
 ENUM_LABELS = (
-    "zeta", "alpha", "", "it's", "back\\slash", 'dq"', "ü", "🎉", " spaced ", "Case", "case", "CASE",
-    "'); DROP TABLE x; --", "NULL", *(f"label {i:02d}" for i in range(40, 0, -1)),
+    "zeta",
+    "alpha",
+    "",
+    "it's",
+    "back\\slash",
+    'dq"',
+    "ü",
+    "🎉",
+    " spaced ",
+    "Case",
+    "case",
+    "CASE",
+    "'); DROP TABLE x; --",
+    "NULL",
+    *(f"label {i:02d}" for i in range(40, 0, -1)),
 )
 
 
 # -- fixtures and helpers -----------------------------------------------------------------------------
-
-
-def _is_ours(pid: int) -> bool:
-    """True when ``pid`` descends from this test process (other suites may run on the same machine)."""
-    me = os.getpid()
-    for _ in range(64):
-        if pid == me:
-            return True
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return False
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
-        if pid <= 1:
-            return False
-    return False
-
-
-def assert_nothing_left(admin: psycopg.Connection, timeout: float = 10.0) -> None:
-    """:func:`tests.helpers.assert_nothing_left`, counting only workers this test process started."""
-
-    def ours() -> list[int]:
-        return [pid for pid in helpers.worker_pids() if _is_ours(pid)]
-
-    assert helpers.wait_until(lambda: not ours(), timeout), f"worker processes left: {ours()}"
-    assert helpers.wait_until(lambda: not helpers.cxpg_backends(admin), timeout), (
-        f"backends left: {helpers.cxpg_backends(admin)}"
-    )
 
 
 @pytest.fixture
@@ -278,8 +454,8 @@ def assert_every_value_is_an_exact_boundary(
         tuples.append(f"({i + 1}, ROW({literals}))")
     target = f"ROW({', '.join(f't.{c}' for c in columns)})"
     rows = pgsession.execute(
-        f"SELECT v.rn, (SELECT count(*) FROM \"{schema}\".\"{name}\" t WHERE {target} = v.key), "
-        f"(SELECT min(t.rn) FROM \"{schema}\".\"{name}\" t WHERE {target} > v.key) "
+        f'SELECT v.rn, (SELECT count(*) FROM "{schema}"."{name}" t WHERE {target} = v.key), '
+        f'(SELECT min(t.rn) FROM "{schema}"."{name}" t WHERE {target} > v.key) '
         f"FROM (VALUES {', '.join(tuples)}) AS v(rn, key) ORDER BY v.rn"
     ).fetchall()
     expected = [(i, 1, i + 1 if i < n else None) for i in range(1, n + 1)]
@@ -295,8 +471,12 @@ def _reference_expr(column: str, kind: str) -> str:
 
 @pytest.mark.parametrize("case", KEY_CASES, ids=[c.id for c in KEY_CASES])
 def test_single_column_key_pages_exactly_with_every_value_a_boundary(
-    hook: ConnectorXPostgresHook, admin: psycopg.Connection, pgsession: psycopg.Connection, schema: str,
-    out_dir: Path, case: KeyCase,
+    hook: ConnectorXPostgresHook,
+    admin: psycopg.Connection,
+    pgsession: psycopg.Connection,
+    schema: str,
+    out_dir: Path,
+    case: KeyCase,
 ) -> None:
     table = create_keyed_table(admin, schema, [("k", case.sql_type)], [(t,) for t in case.texts])
     n = len(case.texts)
@@ -308,7 +488,10 @@ def test_single_column_key_pages_exactly_with_every_value_a_boundary(
 
 
 def test_enum_key_pages_in_declaration_order_with_a_hostile_type_name(
-    hook: ConnectorXPostgresHook, admin: psycopg.Connection, pgsession: psycopg.Connection, schema: str,
+    hook: ConnectorXPostgresHook,
+    admin: psycopg.Connection,
+    pgsession: psycopg.Connection,
+    schema: str,
     out_dir: Path,
 ) -> None:
     type_name = f'"{schema}"."Mood ""x""; --"'
@@ -330,14 +513,23 @@ def test_enum_key_pages_in_declaration_order_with_a_hostile_type_name(
 
 
 def test_composite_text_timestamptz_key_pages_exactly(
-    hook: ConnectorXPostgresHook, admin: psycopg.Connection, pgsession: psycopg.Connection, schema: str,
+    hook: ConnectorXPostgresHook,
+    admin: psycopg.Connection,
+    pgsession: psycopg.Connection,
+    schema: str,
     out_dir: Path,
 ) -> None:
     texts = ["", "a", "A", "it's", "back\\slash"]
     stamps = [
-        "2020-01-01 00:00:00+00", "2020-01-01 00:00:00.000001+00", "2020-01-01 00:00:00.000002+00",
-        "2020-01-01 05:30:00.000003+05:30", "2019-12-31 23:59:59.999999+00", "1970-01-01 00:00:00+00",
-        "0001-01-01 00:00:00+00", "9999-12-31 23:59:59.999999+00", "2024-03-10 02:30:00.000001-05",
+        "2020-01-01 00:00:00+00",
+        "2020-01-01 00:00:00.000001+00",
+        "2020-01-01 00:00:00.000002+00",
+        "2020-01-01 05:30:00.000003+05:30",
+        "2019-12-31 23:59:59.999999+00",
+        "1970-01-01 00:00:00+00",
+        "0001-01-01 00:00:00+00",
+        "9999-12-31 23:59:59.999999+00",
+        "2024-03-10 02:30:00.000001-05",
         "2024-03-10 07:30:00.000002+00",
     ]
     rows = [(a, b) for a in texts for b in stamps]
@@ -349,12 +541,18 @@ def test_composite_text_timestamptz_key_pages_exactly(
 
 
 def test_composite_int_uuid_key_pages_exactly(
-    hook: ConnectorXPostgresHook, admin: psycopg.Connection, pgsession: psycopg.Connection, schema: str,
+    hook: ConnectorXPostgresHook,
+    admin: psycopg.Connection,
+    pgsession: psycopg.Connection,
+    schema: str,
     out_dir: Path,
 ) -> None:
     ints = ["-2147483648", "-1", "0", "1", "2147483647"]
-    uuids = ["00000000-0000-0000-0000-000000000000", "ffffffff-ffff-ffff-ffff-ffffffffffff",
-             *(str(uuid.UUID(int=_rng.getrandbits(128))) for _ in range(8))]
+    uuids = [
+        "00000000-0000-0000-0000-000000000000",
+        "ffffffff-ffff-ffff-ffff-ffffffffffff",
+        *(str(uuid.UUID(int=_rng.getrandbits(128))) for _ in range(8)),
+    ]
     rows = [(a, b) for a in ints for b in uuids]
     table = create_keyed_table(admin, schema, [("a", "integer"), ("b", "uuid")], rows)
     hook.extract(destination=str(out_dir), table=table, chunk_rows=CHUNK_ROWS, job_timeout=JOB_TIMEOUT)
@@ -372,7 +570,10 @@ def test_non_unique_key_choice_gets_the_primary_key_appended(
         "FROM generate_series(1, 40) g"
     )
     hook.extract(
-        destination=str(out_dir), table=f"{schema}.t", key_columns=["grp"], chunk_rows=CHUNK_ROWS,
+        destination=str(out_dir),
+        table=f"{schema}.t",
+        key_columns=["grp"],
+        chunk_rows=CHUNK_ROWS,
         job_timeout=JOB_TIMEOUT,
     )
     assert manifest_of(out_dir)["key_columns"] == ["grp", "id"]
@@ -387,13 +588,23 @@ def test_query_source_with_a_duplicate_key_at_a_chunk_boundary_fails_instead_of_
     hook: ConnectorXPostgresHook, admin: psycopg.Connection, out_dir: Path, tmp_path: Path
 ) -> None:
     # a query's key cannot be proven unique: each chunk reads one row more to check the boundary
-    hook.extract(destination=str(out_dir), sql="SELECT g AS k FROM generate_series(1, 10) g", key_columns=["k"],
-                 chunk_rows=CHUNK_ROWS, job_timeout=JOB_TIMEOUT)
+    hook.extract(
+        destination=str(out_dir),
+        sql="SELECT g AS k FROM generate_series(1, 10) g",
+        key_columns=["k"],
+        chunk_rows=CHUNK_ROWS,
+        job_timeout=JOB_TIMEOUT,
+    )
     assert read_output(out_dir).column("k").to_pylist() == list(range(1, 11))
     # duplicates inside a chunk are harmless; a duplicate straddling chunks 0 and 1 would lose a row
     with pytest.raises(DataIntegrityError, match="not unique"):
-        hook.extract(destination=str(tmp_path / "dup"), sql="SELECT k FROM unnest(ARRAY[1, 2, 3, 3, 4, 5]) AS u(k)",
-                     key_columns=["k"], chunk_rows=CHUNK_ROWS, job_timeout=JOB_TIMEOUT)
+        hook.extract(
+            destination=str(tmp_path / "dup"),
+            sql="SELECT k FROM unnest(ARRAY[1, 2, 3, 3, 4, 5]) AS u(k)",
+            key_columns=["k"],
+            chunk_rows=CHUNK_ROWS,
+            job_timeout=JOB_TIMEOUT,
+        )
     assert_nothing_left(admin)
 
 
@@ -401,14 +612,19 @@ def test_view_source_with_key_columns_is_extracted(
     hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, out_dir: Path
 ) -> None:
     admin.execute(f'CREATE VIEW "{schema}".v AS SELECT g AS k, g * 2 AS v FROM generate_series(1, 10) g')
-    hook.extract(destination=str(out_dir), table=f"{schema}.v", key_columns=["k"], chunk_rows=CHUNK_ROWS,
-                 job_timeout=JOB_TIMEOUT)
+    hook.extract(
+        destination=str(out_dir), table=f"{schema}.v", key_columns=["k"], chunk_rows=CHUNK_ROWS, job_timeout=JOB_TIMEOUT
+    )
     assert read_output(out_dir).column("k").to_pylist() == list(range(1, 11))
     assert_nothing_left(admin)
 
 
 def test_keyset_is_exact_when_the_login_role_has_hostile_session_defaults(
-    pg: PgInfo, admin: psycopg.Connection, pgsession: psycopg.Connection, schema: str, out_dir: Path,
+    pg: PgInfo,
+    admin: psycopg.Connection,
+    pgsession: psycopg.Connection,
+    schema: str,
+    out_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Role defaults that change how literals and text forms read are overridden by the provider."""
@@ -416,8 +632,13 @@ def test_keyset_is_exact_when_the_login_role_has_hostile_session_defaults(
     password = "pw-" + uuid.uuid4().hex
     admin.execute(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{password}'")
     try:
-        for setting in ("standard_conforming_strings = off", "TimeZone = 'Pacific/Chatham'",
-                        "DateStyle = 'SQL, DMY'", "IntervalStyle = 'sql_standard'", "extra_float_digits = -15"):
+        for setting in (
+            "standard_conforming_strings = off",
+            "TimeZone = 'Pacific/Chatham'",
+            "DateStyle = 'SQL, DMY'",
+            "IntervalStyle = 'sql_standard'",
+            "extra_float_digits = -15",
+        ):
             admin.execute(f"ALTER ROLE {role} SET {setting}")
         conn_id = f"cxpg_hostile_{uuid.uuid4().hex[:8]}"
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", pg.airflow_conn_json(login=role, password=password))
@@ -425,8 +646,9 @@ def test_keyset_is_exact_when_the_login_role_has_hostile_session_defaults(
         stamps = ["2020-01-01 00:00:00.000001+00", "2020-03-01 00:00:00+13:45", "1999-12-31 23:59:59.999999-12"]
         numbers = ["0.1", "0.30000000000000004", "NaN"]
         rows = [(a, b, c) for a in texts for b in stamps for c in numbers]
-        table = create_keyed_table(admin, schema, [("a", "text"), ("b", "timestamptz"), ("c", "double precision")],
-                                   rows)
+        table = create_keyed_table(
+            admin, schema, [("a", "text"), ("b", "timestamptz"), ("c", "double precision")], rows
+        )
         hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
         hook.extract(destination=str(out_dir), table=table, chunk_rows=CHUNK_ROWS, job_timeout=JOB_TIMEOUT)
         assert_exact_keyset_copy(
@@ -434,9 +656,7 @@ def test_keyset_is_exact_when_the_login_role_has_hostile_session_defaults(
         )
         assert_nothing_left(admin)
     finally:
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
-        )
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
         admin.execute(f"DROP ROLE IF EXISTS {role}")
 
 
@@ -463,7 +683,11 @@ def test_time_key_of_24_00_terminates_and_is_exact(
 
 @pytest.mark.parametrize(("sql_type", "value"), [("date", "4713-01-01 BC"), ("timestamp", "10000-01-01 00:00:00")])
 def test_key_outside_python_datetime_range_is_exact_or_clearly_refused(
-    hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, out_dir: Path, sql_type: str,
+    hook: ConnectorXPostgresHook,
+    admin: psycopg.Connection,
+    schema: str,
+    out_dir: Path,
+    sql_type: str,
     value: str,
 ) -> None:
     table = create_keyed_table(admin, schema, [("k", sql_type)], [(t,) for t in [value, "2000-01-01", "1999-01-01"]])
@@ -481,31 +705,73 @@ def test_key_outside_python_datetime_range_is_exact_or_clearly_refused(
 
 
 LITERAL_CASES: list[tuple[Any, str]] = [
-    (0, "smallint"), (-32768, "smallint"), (2**31 - 1, "integer"), (-(2**63), "bigint"), (2**63 - 1, "bigint"),
-    (4294967295, "oid"), (True, "boolean"), (False, "boolean"),
-    (0.1, "double precision"), (5e-324, "double precision"), (1.7976931348623157e308, "double precision"),
-    (-0.0, "double precision"), (float("inf"), "double precision"), (float("-inf"), "double precision"),
-    (float("nan"), "double precision"), (1e16, "double precision"), (0.30000000000000004, "double precision"),
-    (struct.unpack("<f", struct.pack("<f", 0.1))[0], "real"), (3.4028234663852886e38, "real"),
-    (Decimal("0.1"), "numeric"), (Decimal("1E-20"), "numeric"), (Decimal("-5"), "numeric"),
-    (Decimal("123456789012345678901234567890.123456789"), "numeric"), (Decimal("1E+30"), "numeric"),
-    (Decimal("1.500"), "numeric"), (Decimal("NaN"), "numeric"), (Decimal("9999999999.99"), "numeric(12,2)"),
+    (0, "smallint"),
+    (-32768, "smallint"),
+    (2**31 - 1, "integer"),
+    (-(2**63), "bigint"),
+    (2**63 - 1, "bigint"),
+    (4294967295, "oid"),
+    (True, "boolean"),
+    (False, "boolean"),
+    (0.1, "double precision"),
+    (5e-324, "double precision"),
+    (1.7976931348623157e308, "double precision"),
+    (-0.0, "double precision"),
+    (float("inf"), "double precision"),
+    (float("-inf"), "double precision"),
+    (float("nan"), "double precision"),
+    (1e16, "double precision"),
+    (0.30000000000000004, "double precision"),
+    (struct.unpack("<f", struct.pack("<f", 0.1))[0], "real"),
+    (3.4028234663852886e38, "real"),
+    (Decimal("0.1"), "numeric"),
+    (Decimal("1E-20"), "numeric"),
+    (Decimal("-5"), "numeric"),
+    (Decimal("123456789012345678901234567890.123456789"), "numeric"),
+    (Decimal("1E+30"), "numeric"),
+    (Decimal("1.500"), "numeric"),
+    (Decimal("NaN"), "numeric"),
+    (Decimal("9999999999.99"), "numeric(12,2)"),
     (Decimal("-0.01"), "numeric(12,2)"),
-    ("", "text"), ("it's", "text"), ("\\", "text"), ("ends\\", "text"), ("\\'", "text"), ("'; DROP TABLE x; --", "text"),
-    ("ünïcödé 日本語 🎉", "text"), ("tab\tnew\ncr\r", "text"), ("  spaces  ", "text"), ("$$dollar$$", "text"),
-    ("E'\\x41'", "text"), ("abc", "varchar(10)"), ("ab", "character(5)"),
-    (uuid.UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), "uuid"), (uuid.UUID(int=0), "uuid"),
-    (dt.date(1, 1, 1), "date"), (dt.date(9999, 12, 31), "date"), (dt.date(2000, 2, 29), "date"),
-    (dt.time(0, 0), "time"), (dt.time(23, 59, 59, 999999), "time"), (dt.time(12, 0, 0, 1), "time"),
-    (dt.datetime(1, 1, 1), "timestamp"), (dt.datetime(9999, 12, 31, 23, 59, 59, 999999), "timestamp"),
-    (dt.datetime(2020, 1, 1, 0, 0, 0, 1), "timestamp"), (dt.datetime(1969, 12, 31, 23, 59, 59, 999999), "timestamp"),
+    ("", "text"),
+    ("it's", "text"),
+    ("\\", "text"),
+    ("ends\\", "text"),
+    ("\\'", "text"),
+    ("'; DROP TABLE x; --", "text"),
+    ("ünïcödé 日本語 🎉", "text"),
+    ("tab\tnew\ncr\r", "text"),
+    ("  spaces  ", "text"),
+    ("$$dollar$$", "text"),
+    ("E'\\x41'", "text"),
+    ("abc", "varchar(10)"),
+    ("ab", "character(5)"),
+    (uuid.UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), "uuid"),
+    (uuid.UUID(int=0), "uuid"),
+    (dt.date(1, 1, 1), "date"),
+    (dt.date(9999, 12, 31), "date"),
+    (dt.date(2000, 2, 29), "date"),
+    (dt.time(0, 0), "time"),
+    (dt.time(23, 59, 59, 999999), "time"),
+    (dt.time(12, 0, 0, 1), "time"),
+    (dt.datetime(1, 1, 1), "timestamp"),
+    (dt.datetime(9999, 12, 31, 23, 59, 59, 999999), "timestamp"),
+    (dt.datetime(2020, 1, 1, 0, 0, 0, 1), "timestamp"),
+    (dt.datetime(1969, 12, 31, 23, 59, 59, 999999), "timestamp"),
     (dt.datetime(2020, 1, 1, 0, 0, 0, 1, tzinfo=dt.UTC), "timestamp with time zone"),
-    (dt.datetime(2020, 1, 1, 5, 30, 0, 2, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30))),
-     "timestamp with time zone"),
-    (dt.datetime(1901, 12, 13, 20, 45, 52, 123456, tzinfo=dt.timezone(dt.timedelta(hours=-12))),
-     "timestamp with time zone"),
+    (
+        dt.datetime(2020, 1, 1, 5, 30, 0, 2, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30))),
+        "timestamp with time zone",
+    ),
+    (
+        dt.datetime(1901, 12, 13, 20, 45, 52, 123456, tzinfo=dt.timezone(dt.timedelta(hours=-12))),
+        "timestamp with time zone",
+    ),
     (dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC), "timestamp with time zone"),
-    (b"", "bytea"), (b"\x00", "bytea"), (b"\x00\xff'\\", "bytea"), (bytes(range(256)), "bytea"),
+    (b"", "bytea"),
+    (b"\x00", "bytea"),
+    (b"\x00\xff'\\", "bytea"),
+    (bytes(range(256)), "bytea"),
 ]
 
 
@@ -520,9 +786,7 @@ def _same_literal_value(value: Any, back: Any) -> bool:
 
 
 @pytest.mark.parametrize(("value", "pg_type"), LITERAL_CASES, ids=[f"{t}-{v!r}"[:60] for v, t in LITERAL_CASES])
-def test_literal_round_trips_through_the_server(
-    pgsession: psycopg.Connection, value: Any, pg_type: str
-) -> None:
+def test_literal_round_trips_through_the_server(pgsession: psycopg.Connection, value: Any, pg_type: str) -> None:
     text = literal(value, pg_type)
     # real is widened to double precision so the float32 value is read back exactly
     select = f"({text})::double precision" if pg_type == "real" else text
@@ -562,7 +826,7 @@ def test_hostile_table_and_column_names_are_extracted_safely(
     admin.execute(
         f'CREATE TABLE "{schema}".{quoted_table} ("k""ey" bigint PRIMARY KEY, "va""l; --" text, "Mixed Case.col" int)'
     )
-    admin.execute(f"INSERT INTO \"{schema}\".{quoted_table} SELECT g, $$it's \"$$ || g, -g FROM generate_series(1, 7) g")
+    admin.execute(f'INSERT INTO "{schema}".{quoted_table} SELECT g, $$it\'s "$$ || g, -g FROM generate_series(1, 7) g')
     result = hook.extract(
         destination=str(out_dir), table=f'"{schema}".{quoted_table}', chunk_rows=2, job_timeout=JOB_TIMEOUT
     )
@@ -572,12 +836,18 @@ def test_hostile_table_and_column_names_are_extracted_safely(
     assert output.column('k"ey').to_pylist() == list(range(1, 8))
     assert output.column('va"l; --').to_pylist() == [f"it's \"{g}" for g in range(1, 8)]
     assert manifest_of(out_dir)["key_columns"] == ['k"ey']
-    assert admin.execute(f'SELECT to_regclass(\'"{schema}".y\') IS NOT NULL').fetchone() == (True,)
+    assert admin.execute(f"SELECT to_regclass('\"{schema}\".y') IS NOT NULL").fetchone() == (True,)
 
     # the same names passed as columns and key_columns
     sub = out_dir / "subset"
-    hook.extract(destination=str(sub), table=f'"{schema}".{quoted_table}', columns=['va"l; --'],
-                 key_columns=['k"ey'], chunk_rows=3, job_timeout=JOB_TIMEOUT)
+    hook.extract(
+        destination=str(sub),
+        table=f'"{schema}".{quoted_table}',
+        columns=['va"l; --'],
+        key_columns=['k"ey'],
+        chunk_rows=3,
+        job_timeout=JOB_TIMEOUT,
+    )
     assert read_output(sub).column_names == ['va"l; --', 'k"ey']
     assert_nothing_left(admin)
 
@@ -587,9 +857,7 @@ def test_hostile_table_and_column_names_are_extracted_safely(
 
 @pytest.fixture
 def bad_input_table(admin: psycopg.Connection, schema: str) -> str:
-    admin.execute(
-        f'CREATE TABLE "{schema}".t (id bigint PRIMARY KEY, maybe int, doc json NOT NULL, note text)'
-    )
+    admin.execute(f'CREATE TABLE "{schema}".t (id bigint PRIMARY KEY, maybe int, doc json NOT NULL, note text)')
     admin.execute(f"""INSERT INTO "{schema}".t SELECT g, g, '{{}}', 'n' FROM generate_series(1, 5) g""")
     admin.execute(f'CREATE TABLE "{schema}".nokey (a int, b text)')
     return schema
@@ -615,8 +883,13 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], type[InvalidInputError], str]] = [
 
 @pytest.mark.parametrize(("kwargs", "error", "mentions"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_raises_invalid_input_error_before_any_file_is_written(
-    hook: ConnectorXPostgresHook, admin: psycopg.Connection, bad_input_table: str, tmp_path: Path,
-    kwargs: dict[str, Any], error: type[InvalidInputError], mentions: str,
+    hook: ConnectorXPostgresHook,
+    admin: psycopg.Connection,
+    bad_input_table: str,
+    tmp_path: Path,
+    kwargs: dict[str, Any],
+    error: type[InvalidInputError],
+    mentions: str,
 ) -> None:
     destination = tmp_path / "never_created"
     resolved = {k: v.format(schema=bad_input_table) if isinstance(v, str) else v for k, v in kwargs.items()}

@@ -23,8 +23,7 @@ import s3fs
 
 from airflow_provider_cxpg.exceptions import StorageError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
-from tests import helpers
-from tests.helpers import PgInfo
+from tests.helpers import PgInfo, assert_nothing_left
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, S3Server, start_s3_server
 
 pytestmark = pytest.mark.integration
@@ -35,34 +34,6 @@ CHUNK_ROWS = 5
 
 
 # -- fixtures and helpers -----------------------------------------------------------------------------
-
-
-def _is_ours(pid: int) -> bool:
-    """True when ``pid`` descends from this test process (other suites may run on the same machine)."""
-    me = os.getpid()
-    for _ in range(64):
-        if pid == me:
-            return True
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return False
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
-        if pid <= 1:
-            return False
-    return False
-
-
-def assert_nothing_left(admin: psycopg.Connection, timeout: float = 10.0) -> None:
-    """:func:`tests.helpers.assert_nothing_left`, counting only workers this test process started."""
-
-    def ours() -> list[int]:
-        return [pid for pid in helpers.worker_pids() if _is_ours(pid)]
-
-    assert helpers.wait_until(lambda: not ours(), timeout), f"worker processes left: {ours()}"
-    assert helpers.wait_until(lambda: not helpers.cxpg_backends(admin), timeout), (
-        f"backends left: {helpers.cxpg_backends(admin)}"
-    )
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +59,7 @@ def source(admin: psycopg.Connection, schema: str) -> str:
         "placed_at timestamptz, payload bytea, tags text[], exact numeric)"
     )
     admin.execute(
-        f"INSERT INTO \"{schema}\".orders SELECT g, "
+        f'INSERT INTO "{schema}".orders SELECT g, '
         "CASE WHEN g % 5 = 0 THEN NULL ELSE 'näme ' || g || E' it''s \\\\ \"q\"\\n🎉' END, "
         "g * 1.25 - 7, '2024-01-01 00:00:00.000001+00'::timestamptz + g * interval '1 day 1 microsecond', "
         "decode(md5(g::text), 'hex'), ARRAY['t' || g, NULL, ''], (1::numeric / 7) * g "
@@ -178,14 +149,23 @@ def test_extract_to_s3_through_a_upath_carries_its_storage_options(
 
 
 def test_s3_credentials_never_appear_in_the_manifest_the_summary_or_the_logs(
-    hook: ConnectorXPostgresHook, admin: psycopg.Connection, s3: S3Server, bucket: str, source: str,
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+    hook: ConnectorXPostgresHook,
+    admin: psycopg.Connection,
+    s3: S3Server,
+    bucket: str,
+    source: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     caplog.set_level(logging.DEBUG)
     query_log = tmp_path / "queries.jsonl"
     result = hook.extract(
-        destination=f"s3://{bucket}/secrets/run1", table=source, chunk_rows=CHUNK_ROWS,
-        storage_options=s3.storage_options(), query_log_path=str(query_log),
+        destination=f"s3://{bucket}/secrets/run1",
+        table=source,
+        chunk_rows=CHUNK_ROWS,
+        storage_options=s3.storage_options(),
+        query_log_path=str(query_log),
     )
     manifest_text = s3_filesystem(s3).cat_file(f"{bucket}/secrets/run1/_manifest.json").decode()
     out, err = capfd.readouterr()
@@ -218,7 +198,11 @@ def test_s3_credentials_never_appear_in_the_manifest_the_summary_or_the_logs(
 
 
 def test_refused_part_upload_raises_storage_error_and_leaves_no_part_object(
-    hook: ConnectorXPostgresHook, admin: psycopg.Connection, s3: S3Server, bucket: str, source: str,
+    hook: ConnectorXPostgresHook,
+    admin: psycopg.Connection,
+    s3: S3Server,
+    bucket: str,
+    source: str,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     """The store accepts the manifest but refuses every Parquet object (AccessDenied)."""
@@ -226,15 +210,20 @@ def test_refused_part_upload_raises_storage_error_and_leaves_no_part_object(
         {
             "Version": "2012-10-17",
             "Statement": [
-                {"Effect": "Allow", "Action": "s3:*",
-                 "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]},
+                {
+                    "Effect": "Allow",
+                    "Action": "s3:*",
+                    "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
+                },
                 {"Effect": "Deny", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{bucket}/denied/*.parquet"},
             ],
         }
     )
     with s3.enforce_iam(), pytest.raises(StorageError) as failure:
         hook.extract(
-            destination=f"s3://{bucket}/denied/run1", table=source, chunk_rows=CHUNK_ROWS,
+            destination=f"s3://{bucket}/denied/run1",
+            table=source,
+            chunk_rows=CHUNK_ROWS,
             storage_options=s3.storage_options(key=key, secret=secret),
         )
     message = str(failure.value)
@@ -258,7 +247,9 @@ def test_destination_in_a_bucket_that_does_not_exist_fails_without_creating_it(
     try:
         with pytest.raises(StorageError, match=missing):
             hook.extract(
-                destination=f"s3://{missing}/prefix/run1", table=source, chunk_rows=CHUNK_ROWS,
+                destination=f"s3://{missing}/prefix/run1",
+                table=source,
+                chunk_rows=CHUNK_ROWS,
                 storage_options=s3.storage_options(),
             )
         assert not s3.bucket_exists(missing), "the extraction created the bucket"
@@ -267,14 +258,20 @@ def test_destination_in_a_bucket_that_does_not_exist_fails_without_creating_it(
 
 
 def test_ambient_environment_credentials_reach_the_worker_that_uploads_parts(
-    hook: ConnectorXPostgresHook, admin: psycopg.Connection, s3: S3Server, bucket: str, source: str,
+    hook: ConnectorXPostgresHook,
+    admin: psycopg.Connection,
+    s3: S3Server,
+    bucket: str,
+    source: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     try:
         result = hook.extract(
-            destination=f"s3://{bucket}/envcreds/run1", table=source, chunk_rows=CHUNK_ROWS,
+            destination=f"s3://{bucket}/envcreds/run1",
+            table=source,
+            chunk_rows=CHUNK_ROWS,
             storage_options={"client_kwargs": {"endpoint_url": s3.endpoint}},  # no key/secret: the env has them
         )
         assert result.summary()["rows"] == ROWS

@@ -333,3 +333,43 @@ def test_amounts_stay_exact_decimals(orders_db: Path, admin: psycopg.Connection)
     assert str(out.schema.field("amount").type) == "decimal128(12, 2)"
     assert all(isinstance(v, Decimal) for v in out.column("amount").to_pylist()[:10])
     assert manifest_of(xcom_return(dag_run, "extract_orders")["destination"])["status"] == "complete"
+
+
+def test_openlineage_facets_name_the_table_and_the_files(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, schema: str, tmp_path: Path
+) -> None:
+    pytest.importorskip("airflow.providers.openlineage")
+    admin.execute(f'CREATE TABLE "{schema}".small AS SELECT g AS id FROM generate_series(1, 10) g')
+    admin.execute(f'ALTER TABLE "{schema}".small ADD PRIMARY KEY (id)')
+    op = PostgresExtractOperator(
+        task_id="t", postgres_conn_id=conn_id, table=f"{schema}.small", destination=str(tmp_path / "out")
+    )
+    op.execute({})
+    lineage = op.get_openlineage_facets_on_complete(None)
+    (source,) = lineage.inputs
+    assert source.namespace == f"postgres://{pg.host}:{pg.port}" and source.name == f"{pg.dbname}.{schema}.small"
+    (target,) = lineage.outputs
+    assert target.namespace == "file" and target.name == str(tmp_path / "out")
+
+
+def test_asset_event_names_the_destination(
+    conn_id: str, admin: psycopg.Connection, schema: str, tmp_path: Path
+) -> None:
+    from airflow.providers.common.compat.sdk import AssetAlias
+
+    admin.execute(f'CREATE TABLE "{schema}".small AS SELECT g AS id FROM generate_series(1, 10) g')
+    admin.execute(f'ALTER TABLE "{schema}".small ADD PRIMARY KEY (id)')
+    op = PostgresExtractOperator(
+        task_id="t", postgres_conn_id=conn_id, table=f"{schema}.small", destination=str(tmp_path / "out")
+    )
+    (alias,) = op.outlets
+    assert isinstance(alias, AssetAlias)
+    added: list[tuple[Any, Any]] = []
+
+    class _Accessor:
+        def add(self, asset: Any, extra: Any = None) -> None:
+            added.append((asset, extra))
+
+    op.execute({"outlet_events": {alias: _Accessor()}})
+    ((asset, extra),) = added
+    assert asset.uri == "file://" + str(tmp_path / "out") and extra["rows"] == 10

@@ -11,7 +11,6 @@ import datetime as dt
 import ipaddress
 import json
 import math
-import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,8 +31,7 @@ from airflow_provider_cxpg.exceptions import (
     InvalidKeyError,
 )
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
-from tests import helpers
-from tests.helpers import PgInfo, manifest_of, read_output
+from tests.helpers import PgInfo, assert_nothing_left, manifest_of, read_output
 
 pytestmark = pytest.mark.integration
 
@@ -62,80 +60,245 @@ class Col:
 MATRIX: tuple[Col, ...] = (
     Col("c_int2", "smallint", pa.int16(), "int", ("32767", "-32768", "0", "1", "-1")),
     Col("c_int4", "integer", pa.int32(), "int", ("2147483647", "-2147483648", "0", "42", "-7")),
-    Col("c_int8", "bigint", pa.int64(), "int",
-        ("9223372036854775807", "-9223372036854775808", "0", "1", "-1")),
-    Col("c_float4", "real", pa.float32(), "float4",
-        ("'3.4028235e38'", "'-1.4e-45'", "'0.1'", "'-0'", "'NaN'")),
-    Col("c_float8", "double precision", pa.float64(), "float8",
-        ("'1.7976931348623157e308'", "'5e-324'", "'0.1'", "'-Infinity'", "'NaN'")),
-    Col("c_numeric", "numeric", pa.string(), "text",
-        ("1/7::numeric", "'123456789012345678901234567890.123456789'", "'-0.000000000000000000001'",
-         "'1.500'", "'NaN'")),
-    Col("c_num_12_2", "numeric(12,2)", pa.decimal128(12, 2), "decimal",
-        ("9999999999.99", "-9999999999.99", "0.01", "1.5", "0")),
-    Col("c_num_38_12", "numeric(38,12)", pa.string(), "text",
-        ("'12345678901234567890123456.123456789012'", "'-0.000000000001'", "0", "1.5", "'-1'")),
-    Col("c_text", "text", pa.string(), "str",
-        ("'héllo wörld ✓ 日本語 🎉'", "E'tab\\there\\nnewline\\r\\ncrlf'", "''",
-         "$v$quote ' double \" backslash \\ end$v$", "'  padded  '")),
+    Col("c_int8", "bigint", pa.int64(), "int", ("9223372036854775807", "-9223372036854775808", "0", "1", "-1")),
+    Col("c_float4", "real", pa.float32(), "float4", ("'3.4028235e38'", "'-1.4e-45'", "'0.1'", "'-0'", "'NaN'")),
+    Col(
+        "c_float8",
+        "double precision",
+        pa.float64(),
+        "float8",
+        ("'1.7976931348623157e308'", "'5e-324'", "'0.1'", "'-Infinity'", "'NaN'"),
+    ),
+    Col(
+        "c_numeric",
+        "numeric",
+        pa.string(),
+        "text",
+        (
+            "1/7::numeric",
+            "'123456789012345678901234567890.123456789'",
+            "'-0.000000000000000000001'",
+            "'1.500'",
+            "'NaN'",
+        ),
+    ),
+    Col(
+        "c_num_12_2",
+        "numeric(12,2)",
+        pa.decimal128(12, 2),
+        "decimal",
+        ("9999999999.99", "-9999999999.99", "0.01", "1.5", "0"),
+    ),
+    Col(
+        "c_num_38_12",
+        "numeric(38,12)",
+        pa.string(),
+        "text",
+        ("'12345678901234567890123456.123456789012'", "'-0.000000000001'", "0", "1.5", "'-1'"),
+    ),
+    Col(
+        "c_text",
+        "text",
+        pa.string(),
+        "str",
+        (
+            "'héllo wörld ✓ 日本語 🎉'",
+            "E'tab\\there\\nnewline\\r\\ncrlf'",
+            "''",
+            "$v$quote ' double \" backslash \\ end$v$",
+            "'  padded  '",
+        ),
+    ),
     Col("c_varchar", "varchar(10)", pa.string(), "str", ("'abcdefghij'", "'ü'", "''", "'x y'", "'🎉🎉'")),
     Col("c_char", "char(5)", pa.string(), "str", ("'ab'", "'abcde'", "''", "'ü'", "' a'")),
     Col("c_bool", "boolean", pa.bool_(), "plain", ("true", "false", "true", "false", "true")),
-    Col("c_date", "date", pa.date32(), "plain",
-        ("'0001-01-01'", "'9999-12-31'", "'2000-02-29'", "'1970-01-01'", "'1969-12-31'")),
-    Col("c_time", "time", pa.time64("us"), "plain",
-        ("'00:00:00'", "'23:59:59.999999'", "'12:34:56.789012'", "'00:00:00.000001'", "'13:00'")),
-    Col("c_ts", "timestamp", pa.timestamp("us"), "plain",
-        ("'0001-01-01 00:00:00'", "'9999-12-31 23:59:59.999999'", "'2000-02-29 12:34:56.789012'",
-         "'1969-12-31 23:59:59.999999'", "'1970-01-01 00:00:00.000001'")),
-    Col("c_tstz", "timestamptz", pa.timestamp("us", tz="UTC"), "tstz",
-        ("'2024-03-10 02:30:00.000001-05'", "'1901-12-13 20:45:52.123456+00'",
-         "'2038-01-19 03:14:07.999999+14'", "'1969-12-31 23:59:59.999999+00'", "'9999-12-31 23:59:59.999999+00'")),
-    Col("c_interval", "interval", pa.string(), "text",
-        ("'1 year 2 mons 3 days 04:05:06.789'", "'-1 days +02:00:00'", "'0'", "'178000000 years'",
-         "'-00:00:00.000001'")),
-    Col("c_timetz", "timetz", pa.string(), "text",
-        ("'12:34:56.789+05:30'", "'00:00:00-15:59'", "'23:59:59.999999+00'", "'24:00:00+00'", "'01:02:03-01'")),
-    Col("c_uuid", "uuid", pa.string(), "uuid",
-        ("'00000000-0000-0000-0000-000000000000'", "'FFFFFFFF-FFFF-FFFF-FFFF-FFFFFFFFFFFF'",
-         "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'", "'{12345678-1234-5678-1234-567812345678}'",
-         "'00000000-0000-0000-0000-000000000001'")),
-    Col("c_json", "json", pa.string(), "text",
-        ("'{\"b\": 1, \"a\": [1, 2.5, \"x\"]}'", "'[]'", "'\"unicode ✓ \\u00e9\"'", "'null'",
-         "'{\"nested\": {\"k\": [true, false, null]}}'")),
-    Col("c_jsonb", "jsonb", pa.string(), "text",
-        ("'{\"a\": 1}'", "'[1, \"two\", 3.5]'", "'\"s\"'", "'null'", "'{\"e\": \"\", \"q\": \"\\\"\"}'")),
-    Col("c_bytea", "bytea", pa.large_binary(), "plain",
-        ("'\\x00ff10'", "'\\x'", "'\\xdeadbeef'", "decode(repeat('ab', 1000), 'hex')", "'\\x00'")),
-    Col("c_int_arr", "int[]", pa.large_list(pa.int32()), "plain",
-        ("'{1,NULL,3}'", "'{}'", "'{-2147483648,2147483647}'", "'{NULL}'", "'{0}'")),
-    Col("c_text_arr", "text[]", pa.large_list(pa.string()), "plain",
-        ("'{\"a,b\",NULL,\"NULL\",\"q\\\"x\",\"back\\\\slash\"}'", "'{}'", "'{\"\"}'", "'{\"ü ✓\"}'",
-         "'{NULL,NULL}'")),
-    Col("c_uuid_arr", "uuid[]", pa.string(), "text",
-        ("'{00000000-0000-0000-0000-000000000001,NULL}'", "'{}'", "'{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}'",
-         "'{NULL}'", "'{}'")),
-    Col("c_date_arr", "date[]", pa.string(), "text",
-        ("'{2000-01-01,NULL,infinity}'", "'{}'", "'{0001-01-01}'", "'{-infinity}'", "'{1999-12-31,2000-01-01}'")),
+    Col(
+        "c_date",
+        "date",
+        pa.date32(),
+        "plain",
+        ("'0001-01-01'", "'9999-12-31'", "'2000-02-29'", "'1970-01-01'", "'1969-12-31'"),
+    ),
+    Col(
+        "c_time",
+        "time",
+        pa.time64("us"),
+        "plain",
+        ("'00:00:00'", "'23:59:59.999999'", "'12:34:56.789012'", "'00:00:00.000001'", "'13:00'"),
+    ),
+    Col(
+        "c_ts",
+        "timestamp",
+        pa.timestamp("us"),
+        "plain",
+        (
+            "'0001-01-01 00:00:00'",
+            "'9999-12-31 23:59:59.999999'",
+            "'2000-02-29 12:34:56.789012'",
+            "'1969-12-31 23:59:59.999999'",
+            "'1970-01-01 00:00:00.000001'",
+        ),
+    ),
+    Col(
+        "c_tstz",
+        "timestamptz",
+        pa.timestamp("us", tz="UTC"),
+        "tstz",
+        (
+            "'2024-03-10 02:30:00.000001-05'",
+            "'1901-12-13 20:45:52.123456+00'",
+            "'2038-01-19 03:14:07.999999+14'",
+            "'1969-12-31 23:59:59.999999+00'",
+            "'9999-12-31 23:59:59.999999+00'",
+        ),
+    ),
+    Col(
+        "c_interval",
+        "interval",
+        pa.string(),
+        "text",
+        (
+            "'1 year 2 mons 3 days 04:05:06.789'",
+            "'-1 days +02:00:00'",
+            "'0'",
+            "'178000000 years'",
+            "'-00:00:00.000001'",
+        ),
+    ),
+    Col(
+        "c_timetz",
+        "timetz",
+        pa.string(),
+        "text",
+        ("'12:34:56.789+05:30'", "'00:00:00-15:59'", "'23:59:59.999999+00'", "'24:00:00+00'", "'01:02:03-01'"),
+    ),
+    Col(
+        "c_uuid",
+        "uuid",
+        pa.string(),
+        "uuid",
+        (
+            "'00000000-0000-0000-0000-000000000000'",
+            "'FFFFFFFF-FFFF-FFFF-FFFF-FFFFFFFFFFFF'",
+            "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'",
+            "'{12345678-1234-5678-1234-567812345678}'",
+            "'00000000-0000-0000-0000-000000000001'",
+        ),
+    ),
+    Col(
+        "c_json",
+        "json",
+        pa.string(),
+        "text",
+        (
+            '\'{"b": 1, "a": [1, 2.5, "x"]}\'',
+            "'[]'",
+            "'\"unicode ✓ \\u00e9\"'",
+            "'null'",
+            '\'{"nested": {"k": [true, false, null]}}\'',
+        ),
+    ),
+    Col(
+        "c_jsonb",
+        "jsonb",
+        pa.string(),
+        "text",
+        ("'{\"a\": 1}'", "'[1, \"two\", 3.5]'", "'\"s\"'", "'null'", '\'{"e": "", "q": "\\""}\''),
+    ),
+    Col(
+        "c_bytea",
+        "bytea",
+        pa.large_binary(),
+        "plain",
+        ("'\\x00ff10'", "'\\x'", "'\\xdeadbeef'", "decode(repeat('ab', 1000), 'hex')", "'\\x00'"),
+    ),
+    Col(
+        "c_int_arr",
+        "int[]",
+        pa.large_list(pa.int32()),
+        "plain",
+        ("'{1,NULL,3}'", "'{}'", "'{-2147483648,2147483647}'", "'{NULL}'", "'{0}'"),
+    ),
+    Col(
+        "c_text_arr",
+        "text[]",
+        pa.large_list(pa.string()),
+        "plain",
+        ('\'{"a,b",NULL,"NULL","q\\"x","back\\\\slash"}\'', "'{}'", "'{\"\"}'", "'{\"ü ✓\"}'", "'{NULL,NULL}'"),
+    ),
+    Col(
+        "c_uuid_arr",
+        "uuid[]",
+        pa.string(),
+        "text",
+        (
+            "'{00000000-0000-0000-0000-000000000001,NULL}'",
+            "'{}'",
+            "'{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}'",
+            "'{NULL}'",
+            "'{}'",
+        ),
+    ),
+    Col(
+        "c_date_arr",
+        "date[]",
+        pa.string(),
+        "text",
+        ("'{2000-01-01,NULL,infinity}'", "'{}'", "'{0001-01-01}'", "'{-infinity}'", "'{1999-12-31,2000-01-01}'"),
+    ),
     Col("c_enum", "mood", pa.string(), "str", ("'sad'", "'happy'", "'with space'", "'ü'", "'ok'")),
-    Col("c_inet", "inet", pa.string(), "text",
-        ("'192.168.1.5/24'", "'::1'", "'10.0.0.1'", "'2001:db8::1/64'", "'0.0.0.0/0'")),
-    Col("c_cidr", "cidr", pa.string(), "text",
-        ("'10.0.0.0/8'", "'::/0'", "'192.168.100.128/25'", "'2001:db8::/32'", "'1.2.3.4/32'")),
-    Col("c_money", "money", pa.string(), "text",
-        ("'12.34'", "'-92233720368547758.08'", "'0'", "'1000000'", "'0.01'")),
-    Col("c_macaddr", "macaddr", pa.string(), "text",
-        ("'08:00:2b:01:02:03'", "'ff:ff:ff:ff:ff:ff'", "'00:00:00:00:00:00'", "'0800.2b01.0204'",
-         "'01-02-03-04-05-06'")),
-    Col("c_point", "point", pa.string(), "text",
-        ("'(1.5,-2.25)'", "'(0,0)'", "'(1e300,-1e-300)'", "'(0.1,0.2)'", "'(-0,NaN)'")),
-    Col("c_tsvector", "tsvector", pa.string(), "text",
-        ("'a fat cat sat'", "''", "$v$'quote''s':1A back\\\\slash$v$", "'ü:3 ✓'", "'x:1,2,3'")),
+    Col(
+        "c_inet",
+        "inet",
+        pa.string(),
+        "text",
+        ("'192.168.1.5/24'", "'::1'", "'10.0.0.1'", "'2001:db8::1/64'", "'0.0.0.0/0'"),
+    ),
+    Col(
+        "c_cidr",
+        "cidr",
+        pa.string(),
+        "text",
+        ("'10.0.0.0/8'", "'::/0'", "'192.168.100.128/25'", "'2001:db8::/32'", "'1.2.3.4/32'"),
+    ),
+    Col("c_money", "money", pa.string(), "text", ("'12.34'", "'-92233720368547758.08'", "'0'", "'1000000'", "'0.01'")),
+    Col(
+        "c_macaddr",
+        "macaddr",
+        pa.string(),
+        "text",
+        (
+            "'08:00:2b:01:02:03'",
+            "'ff:ff:ff:ff:ff:ff'",
+            "'00:00:00:00:00:00'",
+            "'0800.2b01.0204'",
+            "'01-02-03-04-05-06'",
+        ),
+    ),
+    Col(
+        "c_point",
+        "point",
+        pa.string(),
+        "text",
+        ("'(1.5,-2.25)'", "'(0,0)'", "'(1e300,-1e-300)'", "'(0.1,0.2)'", "'(-0,NaN)'"),
+    ),
+    Col(
+        "c_tsvector",
+        "tsvector",
+        pa.string(),
+        "text",
+        ("'a fat cat sat'", "''", "$v$'quote''s':1A back\\\\slash$v$", "'ü:3 ✓'", "'x:1,2,3'"),
+    ),
     Col("c_bit", "bit(4)", pa.string(), "text", ("B'1010'", "B'0000'", "B'1111'", "B'0001'", "B'1000'")),
     Col("c_varbit", "varbit", pa.string(), "text", ("B'1'", "B''", "B'101010'", "B'0'", "B'11111111111'")),
     Col("c_int4range", "int4range", pa.string(), "text", ("'[1,10)'", "'empty'", "'(,5]'", "'[3,)'", "'(,)'")),
-    Col("c_xml", "xml", pa.string(), "text",
-        ("'<a x=\"1\">t &amp; u</a>'", "''", "'text only'", "'<?xml version=\"1.0\"?><r/>'", "'<b>ü ✓</b>'")),
+    Col(
+        "c_xml",
+        "xml",
+        pa.string(),
+        "text",
+        ("'<a x=\"1\">t &amp; u</a>'", "''", "'text only'", "'<?xml version=\"1.0\"?><r/>'", "'<b>ü ✓</b>'"),
+    ),
     Col("c_char1", '"char"', pa.string(), "text", ("'x'", "'A'", "'1'", "'ü'", "' '")),
 )
 NON_NULL_IDS = (1, 2, 4, 5, 6)
@@ -144,34 +307,6 @@ EXPECTED_SCHEMA = pa.schema([pa.field("id", pa.int64()), *(pa.field(c.name, c.ar
 
 
 # -- fixtures and helpers -----------------------------------------------------------------------------
-
-
-def _is_ours(pid: int) -> bool:
-    """True when ``pid`` descends from this test process (other suites may run on the same machine)."""
-    me = os.getpid()
-    for _ in range(64):
-        if pid == me:
-            return True
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return False
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
-        if pid <= 1:
-            return False
-    return False
-
-
-def assert_nothing_left(admin: psycopg.Connection, timeout: float = 10.0) -> None:
-    """:func:`tests.helpers.assert_nothing_left`, counting only workers this test process started."""
-
-    def ours() -> list[int]:
-        return [pid for pid in helpers.worker_pids() if _is_ours(pid)]
-
-    assert helpers.wait_until(lambda: not ours(), timeout), f"worker processes left: {ours()}"
-    assert helpers.wait_until(lambda: not helpers.cxpg_backends(admin), timeout), (
-        f"backends left: {helpers.cxpg_backends(admin)}"
-    )
 
 
 @pytest.fixture
@@ -276,7 +411,10 @@ def part_files(directory: Path) -> list[Path]:
 
 
 def test_matrix_extract_equals_psycopg_value_by_value(
-    hook: ConnectorXPostgresHook, admin: psycopg.Connection, pgsession: psycopg.Connection, schema: str,
+    hook: ConnectorXPostgresHook,
+    admin: psycopg.Connection,
+    pgsession: psycopg.Connection,
+    schema: str,
     out_dir: Path,
 ) -> None:
     table = create_matrix(admin, schema)
@@ -326,8 +464,13 @@ def test_matrix_unconstrained_numeric_is_never_rounded(
 ) -> None:
     table = create_matrix(admin, schema)
     hook.extract(destination=str(out_dir), table=table, chunk_rows=2)
-    values = dict(zip(read_output(out_dir).column("id").to_pylist(),
-                      read_output(out_dir).column("c_numeric").to_pylist(), strict=True))
+    values = dict(
+        zip(
+            read_output(out_dir).column("id").to_pylist(),
+            read_output(out_dir).column("c_numeric").to_pylist(),
+            strict=True,
+        )
+    )
     assert values[1] == "0.14285714285714285714"
     assert values[2] == "123456789012345678901234567890.123456789"
     assert values[4] == "-0.000000000000000000001"
@@ -425,13 +568,16 @@ def test_empty_table_through_iter_chunks_and_read_arrow_is_typed(
 
 
 def test_sql_source_with_key_columns_is_chunked_and_exact(
-    hook: ConnectorXPostgresHook, admin: psycopg.Connection, pgsession: psycopg.Connection, schema: str,
+    hook: ConnectorXPostgresHook,
+    admin: psycopg.Connection,
+    pgsession: psycopg.Connection,
+    schema: str,
     out_dir: Path,
 ) -> None:
     table = create_matrix(admin, schema)
     schema_name, name = table.split(".")
     query = (
-        f'SELECT id, c_text, c_int4::bigint * 2 AS doubled, c_numeric, c_num_12_2, c_tstz '
+        f"SELECT id, c_text, c_int4::bigint * 2 AS doubled, c_numeric, c_num_12_2, c_tstz "
         f'FROM "{schema_name}"."{name}" WHERE id <> 2'
     )
     result = hook.extract(destination=str(out_dir), sql=query, key_columns=["id"], chunk_rows=2)
@@ -460,7 +606,10 @@ def test_sql_source_without_key_columns_is_rejected_before_any_file(
 
 
 def test_column_casts_to_text_read_the_server_text_form(
-    hook: ConnectorXPostgresHook, admin: psycopg.Connection, pgsession: psycopg.Connection, schema: str,
+    hook: ConnectorXPostgresHook,
+    admin: psycopg.Connection,
+    pgsession: psycopg.Connection,
+    schema: str,
     out_dir: Path,
 ) -> None:
     table = create_matrix(admin, schema)
@@ -504,8 +653,13 @@ def test_column_casts_to_an_unknown_type_or_on_the_key_is_rejected(
     [("timestamp", "infinity"), ("timestamp", "-infinity"), ("timestamptz", "infinity"), ("date", "-infinity")],
 )
 def test_infinite_timestamp_raises_data_integrity_error_naming_the_column_and_text_cast_reads_it(
-    hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, out_dir: Path, tmp_path: Path,
-    sql_type: str, special: str,
+    hook: ConnectorXPostgresHook,
+    admin: psycopg.Connection,
+    schema: str,
+    out_dir: Path,
+    tmp_path: Path,
+    sql_type: str,
+    special: str,
 ) -> None:
     admin.execute(f'CREATE TABLE "{schema}".t (id int PRIMARY KEY, happened_at {sql_type})')
     admin.execute(
@@ -567,7 +721,10 @@ def test_numeric_nan_error_names_the_column_and_the_text_cast_remedy(
 
 
 def test_jsonb_numbers_keep_every_digit(
-    hook: ConnectorXPostgresHook, admin: psycopg.Connection, pgsession: psycopg.Connection, schema: str,
+    hook: ConnectorXPostgresHook,
+    admin: psycopg.Connection,
+    pgsession: psycopg.Connection,
+    schema: str,
     out_dir: Path,
 ) -> None:
     admin.execute(f'CREATE TABLE "{schema}".t (id int PRIMARY KEY, doc jsonb, raw json)')

@@ -253,63 +253,12 @@ class ConnectorXPostgresHook(PostgresHook):
             application_name_prefix=endpoint.application_name,
         )
 
-    def extract(
-        self,
-        *,
-        destination: Any,
-        table: str | None = None,
-        sql: str | None = None,
-        columns: Sequence[str] | None = None,
-        where: str | None = None,
-        key_columns: Sequence[str] | None = None,
-        column_casts: Mapping[str, str] | None = None,
-        chunk_rows: int = DEFAULT_CHUNK_ROWS,
-        chunk_bytes: int | None = None,
-        storage_options: dict[str, Any] | None = None,
-        compression: str = "zstd",
-        query_timeout: float | None = 3600.0,
-        job_timeout: float | None = None,
-        heartbeat_interval: float = 1.0,
-        heartbeat_timeout: float = 20.0,
-        max_worker_restarts: int = 2,
-        extra_filters: Sequence[str] = (),
-        lower: Sequence[Any] | None = None,
-        upper: Sequence[Any] | None = None,
-        watermark: WatermarkSpec | None = None,
-        resume: bool = True,
-        snapshot: bool | str = False,
-        run_id: str | None = None,
-        query_log_path: str | None = None,
-        **settings: Any,
-    ) -> ExtractResult:
-        """Extract to Parquet files plus a manifest at ``destination`` (see :class:`Extraction`)."""
-        return self.prepare_extraction(
-            destination=destination,
-            table=table,
-            sql=sql,
-            columns=columns,
-            where=where,
-            key_columns=key_columns,
-            column_casts=column_casts,
-            chunk_rows=chunk_rows,
-            chunk_bytes=chunk_bytes,
-            storage_options=storage_options,
-            compression=compression,
-            query_timeout=query_timeout,
-            job_timeout=job_timeout,
-            heartbeat_interval=heartbeat_interval,
-            heartbeat_timeout=heartbeat_timeout,
-            max_worker_restarts=max_worker_restarts,
-            extra_filters=extra_filters,
-            lower=lower,
-            upper=upper,
-            watermark=watermark,
-            resume=resume,
-            snapshot=snapshot,
-            run_id=run_id,
-            query_log_path=query_log_path,
-            **settings,
-        ).run()
+    def extract(self, **kwargs: Any) -> ExtractResult:
+        """Extract to Parquet files plus a manifest at ``destination`` and return the result.
+
+        Takes the keyword arguments of :meth:`prepare_extraction`; this is the operator's path.
+        """
+        return self.prepare_extraction(**kwargs).run()
 
     def prepare_extraction(
         self,
@@ -342,7 +291,36 @@ class ConnectorXPostgresHook(PostgresHook):
         worker_index: int = 0,
         **settings: Any,
     ) -> Extraction:
-        """Build (but do not run) an :class:`Extraction`; the operator keeps it to abort on kill."""
+        """Build (but do not run) an :class:`Extraction`; the operator keeps it to abort on kill.
+
+        :param destination: directory or URL prefix (local, fsspec URL, ``ObjectStoragePath``).
+        :param table: ``schema.table`` to read (or ``sql``).
+        :param sql: a query whose output contains ``key_columns``.
+        :param columns: output columns (default: all).
+        :param where: SQL condition on the source's columns.
+        :param key_columns: keyset key (default: the primary key); ``["ctid"]`` for page ranges.
+        :param column_casts: ``{column: type}`` to read a column as another type.
+        :param chunk_rows: rows per chunk and file.
+        :param chunk_bytes: size chunks to about this many Arrow bytes instead.
+        :param storage_options: fsspec options for the destination.
+        :param compression: Parquet codec.
+        :param query_timeout: seconds per query (server ``statement_timeout`` too); None: no limit.
+        :param job_timeout: seconds for the whole extraction; None: no limit.
+        :param heartbeat_interval: seconds between worker heartbeats.
+        :param heartbeat_timeout: declare the worker dead after this many silent seconds.
+        :param max_worker_restarts: replace a dead worker this many times.
+        :param extra_filters: SQL conditions added to every chunk.
+        :param lower: exclusive lower key bound (pages: first page).
+        :param upper: inclusive upper key bound (pages: end page, exclusive).
+        :param watermark: incremental window (see :mod:`airflow_provider_cxpg.incremental`).
+        :param resume: continue an unfinished extraction at the destination.
+        :param snapshot: True: read every chunk from one exported snapshot; a string: import that id.
+        :param run_id: the extraction's id (default: random).
+        :param query_log_path: also write the query log as JSON lines here.
+        :param querylog: use this query log instead of a new one.
+        :param worker_index: labels this extraction's events in a parallel run.
+        :param settings: further :class:`~airflow_provider_cxpg.supervisor.WorkerSettings` fields.
+        """
         spec = SourceSpec(
             table=table,
             sql=sql,

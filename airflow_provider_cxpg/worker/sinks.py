@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -56,7 +57,7 @@ class _ParquetWriter:
             options["compression_level"] = sink.compression_level
         self._writer = pq.ParquetWriter(target, schema, **options)
 
-    def write(self, table: pa.Table) -> None:
+    def write_table(self, table: pa.Table) -> None:
         if table.num_rows:
             self._writer.write_table(table, row_group_size=self._sink.row_group_rows)
 
@@ -64,22 +65,23 @@ class _ParquetWriter:
         self._writer.close()
 
 
-class LocalParquetChunk:
-    """Parquet to a local temporary file, renamed into place on commit."""
+class _LocalFile:
+    """A local file written under a temporary name beside ``final`` and renamed into place."""
 
-    def __init__(self, schema: pa.Schema, sink: ParquetSink) -> None:
-        self.final = _local_path(sink.url)
-        directory, name = os.path.split(self.final)
+    def __init__(self, final: str, open_file: Callable[[str], Any]) -> None:
+        self.final = final
+        directory, name = os.path.split(final)
         os.makedirs(directory or ".", exist_ok=True)
         self.tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
-        self._writer = _ParquetWriter(schema, sink, self.tmp)
+        self._writer = open_file(self.tmp)
 
     def write(self, table: pa.Table) -> None:
-        self._writer.write(table)
+        if table.num_rows:
+            self._writer.write_table(table)
 
     def commit(self) -> int:
         self._writer.close()
-        os.replace(self.tmp, self.final)
+        os.replace(self.tmp, self.final)  # atomic: readers see the old name or the whole file
         return os.path.getsize(self.final)
 
     def abort(self) -> None:
@@ -87,6 +89,13 @@ class LocalParquetChunk:
             self._writer.close()
         with contextlib.suppress(OSError):
             os.unlink(self.tmp)
+
+
+class LocalParquetChunk(_LocalFile):
+    """Parquet to a local temporary file, renamed into place on commit."""
+
+    def __init__(self, schema: pa.Schema, sink: ParquetSink) -> None:
+        super().__init__(_local_path(sink.url), lambda path: _ParquetWriter(schema, sink, path))
 
 
 class RemoteParquetChunk:
@@ -108,7 +117,7 @@ class RemoteParquetChunk:
         self._writer = _ParquetWriter(schema, sink, self._file)
 
     def write(self, table: pa.Table) -> None:
-        self._writer.write(table)
+        self._writer.write_table(table)
 
     def commit(self) -> int:
         self._writer.close()
@@ -129,28 +138,11 @@ class RemoteParquetChunk:
                 self.fs.rm(self.path)
 
 
-class IpcChunk:
+class IpcChunk(_LocalFile):
     """An Arrow IPC file for the parent to memory-map (the ``iter_chunks`` path)."""
 
     def __init__(self, schema: pa.Schema, sink: IpcSink) -> None:
-        self.final = sink.path
-        self.tmp = f"{sink.path}.{secrets.token_hex(4)}.tmp"
-        self._writer = pa.ipc.new_file(self.tmp, schema)
-
-    def write(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self._writer.write_table(table)
-
-    def commit(self) -> int:
-        self._writer.close()
-        os.replace(self.tmp, self.final)
-        return os.path.getsize(self.final)
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self._writer.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.tmp)
+        super().__init__(sink.path, lambda path: pa.ipc.new_file(path, schema))
 
 
 def open_writer(schema: pa.Schema, sink: ParquetSink | IpcSink) -> ChunkWriter:
