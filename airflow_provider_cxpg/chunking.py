@@ -171,8 +171,13 @@ def pipelined(
     sizer: ChunkSizer,
     sink_for: Callable[[int], ParquetSink | IpcSink],
     write_empty_first: bool,
+    read_ahead: bool = True,
 ) -> Iterator[tuple[ChunkQuery, ChunkRead, ChunkDone]]:
-    """Yield each chunk once its file is committed, with the next chunk already being read."""
+    """Yield each chunk once its file is committed, with the next chunk already being read.
+
+    :param read_ahead: ask for chunk *k+1* as soon as chunk *k*'s rows are in, so reading overlaps
+        writing (the worker then holds two chunks); False reads and writes one chunk at a time.
+    """
 
     def submit(index: int, query: ChunkQuery, write_empty: bool) -> int:
         request = ReadChunk(
@@ -194,9 +199,11 @@ def pipelined(
         read = session.wait_read(query_id)
         sizer.observe(read.rows, read.arrow_bytes)
         following = chunks.next(query, read)
-        if following is not None:
+        if following is not None and read_ahead:
             next_id = submit(index + 1, following, False)
         done = session.wait_done(query_id)
+        if following is not None and not read_ahead:
+            next_id = submit(index + 1, following, False)
         yield query, read, done
         if following is None:
             return

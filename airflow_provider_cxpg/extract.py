@@ -121,6 +121,8 @@ class Extraction:
     :param snapshot: read every chunk from one exported snapshot (a point-in-time copy, see
         :mod:`.snapshot`): True exports one for this run; a string imports an existing snapshot id
         (parallel workers share their parent's).
+    :param read_ahead: read chunk *k+1* while chunk *k* is written (faster; the worker holds two
+        chunks); False holds one (less memory).
     :param querylog: event sink; a default one is created.
     :param application_name_prefix: kept in front of the run's unique application name.
     """
@@ -143,6 +145,7 @@ class Extraction:
         watermark: WatermarkSpec | None = None,
         resume: bool = True,
         snapshot: bool | str = False,
+        read_ahead: bool = True,
         run_id: str | None = None,
         querylog: QueryLog | None = None,
         application_name_prefix: str | None = None,
@@ -177,6 +180,7 @@ class Extraction:
         self.window: Window | None = None
         self.resume = resume
         self.snapshot = snapshot
+        self.read_ahead = read_ahead
         self.snapshot_id: str | None = snapshot if isinstance(snapshot, str) else None
         self.run_id = run_id or new_run_id()
         self.redactor = Redactor([*endpoint.secrets(), *storage_secrets])
@@ -475,6 +479,7 @@ class Extraction:
                         row_group_rows=self.row_group_rows,
                     ),
                     write_empty_first=not manifest.chunks,
+                    read_ahead=self.read_ahead,
                 ):
                     if not done.location:
                         continue  # an empty page after a full one: nothing to commit

@@ -61,6 +61,7 @@ def iter_chunk_tables(
     lower: Sequence[Any] | None = None,
     upper: Sequence[Any] | None = None,
     snapshot: bool | str = False,
+    read_ahead: bool = True,
     querylog: QueryLog | None = None,
     application_name_prefix: str | None = None,
     spool_dir: str | None = None,
@@ -83,6 +84,7 @@ def iter_chunk_tables(
         lower=lower,
         upper=upper,
         snapshot=snapshot,
+        read_ahead=read_ahead,
         querylog=querylog,
         application_name_prefix=application_name_prefix,
     )
@@ -127,6 +129,7 @@ def _iterate(
                     sizer=extraction.sizer,
                     sink_for=lambda i: IpcSink(os.path.join(spool, f"chunk-{i:06d}-{secrets.token_hex(3)}.arrow")),
                     write_empty_first=index == 0,
+                    read_ahead=extraction.read_ahead,
                 ):
                     index = read.chunk_index + 1
                     after = query.end if plan.pages is not None else (read.last_key or after)

@@ -47,7 +47,9 @@ def main() -> None:
         conn.execute(f"ALTER TABLE {schema}.t ADD PRIMARY KEY (id)")
     query = f"SELECT * FROM {schema}.t"
     try:
-        cx.read_sql(dsn, query, partition_on="id", partition_num=2, return_type="arrow")  # the host itself used connectorx
+        cx.read_sql(
+            dsn, query, partition_on="id", partition_num=2, return_type="arrow"
+        )  # the host itself used connectorx
 
         # 1. the raw hazard
         child = os.fork()

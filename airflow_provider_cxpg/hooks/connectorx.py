@@ -172,6 +172,7 @@ class ConnectorXPostgresHook(PostgresHook):
         heartbeat_timeout: float = 20.0,
         max_worker_restarts: int = 2,
         snapshot: bool = False,
+        read_ahead: bool = True,
         query_log_path: str | None = None,
         **settings: Any,
     ) -> Iterator[pa.Table]:
@@ -194,6 +195,8 @@ class ConnectorXPostgresHook(PostgresHook):
         :param heartbeat_timeout: declare the worker dead after this many silent seconds.
         :param max_worker_restarts: replace a dead worker this many times.
         :param snapshot: read every chunk from one exported snapshot (a point-in-time view).
+        :param read_ahead: read the next chunk while you process this one (default); False: one
+            chunk at a time.
         :param query_log_path: also write the structured query log as JSON lines here.
         """
         spec = SourceSpec(
@@ -220,6 +223,7 @@ class ConnectorXPostgresHook(PostgresHook):
             chunk_bytes=chunk_bytes,
             max_worker_restarts=max_worker_restarts,
             snapshot=snapshot,
+            read_ahead=read_ahead,
             querylog=QueryLog(new_run_id(), logger=self.log, jsonl_path=query_log_path),
             application_name_prefix=endpoint.application_name,
         )
@@ -285,6 +289,7 @@ class ConnectorXPostgresHook(PostgresHook):
         watermark: WatermarkSpec | None = None,
         resume: bool = True,
         snapshot: bool | str = False,
+        read_ahead: bool = True,
         run_id: str | None = None,
         query_log_path: str | None = None,
         querylog: QueryLog | None = None,
@@ -315,6 +320,8 @@ class ConnectorXPostgresHook(PostgresHook):
         :param watermark: incremental window (see :mod:`airflow_provider_cxpg.incremental`).
         :param resume: continue an unfinished extraction at the destination.
         :param snapshot: True: read every chunk from one exported snapshot; a string: import that id.
+        :param read_ahead: read the next chunk while this one is written (default); False: one chunk
+            in the worker's memory at a time.
         :param run_id: the extraction's id (default: random).
         :param query_log_path: also write the query log as JSON lines here.
         :param querylog: use this query log instead of a new one.
@@ -354,6 +361,7 @@ class ConnectorXPostgresHook(PostgresHook):
             watermark=watermark,
             resume=resume,
             snapshot=snapshot,
+            read_ahead=read_ahead,
             run_id=run_id,
             querylog=log,
             application_name_prefix=endpoint.application_name,

@@ -8,6 +8,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote
 
+from airflow import __version__ as airflow_version
 from airflow.providers.common.compat.sdk import BaseOperator
 
 from airflow_provider_cxpg.exceptions import InvalidInputError
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["PostgresExtractOperator"]
 
 _FILE_FORMATS = ("parquet",)
+_AIRFLOW_3 = int(airflow_version.split(".", 1)[0]) >= 3
 #: Keys of the XCom summary; a public contract (more may be added, none removed).
 SUMMARY_KEYS = (
     "rows",
@@ -106,6 +108,8 @@ class PostgresExtractOperator(BaseOperator):
         ``sample``, ``ntile`` or ``ctid`` (see the README, "Scale out").
     :param snapshot: read every chunk from one exported snapshot, a point-in-time copy even while
         rows change; default True when ``parallelism > 1``, else False.
+    :param read_ahead: read chunk *k+1* while chunk *k* is written (default: faster, the worker holds
+        two chunks); False: one chunk at a time (less memory).
     :param resume: continue an unfinished extraction found at the destination (default True).
     :param query_log_path: also write the structured query log as JSON lines to this file.
     :param worker_settings: further :class:`~airflow_provider_cxpg.supervisor.WorkerSettings` fields.
@@ -160,6 +164,7 @@ class PostgresExtractOperator(BaseOperator):
         parallelism: int = 1,
         partition_method: str = "auto",
         snapshot: bool | None = None,
+        read_ahead: bool = True,
         resume: bool = True,
         query_log_path: str | None = None,
         worker_settings: Mapping[str, Any] | None = None,
@@ -193,12 +198,15 @@ class PostgresExtractOperator(BaseOperator):
         self.parallelism = parallelism
         self.partition_method = partition_method
         self.snapshot = snapshot
+        self.read_ahead = read_ahead
         self.resume = resume
         self.query_log_path = query_log_path
         self.worker_settings = dict(worker_settings or {})
         self._extraction: Any = None
         self._result: ExtractResult | None = None
-        if "outlets" not in kwargs:
+        if not kwargs.get("outlets") and _AIRFLOW_3:
+            # The destination is templated, so its asset is only known at run time: emit it through
+            # an alias. (Airflow 2 cannot register alias events under dag.test(): pass outlets there.)
             self.outlets = [self._asset_alias()]
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -298,6 +306,7 @@ class PostgresExtractOperator(BaseOperator):
             "lower": self.lower_key,
             "upper": self.upper_key,
             "resume": self.resume,
+            "read_ahead": self.read_ahead,
             "query_log_path": self.query_log_path,
             **settings,
         }
@@ -346,7 +355,11 @@ class PostgresExtractOperator(BaseOperator):
         for outlet in self.outlets or []:
             try:
                 if isinstance(outlet, AssetAlias):
-                    events[outlet].add(Asset(uri=uri, name=uri), extra=extra)
+                    try:
+                        asset = Asset(uri=uri, name=uri)
+                    except TypeError:  # Airflow 2's Dataset has no name
+                        asset = Asset(uri=uri)
+                    events[outlet].add(asset, extra=extra)
                 elif isinstance(outlet, Asset):
                     events[outlet].extra.update(extra)
             except Exception as exc:  # noqa: BLE001  lineage must never fail an extraction
