@@ -293,6 +293,7 @@ class Extraction:
                 "lower": key_to_json(self.lower),
                 "upper": key_to_json(self.upper),
                 "compression": self.compression,
+                "filters": list(self.extra_filters),
                 "watermark": [self.watermark.column, str(self.watermark.start)] if self.watermark else None,
             }
         )

@@ -293,7 +293,7 @@ def test_server_restart_mid_run_fails_clearly_and_a_rerun_resumes(
         hook.extract(
             destination=str(destination),
             table=table,
-            where="pg_sleep(0.0005) IS NOT NULL",
+            where="pg_sleep(0.002) IS NOT NULL",
             chunk_rows=1000,
             query_timeout=60,
             **FAST,

@@ -346,7 +346,7 @@ class ConnectorXPostgresHook(PostgresHook):
         endpoint = self.get_endpoint()
         run_id = run_id or new_run_id()
         log = querylog or QueryLog(run_id, logger=self.log, jsonl_path=query_log_path)
-        return Extraction(
+        extraction = Extraction(
             endpoint=endpoint,
             spec=spec,
             destination=Destination(destination, storage_options),
@@ -367,3 +367,6 @@ class ConnectorXPostgresHook(PostgresHook):
             application_name_prefix=endpoint.application_name,
             worker_index=worker_index,
         )
+        for secret in extraction.redactor.secrets:  # storage keys too: Airflow's masker hides them in logs
+            _mask(secret)
+        return extraction
