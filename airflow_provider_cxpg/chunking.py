@@ -91,15 +91,18 @@ class KeysetChunks:
 
     def _query(self, after: Sequence[Any] | None) -> ChunkQuery:
         limit = self.sizer.next_rows()
-        peek = not self.plan.key_unique
-        sql = self.plan.chunk_sql(after, limit + 1 if peek else limit)
+        # Always one row more than the chunk: it tells whether another chunk follows (no empty
+        # trailing query when the table ends on a chunk boundary), and for keys the catalog cannot
+        # prove unique it shows a key value that continues past the boundary.
+        peek = True
+        sql = self.plan.chunk_sql(after, limit + 1)
         return ChunkQuery(sql=sql, limit=limit, peek=peek, start=list(after) if after is not None else None)
 
     def first(self) -> ChunkQuery:
         return self._query(self.after)
 
     def next(self, query: ChunkQuery, read: ChunkRead) -> ChunkQuery | None:
-        if query.limit is None or read.rows < query.limit:
+        if query.limit is None or read.rows < query.limit or read.more is False:
             return None
         assert read.last_key is not None
         if query.start is not None and list(read.last_key) == list(query.start):

@@ -161,7 +161,9 @@ def read_chunk(
         table = request.schema.empty_table() if table.num_columns == 0 else table.cast(request.schema, safe=True)
     _check(table, request)
     rows = table.num_rows
+    more = None if not request.peek_row else False
     if request.peek_row and request.limit is not None and rows > request.limit:
+        more = True
         if rows >= 2 and _key_at(table, rows - 1, request.key_fields) == _key_at(table, rows - 2, request.key_fields):
             raise DataIntegrityError(
                 f"key {list(request.key_fields)} is not unique: value "
@@ -184,6 +186,7 @@ def read_chunk(
         first_key=first,
         last_key=last,
         read_seconds=read_seconds,
+        more=more,
     )
     return table, info
 

@@ -108,8 +108,9 @@ class ReadChunk:
     :param schema: the Arrow schema read (results are cast to it); written minus ``drop_fields``.
     :param key_fields: output columns of the key, to report the first and last key.
     :param limit: the chunk's row limit (None: unlimited).
-    :param peek_row: the query asks for ``limit + 1`` rows; the worker drops the extra one, and
-        raises if it shares the key of the last kept row (the key is not unique).
+    :param peek_row: the query asks for ``limit + 1`` rows; the worker drops the extra one, reports
+        whether it existed (no empty trailing query is needed), and raises if it shares the key of
+        the last kept row (the key is not unique).
     :param infinity_columns: timestamp/date columns to check for ±infinity sentinels.
     :param drop_fields: fields read but not written (a key's text form, guard flags).
     :param guards: ``(field, message)``: raise ``message`` when the boolean field is true in any row.
@@ -176,6 +177,7 @@ class ChunkRead:
     :param first_key: key values of the first row (None for an empty result).
     :param last_key: key values of the last row.
     :param arrow_bytes: in-memory Arrow size of the rows (for sizing chunks by bytes).
+    :param more: with ``peek_row``: whether a row follows this chunk (None without peeking).
     """
 
     query_id: int
@@ -185,6 +187,7 @@ class ChunkRead:
     first_key: tuple[Any, ...] | None
     last_key: tuple[Any, ...] | None
     read_seconds: float
+    more: bool | None = None
 
 
 @dataclass(frozen=True)
