@@ -25,6 +25,7 @@ visibility map all-visible, nothing dirty), so no contender pays for the load.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -204,13 +205,23 @@ def package_state(repo: str) -> dict[str, Any]:
             out = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=10, check=False)
         except (OSError, subprocess.SubprocessError):
             return ""
-        return out.stdout.strip()
+        return out.stdout.rstrip("\n")  # not strip(): porcelain lines start with a status column
 
     status = git("status", "--porcelain", "--", "airflow_provider_cxpg")
+    # The content of the uncommitted changes, so an edit during a run shows even when the list of
+    # changed files stays the same.
+    digest = hashlib.sha256(git("diff", "HEAD", "--", "airflow_provider_cxpg").encode())
+    for line in status.splitlines():
+        if line.startswith("??"):
+            digest.update(line.encode())
+            path = os.path.join(repo, line[3:])
+            with contextlib.suppress(OSError), open(path, "rb") as handle:
+                digest.update(handle.read())
     return {
         "commit": git("rev-parse", "--short", "HEAD") or None,
         "subject": git("log", "-1", "--format=%s") or None,
         "uncommitted": [line[3:] for line in status.splitlines() if line.strip()],
+        "diff_sha256": digest.hexdigest()[:16] if status.strip() else None,
     }
 
 

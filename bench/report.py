@@ -9,7 +9,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Job", "JobRun", "Summary", "rerender", "summarise", "write_flatness", "write_main", "write_planner"]
+__all__ = [
+    "Job",
+    "JobRun",
+    "Summary",
+    "compute_overhead",
+    "rerender",
+    "summarise",
+    "write_flatness",
+    "write_main",
+    "write_planner",
+]
 
 MIB = 2**20
 
@@ -141,6 +151,41 @@ def summarise(job: Job, runs: Sequence[JobRun], *, rows: int, data_bytes: int | 
     return summary
 
 
+def compute_overhead(jobs: Sequence[Job], runs: Sequence[JobRun], rows: int) -> dict[str, Any]:
+    """Per-chunk overhead: the two probes' median time difference over their difference in queries.
+
+    Query counts are the medians of what the provider's query log recorded (``query.done`` events);
+    ⌊N/c⌋ + 1 (a keyset run ending with an empty query) only when the runs did not record them.
+    """
+    probes = sorted((j for j in jobs if j.section == "overhead" and j.chunk_rows), key=lambda j: j.chunk_rows or 0)
+    if len(probes) < 2:
+        return {"error": "needs two --overhead-chunks sizes"}
+    small, large = probes[0], probes[-1]
+    assert small.chunk_rows is not None and large.chunk_rows is not None
+
+    def medians(job: Job, chunk: int) -> tuple[float | None, int, bool]:
+        good = [r for r in runs if r.label == job.label and r.ok]
+        times = [r.work_s for r in good if r.work_s is not None]
+        counted = [int(r.details["queries"]) for r in good if r.details.get("queries")]
+        queries = int(statistics.median(counted)) if counted else rows // chunk + 1
+        return (statistics.median(times) if times else None), queries, bool(counted)
+
+    t_small, q_small, m_small = medians(small, small.chunk_rows)
+    t_large, q_large, m_large = medians(large, large.chunk_rows)
+    if t_small is None or t_large is None or q_small == q_large:
+        return {"error": "a probe failed, or both chunk sizes need the same number of queries"}
+    return {
+        "small_label": small.label,
+        "large_label": large.label,
+        "small_median_s": t_small,
+        "large_median_s": t_large,
+        "small_queries": q_small,
+        "large_queries": q_large,
+        "queries_measured": m_small and m_large,
+        "per_query_ms": (t_small - t_large) / (q_small - q_large) * 1000,
+    }
+
+
 # -- formatting ------------------------------------------------------------------------------------
 
 
@@ -199,7 +244,14 @@ def _package_row(meta: dict[str, Any]) -> str:
     if not pkg.get("commit"):
         return "| provider source | unknown (not a git checkout) |"
     dirty = pkg.get("uncommitted") or []
-    state = f"{len(dirty)} uncommitted file(s) in the package" if dirty else "clean"
+    state = f"{len(dirty)} uncommitted file(s) in the package ({', '.join(dirty)})" if dirty else "clean"
+    end = meta.get("package_at_end")
+    if end is not None and any(end.get(k) != pkg.get(k) for k in ("commit", "uncommitted", "diff_sha256")):
+        end_dirty = end.get("uncommitted") or []
+        state += (
+            f"; **the package CHANGED during the run** (at the end: git {end.get('commit')}, "
+            f"{len(end_dirty)} uncommitted file(s)): runs before and after the change are mixed"
+        )
     return f"| provider source | git {pkg['commit']} ({pkg.get('subject') or ''}); {state} |"
 
 
@@ -420,8 +472,15 @@ def write_main(
                 f"`{overhead['small_label']}` median {overhead['small_median_s']:.2f} s ({overhead['small_queries']} "
                 f"queries) vs `{overhead['large_label']}` median {overhead['large_median_s']:.2f} s "
                 f"({overhead['large_queries']} queries): **{overhead['per_query_ms']:.1f} ms per extra chunk** "
-                "(the difference over the extra number of keyset queries; a keyset run of N rows at chunk size c "
-                "issues ⌊N/c⌋+1 queries, the last one finding the end).",
+                "(the time difference over the difference in keyset queries, "
+                + (
+                    "as counted in the provider's query log"
+                    if overhead.get("queries_measured")
+                    else "taken as ⌊N/c⌋+1 for N rows at chunk size c"
+                )
+                + "). Smaller chunks also overlap more of the reading with the writing (`read_ahead`), which "
+                "the larger probe cannot do when one chunk holds the whole table; so the figure can come out "
+                "negative on a small table.",
             ]
         else:
             lines.append(f"not computed: {overhead.get('error')}")
@@ -615,6 +674,17 @@ def _plot_flatness(
 # -- re-rendering ----------------------------------------------------------------------------------
 
 
+def _overhead_jobs(runs: Sequence[JobRun]) -> list[Job]:
+    """The overhead probes of a stored run, rebuilt from their labels (``overhead_parquet@50k``)."""
+    jobs: dict[str, Job] = {}
+    for r in runs:
+        if r.label.startswith("overhead_parquet@") and r.label not in jobs:
+            size = r.label.split("@", 1)[1]
+            chunk = round(float(size[:-1]) * {"k": 1_000, "M": 1_000_000}[size[-1]]) if size[-1] in "kM" else int(size)
+            jobs[r.label] = Job(r.label, "provider_parquet", section="overhead", provider=True, chunk_rows=chunk)
+    return list(jobs.values())
+
+
 def rerender(json_path: Path) -> tuple[Path, ...]:
     """Rewrite the Markdown and PNG next to a results JSON from its raw runs (no measurement)."""
     data = json.loads(json_path.read_text())
@@ -634,13 +704,16 @@ def rerender(json_path: Path) -> tuple[Path, ...]:
     for s in summaries:
         if ref and ref.work_median and s.work_median:
             s.ratio_to_provider = s.work_median / ref.work_median
+    overhead = data.get("per_chunk_overhead")
+    if overhead is not None:
+        overhead = compute_overhead(_overhead_jobs(runs), runs, rows)
     return write_main(
         stem,
         meta=meta,
         summaries=summaries,
         runs=runs,
         startup=data.get("worker_startup"),
-        overhead=data.get("per_chunk_overhead"),
+        overhead=overhead,
         checks=data.get("checks", []),
         planner=data.get("planner"),
     )

@@ -46,7 +46,16 @@ import psutil
 import psycopg
 
 from bench.data import TableInfo, machine_info, package_state, prepare_table, server_info
-from bench.report import Job, JobRun, Summary, summarise, write_flatness, write_main, write_planner
+from bench.report import (
+    Job,
+    JobRun,
+    Summary,
+    compute_overhead,
+    summarise,
+    write_flatness,
+    write_main,
+    write_planner,
+)
 from bench.sampler import TreeSampler, tree_pids
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -651,6 +660,7 @@ def run_main(args: argparse.Namespace, server: Server, runner: Runner, meta: dic
     checks = target_checks(main_summaries, args)
     meta["duration_s"] = time.monotonic() - meta.pop("_t0")
     meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    meta["package_at_end"] = package_state(str(REPO_ROOT))
     stem = RESULTS_DIR / args.output
     paths = write_main(
         stem,
@@ -679,33 +689,12 @@ def run_planner_only(args: argparse.Namespace, server: Server, runner: Runner, m
     planner = measure_planner(args, runner, table)
     meta["duration_s"] = time.monotonic() - meta.pop("_t0")
     meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    meta["package_at_end"] = package_state(str(REPO_ROOT))
     paths = write_planner(RESULTS_DIR / args.output, meta=meta, planner=planner)
     print()
     print(paths[1].read_text())
     print("written: " + ", ".join(str(p) for p in paths))
     return 0 if "error" not in planner and not any("error" in e for e in planner["entries"]) else 1
-
-
-def compute_overhead(jobs: Sequence[Job], runs: Sequence[JobRun], rows: int) -> dict[str, Any]:
-    probes = sorted((j for j in jobs if j.section == "overhead" and j.chunk_rows), key=lambda j: j.chunk_rows or 0)
-    if len(probes) < 2:
-        return {"error": "needs two --overhead-chunks sizes"}
-    small, large = probes[0], probes[-1]
-    assert small.chunk_rows is not None and large.chunk_rows is not None
-    t_small = _median([r.work_s for r in runs if r.label == small.label and r.ok])
-    t_large = _median([r.work_s for r in runs if r.label == large.label and r.ok])
-    q_small, q_large = rows // small.chunk_rows + 1, rows // large.chunk_rows + 1
-    if t_small is None or t_large is None or q_small == q_large:
-        return {"error": "a probe failed, or both chunk sizes need the same number of queries"}
-    return {
-        "small_label": small.label,
-        "large_label": large.label,
-        "small_median_s": t_small,
-        "large_median_s": t_large,
-        "small_queries": q_small,
-        "large_queries": q_large,
-        "per_query_ms": (t_small - t_large) / (q_small - q_large) * 1000,
-    }
 
 
 def target_checks(summaries: Sequence[Summary], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -830,6 +819,7 @@ def run_flatness(args: argparse.Namespace, server: Server, runner: Runner, meta:
             )
     meta["duration_s"] = time.monotonic() - meta.pop("_t0")
     meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    meta["package_at_end"] = package_state(str(REPO_ROOT))
     written = write_flatness(RESULTS_DIR / args.output, meta=meta, pairs=pairs, summaries=summaries, runs=runner.runs)
     print()
     print(written[1].read_text())
