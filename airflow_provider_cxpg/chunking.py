@@ -175,11 +175,13 @@ def pipelined(
     sink_for: Callable[[int], ParquetSink | IpcSink],
     write_empty_first: bool,
     read_ahead: bool = True,
+    stream_rows: int = 0,
 ) -> Iterator[tuple[ChunkQuery, ChunkRead, ChunkDone]]:
     """Yield each chunk once its file is committed, with the next chunk already being read.
 
     :param read_ahead: ask for chunk *k+1* as soon as chunk *k*'s rows are in, so reading overlaps
         writing (the worker then holds two chunks); False reads and writes one chunk at a time.
+    :param stream_rows: stream each chunk in batches of this many rows (see :class:`ReadChunk`).
     """
 
     def submit(index: int, query: ChunkQuery, write_empty: bool) -> int:
@@ -191,6 +193,7 @@ def pipelined(
             limit=query.limit,
             peek_row=query.peek,
             write_empty=write_empty,
+            stream_rows=stream_rows,
             **plan.request_fields(),
         )
         session.submit(request)

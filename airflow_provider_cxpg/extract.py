@@ -36,6 +36,7 @@ from airflow_provider_cxpg.worker.protocol import ParquetSink
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS",
+    "DEFAULT_STREAM_ROWS",
     "ExtractResult",
     "Extraction",
     "new_run_id",
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_ROWS = 500_000
+DEFAULT_STREAM_ROWS = 65_536
 _COMPRESSIONS = {"zstd", "snappy", "gzip", "brotli", "lz4", "none"}
 
 
@@ -121,8 +123,11 @@ class Extraction:
     :param snapshot: read every chunk from one exported snapshot (a point-in-time copy, see
         :mod:`.snapshot`): True exports one for this run; a string imports an existing snapshot id
         (parallel workers share their parent's).
-    :param read_ahead: read chunk *k+1* while chunk *k* is written (faster; the worker holds two
-        chunks); False holds one (less memory).
+    :param read_ahead: with ``stream_rows=0``: read chunk *k+1* while chunk *k* is written (the
+        worker holds two chunks); False holds one.
+    :param stream_rows: stream each chunk from connectorx in batches of this many rows and write them
+        as they arrive (default; memory bounded by batches and one row group, and reading overlaps
+        encoding inside the chunk); 0 reads each chunk as one table.
     :param querylog: event sink; a default one is created.
     :param application_name_prefix: kept in front of the run's unique application name.
     """
@@ -146,6 +151,7 @@ class Extraction:
         resume: bool = True,
         snapshot: bool | str = False,
         read_ahead: bool = True,
+        stream_rows: int = DEFAULT_STREAM_ROWS,
         run_id: str | None = None,
         querylog: QueryLog | None = None,
         application_name_prefix: str | None = None,
@@ -181,6 +187,9 @@ class Extraction:
         self.resume = resume
         self.snapshot = snapshot
         self.read_ahead = read_ahead
+        if isinstance(stream_rows, bool) or not isinstance(stream_rows, int) or stream_rows < 0:
+            raise InvalidInputError(f"stream_rows must be an integer >= 0, got {stream_rows!r}")
+        self.stream_rows = stream_rows
         self.snapshot_id: str | None = snapshot if isinstance(snapshot, str) else None
         self.run_id = run_id or new_run_id()
         self.redactor = Redactor([*endpoint.secrets(), *storage_secrets])
@@ -481,6 +490,7 @@ class Extraction:
                     ),
                     write_empty_first=not manifest.chunks,
                     read_ahead=self.read_ahead,
+                    stream_rows=self.stream_rows,
                 ):
                     if not done.location:
                         continue  # an empty page after a full one: nothing to commit

@@ -36,6 +36,7 @@ EVENTS: frozenset[str] = frozenset(
         "worker.ready",
         "worker.exit",
         "worker.heartbeat_missed",
+        "worker.waiting",
         "worker.crash",
         "worker.killed",
         "worker.restart",

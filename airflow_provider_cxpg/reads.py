@@ -22,7 +22,7 @@ from airflow_provider_cxpg.chunking import chunks_for, pipelined
 from airflow_provider_cxpg.conninfo import PostgresEndpoint
 from airflow_provider_cxpg.destination import Destination
 from airflow_provider_cxpg.exceptions import WorkerError
-from airflow_provider_cxpg.extract import DEFAULT_CHUNK_ROWS, Extraction
+from airflow_provider_cxpg.extract import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, Extraction
 from airflow_provider_cxpg.plan import SourceSpec, build_read_plan
 from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.supervisor import WorkerSettings
@@ -62,6 +62,7 @@ def iter_chunk_tables(
     upper: Sequence[Any] | None = None,
     snapshot: bool | str = False,
     read_ahead: bool = True,
+    stream_rows: int = DEFAULT_STREAM_ROWS,
     querylog: QueryLog | None = None,
     application_name_prefix: str | None = None,
     spool_dir: str | None = None,
@@ -85,6 +86,7 @@ def iter_chunk_tables(
         upper=upper,
         snapshot=snapshot,
         read_ahead=read_ahead,
+        stream_rows=stream_rows,
         querylog=querylog,
         application_name_prefix=application_name_prefix,
     )
@@ -130,6 +132,7 @@ def _iterate(
                     sink_for=lambda i: IpcSink(os.path.join(spool, f"chunk-{i:06d}-{secrets.token_hex(3)}.arrow")),
                     write_empty_first=index == 0,
                     read_ahead=extraction.read_ahead,
+                    stream_rows=extraction.stream_rows,
                 ):
                     index = read.chunk_index + 1
                     after = query.end if plan.pages is not None else (read.last_key or after)
@@ -188,6 +191,7 @@ def read_query_table(
                     chunk_index=0,
                     sql=plan.chunk_sql(None, None),
                     sink=IpcSink(os.path.join(spool, "result.arrow")),
+                    stream_rows=extraction.stream_rows,
                     **plan.request_fields(),
                 )
             )

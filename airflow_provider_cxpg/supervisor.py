@@ -232,6 +232,8 @@ class WorkerSession:
         self._stopped = False
         self._closing = False
         self._spawned_at = 0.0
+        self._last_wait_check = 0.0
+        self._last_wait_verdict = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -630,7 +632,7 @@ class WorkerSession:
                 server_activity=activity,
             )
         silent = now - self._last_heard
-        if heartbeats and silent > s.heartbeat_timeout:
+        if heartbeats and silent > s.heartbeat_timeout and not self._silence_is_a_server_wait(now):
             chunk = self._current[1] if self._current else None
             self.log.emit(
                 "worker.heartbeat_missed",
@@ -670,6 +672,46 @@ class WorkerSession:
                     server_activity=activity,
                 )
 
+    def _silence_is_a_server_wait(self, now: float) -> bool:
+        """True when a silent worker is waiting on its running query, not frozen.
+
+        A streamed read holds the GIL while it waits for its first batch (measured), so heartbeats
+        pause during a long server-side wait (a lock, a slow plan). That silence is tolerated while
+        the worker process is not stopped (``/proc`` state) and the run's backend is active on
+        something other than sending to the worker (``Client:ClientWrite`` would mean the worker no
+        longer reads). ``query_timeout`` still bounds the wait.
+        """
+        if self._current is None or self._worker_stopped():
+            return False
+        if now - self._last_wait_check < self.settings.monitor_interval:
+            return self._last_wait_verdict
+        self._last_wait_check = now
+        waiting = [
+            b
+            for b in self.monitor.backends()
+            if b.state == "active" and (b.wait_event_type, b.wait_event) != ("Client", "ClientWrite")
+        ]
+        if waiting and not self._last_wait_verdict:
+            self.log.emit(
+                "worker.waiting",
+                worker=self.worker_index,
+                worker_pid=self.pid,
+                chunk=self._current[1],
+                note="heartbeats paused while the worker waits on its query; query_timeout applies",
+                server_activity="; ".join(b.describe() for b in waiting),
+            )
+        self._last_wait_verdict = bool(waiting)
+        return self._last_wait_verdict
+
+    def _worker_stopped(self) -> bool:
+        """The worker is stopped or traced (SIGSTOP), per ``/proc/<pid>/stat``."""
+        try:
+            with open(f"/proc/{self.pid}/stat", encoding="ascii", errors="replace") as handle:
+                state = handle.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state in {"T", "t"}
+
     def _describe_activity(self) -> str:
         backends = self.monitor.backends() or self._last_activity
         return "; ".join(b.describe() for b in backends) or "no backend of this run found"
@@ -679,8 +721,8 @@ class WorkerSession:
             return
         self._last_sample = now
         backends = self.monitor.backends()
-        if not backends:
-            return
+        if not any(b.state == "active" for b in backends):
+            return  # keep the last sample that shows the query at work (for timeout messages)
         self._last_activity = backends
         query_id, chunk, _ = self._current
         active = [b for b in backends if b.state == "active"]

@@ -283,9 +283,16 @@ def test_server_restart_mid_run_fails_clearly_and_a_rerun_resumes(
     destination = out_dir / "out"
     hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
 
+    restarted: list[str] = []
+
     def restart_when_running() -> None:
-        if active_backend(admin, timeout=30):
-            pg.server.restart()  # type: ignore[union-attr]
+        try:
+            with psycopg.connect(pg.dsn, autocommit=True) as watcher:  # its own connection: a thread
+                if active_backend(watcher, timeout=30):
+                    pg.server.restart()  # type: ignore[union-attr]
+                    restarted.append("yes")
+        except Exception as exc:  # the server goes away under the watcher: expected
+            restarted.append(f"watcher ended: {exc!r}")
 
     restarter = threading.Thread(target=restart_when_running, daemon=True)
     restarter.start()
@@ -300,6 +307,7 @@ def test_server_restart_mid_run_fails_clearly_and_a_rerun_resumes(
         )
     assert isinstance(failure.value, (ServerConnectionError, WorkerCrashedError)), repr(failure.value)
     restarter.join(timeout=60)
+    assert restarted, "the restart did not happen"
     result = hook.extract(destination=str(destination), table=table, chunk_rows=1000, **FAST)
     out = read_output(destination)
     assert result.rows == out.num_rows == 5000

@@ -12,7 +12,13 @@ from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow_provider_cxpg.conninfo import FORWARDED_PARAMS, PostgresEndpoint
 from airflow_provider_cxpg.destination import Destination
 from airflow_provider_cxpg.exceptions import ConnectionConfigError
-from airflow_provider_cxpg.extract import DEFAULT_CHUNK_ROWS, Extraction, ExtractResult, new_run_id
+from airflow_provider_cxpg.extract import (
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_STREAM_ROWS,
+    Extraction,
+    ExtractResult,
+    new_run_id,
+)
 from airflow_provider_cxpg.incremental import WatermarkSpec
 from airflow_provider_cxpg.plan import SourceSpec
 from airflow_provider_cxpg.querylog import QueryLog
@@ -173,6 +179,7 @@ class ConnectorXPostgresHook(PostgresHook):
         max_worker_restarts: int = 2,
         snapshot: bool = False,
         read_ahead: bool = True,
+        stream_rows: int = DEFAULT_STREAM_ROWS,
         query_log_path: str | None = None,
         **settings: Any,
     ) -> Iterator[pa.Table]:
@@ -197,6 +204,7 @@ class ConnectorXPostgresHook(PostgresHook):
         :param snapshot: read every chunk from one exported snapshot (a point-in-time view).
         :param read_ahead: read the next chunk while you process this one (default); False: one
             chunk at a time.
+        :param stream_rows: rows per connectorx stream batch inside a chunk; 0: whole-chunk reads.
         :param query_log_path: also write the structured query log as JSON lines here.
         """
         spec = SourceSpec(
@@ -224,6 +232,7 @@ class ConnectorXPostgresHook(PostgresHook):
             max_worker_restarts=max_worker_restarts,
             snapshot=snapshot,
             read_ahead=read_ahead,
+            stream_rows=stream_rows,
             querylog=QueryLog(new_run_id(), logger=self.log, jsonl_path=query_log_path),
             application_name_prefix=endpoint.application_name,
         )
@@ -290,6 +299,7 @@ class ConnectorXPostgresHook(PostgresHook):
         resume: bool = True,
         snapshot: bool | str = False,
         read_ahead: bool = True,
+        stream_rows: int = DEFAULT_STREAM_ROWS,
         run_id: str | None = None,
         query_log_path: str | None = None,
         querylog: QueryLog | None = None,
@@ -320,8 +330,9 @@ class ConnectorXPostgresHook(PostgresHook):
         :param watermark: incremental window (see :mod:`airflow_provider_cxpg.incremental`).
         :param resume: continue an unfinished extraction at the destination.
         :param snapshot: True: read every chunk from one exported snapshot; a string: import that id.
-        :param read_ahead: read the next chunk while this one is written (default); False: one chunk
-            in the worker's memory at a time.
+        :param read_ahead: with ``stream_rows=0``: read the next chunk while this one is written.
+        :param stream_rows: rows per connectorx stream batch; each chunk is written as its batches
+            arrive (default 65 536). 0 reads each chunk as one table.
         :param run_id: the extraction's id (default: random).
         :param query_log_path: also write the query log as JSON lines here.
         :param querylog: use this query log instead of a new one.
@@ -362,6 +373,7 @@ class ConnectorXPostgresHook(PostgresHook):
             resume=resume,
             snapshot=snapshot,
             read_ahead=read_ahead,
+            stream_rows=stream_rows,
             run_id=run_id,
             querylog=log,
             application_name_prefix=endpoint.application_name,

@@ -12,7 +12,7 @@ from airflow import __version__ as airflow_version
 from airflow.providers.common.compat.sdk import BaseOperator
 
 from airflow_provider_cxpg.exceptions import InvalidInputError
-from airflow_provider_cxpg.extract import DEFAULT_CHUNK_ROWS, Extraction, ExtractResult
+from airflow_provider_cxpg.extract import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, Extraction, ExtractResult
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.incremental import WatermarkSpec
 
@@ -108,8 +108,10 @@ class PostgresExtractOperator(BaseOperator):
         ``sample``, ``ntile`` or ``ctid`` (see the README, "Scale out").
     :param snapshot: read every chunk from one exported snapshot, a point-in-time copy even while
         rows change; default True when ``parallelism > 1``, else False.
-    :param read_ahead: read chunk *k+1* while chunk *k* is written (default: faster, the worker holds
-        two chunks); False: one chunk at a time (less memory).
+    :param read_ahead: with ``stream_rows=0``: read chunk *k+1* while chunk *k* is written.
+    :param stream_rows: rows per connectorx stream batch; each chunk is written as its batches
+        arrive, so the worker's memory does not grow with ``chunk_rows`` (default 65 536). 0 reads
+        each chunk as one table.
     :param resume: continue an unfinished extraction found at the destination (default True).
     :param query_log_path: also write the structured query log as JSON lines to this file.
     :param worker_settings: further :class:`~airflow_provider_cxpg.supervisor.WorkerSettings` fields.
@@ -165,6 +167,7 @@ class PostgresExtractOperator(BaseOperator):
         partition_method: str = "auto",
         snapshot: bool | None = None,
         read_ahead: bool = True,
+        stream_rows: int = DEFAULT_STREAM_ROWS,
         resume: bool = True,
         query_log_path: str | None = None,
         worker_settings: Mapping[str, Any] | None = None,
@@ -199,6 +202,7 @@ class PostgresExtractOperator(BaseOperator):
         self.partition_method = partition_method
         self.snapshot = snapshot
         self.read_ahead = read_ahead
+        self.stream_rows = stream_rows
         self.resume = resume
         self.query_log_path = query_log_path
         self.worker_settings = dict(worker_settings or {})
@@ -307,6 +311,7 @@ class PostgresExtractOperator(BaseOperator):
             "upper": self.upper_key,
             "resume": self.resume,
             "read_ahead": self.read_ahead,
+            "stream_rows": self.stream_rows,
             "query_log_path": self.query_log_path,
             **settings,
         }

@@ -28,7 +28,7 @@ from airflow_provider_cxpg.exceptions import (
 from airflow_provider_cxpg.worker.protocol import ChunkDone, ChunkRead, IpcSink, ReadChunk
 from airflow_provider_cxpg.worker.sinks import open_writer
 
-__all__ = ["ChunkState", "classify", "read_chunk", "write_chunk"]
+__all__ = ["ChunkState", "classify", "read_chunk", "stream_chunk", "write_chunk"]
 
 # connectorx turns PostgreSQL's ±infinity into these sentinel values (measured, 0.4.6).
 _TIMESTAMP_INFINITY = {8210266876799999999: "infinity", -8334601228800000000: "-infinity"}
@@ -54,6 +54,7 @@ _CONNECTION_MARKERS = (
     "the database system is shutting down",
     "the database system is starting up",
     "unexpected eof",
+    "kind: closed",  # a stream's connection closed under it (pg_terminate_backend, restart)
     "failed to lookup address",
 )
 
@@ -107,7 +108,7 @@ def _check(table: pa.Table, request: ReadChunk) -> None:
             continue
         is_date = pa.types.is_date32(column.type)
         sentinels = _DATE_INFINITY if is_date else _TIMESTAMP_INFINITY
-        import pyarrow.compute as pc  # imported here: it costs ~50 ms of worker start-up
+        import pyarrow.compute as pc  # loaded by the first cast anyway; imported here, not at start-up
 
         raw = pa.chunked_array([c.view(pa.int32() if is_date else pa.int64()) for c in column.chunks])
         bounds = pc.min_max(raw)
@@ -121,15 +122,16 @@ def _check(table: pa.Table, request: ReadChunk) -> None:
                 )
 
 
-_DESERIALIZE = re.compile(r"error deserializing column (\d+)")
+_DESERIALIZE = re.compile(r"error deserializing column (\d+)|kind: FromSql\((\d+)\)")
 
 
-def _named_column_error(exc: RuntimeError, request: ReadChunk) -> BaseException:
-    """connectorx names a failing column by its 0-based index; say which column and what to do."""
+def _named_column_error(exc: BaseException, request: ReadChunk) -> BaseException:
+    """Say which column could not be converted, and what to do about it."""
     match = _DESERIALIZE.search(str(exc))
-    if not match or int(match.group(1)) >= len(request.schema):
+    index = int(match.group(1) or match.group(2)) if match else -1
+    if not 0 <= index < len(request.schema):
         return exc
-    name = request.schema.field(int(match.group(1))).name
+    name = request.schema.field(index).name
     return DataIntegrityError(
         f"column {name!r} (chunk {request.chunk_index}) holds a value connectorx cannot convert: {exc}. "
         f"Read it as text with column_casts={{{name!r}: 'text'}}, or filter the value out with `where`",
@@ -137,15 +139,42 @@ def _named_column_error(exc: RuntimeError, request: ReadChunk) -> BaseException:
     )
 
 
+def _conform(table: pa.Table, request: ReadChunk) -> pa.Table:
+    """Cast to the planned schema (the stream widens int2/int4/float4; numeric needs its scale) and check."""
+    if table.schema != request.schema:
+        # connectorx returns no columns at all for some empty results: use the planned schema
+        table = request.schema.empty_table() if table.num_columns == 0 else table.cast(request.schema, safe=True)
+    _check(table, request)
+    return table
+
+
+def _drop_peeked(
+    table: pa.Table, request: ReadChunk, received: int, previous_last: tuple[Any, ...] | None
+) -> tuple[pa.Table, bool | None]:
+    """Drop the row read past the chunk's end; say whether it existed; refuse a key that continues.
+
+    ``table`` holds the last rows of the chunk; ``previous_last`` is the key of the row before them.
+    """
+    if not request.peek_row:
+        return table, None
+    if request.limit is None or received <= request.limit or table.num_rows == 0:
+        return table, False
+    rows = table.num_rows
+    peeked = _key_at(table, rows - 1, request.key_fields)
+    before = _key_at(table, rows - 2, request.key_fields) if rows >= 2 else previous_last
+    if peeked == before:
+        raise DataIntegrityError(
+            f"key {list(request.key_fields)} is not unique: value {list(peeked)} continues past the end of "
+            f"chunk {request.chunk_index}; rows would be lost. Choose a unique key.",
+            key=list(request.key_fields),
+        )
+    return table.slice(0, rows - 1), True
+
+
 def read_chunk(
     request: ReadChunk, uri: str, protocol: str, pre_execution: tuple[str, ...] = ()
 ) -> tuple[pa.Table, ChunkRead]:
-    """Run the query (connectorx releases the GIL throughout) and check the rows.
-
-    ``return_type="arrow"`` rather than ``arrow_stream``: measured, iterating a stream holds the GIL
-    while it waits for the first batch (a 2 s gap for ``pg_sleep(2)``), which would silence the
-    heartbeat thread for as long as a query waits on a lock.
-    """
+    """Run the query as one Arrow table (connectorx releases the GIL throughout) and check the rows."""
     import connectorx as cx
 
     t0 = time.monotonic()
@@ -156,23 +185,9 @@ def read_chunk(
     except RuntimeError as exc:
         raise _named_column_error(exc, request) from exc
     read_seconds = time.monotonic() - t0
-    if table.schema != request.schema:
-        # connectorx returns no columns at all for some empty results: use the planned schema
-        table = request.schema.empty_table() if table.num_columns == 0 else table.cast(request.schema, safe=True)
-    _check(table, request)
+    table = _conform(table, request)
+    table, more = _drop_peeked(table, request, table.num_rows, None)
     rows = table.num_rows
-    more = None if not request.peek_row else False
-    if request.peek_row and request.limit is not None and rows > request.limit:
-        more = True
-        if rows >= 2 and _key_at(table, rows - 1, request.key_fields) == _key_at(table, rows - 2, request.key_fields):
-            raise DataIntegrityError(
-                f"key {list(request.key_fields)} is not unique: value "
-                f"{list(_key_at(table, rows - 1, request.key_fields))} continues past the end of chunk "
-                f"{request.chunk_index}; rows would be lost. Choose a unique key.",
-                key=list(request.key_fields),
-            )
-        table = table.slice(0, request.limit)
-        rows = table.num_rows
     has_key = bool(request.key_fields) and rows > 0
     first = _key_at(table, 0, request.key_fields) if has_key else None
     last = _key_at(table, rows - 1, request.key_fields) if has_key else None
@@ -189,6 +204,120 @@ def read_chunk(
         more=more,
     )
     return table, info
+
+
+class _Written:
+    """Running totals of what a streamed chunk has written."""
+
+    def __init__(self, request: ReadChunk, writer: Any) -> None:
+        self.request, self.writer = request, writer
+        self.rows = self.bytes = 0
+        self.first: tuple[Any, ...] | None = None
+        self.last: tuple[Any, ...] | None = None
+        self.seconds = 0.0
+
+    def emit(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        fields = self.request.key_fields
+        if fields:
+            if self.first is None:
+                self.first = _key_at(table, 0, fields)
+            self.last = _key_at(table, table.num_rows - 1, fields)
+        if self.request.drop_fields:
+            table = table.drop_columns(list(self.request.drop_fields))
+        t0 = time.monotonic()
+        try:
+            self.writer.write(table)
+        except Exception as exc:  # a storage failure, not a query failure
+            raise StorageError(f"writing chunk {self.request.chunk_index} failed: {exc}") from exc
+        self.seconds += time.monotonic() - t0
+        self.rows += table.num_rows
+        self.bytes += table.nbytes
+
+
+def stream_chunk(
+    request: ReadChunk, uri: str, protocol: str, pre_execution: tuple[str, ...] = ()
+) -> tuple[ChunkRead, ChunkDone]:
+    """Stream the query in batches straight into the sink; memory holds batches, not the chunk.
+
+    connectorx's ``arrow_stream`` decodes in a native thread while this one casts, checks and encodes
+    Parquet, so reading and writing overlap inside the chunk. One batch is held back until the next
+    arrives, so the row peeked past the chunk's end can be dropped before it is written.
+
+    Caveat (measured): while it waits for the first batch, iterating the stream holds the GIL, so the
+    heartbeat thread is silent during a long server-side wait; the parent then checks the server
+    (see :meth:`WorkerSession._silence_is_a_server_wait`).
+    """
+    import connectorx as cx
+
+    t0 = time.monotonic()
+    try:
+        reader = cx.read_sql(
+            uri,
+            request.sql,
+            return_type="arrow_stream",
+            protocol=protocol,
+            batch_size=request.stream_rows,
+            pre_execution_query=list(pre_execution) or None,
+        )
+    except RuntimeError as exc:
+        raise _named_column_error(exc, request) from exc
+    write_schema = pa.schema([f for f in request.schema if f.name not in request.drop_fields])
+    writer = open_writer(write_schema, request.sink)
+    written = _Written(request, writer)
+    try:
+        held: pa.Table | None = None
+        received = 0
+        for batch in reader:
+            if batch.num_rows == 0:
+                continue
+            table = _conform(pa.Table.from_batches([batch]), request)
+            received += table.num_rows
+            if held is not None:
+                written.emit(held)
+            held = table
+        more: bool | None = False if request.peek_row else None
+        if held is not None:
+            held, more = _drop_peeked(held, request, received, written.last)
+            written.emit(held)
+        t1 = time.monotonic()
+        if written.rows == 0 and not request.write_empty:
+            writer.abort()
+            size, location = 0, ""
+        else:
+            try:
+                size = writer.commit()
+            except Exception as exc:
+                raise StorageError(f"committing chunk {request.chunk_index} failed: {exc}") from exc
+            location = request.sink.path if isinstance(request.sink, IpcSink) else request.sink.url
+        written.seconds += time.monotonic() - t1
+    except BaseException as exc:  # PanicException (a BaseException) carries stream errors
+        writer.abort()
+        named = _named_column_error(exc, request)
+        if named is not exc:
+            raise named from exc
+        raise
+    total = time.monotonic() - t0
+    read = ChunkRead(
+        query_id=request.query_id,
+        chunk_index=request.chunk_index,
+        rows=written.rows,
+        arrow_bytes=written.bytes,
+        first_key=written.first,
+        last_key=written.last,
+        read_seconds=total - written.seconds,
+        more=more,
+    )
+    done = ChunkDone(
+        query_id=request.query_id,
+        chunk_index=request.chunk_index,
+        rows=written.rows,
+        bytes=size,
+        write_seconds=written.seconds,
+        location=location,
+    )
+    return read, done
 
 
 def write_chunk(request: ReadChunk, table: pa.Table) -> ChunkDone:

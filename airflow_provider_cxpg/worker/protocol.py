@@ -112,6 +112,8 @@ class ReadChunk:
         whether it existed (no empty trailing query is needed), and raises if it shares the key of
         the last kept row (the key is not unique).
     :param infinity_columns: timestamp/date columns to check for ±infinity sentinels.
+    :param stream_rows: read with connectorx ``arrow_stream`` in batches of this many rows, writing
+        as they arrive (memory holds batches, not the chunk); 0 reads the chunk as one table.
     :param drop_fields: fields read but not written (a key's text form, guard flags).
     :param guards: ``(field, message)``: raise ``message`` when the boolean field is true in any row.
     :param write_empty: write a file even when the result is empty (the first chunk of a run, so an
@@ -127,6 +129,7 @@ class ReadChunk:
     limit: int | None = None
     peek_row: bool = False
     infinity_columns: tuple[str, ...] = ()
+    stream_rows: int = 0
     drop_fields: tuple[str, ...] = ()
     guards: tuple[tuple[str, str], ...] = ()
     write_empty: bool = True

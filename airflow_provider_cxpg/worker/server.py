@@ -26,7 +26,7 @@ _T0 = time.perf_counter()
 import pyarrow as pa  # noqa: E402  (imported after _T0 so start-up cost is measured)
 
 from airflow_provider_cxpg.conninfo import Redactor  # noqa: E402
-from airflow_provider_cxpg.worker.chunk import ChunkState, classify, read_chunk, write_chunk  # noqa: E402
+from airflow_provider_cxpg.worker.chunk import ChunkState, classify, read_chunk, stream_chunk, write_chunk  # noqa: E402
 from airflow_provider_cxpg.worker.protocol import (  # noqa: E402
     Configure,
     Failed,
@@ -153,6 +153,18 @@ def _serve(
 ) -> None:
     state.query_id = request.query_id
     writer.send(QueryStarted(query_id=request.query_id, chunk_index=request.chunk_index))
+    if request.stream_rows > 0:
+        try:
+            read, done = stream_chunk(request, uri, config.protocol, config.pre_execution)
+        except BaseException as exc:  # noqa: BLE001  PanicException is a BaseException
+            error = classify(exc, redact)
+            writer.send(Failed(query_id=request.query_id, error=error, traceback=redact(traceback.format_exc())))
+            return
+        finally:
+            state.query_id = None
+        writer.send(read)
+        writer.send(done)
+        return
     try:
         table, info = read_chunk(request, uri, config.protocol, config.pre_execution)
     except BaseException as exc:  # noqa: BLE001  PanicException is a BaseException

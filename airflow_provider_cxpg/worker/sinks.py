@@ -56,12 +56,26 @@ class _ParquetWriter:
         if sink.compression_level is not None:
             options["compression_level"] = sink.compression_level
         self._writer = pq.ParquetWriter(target, schema, **options)
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
 
     def write_table(self, table: pa.Table) -> None:
-        if table.num_rows:
+        """Buffer streamed batches into whole row groups (small row groups make slow Parquet)."""
+        if not table.num_rows:
+            return
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        if self._pending_rows >= self._sink.row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            table = pa.concat_tables(self._pending) if len(self._pending) > 1 else self._pending[0]
             self._writer.write_table(table, row_group_size=self._sink.row_group_rows)
+            self._pending, self._pending_rows = [], 0
 
     def close(self) -> None:
+        self._flush()
         self._writer.close()
 
 
