@@ -78,9 +78,14 @@ def after_worker_starts(action: Callable[[int], None], timeout: float = 20.0) ->
     return thread
 
 
+_CONTROL_SUFFIXES = ("-plan", "-snap", "-partition", "-count", "-ctl")
+
+
 def active_backend(admin: psycopg.Connection, timeout: float = 20.0) -> int | None:
+    """The pid of an active backend of a worker (not of the parent's planning or control connections)."""
+
     def find() -> int | None:
-        rows = [b for b in cxpg_backends(admin) if b[2] == "active"]
+        rows = [b for b in cxpg_backends(admin) if b[2] == "active" and not b[1].endswith(_CONTROL_SUFFIXES)]
         return rows[0][0] if rows else None
 
     wait_until(lambda: find() is not None, timeout, 0.05)
@@ -479,3 +484,57 @@ def test_hostile_host_fork_hazard_and_provider_immunity(pg: PgInfo, tmp_path: Pa
     assert report["raw_fork_hung"] is True, report  # the hazard is real here
     assert report["provider_reads_ok"] == 20, report
     assert report["provider_max_seconds"] < 30, report
+
+
+def _lock_other_table(admin: psycopg.Connection, schema: str) -> str:
+    """A plpgsql function that reads another table only when it runs (planning takes no lock on it)."""
+    admin.execute(f'CREATE TABLE "{schema}".other (x int)')
+    admin.execute(
+        f'CREATE FUNCTION "{schema}".touch_other() RETURNS bigint LANGUAGE plpgsql AS '
+        f"$$ BEGIN RETURN (SELECT count(*) FROM \"{schema}\".other); END $$"
+    )
+    return f'"{schema}".other'
+
+
+def test_a_worker_silent_while_its_query_waits_on_a_lock_is_not_declared_dead(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, schema: str, table: str, out_dir: Path
+) -> None:
+    """A streamed read holds the GIL while it waits for its first batch: heartbeats pause, legitimately."""
+    other = _lock_other_table(admin, schema)
+    log = out_dir / "log.jsonl"
+    with psycopg.connect(pg.dsn) as holder:
+        holder.execute(f"LOCK TABLE {other} IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(QueryTimeoutError):
+            ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+                destination=str(out_dir / "out"),
+                sql=f'SELECT id, "{schema}".touch_other() AS n FROM {table}',
+                key_columns=["id"],
+                query_timeout=6.0,
+                query_log_path=str(log),
+                **{**FAST, "heartbeat_timeout": 1.5},
+            )
+        holder.rollback()
+    names = [e["event"] for e in events(log)]
+    assert "worker.waiting" in names and "worker.heartbeat_missed" not in names
+
+
+def test_a_stopped_worker_is_declared_dead_even_while_its_query_waits(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, schema: str, table: str, out_dir: Path
+) -> None:
+    other = _lock_other_table(admin, schema)
+    frozen: list[int] = []
+    after_worker_starts(lambda pid: (time.sleep(1.0), os.kill(pid, signal.SIGSTOP), frozen.append(pid)))
+    started = time.monotonic()
+    with psycopg.connect(pg.dsn) as holder:
+        holder.execute(f"LOCK TABLE {other} IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(HeartbeatLostError):
+            ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+                destination=str(out_dir / "out"),
+                sql=f'SELECT id, "{schema}".touch_other() AS n FROM {table}',
+                key_columns=["id"],
+                query_timeout=60.0,
+                max_worker_restarts=0,
+                **{**FAST, "heartbeat_timeout": 1.5},
+            )
+        holder.rollback()
+    assert frozen and time.monotonic() - started < 1.0 + 1.5 + GRACE
