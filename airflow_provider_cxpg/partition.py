@@ -34,6 +34,7 @@ __all__ = ["METHODS", "KeyRange", "plan_key_ranges", "ranges_to_kwargs"]
 
 METHODS = ("auto", "histogram", "sample", "ntile", "ctid")
 _SAMPLE_ROWS_PER_RANGE = 2_000
+_SAMPLE_PAGES_PER_RANGE = 400
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,14 @@ def _ntile(conn: Any, plan: ExtractPlan, n: int) -> list[list[Any]]:
 def _sample(conn: Any, plan: ExtractPlan, n: int) -> list[list[Any]]:
     assert plan.table is not None
     estimate = plan.table.estimated_rows or 0
-    wanted = n * _SAMPLE_ROWS_PER_RANGE
-    percent = 100.0 if estimate <= wanted else max(0.01, min(100.0, 100.0 * wanted / estimate))
+    relpages = conn.execute(
+        "SELECT relpages FROM pg_class WHERE oid = to_regclass(%s)", (plan.table.qualified_name,)
+    ).fetchone()[0]
+    # SYSTEM sampling picks whole pages, and keys that follow the physical order cluster per page:
+    # size the sample in pages too (measured: sizing by rows alone gave ranges 1.4-2.7x apart).
+    by_rows = n * _SAMPLE_ROWS_PER_RANGE / estimate if estimate > 0 else 1.0
+    by_pages = n * _SAMPLE_PAGES_PER_RANGE / relpages if relpages and relpages > 0 else 1.0
+    percent = max(0.01, min(100.0, 100.0 * max(by_rows, by_pages)))
     keys = ", ".join(k.expr for k in plan.key)
     table = f"{plan.from_clause} TABLESAMPLE SYSTEM ({percent:.4f})"  # the sample clause follows the alias
     rows = conn.execute(f"SELECT {_key_text(plan)} FROM {table} WHERE {_where(plan)} ORDER BY {keys}").fetchall()
@@ -119,13 +126,25 @@ def _histogram(conn: Any, plan: ExtractPlan, n: int) -> list[list[Any]] | None:
         return None
     bounds = row[0]
     last = len(bounds) - 1
-    return _dedupe([[bounds[round(last * i / n)]] for i in range(1, n)])
+    integer = plan.key[0].typname in _INTEGER_TYPES
+    picked: list[list[Any]] = []
+    for i in range(1, n):
+        position = last * i / n
+        low = math.floor(position)
+        if integer and low < last:
+            # Between two bounds the rows are spread about evenly: interpolate instead of rounding to a
+            # bound (with 100 buckets and 16 ranges, rounding made ranges up to 1.3x apart).
+            a, b = int(bounds[low]), int(bounds[low + 1])
+            picked.append([str(a + math.floor((position - low) * (b - a)))])
+        else:
+            picked.append([bounds[round(position)]])
+    return _dedupe(picked)
 
 
 def _pages(plan: ExtractPlan, n: int) -> list[KeyRange]:
     assert plan.pages is not None
-    step = max(1, math.ceil(plan.pages / n))
-    starts = list(range(0, max(plan.pages, 1), step))[:n]
+    # Even splits (a ceil-sized step left the last range short, or made fewer than n ranges).
+    starts = sorted({i * max(plan.pages, 1) // n for i in range(n)})
     return [KeyRange(i, [start], [starts[i + 1]] if i + 1 < len(starts) else None) for i, start in enumerate(starts)]
 
 

@@ -142,6 +142,28 @@ def provider_parquet(run: Run) -> dict[str, Any]:
     return {"rows": result.rows, "files": files, "file_bytes": size, "end": end, "details": details}
 
 
+@contender("provider_parquet_table")
+def provider_parquet_table(run: Run) -> dict[str, Any]:
+    from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+
+    hook = ConnectorXPostgresHook(postgres_conn_id=CONN_ID)
+    log_path = run.out.parent / f"{run.out.name}.querylog.jsonl"
+    dest = run.out / "parquet"
+    run.start()
+    result = hook.extract(
+        destination=str(dest),
+        table=f"public.{run.table}",
+        chunk_rows=run.chunk_rows,
+        query_log_path=str(log_path),
+        stream_rows=0,  # each chunk read as one table, the next read while this one is written
+    )
+    end = time.perf_counter()
+    files, size = _files(dest)
+    details = _provider_details(log_path)
+    details.update({"extract_seconds": round(result.seconds, 4), "chunks": result.chunks})
+    return {"rows": result.rows, "files": files, "file_bytes": size, "end": end, "details": details}
+
+
 @contender("provider_iter")
 def provider_iter(run: Run) -> dict[str, Any]:
     import pyarrow.compute as pc

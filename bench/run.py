@@ -66,6 +66,7 @@ APP_NAME = "cxpg-bench"
 #: ``provider_parallel`` once per ``--parallelism`` value, at the first chunk size).
 ALL_CONTENDERS = (
     "provider_parquet",
+    "provider_parquet_table",
     "provider_iter",
     "provider_parallel",
     "cx_single_parquet",
@@ -503,6 +504,20 @@ def main_jobs(args: argparse.Namespace, rows: int) -> list[Job]:
                     table_rows=rows,
                     chunk_rows=chunk,
                     description="ConnectorXPostgresHook.extract (the operator's path)",
+                )
+            )
+    for chunk in args.chunk_rows:
+        if "provider_parquet_table" in wanted:
+            jobs.append(
+                Job(
+                    f"provider_parquet_table@{short(chunk)}",
+                    "provider_parquet_table",
+                    ("--chunk-rows", str(chunk)),
+                    sink="Parquet zstd",
+                    provider=True,
+                    table_rows=rows,
+                    chunk_rows=chunk,
+                    description="the same with stream_rows=0: whole-chunk reads, read_ahead (the earlier design)",
                 )
             )
     for chunk in args.chunk_rows:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,8 +239,12 @@ class _Written:
 
 def stream_chunk(
     request: ReadChunk, uri: str, protocol: str, pre_execution: tuple[str, ...] = ()
-) -> tuple[ChunkRead, ChunkDone]:
+) -> tuple[ChunkRead, Callable[[], ChunkDone]]:
     """Stream the query in batches straight into the sink; memory holds batches, not the chunk.
+
+    Returns when the last batch is in (the chunk's last key is known) with a ``finish`` step that
+    encodes the last row group and commits the file: the worker runs it in its writer thread while
+    the next chunk's query starts.
 
     connectorx's ``arrow_stream`` decodes in a native thread while this one casts, checks and encodes
     Parquet, so reading and writing overlap inside the chunk. One batch is held back until the next
@@ -281,24 +286,12 @@ def stream_chunk(
         if held is not None:
             held, more = _drop_peeked(held, request, received, written.last)
             written.emit(held)
-        t1 = time.monotonic()
-        if written.rows == 0 and not request.write_empty:
-            writer.abort()
-            size, location = 0, ""
-        else:
-            try:
-                size = writer.commit()
-            except Exception as exc:
-                raise StorageError(f"committing chunk {request.chunk_index} failed: {exc}") from exc
-            location = request.sink.path if isinstance(request.sink, IpcSink) else request.sink.url
-        written.seconds += time.monotonic() - t1
     except BaseException as exc:  # PanicException (a BaseException) carries stream errors
         writer.abort()
         named = _named_column_error(exc, request)
         if named is not exc:
             raise named from exc
         raise
-    total = time.monotonic() - t0
     read = ChunkRead(
         query_id=request.query_id,
         chunk_index=request.chunk_index,
@@ -306,18 +299,33 @@ def stream_chunk(
         arrow_bytes=written.bytes,
         first_key=written.first,
         last_key=written.last,
-        read_seconds=total - written.seconds,
+        read_seconds=time.monotonic() - t0 - written.seconds,
         more=more,
     )
-    done = ChunkDone(
-        query_id=request.query_id,
-        chunk_index=request.chunk_index,
-        rows=written.rows,
-        bytes=size,
-        write_seconds=written.seconds,
-        location=location,
-    )
-    return read, done
+
+    def finish() -> ChunkDone:
+        """Encode the last row group and commit; runs in the writer thread, beside the next read."""
+        t1 = time.monotonic()
+        try:
+            if written.rows == 0 and not request.write_empty:
+                writer.abort()
+                size, location = 0, ""
+            else:
+                size = writer.commit()
+                location = request.sink.path if isinstance(request.sink, IpcSink) else request.sink.url
+        except BaseException as exc:
+            writer.abort()
+            raise StorageError(f"committing chunk {request.chunk_index} failed: {exc}") from exc
+        return ChunkDone(
+            query_id=request.query_id,
+            chunk_index=request.chunk_index,
+            rows=written.rows,
+            bytes=size,
+            write_seconds=written.seconds + time.monotonic() - t1,
+            location=location,
+        )
+
+    return read, finish
 
 
 def write_chunk(request: ReadChunk, table: pa.Table) -> ChunkDone:

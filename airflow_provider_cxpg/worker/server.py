@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 
 _T0 = time.perf_counter()
 
@@ -28,6 +29,7 @@ import pyarrow as pa  # noqa: E402  (imported after _T0 so start-up cost is meas
 from airflow_provider_cxpg.conninfo import Redactor  # noqa: E402
 from airflow_provider_cxpg.worker.chunk import ChunkState, classify, read_chunk, stream_chunk, write_chunk  # noqa: E402
 from airflow_provider_cxpg.worker.protocol import (  # noqa: E402
+    ChunkDone,
     Configure,
     Failed,
     FrameReader,
@@ -73,13 +75,16 @@ class _BackgroundWriter:
         self._thread: threading.Thread | None = None
 
     def put(self, request: ReadChunk, table: pa.Table) -> None:
+        self.run(request, lambda: write_chunk(request, table))
+
+    def run(self, request: ReadChunk, finish: Callable[[], ChunkDone]) -> None:
         self.wait()  # at most one chunk being written: memory stays at two chunks
-        self._thread = threading.Thread(target=self._write, args=(request, table), name="cxpg-writer", daemon=True)
+        self._thread = threading.Thread(target=self._write, args=(request, finish), name="cxpg-writer", daemon=True)
         self._thread.start()
 
-    def _write(self, request: ReadChunk, table: pa.Table) -> None:
+    def _write(self, request: ReadChunk, finish: Callable[[], ChunkDone]) -> None:
         try:
-            self._channel.send(write_chunk(request, table))
+            self._channel.send(finish())
         except BaseException as exc:  # noqa: BLE001
             error = classify(exc, self._redact)
             tb = self._redact(traceback.format_exc())
@@ -155,7 +160,7 @@ def _serve(
     writer.send(QueryStarted(query_id=request.query_id, chunk_index=request.chunk_index))
     if request.stream_rows > 0:
         try:
-            read, done = stream_chunk(request, uri, config.protocol, config.pre_execution)
+            read, finish = stream_chunk(request, uri, config.protocol, config.pre_execution)
         except BaseException as exc:  # noqa: BLE001  PanicException is a BaseException
             error = classify(exc, redact)
             writer.send(Failed(query_id=request.query_id, error=error, traceback=redact(traceback.format_exc())))
@@ -163,7 +168,7 @@ def _serve(
         finally:
             state.query_id = None
         writer.send(read)
-        writer.send(done)
+        background.run(request, finish)
         return
     try:
         table, info = read_chunk(request, uri, config.protocol, config.pre_execution)
