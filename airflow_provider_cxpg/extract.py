@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_ROWS = 500_000
-DEFAULT_STREAM_ROWS = 65_536
+DEFAULT_STREAM_ROWS = 0
 _COMPRESSIONS = {"zstd", "snappy", "gzip", "brotli", "lz4", "none"}
 
 
@@ -125,9 +125,9 @@ class Extraction:
         (parallel workers share their parent's).
     :param read_ahead: with ``stream_rows=0``: read chunk *k+1* while chunk *k* is written (the
         worker holds two chunks); False holds one.
-    :param stream_rows: stream each chunk from connectorx in batches of this many rows and write them
-        as they arrive (default; memory bounded by batches and one row group, and reading overlaps
-        encoding inside the chunk); 0 reads each chunk as one table.
+    :param stream_rows: 0 (default) reads each chunk as one table; N > 0 streams each chunk from
+        connectorx in batches of N rows and writes them as they arrive (memory bounded by batches
+        and one row group whatever ``chunk_rows``; measured slower, see docs/architecture.md).
     :param querylog: event sink; a default one is created.
     :param application_name_prefix: kept in front of the run's unique application name.
     """
@@ -142,7 +142,7 @@ class Extraction:
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         chunk_bytes: int | None = None,
         compression: str = "zstd",
-        row_group_rows: int = 131_072,
+        row_group_rows: int = 65_536,
         max_worker_restarts: int = 2,
         extra_filters: Sequence[str] = (),
         lower: Sequence[Any] | None = None,

@@ -142,8 +142,8 @@ def provider_parquet(run: Run) -> dict[str, Any]:
     return {"rows": result.rows, "files": files, "file_bytes": size, "end": end, "details": details}
 
 
-@contender("provider_parquet_table")
-def provider_parquet_table(run: Run) -> dict[str, Any]:
+@contender("provider_parquet_stream")
+def provider_parquet_stream(run: Run) -> dict[str, Any]:
     from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 
     hook = ConnectorXPostgresHook(postgres_conn_id=CONN_ID)
@@ -155,7 +155,7 @@ def provider_parquet_table(run: Run) -> dict[str, Any]:
         table=f"public.{run.table}",
         chunk_rows=run.chunk_rows,
         query_log_path=str(log_path),
-        stream_rows=0,  # each chunk read as one table, the next read while this one is written
+        stream_rows=65_536,  # each chunk streamed in batches and written as they arrive
     )
     end = time.perf_counter()
     files, size = _files(dest)

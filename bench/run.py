@@ -66,7 +66,7 @@ APP_NAME = "cxpg-bench"
 #: ``provider_parallel`` once per ``--parallelism`` value, at the first chunk size).
 ALL_CONTENDERS = (
     "provider_parquet",
-    "provider_parquet_table",
+    "provider_parquet_stream",
     "provider_iter",
     "provider_parallel",
     "cx_single_parquet",
@@ -507,17 +507,17 @@ def main_jobs(args: argparse.Namespace, rows: int) -> list[Job]:
                 )
             )
     for chunk in args.chunk_rows:
-        if "provider_parquet_table" in wanted:
+        if "provider_parquet_stream" in wanted:
             jobs.append(
                 Job(
-                    f"provider_parquet_table@{short(chunk)}",
-                    "provider_parquet_table",
+                    f"provider_parquet_stream@{short(chunk)}",
+                    "provider_parquet_stream",
                     ("--chunk-rows", str(chunk)),
                     sink="Parquet zstd",
                     provider=True,
                     table_rows=rows,
                     chunk_rows=chunk,
-                    description="the same with stream_rows=0: whole-chunk reads, read_ahead (the earlier design)",
+                    description="the same with stream_rows=65536: each chunk streamed in batches",
                 )
             )
     for chunk in args.chunk_rows:

@@ -48,11 +48,12 @@ def output_rows(directory: Path) -> list[tuple[Any, ...]]:
     return [tuple(r[c] for c in ("id", "customer", "note", "amount", "at")) for r in table.to_pylist()]
 
 
+@pytest.mark.parametrize("stream_rows", [0, 1_024], ids=["whole-chunks", "streamed"])
 def test_full_extract_is_exact_and_the_manifest_records_every_chunk(
-    conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path
+    conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path, stream_rows: int
 ) -> None:
     result = ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
-        destination=str(out_dir), table=orders, chunk_rows=3_000, **FAST
+        destination=str(out_dir), table=orders, chunk_rows=3_000, stream_rows=stream_rows, **FAST
     )
     assert output_rows(out_dir) == source_rows(admin, orders)
     manifest = manifest_of(out_dir)
@@ -92,8 +93,9 @@ def test_composite_key_and_where(conn_id: str, admin: psycopg.Connection, orders
     assert sql["key_columns"] == ["customer", "id"]
 
 
+@pytest.mark.parametrize("stream_rows", [0, 1_024], ids=["whole-chunks", "streamed"])
 def test_sigkill_mid_run_restarts_the_worker_and_output_is_exact(
-    conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path
+    conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path, stream_rows: int
 ) -> None:
     killed: list[int] = []
 
@@ -118,6 +120,7 @@ def test_sigkill_mid_run_restarts_the_worker_and_output_is_exact(
         where="pg_sleep(0.00005) IS NOT NULL",
         chunk_rows=1_500,
         max_worker_restarts=2,
+        stream_rows=stream_rows,
         **FAST,
     )
     assert killed, "the worker was never killed"
@@ -311,8 +314,11 @@ def test_empty_table_gives_an_empty_typed_file(
     assert manifest_of(out_dir)["rows"] == 0
 
 
-def test_exact_multiple_of_chunk_rows_writes_no_empty_trailing_file(conn_id: str, orders: str, out_dir: Path) -> None:
+@pytest.mark.parametrize("stream_rows", [0, 1_024], ids=["whole-chunks", "streamed"])
+def test_exact_multiple_of_chunk_rows_writes_no_empty_trailing_file(
+    conn_id: str, orders: str, out_dir: Path, stream_rows: int
+) -> None:
     result = ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
-        destination=str(out_dir), table=orders, chunk_rows=5_000, **FAST
+        destination=str(out_dir), table=orders, chunk_rows=5_000, stream_rows=stream_rows, **FAST
     )
     assert result.chunks == 4 and all(c["rows"] == 5_000 for c in manifest_of(out_dir)["chunks"])

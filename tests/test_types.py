@@ -410,15 +410,17 @@ def part_files(directory: Path) -> list[Path]:
 # -- the matrix ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("stream_rows", [0, 1], ids=["whole-chunks", "streamed"])
 def test_matrix_extract_equals_psycopg_value_by_value(
     hook: ConnectorXPostgresHook,
     admin: psycopg.Connection,
     pgsession: psycopg.Connection,
     schema: str,
     out_dir: Path,
+    stream_rows: int,
 ) -> None:
     table = create_matrix(admin, schema)
-    result = hook.extract(destination=str(out_dir), table=table, chunk_rows=2)
+    result = hook.extract(destination=str(out_dir), table=table, chunk_rows=2, stream_rows=stream_rows)
     assert_nothing_left(admin)
 
     summary = result.summary()

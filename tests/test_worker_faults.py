@@ -491,7 +491,7 @@ def _lock_other_table(admin: psycopg.Connection, schema: str) -> str:
     admin.execute(f'CREATE TABLE "{schema}".other (x int)')
     admin.execute(
         f'CREATE FUNCTION "{schema}".touch_other() RETURNS bigint LANGUAGE plpgsql AS '
-        f"$$ BEGIN RETURN (SELECT count(*) FROM \"{schema}\".other); END $$"
+        f'$$ BEGIN RETURN (SELECT count(*) FROM "{schema}".other); END $$'
     )
     return f'"{schema}".other'
 
@@ -511,6 +511,7 @@ def test_a_worker_silent_while_its_query_waits_on_a_lock_is_not_declared_dead(
                 key_columns=["id"],
                 query_timeout=6.0,
                 query_log_path=str(log),
+                stream_rows=65_536,  # the streamed read is the one that goes silent
                 **{**FAST, "heartbeat_timeout": 1.5},
             )
         holder.rollback()

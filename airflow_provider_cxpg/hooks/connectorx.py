@@ -331,8 +331,8 @@ class ConnectorXPostgresHook(PostgresHook):
         :param resume: continue an unfinished extraction at the destination.
         :param snapshot: True: read every chunk from one exported snapshot; a string: import that id.
         :param read_ahead: with ``stream_rows=0``: read the next chunk while this one is written.
-        :param stream_rows: rows per connectorx stream batch; each chunk is written as its batches
-            arrive (default 65 536). 0 reads each chunk as one table.
+        :param stream_rows: 0 (default) reads each chunk as one table; N > 0 streams each chunk in
+            batches of N rows, written as they arrive (memory independent of ``chunk_rows``).
         :param run_id: the extraction's id (default: random).
         :param query_log_path: also write the query log as JSON lines here.
         :param querylog: use this query log instead of a new one.

@@ -109,9 +109,9 @@ class PostgresExtractOperator(BaseOperator):
     :param snapshot: read every chunk from one exported snapshot, a point-in-time copy even while
         rows change; default True when ``parallelism > 1``, else False.
     :param read_ahead: with ``stream_rows=0``: read chunk *k+1* while chunk *k* is written.
-    :param stream_rows: rows per connectorx stream batch; each chunk is written as its batches
-        arrive, so the worker's memory does not grow with ``chunk_rows`` (default 65 536). 0 reads
-        each chunk as one table.
+    :param stream_rows: 0 (default) reads each chunk as one table; N > 0 streams each chunk from
+        connectorx in batches of N rows, written as they arrive, so the worker's memory stops
+        growing with ``chunk_rows`` (slower: choose it for very large chunks).
     :param resume: continue an unfinished extraction found at the destination (default True).
     :param query_log_path: also write the structured query log as JSON lines to this file.
     :param worker_settings: further :class:`~airflow_provider_cxpg.supervisor.WorkerSettings` fields.

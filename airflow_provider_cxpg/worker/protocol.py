@@ -88,7 +88,7 @@ class ParquetSink:
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     compression: str = "zstd"
     compression_level: int | None = None
-    row_group_rows: int = 131_072
+    row_group_rows: int = 65_536
 
 
 @dataclass(frozen=True)
