@@ -768,6 +768,16 @@ def target_checks(summaries: Sequence[Summary], args: argparse.Namespace) -> lis
         )
     else:
         add("provider_parquet@250k worker-only peak RSS vs cx_single_parquet", "not measured", "≤ 0.33", None)
+    read_only = by.get("cx_single_read")
+    if low and read_only and low.descendants_peak_median and read_only.peak_rss_median:
+        frac = low.descendants_peak_median / read_only.peak_rss_median
+        add(
+            "provider_parquet@250k worker-only peak RSS vs cx_single_read (the read alone)",
+            f"{low.descendants_peak_median / 2**20:,.0f} MiB / {read_only.peak_rss_median / 2**20:,.0f} MiB"
+            f" = {frac:.2f}",
+            "≤ 0.33",
+            frac <= 1 / 3,
+        )
     if low and single and low.work_rss_median and single.work_rss_median:
         frac = low.work_rss_median / single.work_rss_median
         add(
