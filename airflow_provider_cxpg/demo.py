@@ -173,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.dsn:
                 dsn = args.dsn
             else:
-                from airflow_provider_cxpg.embedded_postgres import EmbeddedPostgres
+                from airflow_provider_cxpg.embedded_postgres import EmbeddedPostgres, interrupt_on_termination
 
+                interrupt_on_termination()  # a plain kill of the demo still stops its server
                 print("starting an embedded PostgreSQL ...", flush=True)
                 server = EmbeddedPostgres().start()
                 dsn = server.dsn()

@@ -22,6 +22,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -29,6 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 __all__ = ["EmbeddedPostgres", "find_postgres_bindir"]
@@ -319,8 +321,24 @@ class EmbeddedPostgres:
                 raise subprocess.CalledProcessError(proc.returncode, [exe, *args], output=text)
 
 
-def _main() -> None:  # pragma: no cover - manual helper
+def interrupt_on_termination() -> None:
+    """Turn SIGTERM and SIGHUP into :class:`KeyboardInterrupt`, so ``finally`` blocks stop the server.
+
+    The server runs in its own session (``pg_ctl``), so a plain ``kill`` of the Python process that
+    started it would otherwise end that process at once and leave the server running, orphaned.
+    Call from the main thread of a command-line entry point.
+    """
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
+
+
+def _main() -> None:
     """Start a server and print its DSN until interrupted: ``python -m airflow_provider_cxpg.embedded_postgres``."""
+    interrupt_on_termination()
     with EmbeddedPostgres() as server:
         print(server.dsn(), flush=True)
         with contextlib.suppress(KeyboardInterrupt):
@@ -328,5 +346,5 @@ def _main() -> None:  # pragma: no cover - manual helper
                 time.sleep(3600)
 
 
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":
     _main()

@@ -38,13 +38,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any, BinaryIO, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlparse, urlunparse
 
 import psutil
 import psycopg
 
+from airflow_provider_cxpg.embedded_postgres import interrupt_on_termination
 from bench.data import TableInfo, machine_info, package_state, prepare_table, server_info
 from bench.report import (
     Job,
@@ -914,10 +914,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.rounds < 1:
@@ -928,8 +924,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output = args.output or default_output
     largest = max(args.flatness_rows) if args.flatness else args.rows
     timeout = args.timeout or 120 + 90 * largest / 1e6
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    interrupt_on_termination()
 
     workdir = Path(tempfile.mkdtemp(prefix="cxpg-bench-", dir=args.workdir))
     airflow_home = workdir / "airflow-home"

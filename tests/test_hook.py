@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import subprocess
+import sys
+import threading
 import uuid
+from pathlib import Path
 from urllib.parse import quote
 
 import psycopg
@@ -236,3 +241,29 @@ def test_refused_port_fails_fast(pg: PgInfo, monkeypatch: pytest.MonkeyPatch) ->
         ConnectorXPostgresHook(postgres_conn_id=cid).read_arrow("SELECT 1 AS one")
     assert time.monotonic() - started < 15
     assert "pw-123456" not in str(failure.value)
+
+
+def test_embedded_server_helper_stops_its_server_on_a_plain_kill(tmp_path: Path) -> None:
+    """``kill`` (SIGTERM) of the helper must not leave an orphaned PostgreSQL behind."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "airflow_provider_cxpg.embedded_postgres"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline() if proc.stdout else ""))
+        reader.start()
+        reader.join(120)
+        assert lines and lines[0].startswith("postgresql://"), lines
+        dsn = lines[0].strip()
+        psycopg.connect(dsn, connect_timeout=10).close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) is not None
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(dsn, connect_timeout=5).close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
