@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlparse  # noqa: E402
 import psycopg  # noqa: E402
 import pytest  # noqa: E402
 
-from airflow_provider_cxpg.embedded_postgres import EmbeddedPostgres  # noqa: E402
+from airflow_provider_cxpg.embedded_postgres import EmbeddedPostgres, interrupt_on_termination  # noqa: E402
 from tests.helpers import PgInfo  # noqa: E402
 
 
@@ -56,6 +56,9 @@ def pg() -> Iterator[PgInfo]:
             server=None,
         )
         return
+    # A CI runner that kills pytest with SIGTERM gets a KeyboardInterrupt instead: pytest then runs
+    # this fixture's teardown, and no server is left running.
+    interrupt_on_termination()
     server = EmbeddedPostgres().start()
     try:
         yield PgInfo(
