@@ -121,8 +121,7 @@ def _provider_details(log_path: Path) -> dict[str, Any]:
     return details
 
 
-@contender("provider_parquet")
-def provider_parquet(run: Run) -> dict[str, Any]:
+def _extract_to_parquet(run: Run, **options: Any) -> dict[str, Any]:
     from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 
     hook = ConnectorXPostgresHook(postgres_conn_id=CONN_ID)
@@ -134,34 +133,23 @@ def provider_parquet(run: Run) -> dict[str, Any]:
         table=f"public.{run.table}",
         chunk_rows=run.chunk_rows,
         query_log_path=str(log_path),
+        **options,
     )
     end = time.perf_counter()
     files, size = _files(dest)
     details = _provider_details(log_path)
     details.update({"extract_seconds": round(result.seconds, 4), "chunks": result.chunks})
     return {"rows": result.rows, "files": files, "file_bytes": size, "end": end, "details": details}
+
+
+@contender("provider_parquet")
+def provider_parquet(run: Run) -> dict[str, Any]:
+    return _extract_to_parquet(run)
 
 
 @contender("provider_parquet_stream")
 def provider_parquet_stream(run: Run) -> dict[str, Any]:
-    from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
-
-    hook = ConnectorXPostgresHook(postgres_conn_id=CONN_ID)
-    log_path = run.out.parent / f"{run.out.name}.querylog.jsonl"
-    dest = run.out / "parquet"
-    run.start()
-    result = hook.extract(
-        destination=str(dest),
-        table=f"public.{run.table}",
-        chunk_rows=run.chunk_rows,
-        query_log_path=str(log_path),
-        stream_rows=65_536,  # each chunk streamed in batches and written as they arrive
-    )
-    end = time.perf_counter()
-    files, size = _files(dest)
-    details = _provider_details(log_path)
-    details.update({"extract_seconds": round(result.seconds, 4), "chunks": result.chunks})
-    return {"rows": result.rows, "files": files, "file_bytes": size, "end": end, "details": details}
+    return _extract_to_parquet(run, stream_rows=65_536)  # each chunk streamed, written as batches arrive
 
 
 @contender("provider_iter")

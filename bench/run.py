@@ -492,32 +492,24 @@ def main_jobs(args: argparse.Namespace, rows: int) -> list[Job]:
         )
         wanted.discard("airflow_get_df")
     jobs: list[Job] = []
-    for chunk in args.chunk_rows:
-        if "provider_parquet" in wanted:
+    provider_paths = (
+        ("provider_parquet", "ConnectorXPostgresHook.extract (the operator's path)"),
+        ("provider_parquet_stream", "the same with stream_rows=65536: each chunk streamed in batches"),
+    )
+    for name, description in provider_paths:
+        if name not in wanted:
+            continue
+        for chunk in args.chunk_rows:
             jobs.append(
                 Job(
-                    f"provider_parquet@{short(chunk)}",
-                    "provider_parquet",
+                    f"{name}@{short(chunk)}",
+                    name,
                     ("--chunk-rows", str(chunk)),
                     sink="Parquet zstd",
                     provider=True,
                     table_rows=rows,
                     chunk_rows=chunk,
-                    description="ConnectorXPostgresHook.extract (the operator's path)",
-                )
-            )
-    for chunk in args.chunk_rows:
-        if "provider_parquet_stream" in wanted:
-            jobs.append(
-                Job(
-                    f"provider_parquet_stream@{short(chunk)}",
-                    "provider_parquet_stream",
-                    ("--chunk-rows", str(chunk)),
-                    sink="Parquet zstd",
-                    provider=True,
-                    table_rows=rows,
-                    chunk_rows=chunk,
-                    description="the same with stream_rows=65536: each chunk streamed in batches",
+                    description=description,
                 )
             )
     for chunk in args.chunk_rows:

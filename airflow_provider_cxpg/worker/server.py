@@ -14,6 +14,7 @@ Process rules, each for a measured reason:
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -73,9 +74,6 @@ class _BackgroundWriter:
         self._channel = channel
         self._redact = redact
         self._thread: threading.Thread | None = None
-
-    def put(self, request: ReadChunk, table: pa.Table) -> None:
-        self.run(request, lambda: write_chunk(request, table))
 
     def run(self, request: ReadChunk, finish: Callable[[], ChunkDone]) -> None:
         self.wait()  # at most one chunk being written: memory stays at two chunks
@@ -158,25 +156,18 @@ def _serve(
 ) -> None:
     state.query_id = request.query_id
     writer.send(QueryStarted(query_id=request.query_id, chunk_index=request.chunk_index))
-    if request.stream_rows > 0:
-        try:
-            read, finish = stream_chunk(request, uri, config.protocol, config.pre_execution)
-        except BaseException as exc:  # noqa: BLE001  PanicException is a BaseException
-            error = classify(exc, redact)
-            writer.send(Failed(query_id=request.query_id, error=error, traceback=redact(traceback.format_exc())))
-            return
-        finally:
-            state.query_id = None
-        writer.send(read)
-        background.run(request, finish)
-        return
+    finish: Callable[[], ChunkDone]
     try:
-        table, info = read_chunk(request, uri, config.protocol, config.pre_execution)
+        if request.stream_rows > 0:
+            read, finish = stream_chunk(request, uri, config.protocol, config.pre_execution)
+        else:
+            table, read = read_chunk(request, uri, config.protocol, config.pre_execution)
+            finish = functools.partial(write_chunk, request, table)
     except BaseException as exc:  # noqa: BLE001  PanicException is a BaseException
         error = classify(exc, redact)
         writer.send(Failed(query_id=request.query_id, error=error, traceback=redact(traceback.format_exc())))
         return
     finally:
         state.query_id = None
-    writer.send(info)
-    background.put(request, table)
+    writer.send(read)
+    background.run(request, finish)
