@@ -211,11 +211,16 @@ class Extraction:
         )
 
     def abort(self, reason: str) -> None:
-        """Stop now (``on_kill``): safe to call from a signal handler in the thread running :meth:`run`."""
+        """Stop now (``on_kill``): safe to call from a signal handler in the thread running :meth:`run`.
+
+        Only lock-free steps happen here (the flag, SIGTERM to the worker, see
+        :meth:`WorkerSession.interrupt`); the thread running :meth:`run` cancels the server query,
+        reaps the worker and raises :class:`ExtractionAborted` as soon as the handler returns.
+        """
         self._aborted = reason
         session = self._session
         if session is not None:
-            session.stop(reason=reason, fresh_monitor=True)
+            session.interrupt(reason)
 
     @contextlib.contextmanager
     def control_connection(self, purpose: str) -> Iterator[Any]:
@@ -348,6 +353,8 @@ class Extraction:
         restarts = 0
         while True:
             if self._aborted:
+                if prespawned is not None:
+                    prespawned.stop(reason=self._aborted)
                 raise ExtractionAborted(f"extraction aborted: {self._aborted}", reason=self._aborted)
             try:
                 session, prespawned = prespawned or self.new_session(job_deadline), None

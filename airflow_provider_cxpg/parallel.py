@@ -159,7 +159,8 @@ class ParallelExtraction:
         self.coordinator: Extraction = hook.prepare_extraction(destination=destination, run_id=self.run_id, **kwargs)
         self.children: list[Extraction] = []
         self._aborted: str | None = None
-        self._lock = threading.Lock()
+        # Re-entrant: abort() runs from on_kill's signal handler, maybe inside run()'s own `with`.
+        self._lock = threading.RLock()
 
     def abort(self, reason: str) -> None:
         """Stop every range now (``on_kill``)."""

@@ -100,7 +100,8 @@ class QueryLog:
         self._jsonl = Path(jsonl_path) if jsonl_path else None
         self._redact = redactor or Redactor()
         self._sink = sink
-        self._lock = threading.Lock()
+        # Re-entrant: on_kill may log from a signal handler that interrupted this thread's emit.
+        self._lock = threading.RLock()
         self.events: list[dict[str, Any]] = []  # kept for the run summary and tests
         if self._jsonl:
             self._jsonl.parent.mkdir(parents=True, exist_ok=True)

@@ -236,6 +236,8 @@ class WorkerSession:
         self._wait_reported: dict[int, float] = {}
         self._query_backends: dict[int, int] = {}
         self._stopped = False
+        self._released = False
+        self._interrupted: str | None = None
         self._closing = False
         self._spawned_at = 0.0
         self._last_wait_check = 0.0
@@ -353,7 +355,10 @@ class WorkerSession:
 
     def close(self) -> None:
         """Ask the worker to exit and reap it; stop it by force if it does not exit in time."""
-        if self.proc is None or self._stopped:
+        if self.proc is None:
+            return
+        if self._stopped or self._interrupted:
+            self.stop(reason=self._interrupted or "closed after stop")
             return
         self._closing = True
         with contextlib.suppress(OSError):
@@ -368,16 +373,41 @@ class WorkerSession:
         self._sweep_backends()
         self._release()
 
-    def stop(self, reason: str, *, fresh_monitor: bool = False) -> None:
-        """Stop abnormally: cancel server queries, terminate backends, SIGTERM, SIGKILL, reap."""
-        if self.proc is None or self._stopped:
+    def interrupt(self, reason: str) -> None:
+        """Begin a stop from a signal handler (``on_kill``): SIGTERM the worker, and nothing else.
+
+        The handler may run on the thread that drives this session, interrupting it inside this
+        session's own locks (a psycopg query on the monitor connection, a log write, a frame send);
+        taking any of them here would deadlock that thread against itself (measured: ``on_kill``
+        from Airflow's SIGTERM handler hung in ``ServerMonitor.close``). So this only records the
+        reason and signals the process, both lock-free. The driving thread sees the reason within
+        one tick of its loop (at most 0.25 s) and runs :meth:`stop`: server queries cancelled, worker
+        reaped, connections closed, events logged.
+        """
+        self._interrupted = reason
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(proc.pid, signal.SIGTERM)
+                os.kill(proc.pid, signal.SIGCONT)  # a SIGSTOPped worker acts on SIGTERM only once continued
+
+    def stop(self, reason: str) -> None:
+        """Stop abnormally: cancel server queries, terminate backends, SIGTERM, SIGKILL, reap.
+
+        Runs on the thread that drives the session (signal handlers use :meth:`interrupt`).
+        """
+        if self.proc is None:
+            return
+        if self._stopped:
+            self._release()
             return
         self._stopped = True
-        monitor = ServerMonitor(self.endpoint, self.application_name, self.redact) if fresh_monitor else self.monitor
+        monitor = self.monitor
         try:
             terminated = monitor.stop_backends(self.settings.cancel_grace)
             if terminated:
                 self.log.emit("server.terminate", worker=self.worker_index, backend_pids=terminated, reason=reason)
+            signalled = self.proc.poll() is None or self._interrupted is not None
             if self.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.send_signal(signal.SIGTERM)
@@ -388,6 +418,7 @@ class WorkerSession:
                     with contextlib.suppress(ProcessLookupError):
                         self.proc.kill()
                     self.proc.wait(timeout=10)
+            if signalled:
                 self.log.emit(
                     "worker.killed",
                     worker=self.worker_index,
@@ -400,8 +431,6 @@ class WorkerSession:
             if leftovers:
                 self.log.emit("server.terminate", worker=self.worker_index, backend_pids=leftovers, reason=reason)
         finally:
-            if fresh_monitor:
-                monitor.close()
             self._release()
 
     def _sweep_backends(self) -> None:
@@ -410,6 +439,9 @@ class WorkerSession:
             self.log.emit("server.terminate", worker=self.worker_index, backend_pids=leftovers, reason="sweep")
 
     def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
         if self._writer is not None:
             self._writer.close()
         for thread in self._threads:
@@ -520,12 +552,13 @@ class WorkerSession:
         """
         tick = min(0.25, self.settings.heartbeat_interval)
         while True:
-            if self._drain(done):
-                return
-            reason = self._abort_check()
+            # Before draining: the EOF of a worker that interrupt() ended is an abort, not a crash.
+            reason = self._abort_check() or self._interrupted
             if reason:
                 self.stop(reason=reason)
                 raise ExtractionAborted(f"extraction aborted: {reason}", reason=reason)
+            if self._drain(done):
+                return
             now = time.monotonic()
             if start_deadline is not None and now > start_deadline:
                 raise WorkerStartError(

@@ -391,6 +391,55 @@ def test_on_kill_from_sigterm_handler_aborts_execute(conn_id: str, table: str, o
     assert time.monotonic() - started < 0.5 + GRACE
 
 
+def test_on_kill_from_a_signal_that_lands_inside_the_monitor_query_does_not_deadlock(
+    conn_id: str, admin: psycopg.Connection, table: str, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handler interrupts the parent inside its own pg_stat_activity query (its lock held).
+
+    Seen in CI: on_kill stopped the worker from the handler, then blocked on the monitor's lock that
+    the interrupted frame held; the task hung for good. The SIGTERM here is sent from inside that
+    lock, on the main thread, so the handler runs exactly there every time.
+    """
+    from airflow_provider_cxpg.monitor import ServerMonitor
+    from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+
+    op = PostgresExtractOperator(
+        task_id="extract",
+        postgres_conn_id=conn_id,
+        table=table,
+        destination=str(out_dir / "out"),
+        where="pg_sleep(0.002) IS NOT NULL",
+        query_timeout=60,
+        worker_settings=FAST,
+    )
+    original = ServerMonitor._query
+    fired: list[float] = []
+
+    def query_then_signal(self: ServerMonitor, sql: str, params: tuple[Any, ...]) -> Any:
+        main = threading.current_thread() is threading.main_thread()
+        if main and not fired and worker_pids() and "pg_stat_activity" in sql:
+            with self._lock:  # what the real query holds while psycopg waits on the server
+                fired.append(time.monotonic())
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler runs here, on this thread, inside the lock
+        return original(self, sql, params)
+
+    monkeypatch.setattr(ServerMonitor, "_query", query_then_signal)
+    previous = signal.signal(signal.SIGTERM, lambda s, f: op.on_kill())
+    alarm = signal.signal(signal.SIGALRM, lambda s, f: pytest.fail("deadlocked: on_kill never returned"))
+    signal.alarm(60)
+    try:
+        with pytest.raises(ExtractionAborted, match="on_kill"):
+            op.execute({})
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, alarm)
+        signal.signal(signal.SIGTERM, previous)
+    assert fired and time.monotonic() - fired[0] < GRACE
+    assert wait_until(lambda: not worker_pids(), 10, 0.05), worker_pids()
+    assert_nothing_left(admin)
+
+
 # -- protocol-level faults ---------------------------------------------------------------------------------
 
 
