@@ -199,6 +199,7 @@ class Extraction:
         self.worker_index = worker_index
         self._session: WorkerSession | None = None
         self._aborted: str | None = None
+        self._control_cancels: dict[int, Any] = {}  # open control connections' libpq cancel handles
         self.plan: ExtractPlan | None = None
 
     # -- control -----------------------------------------------------------------------------------
@@ -221,6 +222,11 @@ class Extraction:
         session = self._session
         if session is not None:
             session.interrupt(reason)
+        # A planning query may be waiting on a lock for up to query_timeout: cancel it. PQcancel
+        # is safe in a signal handler (libpq says so); the handle was made when the connection opened.
+        for cancel in list(self._control_cancels.values()):
+            with contextlib.suppress(Exception):
+                cancel.cancel()
 
     @contextlib.contextmanager
     def control_connection(self, purpose: str) -> Iterator[Any]:
@@ -249,20 +255,28 @@ class Extraction:
             every=self.settings.report_wait_every,
         )
         conn = connect(endpoint, statement_timeout_ms=limit_ms)
+        with contextlib.suppress(Exception):
+            self._control_cancels[id(conn)] = conn.pgconn.get_cancel()
         try:
+            if self._aborted:
+                raise ExtractionAborted(f"extraction aborted: {self._aborted}", reason=self._aborted)
             if self.snapshot_id:  # the window's end and the plan see what every chunk will see
                 for statement in import_statements(self.snapshot_id):
                     conn.execute(statement)
             with watcher:
                 try:
                     yield conn
-                except CxpgError:
-                    raise
                 except Exception as exc:
+                    if self._aborted and not isinstance(exc, ExtractionAborted):
+                        # abort() cancelled the query: what failed is the echo of that, report the abort
+                        raise ExtractionAborted(f"extraction aborted: {self._aborted}", reason=self._aborted) from exc
+                    if isinstance(exc, CxpgError):
+                        raise
                     if type(exc).__module__.startswith("psycopg"):
                         raise classify_control_error(exc, f"{purpose} query") from None
                     raise
         finally:
+            self._control_cancels.pop(id(conn), None)
             conn.close()
 
     def build_plan(self) -> ExtractPlan:

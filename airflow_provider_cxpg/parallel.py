@@ -165,6 +165,7 @@ class ParallelExtraction:
     def abort(self, reason: str) -> None:
         """Stop every range now (``on_kill``)."""
         self._aborted = reason
+        self.coordinator.abort(reason)  # cancels a range-planning query waiting on a lock
         with self._lock:
             children = list(self.children)
         for child in children:

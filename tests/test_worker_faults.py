@@ -440,6 +440,46 @@ def test_on_kill_from_a_signal_that_lands_inside_the_monitor_query_does_not_dead
     assert_nothing_left(admin)
 
 
+def test_on_kill_while_planning_waits_on_a_lock_cancels_the_planning_query(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, table: str, out_dir: Path
+) -> None:
+    """Before any chunk: the parent's own catalog query waits on a lock, for up to query_timeout."""
+    from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+
+    op = PostgresExtractOperator(
+        task_id="extract",
+        postgres_conn_id=conn_id,
+        table=table,
+        destination=str(out_dir / "out"),
+        query_timeout=120,
+        worker_settings=FAST,
+    )
+    previous = signal.signal(signal.SIGTERM, lambda s, f: op.on_kill())
+
+    def kill_when_planning_waits() -> None:
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'cxpg%' AND wait_event_type = 'Lock'"
+        )
+        with psycopg.connect(pg.dsn, autocommit=True) as watcher:
+            if wait_until(lambda: watcher.execute(waiting).fetchone()[0] > 0, 30, 0.05):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    with psycopg.connect(pg.dsn) as holder:
+        holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        threading.Thread(target=kill_when_planning_waits, daemon=True).start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(ExtractionAborted, match="on_kill"):
+                op.execute({})
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        elapsed = time.monotonic() - started
+        holder.rollback()
+    assert elapsed < 30 + GRACE, elapsed  # not the 120 s query_timeout
+    assert wait_until(lambda: not worker_pids(), 10, 0.05), worker_pids()
+    assert_nothing_left(admin)
+
+
 # -- protocol-level faults ---------------------------------------------------------------------------------
 
 
