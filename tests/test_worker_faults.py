@@ -367,19 +367,23 @@ def test_keyboard_interrupt_in_parent(conn_id: str, table: str, out_dir: Path) -
         signal.signal(signal.SIGALRM, previous)
 
 
-def test_on_kill_from_sigterm_handler_aborts_execute(conn_id: str, table: str, out_dir: Path) -> None:
-    """Airflow 3 calls on_kill from its SIGTERM handler in the task process, then lets execute go on."""
+def _operator(conn_id: str, table: str, out_dir: Path, **kwargs: Any) -> Any:
+    """The operator as Airflow would run it, with this module's fast supervision settings."""
     from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
 
-    op = PostgresExtractOperator(
+    return PostgresExtractOperator(
         task_id="extract",
         postgres_conn_id=conn_id,
         table=table,
         destination=str(out_dir / "out"),
-        where="pg_sleep(0.002) IS NOT NULL",
-        query_timeout=60,
         worker_settings=FAST,
+        **kwargs,
     )
+
+
+def test_on_kill_from_sigterm_handler_aborts_execute(conn_id: str, table: str, out_dir: Path) -> None:
+    """Airflow 3 calls on_kill from its SIGTERM handler in the task process, then lets execute go on."""
+    op = _operator(conn_id, table, out_dir, where="pg_sleep(0.002) IS NOT NULL", query_timeout=60)
     previous = signal.signal(signal.SIGTERM, lambda s, f: op.on_kill())
     after_worker_starts(lambda pid: (time.sleep(0.5), os.kill(os.getpid(), signal.SIGTERM)))
     started = time.monotonic()
@@ -401,17 +405,8 @@ def test_on_kill_from_a_signal_that_lands_inside_the_monitor_query_does_not_dead
     lock, on the main thread, so the handler runs exactly there every time.
     """
     from airflow_provider_cxpg.monitor import ServerMonitor
-    from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
 
-    op = PostgresExtractOperator(
-        task_id="extract",
-        postgres_conn_id=conn_id,
-        table=table,
-        destination=str(out_dir / "out"),
-        where="pg_sleep(0.002) IS NOT NULL",
-        query_timeout=60,
-        worker_settings=FAST,
-    )
+    op = _operator(conn_id, table, out_dir, where="pg_sleep(0.002) IS NOT NULL", query_timeout=60)
     original = ServerMonitor._query
     fired: list[float] = []
 
@@ -444,16 +439,7 @@ def test_on_kill_while_planning_waits_on_a_lock_cancels_the_planning_query(
     conn_id: str, pg: PgInfo, admin: psycopg.Connection, table: str, out_dir: Path
 ) -> None:
     """Before any chunk: the parent's own catalog query waits on a lock, for up to query_timeout."""
-    from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
-
-    op = PostgresExtractOperator(
-        task_id="extract",
-        postgres_conn_id=conn_id,
-        table=table,
-        destination=str(out_dir / "out"),
-        query_timeout=120,
-        worker_settings=FAST,
-    )
+    op = _operator(conn_id, table, out_dir, query_timeout=120)
     previous = signal.signal(signal.SIGTERM, lambda s, f: op.on_kill())
 
     def kill_when_planning_waits() -> None:
