@@ -94,9 +94,8 @@ class KeysetChunks:
         # Always one row more than the chunk: it tells whether another chunk follows (no empty
         # trailing query when the table ends on a chunk boundary), and for keys the catalog cannot
         # prove unique it shows a key value that continues past the boundary.
-        peek = True
         sql = self.plan.chunk_sql(after, limit + 1)
-        return ChunkQuery(sql=sql, limit=limit, peek=peek, start=list(after) if after is not None else None)
+        return ChunkQuery(sql=sql, limit=limit, peek=True, start=list(after) if after is not None else None)
 
     def first(self) -> ChunkQuery:
         return self._query(self.after)

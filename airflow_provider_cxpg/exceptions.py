@@ -198,3 +198,8 @@ class StorageError(ExtractionError):
 
 class ExtractionAborted(CxpgError):
     """The extraction was stopped on request (``on_kill``, KeyboardInterrupt, task timeout)."""
+
+    @classmethod
+    def because(cls, reason: str) -> ExtractionAborted:
+        """The error for a stop requested with ``reason`` (e.g. ``"on_kill"``)."""
+        return cls(f"extraction aborted: {reason}", reason=reason)

@@ -259,7 +259,7 @@ class Extraction:
             self._control_cancels[id(conn)] = conn.pgconn.get_cancel()
         try:
             if self._aborted:
-                raise ExtractionAborted(f"extraction aborted: {self._aborted}", reason=self._aborted)
+                raise ExtractionAborted.because(self._aborted)
             if self.snapshot_id:  # the window's end and the plan see what every chunk will see
                 for statement in import_statements(self.snapshot_id):
                     conn.execute(statement)
@@ -269,7 +269,7 @@ class Extraction:
                 except Exception as exc:
                     if self._aborted and not isinstance(exc, ExtractionAborted):
                         # abort() cancelled the query: what failed is the echo of that, report the abort
-                        raise ExtractionAborted(f"extraction aborted: {self._aborted}", reason=self._aborted) from exc
+                        raise ExtractionAborted.because(self._aborted) from exc
                     if isinstance(exc, CxpgError):
                         raise
                     if type(exc).__module__.startswith("psycopg"):
@@ -369,7 +369,7 @@ class Extraction:
             if self._aborted:
                 if prespawned is not None:
                     prespawned.stop(reason=self._aborted)
-                raise ExtractionAborted(f"extraction aborted: {self._aborted}", reason=self._aborted)
+                raise ExtractionAborted.because(self._aborted)
             try:
                 session, prespawned = prespawned or self.new_session(job_deadline), None
                 self._run_session(session, plan, manifest)
@@ -377,7 +377,7 @@ class Extraction:
             except WorkerError as exc:
                 if self._aborted:
                     self._fail(manifest, f"aborted: {self._aborted}")
-                    raise ExtractionAborted(f"extraction aborted: {self._aborted}", reason=self._aborted) from exc
+                    raise ExtractionAborted.because(self._aborted) from exc
                 if restarts >= self.max_worker_restarts:
                     self._fail(manifest, str(exc))
                     raise
@@ -393,7 +393,7 @@ class Extraction:
                 self._fail(manifest, f"{type(exc).__name__}: {exc}")
                 if self._aborted and not isinstance(exc, ExtractionAborted):
                     # on_kill cancelled the query: the worker's "cancelled" error is the echo of it
-                    raise ExtractionAborted(f"extraction aborted: {self._aborted}", reason=self._aborted) from exc
+                    raise ExtractionAborted.because(self._aborted) from exc
                 raise
         manifest.status = "complete"
         manifest.completed_at = manifest.updated_at

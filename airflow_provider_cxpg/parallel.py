@@ -266,7 +266,7 @@ class ParallelExtraction:
                 if not pending:
                     return [f.result() for f in futures]
                 if self._aborted:
-                    raise ExtractionAborted(f"extraction aborted: {self._aborted}", reason=self._aborted)
+                    raise ExtractionAborted.because(self._aborted)
         except BaseException as exc:
             self.abort(f"{type(exc).__name__} in another range" if isinstance(exc, CxpgError) else type(exc).__name__)
             concurrent.futures.wait(futures, timeout=120)

@@ -556,7 +556,7 @@ class WorkerSession:
             reason = self._abort_check() or self._interrupted
             if reason:
                 self.stop(reason=reason)
-                raise ExtractionAborted(f"extraction aborted: {reason}", reason=reason)
+                raise ExtractionAborted.because(reason)
             if self._drain(done):
                 return
             now = time.monotonic()

@@ -579,25 +579,39 @@ def _lock_other_table(admin: psycopg.Connection, schema: str) -> str:
     return f'"{schema}".other'
 
 
-def test_a_worker_silent_while_its_query_waits_on_a_lock_is_not_declared_dead(
-    conn_id: str, pg: PgInfo, admin: psycopg.Connection, schema: str, table: str, out_dir: Path
+def _streamed_read_waiting_on_a_lock(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, schema: str, table: str, out_dir: Path, **kwargs: Any
 ) -> None:
-    """A streamed read holds the GIL while it waits for its first batch: heartbeats pause, legitimately."""
+    """Extract while each row's query waits on a lock another session holds on a second table.
+
+    Streamed (``stream_rows``): that read holds the GIL while it waits for its first batch, so the
+    worker's heartbeats pause — the case the parent must tell apart from a frozen worker.
+    """
     other = _lock_other_table(admin, schema)
-    log = out_dir / "log.jsonl"
     with psycopg.connect(pg.dsn) as holder:
         holder.execute(f"LOCK TABLE {other} IN ACCESS EXCLUSIVE MODE")
-        with pytest.raises(QueryTimeoutError):
+        try:
             ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
                 destination=str(out_dir / "out"),
                 sql=f'SELECT id, "{schema}".touch_other() AS n FROM {table}',
                 key_columns=["id"],
-                query_timeout=6.0,
-                query_log_path=str(log),
-                stream_rows=65_536,  # the streamed read is the one that goes silent
+                stream_rows=65_536,
                 **{**FAST, "heartbeat_timeout": 1.5},
+                **kwargs,
             )
-        holder.rollback()
+        finally:
+            holder.rollback()
+
+
+def test_a_worker_silent_while_its_query_waits_on_a_lock_is_not_declared_dead(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, schema: str, table: str, out_dir: Path
+) -> None:
+    """A streamed read holds the GIL while it waits for its first batch: heartbeats pause, legitimately."""
+    log = out_dir / "log.jsonl"
+    with pytest.raises(QueryTimeoutError):
+        _streamed_read_waiting_on_a_lock(
+            conn_id, pg, admin, schema, table, out_dir, query_timeout=6.0, query_log_path=str(log)
+        )
     names = [e["event"] for e in events(log)]
     assert "worker.waiting" in names and "worker.heartbeat_missed" not in names
 
@@ -605,20 +619,11 @@ def test_a_worker_silent_while_its_query_waits_on_a_lock_is_not_declared_dead(
 def test_a_stopped_worker_is_declared_dead_even_while_its_query_waits(
     conn_id: str, pg: PgInfo, admin: psycopg.Connection, schema: str, table: str, out_dir: Path
 ) -> None:
-    other = _lock_other_table(admin, schema)
     frozen: list[int] = []
     after_worker_starts(lambda pid: (time.sleep(1.0), os.kill(pid, signal.SIGSTOP), frozen.append(pid)))
     started = time.monotonic()
-    with psycopg.connect(pg.dsn) as holder:
-        holder.execute(f"LOCK TABLE {other} IN ACCESS EXCLUSIVE MODE")
-        with pytest.raises(HeartbeatLostError):
-            ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
-                destination=str(out_dir / "out"),
-                sql=f'SELECT id, "{schema}".touch_other() AS n FROM {table}',
-                key_columns=["id"],
-                query_timeout=60.0,
-                max_worker_restarts=0,
-                **{**FAST, "heartbeat_timeout": 1.5},
-            )
-        holder.rollback()
+    with pytest.raises(HeartbeatLostError):
+        _streamed_read_waiting_on_a_lock(
+            conn_id, pg, admin, schema, table, out_dir, query_timeout=60.0, max_worker_restarts=0
+        )
     assert frozen and time.monotonic() - started < 1.0 + 1.5 + GRACE
