@@ -21,9 +21,12 @@ from airflow_provider_cxpg.sql import qualified, quote_ident
 __all__ = [
     "SourceColumn",
     "TableInfo",
+    "UniqueIndex",
     "classify_control_error",
     "describe_query",
     "describe_table",
+    "numeric_typmod",
+    "query_column_collation",
     "resolve_type",
 ]
 
@@ -51,16 +54,40 @@ LIMIT 1
 """
 
 
+#: A collation as SQL names it (``"pg_catalog"."C"``) and whether it is deterministic, i.e. whether
+#: its equality is byte equality. Nondeterministic (ICU) collations make 'a' = 'A' and sort them as ties.
+_COLLATION_SQL = (
+    "CASE WHEN {oid} <> 0 THEN quote_ident(cn.nspname) || '.' || quote_ident(co.collname) END, co.collisdeterministic"
+)
+
+
 @dataclass(frozen=True)
 class SourceColumn:
     """One column of a source.
 
     :param not_null: True when the catalog guarantees no NULL; None when unknown (query sources).
+    :param collation: the column's collation as SQL names it (None: not a collatable type, or unknown).
+    :param deterministic: whether that collation's equality is byte equality (None: unknown).
     """
 
     name: str
     pg: PgType
     not_null: bool | None = None
+    collation: str | None = None
+    deterministic: bool | None = None
+
+
+@dataclass(frozen=True)
+class UniqueIndex:
+    """A valid, total unique index (or the primary key) on plain columns.
+
+    :param collations: per column, the collation the index compares it under (None: not collatable).
+        The index proves uniqueness under *its* equality, which is what keyset paging must use.
+    """
+
+    columns: tuple[str, ...]
+    collations: tuple[str | None, ...]
+    primary: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,6 +101,7 @@ class TableInfo:
     primary_key: tuple[str, ...] | None
     unique_keys: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
     estimated_rows: int | None = None
+    unique_indexes: tuple[UniqueIndex, ...] = field(default_factory=tuple)
 
     @property
     def qualified_name(self) -> str:
@@ -91,10 +119,24 @@ class TableInfo:
 
     def is_unique(self, key: tuple[str, ...]) -> bool:
         """True when some primary key or full unique index on NOT NULL columns lies within ``key``."""
-        candidates = list(self.unique_keys)
-        if self.primary_key:
-            candidates.append(self.primary_key)
-        return any(set(candidate) <= set(key) for candidate in candidates)
+        return self.proving_index(key) is not None
+
+    def proving_index(self, key: tuple[str, ...]) -> UniqueIndex | None:
+        """The index that proves ``key`` unique (its columns lie within ``key``), primary key first."""
+        for index in self.unique_indexes:
+            if set(index.columns) <= set(key):
+                return index
+        return None
+
+
+def numeric_typmod(typmod: int) -> tuple[int, int]:
+    """``(precision, scale)`` of a ``numeric(p, s)`` type modifier.
+
+    The scale is an 11-bit two's complement field (PostgreSQL 15 allows ``-1000 <= s <= 1000``, so
+    ``numeric(5, -2)`` and ``numeric(2, 5)`` exist), as ``NUMERIC_TYPMOD_SCALE`` in ``numeric.c``.
+    """
+    packed = typmod - 4  # VARHDRSZ
+    return (packed >> 16) & 0xFFFF, ((packed & 0x7FF) ^ 1024) - 1024
 
 
 def resolve_type(conn: Any, oid: int, typmod: int) -> PgType:
@@ -105,10 +147,7 @@ def resolve_type(conn: Any, oid: int, typmod: int) -> PgType:
     typname, sql_name, typtype, element, base_typmod = row
     precision = scale = None
     if typname == "numeric" and base_typmod is not None and base_typmod >= 4:
-        packed = base_typmod - 4
-        precision, scale = (packed >> 16) & 0xFFFF, packed & 0xFFFF
-        if scale > 0x7FFF:  # negative scales (PostgreSQL 15+) are stored as 11-bit two's complement
-            scale -= 0x10000
+        precision, scale = numeric_typmod(base_typmod)
     return PgType(
         typname=typname,
         sql_name=sql_name,
@@ -137,9 +176,13 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
     relid, nspname, relname, relkind, reltuples = row
     type_cache: dict[tuple[int, int], PgType] = {}
     columns: list[SourceColumn] = []
-    for attname, atttypid, atttypmod, attnotnull in conn.execute(
-        "SELECT attname, atttypid, atttypmod, attnotnull FROM pg_attribute "
-        "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+    for attname, atttypid, atttypmod, attnotnull, collation, deterministic in conn.execute(
+        "SELECT a.attname, a.atttypid, a.atttypmod, a.attnotnull, "
+        + _COLLATION_SQL.format(oid="a.attcollation")
+        + " FROM pg_attribute a "
+        "LEFT JOIN pg_collation co ON co.oid = a.attcollation "
+        "LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace "
+        "WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
         (relid,),
     ).fetchall():
         key = (atttypid, atttypmod)
@@ -147,15 +190,22 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
             type_cache[key] = resolve_type(conn, atttypid, atttypmod)
         # A view's columns never carry NOT NULL: their nullability is unknown, not "nullable".
         not_null = bool(attnotnull) if relkind in {"r", "p"} or attnotnull else None
-        columns.append(SourceColumn(attname, type_cache[key], not_null))
+        columns.append(SourceColumn(attname, type_cache[key], not_null, collation, deterministic))
     not_null = {c.name for c in columns if c.not_null}
     primary: tuple[str, ...] | None = None
     uniques: list[tuple[str, ...]] = []
-    for is_primary, names in conn.execute(
+    indexes: list[UniqueIndex] = []
+    # Only the key columns of an index (indnkeyatts): INCLUDE columns take no part in uniqueness.
+    for is_primary, names, collations in conn.execute(
         "SELECT i.indisprimary, "
         "       array(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord) "
         "             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
-        "             ORDER BY k.ord)::text[] "
+        "             WHERE k.ord <= i.indnkeyatts ORDER BY k.ord)::text[], "
+        "       array(SELECT CASE WHEN k.coll <> 0 THEN quote_ident(cn.nspname) || '.' || quote_ident(co.collname) END "
+        "             FROM unnest(i.indcollation::oid[]) WITH ORDINALITY k(coll, ord) "
+        "             LEFT JOIN pg_collation co ON co.oid = k.coll "
+        "             LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace "
+        "             WHERE k.ord <= i.indnkeyatts ORDER BY k.ord)::text[] "
         "FROM pg_index i "
         "WHERE i.indrelid = %s AND i.indisunique AND i.indisvalid "
         "  AND i.indpred IS NULL AND i.indexprs IS NULL "
@@ -165,8 +215,11 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
         names = tuple(names)
         if is_primary:
             primary = names
-        elif set(names) <= not_null:  # a NULL-able unique index allows repeated NULLs
+        elif not set(names) <= not_null:  # a NULL-able unique index allows repeated NULLs
+            continue
+        else:
             uniques.append(names)
+        indexes.append(UniqueIndex(names, tuple(collations), bool(is_primary)))
     return TableInfo(
         schema=nspname,
         name=relname,
@@ -175,7 +228,22 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
         primary_key=primary,
         unique_keys=tuple(uniques),
         estimated_rows=int(reltuples) if reltuples is not None and reltuples >= 0 else None,
+        unique_indexes=tuple(indexes),
     )
+
+
+def query_column_collation(conn: Any, from_clause: str, expr: str) -> tuple[str | None, bool | None]:
+    """The collation of ``expr`` over ``from_clause`` (a query source), without reading a row.
+
+    ``COLLATION FOR`` of a scalar subquery is the collation of its output column, fixed when the
+    statement is parsed; ``LIMIT 0`` keeps the subquery from running.
+    """
+    row = conn.execute(
+        "SELECT " + _COLLATION_SQL.format(oid="co.oid") + " FROM pg_collation co "
+        "JOIN pg_namespace cn ON cn.oid = co.collnamespace "
+        f"WHERE co.oid = (COLLATION FOR ((SELECT {expr} FROM {from_clause} LIMIT 0)))::regcollation"
+    ).fetchone()
+    return (row[0], row[1]) if row else (None, None)
 
 
 def describe_query(conn: Any, sql: str) -> list[tuple[str, int, int]]:

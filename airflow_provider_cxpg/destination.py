@@ -3,6 +3,10 @@
 The worker writes chunk files (see :mod:`.worker.sinks`); the parent writes the manifest, lists and
 removes files. Both resolve the same URL with the same ``storage_options``, so object storage works
 through one code path whether the user gave ``s3://...`` or an Airflow ``ObjectStoragePath``.
+
+Every operation here has a deadline, ``timeout`` (the run's ``storage_timeout``): a store that stops
+answering raises :class:`StorageError` naming the destination and the operation, instead of holding
+the task (see :mod:`.bounded`). Operations run one at a time, in order.
 """
 
 from __future__ import annotations
@@ -11,11 +15,19 @@ import json
 import os
 import posixpath
 import secrets
-from typing import Any
+import shutil
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
 from airflow_provider_cxpg.exceptions import InvalidInputError, StorageError
 
-__all__ = ["OBJECT_STORES", "Destination"]
+__all__ = ["DEFAULT_STORAGE_TIMEOUT", "OBJECT_STORES", "Destination"]
+
+T = TypeVar("T")
+
+#: Seconds one storage operation may take (a chunk's upload and commit, a manifest write, a listing).
+DEFAULT_STORAGE_TIMEOUT = 300.0
 
 #: fsspec protocols whose objects appear only when an upload completes (atomic by themselves).
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2"})
@@ -37,9 +49,16 @@ class Destination:
 
     :param location: local path, ``file://``, any fsspec URL, or an ``ObjectStoragePath``.
     :param storage_options: fsspec options (credentials, endpoint) for remote URLs.
+    :param timeout: seconds each operation may take (None: no limit).
     """
 
-    def __init__(self, location: Any, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        location: Any,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = DEFAULT_STORAGE_TIMEOUT,
+    ) -> None:
         if location is None or (isinstance(location, str) and not location.strip()):
             raise InvalidInputError("`destination` is empty")
         options: dict[str, Any] = {}
@@ -62,6 +81,8 @@ class Destination:
                 raise InvalidInputError(f"cannot open destination {url!r}: {exc}") from exc
             self.root = root.rstrip("/")
             self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._io = SerialCalls("destination")
 
     def __repr__(self) -> str:
         return f"Destination({self.url!r})"
@@ -77,7 +98,24 @@ class Destination:
 
     def sub(self, name: str) -> Destination:
         """A destination one level below this one (a partition's own prefix)."""
-        return Destination(self.child_url(name), self.storage_options)
+        return Destination(self.child_url(name), self.storage_options, timeout=self.timeout)
+
+    def _bounded(self, operation: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` under the deadline; errors become :class:`StorageError` naming what failed."""
+        what = f"{operation} at {self.url}"
+        try:
+            return self._io.call(what, fn, self.timeout)
+        except CallTimedOut as exc:
+            detail = (
+                f"{what} was not attempted: an earlier operation ({exc.earlier}) never returned"
+                if exc.earlier
+                else f"{what} did not finish within storage_timeout={self.timeout}s: the store is not answering"
+            )
+            raise StorageError(detail, operation=operation, destination=self.url, limit="storage_timeout") from None
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise StorageError(f"{what} failed: {exc}", operation=operation, destination=self.url) from exc
 
     # -- operations --------------------------------------------------------------------------------
 
@@ -93,24 +131,23 @@ class Destination:
         Object stores need no directories, and ``makedirs`` on a missing bucket would *create* it:
         a typo in the bucket name must fail instead.
         """
-        try:
+
+        def ensure() -> None:
             if self.is_local:
                 os.makedirs(self.root, exist_ok=True)
-                return
-            if self.is_object_store:
+            elif self.is_object_store:
                 bucket = self.root.split("/", 1)[0]
                 if not self._fs.exists(bucket):
                     raise StorageError(f"bucket {bucket!r} of destination {self.url} does not exist")
-                return
-            self._fs.makedirs(self.root, exist_ok=True)
-        except StorageError:
-            raise
-        except Exception as exc:
-            raise StorageError(f"cannot create destination {self.url}: {exc}") from exc
+            else:
+                self._fs.makedirs(self.root, exist_ok=True)
+
+        self._bounded("creating the destination", ensure)
 
     def read_json(self, name: str) -> dict[str, Any] | None:
         path = self._path(name)
-        try:
+
+        def read() -> dict[str, Any] | None:
             if self.is_local:
                 if not os.path.exists(path):
                     return None
@@ -120,14 +157,15 @@ class Destination:
                 return None
             with self._fs.open(path, "rb") as handle:
                 return json.loads(handle.read().decode("utf-8"))
-        except (OSError, ValueError) as exc:
-            raise StorageError(f"cannot read {name} in {self.url}: {exc}") from exc
+
+        return self._bounded(f"reading {name}", read)
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         """Replace ``name`` atomically (rename locally; a single PUT on object stores)."""
         payload = json.dumps(data, indent=2, sort_keys=False, default=str).encode("utf-8")
         path = self._path(name)
-        try:
+
+        def write() -> None:
             if self.is_local:
                 os.makedirs(self.root, exist_ok=True)
                 tmp = f"{path}.{secrets.token_hex(4)}.tmp"
@@ -138,32 +176,99 @@ class Destination:
                 os.replace(tmp, path)
             else:
                 self._fs.pipe_file(path, payload)
-        except Exception as exc:
-            raise StorageError(f"cannot write {name} to {self.url}: {exc}") from exc
+
+        self._bounded(f"writing {name}", write)
+
+    def list_entries(self) -> dict[str, int]:
+        """Files directly under the destination and their sizes (empty when it does not exist)."""
+
+        def entries() -> dict[str, int]:
+            if self.is_local:
+                if not os.path.isdir(self.root):
+                    return {}
+                found = {}
+                for entry in os.scandir(self.root):
+                    if entry.is_file(follow_symlinks=False):
+                        found[entry.name] = entry.stat(follow_symlinks=False).st_size
+                return found
+            if not self._fs.exists(self.root):
+                return {}
+            self._fs.invalidate_cache(self.root)
+            return {
+                posixpath.basename(info["name"].rstrip("/")): int(info.get("size") or 0)
+                for info in self._fs.ls(self.root, detail=True)
+                if info.get("type") != "directory"
+            }
+
+        return self._bounded("listing", entries)
 
     def list_names(self) -> list[str]:
         """File names directly under the destination (empty when it does not exist)."""
-        try:
+        return sorted(self.list_entries())
+
+    def list_dirs(self) -> list[str]:
+        """Names of the directories (prefixes) directly under the destination."""
+
+        def dirs() -> list[str]:
             if self.is_local:
-                return sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []
+                if not os.path.isdir(self.root):
+                    return []
+                return sorted(e.name for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False))
             if not self._fs.exists(self.root):
                 return []
             self._fs.invalidate_cache(self.root)
-            return sorted(posixpath.basename(p.rstrip("/")) for p in self._fs.ls(self.root, detail=False))
-        except Exception as exc:
-            raise StorageError(f"cannot list {self.url}: {exc}") from exc
+            return sorted(
+                posixpath.basename(info["name"].rstrip("/"))
+                for info in self._fs.ls(self.root, detail=True)
+                if info.get("type") == "directory"
+            )
+
+        return self._bounded("listing", dirs)
 
     def remove(self, name: str) -> None:
         path = self._path(name)
-        try:
+
+        def remove() -> None:
             if self.is_local:
                 if os.path.exists(path):
                     os.unlink(path)
             elif self._fs.exists(path):
                 self._fs.rm(path)
-        except Exception as exc:
-            raise StorageError(f"cannot remove {name} from {self.url}: {exc}") from exc
+
+        self._bounded(f"removing {name}", remove)
+
+    def remove_tree(self, name: str) -> None:
+        """Remove the directory ``name`` below the destination and everything in it."""
+        path = self._path(name)
+
+        def remove() -> None:
+            if self.is_local:
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+            elif self._fs.exists(path):
+                self._fs.rm(path, recursive=True)
+
+        self._bounded(f"removing {name}/", remove)
 
     def size(self, name: str) -> int:
         path = self._path(name)
-        return os.path.getsize(path) if self.is_local else int(self._fs.size(path))
+        return self._bounded(
+            f"sizing {name}", lambda: os.path.getsize(path) if self.is_local else int(self._fs.size(path))
+        )
+
+    def read_footer(self, name: str) -> tuple[int, dict[str, str]]:
+        """A Parquet file's row count and key-value metadata, from its footer (no data pages read)."""
+        import pyarrow.parquet as pq
+
+        path = self._path(name)
+
+        def footer() -> tuple[int, dict[str, str]]:
+            if self.is_local:
+                meta = pq.read_metadata(path)
+            else:
+                with self._fs.open(path, "rb") as handle:
+                    meta = pq.read_metadata(handle)
+            pairs = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if not k.startswith(b"ARROW:")}
+            return int(meta.num_rows), pairs
+
+        return self._bounded(f"reading the footer of {name}", footer)

@@ -23,15 +23,30 @@ from airflow_provider_cxpg.catalog import classify_control_error, describe_query
 from airflow_provider_cxpg.chunking import ChunkSizer, chunks_for, pipelined
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
 from airflow_provider_cxpg.destination import Destination
-from airflow_provider_cxpg.exceptions import CxpgError, ExtractionAborted, InvalidInputError, WorkerError
+from airflow_provider_cxpg.exceptions import (
+    CxpgError,
+    DestinationConflictError,
+    ExtractionAborted,
+    InvalidInputError,
+    StorageError,
+    WorkerError,
+)
 from airflow_provider_cxpg.incremental import WatermarkSpec, Window, resolve_window
-from airflow_provider_cxpg.manifest import ChunkEntry, Manifest, chunk_file_name, fingerprint
+from airflow_provider_cxpg.manifest import (
+    ChunkEntry,
+    Manifest,
+    chunk_file_name,
+    fingerprint,
+    is_chunk_file,
+    source_id,
+)
 from airflow_provider_cxpg.monitor import ServerMonitor, WaitWatcher, connect
 from airflow_provider_cxpg.plan import ExtractPlan, SourceSpec, build_plan, key_to_json
 from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.snapshot import ExportedSnapshot, import_statements
 from airflow_provider_cxpg.storage_env import worker_storage
 from airflow_provider_cxpg.supervisor import WorkerSession, WorkerSettings
+from airflow_provider_cxpg.verify import FOOTER_CHUNK, FOOTER_RUN_ID, check_output, output_problems
 from airflow_provider_cxpg.worker.protocol import ParquetSink
 
 __all__ = [
@@ -78,6 +93,7 @@ class ExtractResult:
     worker_restarts: int = 0
     high_watermark: Any = None
     window: dict[str, Any] | None = None
+    window_summary: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -98,7 +114,8 @@ class ExtractResult:
             "rows_per_s": round(self.rows / self.seconds, 1) if self.seconds else None,
         }
         if self.window is not None:
-            data["window"] = self.window
+            data["window"] = self.window_summary or self.window
+            data["watermark_contract"] = self.window.get("contract")
         data.update(self.extra)
         return data
 
@@ -130,6 +147,8 @@ class Extraction:
         and one row group whatever ``chunk_rows``; measured slower, see docs/architecture.md).
     :param querylog: event sink; a default one is created.
     :param application_name_prefix: kept in front of the run's unique application name.
+    :param owner: who runs this extraction (``dag_id.task_id``): it may replace its own earlier output
+        at the destination even when the source differs (see :mod:`.manifest`).
     """
 
     def __init__(
@@ -156,8 +175,10 @@ class Extraction:
         querylog: QueryLog | None = None,
         application_name_prefix: str | None = None,
         worker_index: int = 0,
+        owner: str | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.owner = owner
         self.spec = spec
         self.destination = destination
         self.settings = settings or WorkerSettings()
@@ -294,9 +315,7 @@ class Extraction:
         """Fix the incremental window (or reuse ``recorded``) and check one full chunk statement."""
         with self.control_connection("plan") as conn:
             if self.watermark is not None:
-                spec = self.watermark
-                if recorded is not None:
-                    spec = WatermarkSpec(spec.column, recorded.get("start"), recorded.get("end"))
+                spec = self.watermark if recorded is None else WatermarkSpec.again(recorded)
                 self.window = resolve_window(conn, plan, spec)
                 plan = plan.with_filters(*self.window.filters)
                 self.log.emit(
@@ -304,6 +323,9 @@ class Extraction:
                     watermark=self.window.column,
                     window_start=self.window.start,
                     window_end=self.window.end,
+                    start_inclusive=self.window.start_inclusive,
+                    end_mode=self.window.end_mode,
+                    contract=self.window.contract,
                     note=self.window.note,
                 )
             # Describe (never run) one complete chunk statement: window filters and key bounds are
@@ -322,7 +344,7 @@ class Extraction:
                 "upper": key_to_json(self.upper),
                 "compression": self.compression,
                 "filters": list(self.extra_filters),
-                "watermark": [self.watermark.column, str(self.watermark.start)] if self.watermark else None,
+                "watermark": self.watermark.identity() if self.watermark else None,
             }
         )
 
@@ -395,6 +417,11 @@ class Extraction:
                     # on_kill cancelled the query: the worker's "cancelled" error is the echo of it
                     raise ExtractionAborted.because(self._aborted) from exc
                 raise
+        try:  # a complete manifest promises its files: check them, not its own sums
+            check_output(self.destination, manifest)
+        except StorageError as exc:
+            self._fail(manifest, f"{type(exc).__name__}: {exc}")
+            raise
         manifest.status = "complete"
         manifest.completed_at = manifest.updated_at
         manifest.error = None
@@ -416,6 +443,7 @@ class Extraction:
             resumed_from_chunk=resumed_from,
             worker_restarts=restarts,
             window=self.window.to_json() if self.window else None,
+            window_summary=self.window.summary() if self.window else None,
             high_watermark=self.window.high_watermark if self.window else None,
         )
         self.log.emit(
@@ -436,23 +464,65 @@ class Extraction:
             manifest.save(self.destination)
         self.log.emit("job.failed", error=error[:2000])
 
+    def source_id(self, plan: ExtractPlan) -> str:
+        table = (plan.table.schema, plan.table.name) if plan.table is not None else None
+        return source_id(table, plan.source.sql)
+
     def _open_manifest(self, plan: ExtractPlan) -> tuple[Manifest, int | None]:
+        """Resume the destination's unfinished extraction, or replace what is there by a new one.
+
+        :raises DestinationConflictError: the destination holds another source's output, files no
+            manifest accounts for, or a fanned-out dataset.
+        """
         self.destination.ensure()
         fp = self.fingerprint(plan)
+        sid = self.source_id(plan)
         existing = Manifest.load(self.destination)
+        entries = self.destination.list_entries()
+        if existing is None and "_dataset_manifest.json" in entries:
+            raise DestinationConflictError(
+                f"{self.destination.url} holds a fanned-out dataset (_dataset_manifest.json): extract to another "
+                "destination, or remove it first",
+                destination=self.destination.url,
+            )
+        if existing is None:
+            foreign = sorted(n for n in entries if is_chunk_file(n))
+            if foreign:
+                raise DestinationConflictError(
+                    f"{self.destination.url} holds chunk files no manifest accounts for ({', '.join(foreign[:5])}"
+                    f"{', ...' if len(foreign) > 5 else ''}): not replacing them; remove them or choose another "
+                    "destination",
+                    destination=self.destination.url,
+                )
         if existing is not None and self.resume and existing.resumable_by(fp):
-            existing.attempts += 1
-            existing.status = "running"
-            existing.save(self.destination)
+            problems = output_problems(self.destination, existing)
+            if not problems:
+                existing.attempts += 1
+                existing.status = "running"
+                existing.save(self.destination)
+                self.log.emit(
+                    "job.resume",
+                    extraction_run_id=existing.run_id,
+                    chunks=len(existing.chunks),
+                    rows=existing.rows,
+                    key_from=existing.last_key,
+                )
+                return existing, existing.next_index
             self.log.emit(
                 "job.resume",
                 extraction_run_id=existing.run_id,
-                chunks=len(existing.chunks),
-                rows=existing.rows,
-                key_from=existing.last_key,
+                note="committed chunks were damaged since: starting over; " + "; ".join(problems[:5]),
             )
-            return existing, existing.next_index
-        if existing is not None:  # a finished or different extraction: replace its files
+        if existing is not None:  # a finished or different extraction of the same source: replace it
+            if not existing.same_source(sid, self.owner):
+                other = existing.source_id or existing.source
+                raise DestinationConflictError(
+                    f"{self.destination.url} holds the output of another source ({other}, written by "
+                    f"{existing.owner or 'an extraction'}, run {existing.run_id}): not replacing it; "
+                    "choose another destination or remove it first",
+                    destination=self.destination.url,
+                    existing_source=existing.source_id,
+                )
             for name in existing.files:
                 self.destination.remove(name)
         manifest = Manifest(
@@ -465,6 +535,8 @@ class Extraction:
             bounds={"lower": key_to_json(self.lower), "upper": key_to_json(self.upper)}
             if self.lower is not None or self.upper is not None
             else None,
+            source_id=sid,
+            owner=self.owner,
         )
         for name in manifest.stray_files(self.destination.list_names()):
             self.destination.remove(name)
@@ -508,6 +580,7 @@ class Extraction:
                         storage_options=self.sink_options,
                         compression=self.compression,
                         row_group_rows=self.row_group_rows,
+                        metadata={FOOTER_RUN_ID: manifest.run_id, FOOTER_CHUNK: str(index)},
                     ),
                     write_empty_first=not manifest.chunks,
                     read_ahead=self.read_ahead,

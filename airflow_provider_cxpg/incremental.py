@@ -1,76 +1,166 @@
-"""Incremental windows: read only rows with ``start < watermark <= end``.
+"""Incremental windows: read only the rows whose watermark lies in a window, exactly once.
 
-Two kinds of watermark:
+Two kinds of watermark.
 
-**A column** (``updated_at``, a version number...). ``end`` defaults to ``max(column)`` read when the
-run starts, so rows written while the run reads are left for the next run instead of being half
-seen. ``high_watermark`` (the next run's ``start``) is that ``end``. Caveat, as with any column
-watermark: a transaction that stamps a row *before* our ``end`` but commits *after* the run started
-is missed. Use ``xmin`` where that matters.
+**A column** (``updated_at``, a version or batch number, a ``date``...). The window is fixed when the
+run starts and reads::
+
+    start <= wm  (minus the keys the previous run already read at start)   -- carried over
+    wm < end  OR  (wm = end AND key IN <the keys at end when the run started>)
+
+* ``end`` defaults to ``max(wm)`` read when the run starts. The rows that hold ``end`` at that moment
+  are read, and their keys are remembered (:attr:`Window.boundary_keys`). A row written later with
+  a watermark *equal* to ``end`` (a coarse ``date`` or ``timestamp(0)``, a batch number, a clock with
+  coarse resolution) is therefore not lost: the next run starts *at* ``end``, inclusive, and skips
+  only the remembered keys. This is exactly once, and the summary says so
+  (``watermark_contract="exactly_once"``).
+* When more than :data:`END_KEYS_MAX` rows hold ``end`` (a ``date`` watermark on a busy table), they
+  are too many to remember: the window ends *before* ``end`` (``wm < end``) and those rows are read by
+  the next run, still exactly once, one run later.
+* ``lag`` re-reads a trailing interval for writers whose commits arrive late (as dlt's ``lag``): the
+  window starts at ``start - lag``, inclusive, and remembers nothing. Rows in that interval are read
+  again (``watermark_contract="at_least_once"``): upsert by key downstream.
+* **NULL watermarks.** A first run (no start) is a full copy: rows with a NULL watermark are read too.
+  Later windows cannot see them (``NULL >= start`` is not true), and an update that sets the
+  watermark to NULL is not seen either; the run logs an estimate of how many rows that leaves out.
+* Caveat, as with any column watermark: a transaction that stamps a row *before* ``end`` but commits
+  *after* the window was fixed is missed. ``lag`` covers commits up to ``lag`` late; ``xmin`` has no
+  such gap.
 
 **xmin** (``watermark_column="xmin"``), the transaction id that wrote each row version. ``end`` comes
 from the current snapshot: ``pg_snapshot_xmin(pg_current_snapshot()) - 1``, the newest transaction id
-below which every transaction has finished, so nothing in the window can still commit. Reading a
-snapshot assigns no transaction id, so this works on a hot-standby replica. Bounds are 64-bit
-(``xid8``, epoch included); rows carry 32-bit xids, so the filter compares modulo 2^32::
+below which every transaction has finished, so nothing in the window can still commit, and no later
+row can tie with it: the window is ``start < xmin <= end``. Reading a snapshot assigns no transaction
+id, so this works on a hot-standby replica. Bounds are 64-bit (``xid8``, epoch included); rows carry
+32-bit xids, so the filter compares modulo 2^32::
 
     ((end32 - xmin) mod 2^32) < end - start      -- start < xmin <= end, across wraparound
 
 A window of 2^31 transactions or more is ambiguous modulo 2^32: the run then reads the whole table
 (logged) and the next run continues incrementally. The first run (no ``start``) reads every row.
-Inside the window, chunks are still ordered and paged by the key (primary key), not by xmin, which
-has no index: paging by xmin would scan and sort the table once per chunk.
+
+Inside any window, chunks are still ordered and paged by the key, not by the watermark.
+
+**Servers that disagree.** The window is fixed on the parent's connection; every chunk checks that
+its own server has replayed at least the WAL position the window was fixed at (a load balancer in
+front of replicas could otherwise send a chunk to one that does not yet see rows inside the window).
+A chunk served by a server that is behind fails with a clear error instead of missing them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from airflow_provider_cxpg.exceptions import InvalidInputError, SourceNotFoundError
 from airflow_provider_cxpg.plan import SOURCE_ALIAS, ExtractPlan
-from airflow_provider_cxpg.sql import literal, quote_ident
+from airflow_provider_cxpg.sql import literal, quote_ident, text_form
 
-__all__ = ["XMIN", "WatermarkSpec", "Window", "resolve_window"]
+__all__ = [
+    "AT_LEAST_ONCE",
+    "END_KEYS_MAX",
+    "EXACTLY_ONCE",
+    "XMIN",
+    "WatermarkSpec",
+    "Window",
+    "resolve_window",
+]
 
 XMIN = "xmin"
+EXACTLY_ONCE = "exactly_once"
+AT_LEAST_ONCE = "at_least_once"
+#: At most this many keys holding the window's end are remembered; with more, the end is exclusive.
+END_KEYS_MAX = 1000
+
 _XID_MODULO = 1 << 32
 _XID_HALF = 1 << 31
 _FIRST_NORMAL_XID = 3
-_WATERMARK_TYPES = frozenset(
-    {
-        "int2",
-        "int4",
-        "int8",
-        "numeric",
-        "float4",
-        "float8",
-        "date",
-        "timestamp",
-        "timestamptz",
-        "text",
-        "varchar",
-        "uuid",
-    }
-)
+_NUMBER_TYPES = frozenset({"int2", "int4", "int8", "numeric", "float4", "float8"})
+_TIME_TYPES = frozenset({"date", "timestamp", "timestamptz"})
+_WATERMARK_TYPES = _NUMBER_TYPES | _TIME_TYPES | {"text", "varchar", "uuid"}
+
+Keys = tuple[tuple[Any, ...], ...]
+
+
+def _keys(value: Any) -> Keys:
+    return tuple(tuple(k) for k in value or ())
 
 
 @dataclass(frozen=True)
 class WatermarkSpec:
-    """What the user asked: a column and optional bounds (``start`` exclusive, ``end`` inclusive)."""
+    """What to read: a column and the window's bounds.
+
+    :param column: the watermark column, or ``"xmin"``.
+    :param start: lower bound; exclusive, unless ``start_inclusive`` (a carried-over window).
+    :param end: upper bound (default: fixed when the run starts); rows holding it when the run starts
+        are read.
+    :param lag: re-read this much before ``start`` (a number, or seconds / ``timedelta`` for
+        date and timestamp columns): at-least-once.
+    :param start_inclusive: ``start`` is the previous run's end: rows at it are read, except
+        ``start_keys``.
+    :param start_keys: keys (as JSON values) already read at ``start`` by the previous run.
+    :param first_run: no earlier run exists: rows with a NULL watermark are read too. Defaults to
+        "no start given".
+    :param recorded: a resolved window (:meth:`Window.to_json`) to read again exactly (resume, the
+        ranges of a fan-out, a re-run of the same DAG run); the other fields are ignored.
+    """
 
     column: str
     start: Any = None
     end: Any = None
+    lag: Any = None
+    start_inclusive: bool = False
+    start_keys: Keys = ()
+    first_run: bool | None = None
+    recorded: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def is_xmin(self) -> bool:
         return self.column == XMIN
 
+    @property
+    def is_first_run(self) -> bool:
+        return self.start in (None, "") if self.first_run is None else self.first_run
+
+    def identity(self) -> list[Any]:
+        """What makes two specs the same window request (part of an extraction's fingerprint)."""
+        if self.recorded is not None:
+            return [self.column, "recorded", self.recorded.get("start"), self.recorded.get("end")]
+        return [self.column, str(self.start), self.start_inclusive, [list(k) for k in self.start_keys], str(self.lag)]
+
+    @classmethod
+    def following(cls, window: Mapping[str, Any], *, end: Any = None, lag: Any = None) -> WatermarkSpec:
+        """The window that follows ``window`` (a :meth:`Window.to_json`): it starts where that one ended."""
+        if window.get("column") == XMIN:
+            return cls(XMIN, start=window.get("high_watermark"), end=end, first_run=False)
+        return cls(
+            str(window["column"]),
+            start=window.get("high_watermark"),
+            end=end,
+            lag=lag,
+            start_inclusive=bool(window.get("next_start_inclusive", True)),
+            start_keys=_keys(window.get("boundary_keys")),
+            first_run=False,
+        )
+
+    @classmethod
+    def again(cls, window: Mapping[str, Any]) -> WatermarkSpec:
+        """Exactly ``window`` (a :meth:`Window.to_json`) again."""
+        return cls(str(window["column"]), recorded=dict(window))
+
 
 @dataclass(frozen=True)
 class Window:
-    """A resolved window: the filters to add, and what to record."""
+    """A resolved window: the filters to add, what to record, and what the next run starts from.
+
+    :param start_inclusive: rows at ``start`` are in the window (except ``start_keys``).
+    :param end_mode: ``keys`` (rows at ``end`` when the run started: ``end_keys``), ``exclusive``
+        (rows at ``end`` are left for the next run) or ``inclusive`` (xmin: nothing can tie later).
+    :param boundary_keys: keys read at ``high_watermark``: the next run skips them.
+    :param contract: ``exactly_once``, or ``at_least_once`` with a ``lag``.
+    """
 
     column: str
     start: Any
@@ -78,23 +168,70 @@ class Window:
     filters: tuple[str, ...]
     high_watermark: Any
     note: str | None = None
+    start_inclusive: bool = False
+    start_keys: Keys = ()
+    end_mode: str = "inclusive"
+    end_keys: Keys = ()
+    boundary_keys: Keys = ()
+    next_start_inclusive: bool = False
+    lag: Any = None
+    contract: str = EXACTLY_ONCE
+    first_run: bool = False
+    wal_position: str | None = None
+    null_rows_estimate: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"column": self.column, "start": self.start, "end": self.end, "high_watermark": self.high_watermark}
+        """Everything needed to read this window again, or the one after it (manifests, state)."""
+        return {
+            "column": self.column,
+            "start": self.start,
+            "start_inclusive": self.start_inclusive,
+            "start_keys": [list(k) for k in self.start_keys],
+            "end": self.end,
+            "end_mode": self.end_mode,
+            "end_keys": [list(k) for k in self.end_keys],
+            "high_watermark": self.high_watermark,
+            "boundary_keys": [list(k) for k in self.boundary_keys],
+            "next_start_inclusive": self.next_start_inclusive,
+            "lag": self.lag,
+            "contract": self.contract,
+            "first_run": self.first_run,
+            "wal_position": self.wal_position,
+            "note": self.note,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The XCom-sized form: bounds and counts, no key lists."""
+        data = {
+            "column": self.column,
+            "start": self.start,
+            "start_inclusive": self.start_inclusive,
+            "end": self.end,
+            "end_mode": self.end_mode,
+            "high_watermark": self.high_watermark,
+            "contract": self.contract,
+            "skipped_at_start": len(self.start_keys),
+            "boundary_keys": len(self.boundary_keys),
+        }
+        if self.lag is not None:
+            data["lag"] = self.lag
+        if self.null_rows_estimate:
+            data["null_rows_estimate"] = self.null_rows_estimate
+        return data
 
 
-def _column_type(plan: ExtractPlan, column: str) -> tuple[str, str]:
-    """(sql type, typname) of ``column`` in the source."""
+def _column_type(plan: ExtractPlan, column: str) -> tuple[str, str, bool]:
+    """(sql type, typname, may be NULL) of ``column`` in the source."""
     if plan.table is not None:
         for col in plan.table.columns:
             if col.name == column:
-                return col.pg.sql_name, col.pg.typname
+                return col.pg.sql_name, col.pg.typname, col.not_null is not True
         raise SourceNotFoundError(
             f"watermark column {column!r} does not exist in {plan.table.schema}.{plan.table.name}"
         )
     for read in plan.columns:
         if read.name == column:
-            return read.pg.sql_name, read.pg.typname
+            return read.pg.sql_name, read.pg.typname, True
     raise SourceNotFoundError(f"watermark column {column!r} is not in the output of the source query")
 
 
@@ -107,65 +244,283 @@ def _as_int(value: Any, what: str) -> int:
         ) from None
 
 
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 def resolve_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
-    """Fix the window's end now (one query on the control connection) and build its filters."""
+    """Fix the window now (a few queries on the control connection) and build its filters."""
+    if spec.recorded is not None:
+        return _rebuild(conn, plan, spec.recorded)
     if spec.is_xmin:
+        if not _blank(spec.lag):
+            raise InvalidInputError("watermark_lag does not apply to xmin: an xmin window already sees late commits")
         return _xmin_window(conn, plan, spec)
-    sql_type, typname = _column_type(plan, spec.column)
+    return _column_window(conn, plan, spec)
+
+
+def _lag_seconds(lag: Any) -> float:
+    if isinstance(lag, dt.timedelta):
+        return lag.total_seconds()
+    if isinstance(lag, bool) or not isinstance(lag, (int, float, str)):
+        raise InvalidInputError(f"watermark_lag must be a number or a timedelta, got {lag!r}")
+    try:
+        return float(lag)
+    except ValueError:
+        raise InvalidInputError(f"watermark_lag must be a number or a timedelta, got {lag!r}") from None
+
+
+def _lagged_start(conn: Any, start: Any, lag: Any, sql_type: str, typname: str) -> Any:
+    """``start - lag`` computed by the server, in the column's own text form."""
+    if typname in _TIME_TYPES:
+        seconds = _lag_seconds(lag)
+        amount = f"make_interval(secs => {seconds!r})"
+    elif typname in _NUMBER_TYPES:
+        if isinstance(lag, dt.timedelta):
+            raise InvalidInputError(f"watermark_lag for a {sql_type} column must be a number, got {lag!r}")
+        amount = literal(_lag_seconds(lag), "numeric")
+    else:
+        raise InvalidInputError(f"watermark_lag does not apply to a {sql_type} watermark (it has no distance)")
+    if _lag_seconds(lag) < 0:
+        raise InvalidInputError(f"watermark_lag must not be negative, got {lag!r}")
+    row = conn.execute(f"SELECT (({literal(start, sql_type)}) - {amount})::{sql_type}::text").fetchone()
+    return row[0]
+
+
+def _column_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
+    sql_type, typname, nullable = _column_type(plan, spec.column)
     if typname not in _WATERMARK_TYPES:
         raise InvalidInputError(f"watermark column {spec.column!r} has type {sql_type}, which cannot be a watermark")
     expr = f"{SOURCE_ALIAS}.{quote_ident(spec.column)}"
-    start = None if spec.start in (None, "") else spec.start
-    end = None if spec.end in (None, "") else spec.end
+    start = None if _blank(spec.start) else spec.start
+    start_inclusive, start_keys = spec.start_inclusive and start is not None, spec.start_keys if start else ()
+    lag = None if _blank(spec.lag) else spec.lag
+    contract = EXACTLY_ONCE
+    if lag is not None and start is not None:
+        start = _lagged_start(conn, start, lag, sql_type, typname)
+        start_inclusive, start_keys, contract = True, (), AT_LEAST_ONCE
+    where = " AND ".join(f"({f})" for f in plan.filters) or "true"
+    end = None if _blank(spec.end) else spec.end
     if end is None:
-        where = " AND ".join(f"({f})" for f in plan.filters) or "true"
         row = conn.execute(f"SELECT max({expr})::text FROM {plan.from_clause} WHERE {where}").fetchone()
         end = row[0] if row else None
-    filters: list[str] = []
-    if start is not None:
-        filters.append(f"{expr} > {literal(start, sql_type)}")
+    notes: list[str] = []
+    end_mode, end_keys = "keys", ()
     if end is not None:
-        filters.append(f"{expr} <= {literal(end, sql_type)}")
-    else:  # an empty source: nothing to read, and the watermark stays where it was
-        filters.append("false")
-    high = end if end is not None else start
-    return Window(spec.column, _jsonable(start), _jsonable(end), tuple(filters), _jsonable(high))
+        found = _keys_at(conn, plan, expr, literal(end, sql_type), where)
+        if found is None or not plan.key:
+            end_mode = "exclusive"
+            notes.append(
+                f"more than {END_KEYS_MAX} rows hold the window's end {end!r}: they are left for the next run"
+                if found is None
+                else "no key to remember the rows at the window's end: they are left for the next run"
+            )
+        else:
+            end_keys = found
+    order = _compare(conn, end, start, sql_type) if end is not None and start is not None else None
+    if order is not None and order < 0:
+        notes.append(f"the window's end {end!r} lies before its start {start!r}: nothing to read")
+    # Where the next run starts: the end, skipping the keys read there (all of them, when the end is
+    # the start too); or, when nothing could be read, where this one started.
+    if end is None or (order is not None and order < 0):
+        high, boundary, next_inclusive = start, start_keys, start_inclusive or start is None
+    elif order == 0 and not start_inclusive:  # `wm > start` and `wm <= start`: nothing, start stays exclusive
+        high, boundary, next_inclusive = start, (), False
+    else:
+        carried = set(start_keys) if order == 0 else set()
+        if end_mode == "keys":
+            carried |= set(end_keys)
+        high, boundary, next_inclusive = end, tuple(sorted(carried, key=repr)), True
+    null_estimate = None
+    if nullable and not spec.is_first_run and plan.table is not None:
+        null_estimate = _null_estimate(conn, plan, spec.column)
+        if null_estimate:
+            notes.append(
+                f"about {null_estimate} rows have a NULL {spec.column}: only a first run (no start) reads them"
+            )
+    window = Window(
+        column=spec.column,
+        start=_jsonable(start),
+        end=_jsonable(end),
+        filters=(),
+        high_watermark=_jsonable(high),
+        note="; ".join(notes) or None,
+        start_inclusive=start_inclusive,
+        start_keys=tuple(start_keys),
+        end_mode=end_mode,
+        end_keys=tuple(end_keys),
+        boundary_keys=boundary,
+        next_start_inclusive=next_inclusive,
+        lag=lag.total_seconds() if isinstance(lag, dt.timedelta) else lag,
+        contract=contract,
+        first_run=spec.is_first_run,
+        wal_position=_wal_position(conn),
+        null_rows_estimate=null_estimate,
+    )
+    return replace(window, filters=_column_filters(plan, window, sql_type))
+
+
+def _keys_at(conn: Any, plan: ExtractPlan, expr: str, end_literal: str, where: str) -> Keys | None:
+    """Keys of the rows holding the end value now (None: more than :data:`END_KEYS_MAX`)."""
+    if not plan.key:
+        return ()
+    texts = ", ".join(f"({k.expr})::text" for k in plan.key)
+    order = ", ".join(k.expr for k in plan.key)
+    rows = conn.execute(
+        f"SELECT {texts} FROM {plan.from_clause} WHERE {where} AND {expr} = {end_literal} "
+        f"ORDER BY {order} LIMIT {END_KEYS_MAX + 1}"
+    ).fetchall()
+    if len(rows) > END_KEYS_MAX:
+        return None
+    return tuple(_typed_key(plan, row) for row in rows)
+
+
+def _typed_key(plan: ExtractPlan, row: Sequence[Any]) -> tuple[Any, ...]:
+    """Integers back to ints (readable manifests); every other key value keeps its exact text form."""
+    integers = {"int2", "int4", "int8", "oid"}
+    return tuple(int(v) if k.typname in integers else v for k, v in zip(plan.key, row, strict=True))
+
+
+def _compare(conn: Any, a: Any, b: Any, sql_type: str) -> int:
+    """-1, 0 or 1 as the server orders ``a`` and ``b`` of ``sql_type``."""
+    x, y = literal(a, sql_type), literal(b, sql_type)
+    return int(conn.execute(f"SELECT CASE WHEN {x} < {y} THEN -1 WHEN {x} = {y} THEN 0 ELSE 1 END").fetchone()[0])
+
+
+def _column_filters(plan: ExtractPlan, window: Window, sql_type: str) -> tuple[str, ...]:
+    expr = f"{SOURCE_ALIAS}.{quote_ident(window.column)}"
+    conditions: list[str] = []
+    if window.start is not None:
+        start = literal(window.start, sql_type)
+        if window.start_inclusive:
+            conditions.append(f"{expr} >= {start}")
+            if window.start_keys:
+                conditions.append(f"NOT ({expr} = {start} AND {plan.key_in(window.start_keys)})")
+        else:
+            conditions.append(f"{expr} > {start}")
+    if window.end is None:
+        conditions.append("false")  # an empty source (or only NULL watermarks)
+    else:
+        end = literal(window.end, sql_type)
+        if window.end_mode == "keys" and window.end_keys:
+            conditions.append(f"({expr} < {end} OR ({expr} = {end} AND {plan.key_in(window.end_keys)}))")
+        else:  # no key at the end (or too many): rows holding it are the next run's
+            conditions.append(f"{expr} < {end}")
+    condition = " AND ".join(f"({c})" for c in conditions)
+    if window.first_run:
+        condition = f"({condition}) OR {expr} IS NULL"
+    filters = [condition]
+    if window.wal_position:
+        filters.append(_replay_guard(window.wal_position))
+    return tuple(filters)
+
+
+def _replay_guard(wal_position: str) -> str:
+    """A condition that raises unless this connection's server has replayed ``wal_position``.
+
+    It references no column, so PostgreSQL evaluates it once per query (a one-time filter), also when
+    no row matches; a server that is behind fails the query with this text in the error message.
+    """
+    lsn = literal(wal_position, "pg_lsn")
+    position = "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END"
+    message = (
+        f"cxpg: this server has not yet replayed WAL position {wal_position}, at which the incremental window "
+        "was fixed; it is behind the server the window was read on (a replica behind a load balancer?) "
+        "backend "
+    )
+    # A scalar subquery becomes an InitPlan, run once per query even when no row matches (a volatile
+    # condition in WHERE would run per row, so not at all for an empty result). The failing cast
+    # includes pg_backend_pid() so the planner cannot fold it (and raise) while planning.
+    failure = f"({literal(message, 'text')} || pg_backend_pid()::text)::int::bool"
+    return f"(SELECT CASE WHEN {position} >= {lsn} THEN true ELSE {failure} END)"
+
+
+def _wal_position(conn: Any) -> str | None:
+    """The WAL position every row the window's end saw is visible at (for :func:`_replay_guard`)."""
+    try:
+        row = conn.execute(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text"
+        ).fetchone()
+    except Exception:  # noqa: BLE001  a server without WAL functions (a foreign one): no guard
+        return None
+    return row[0] if row and row[0] else None
+
+
+def _null_estimate(conn: Any, plan: ExtractPlan, column: str) -> int | None:
+    """``pg_stats``' estimate of rows with a NULL ``column`` (cheap: reads no table pages)."""
+    assert plan.table is not None
+    row = conn.execute(
+        "SELECT (s.null_frac * greatest(c.reltuples, 0))::bigint FROM pg_stats s, pg_class c "
+        "WHERE s.schemaname = %s AND s.tablename = %s AND s.attname = %s AND c.oid = to_regclass(%s)",
+        (plan.table.schema, plan.table.name, column, plan.table.qualified_name),
+    ).fetchone()
+    return int(row[0]) if row and row[0] else None
+
+
+def _rebuild(conn: Any, plan: ExtractPlan, recorded: Mapping[str, Any]) -> Window:
+    """A recorded window again, with the same filters (no query decides anything new)."""
+    column = str(recorded["column"])
+    window = Window(
+        column=column,
+        start=recorded.get("start"),
+        end=recorded.get("end"),
+        filters=(),
+        high_watermark=recorded.get("high_watermark"),
+        note=recorded.get("note"),
+        start_inclusive=bool(recorded.get("start_inclusive")),
+        start_keys=_keys(recorded.get("start_keys")),
+        end_mode=str(recorded.get("end_mode") or ("inclusive" if column == XMIN else "keys")),
+        end_keys=_keys(recorded.get("end_keys")),
+        boundary_keys=_keys(recorded.get("boundary_keys")),
+        next_start_inclusive=bool(recorded.get("next_start_inclusive")),
+        lag=recorded.get("lag"),
+        contract=str(recorded.get("contract") or EXACTLY_ONCE),
+        first_run=bool(recorded.get("first_run")),
+        wal_position=recorded.get("wal_position"),
+    )
+    if column == XMIN:
+        return replace(window, filters=_xmin_filters(window))
+    sql_type, _, _ = _column_type(plan, column)
+    return replace(window, filters=_column_filters(plan, window, sql_type))
 
 
 def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    from airflow_provider_cxpg.sql import _text_form
-
-    return _text_form(value)
+    return text_form(value)
 
 
 def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
     if plan.table is None or plan.table.kind not in {"table", "partitioned table", "materialized view"}:
         raise InvalidInputError("watermark_column='xmin' needs a `table` source (xmin is a system column of tables)")
-    if spec.end not in (None, ""):
+    if not _blank(spec.end):
         end = _as_int(spec.end, "watermark_end")
     else:
         row = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetchone()
         end = int(row[0]) - 1
-    start = None if spec.start in (None, "") else _as_int(spec.start, "watermark_start")
-    xmin = f"{SOURCE_ALIAS}.xmin::text::bigint"
+    start = None if _blank(spec.start) else _as_int(spec.start, "watermark_start")
+    window = Window(XMIN, start, end, (), end, end_mode="inclusive", first_run=start is None)
     if start is None:
-        return Window(XMIN, None, end, (), end, note="first xmin run: every row is read")
-    span = end - start
-    if span <= 0:
-        return Window(XMIN, start, end, ("false",), max(start, end), note="empty xmin window")
-    if span >= _XID_HALF:
-        return Window(
-            XMIN,
-            start,
-            end,
-            (),
-            end,
-            note=f"xmin window of {span} transactions is too wide to compare modulo 2^32: reading every row",
+        window = replace(window, note="first xmin run: every row is read")
+    elif end - start <= 0:
+        window = replace(window, high_watermark=max(start, end), note="empty xmin window")
+    elif end - start >= _XID_HALF:
+        window = replace(
+            window,
+            note=f"xmin window of {end - start} transactions is too wide to compare modulo 2^32: reading every row",
         )
-    end32 = end % _XID_MODULO
-    condition = (
-        f"(({end32}::bigint - {xmin} + {_XID_MODULO}) % {_XID_MODULO}) < {span} AND {xmin} >= {_FIRST_NORMAL_XID}"
-    )
-    return Window(XMIN, start, end, (condition,), end)
+    return replace(window, filters=_xmin_filters(window))
+
+
+def _xmin_filters(window: Window) -> tuple[str, ...]:
+    start, end = window.start, window.end
+    if start is None:
+        return ()
+    span = int(end) - int(start)
+    if span <= 0:
+        return ("false",)
+    if span >= _XID_HALF:
+        return ()
+    xmin = f"{SOURCE_ALIAS}.xmin::text::bigint"
+    end32 = int(end) % _XID_MODULO
+    return (f"(({end32}::bigint - {xmin} + {_XID_MODULO}) % {_XID_MODULO}) < {span} AND {xmin} >= {_FIRST_NORMAL_XID}",)

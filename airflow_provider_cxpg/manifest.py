@@ -6,7 +6,13 @@ killed between renaming its file and the parent's update) is removed when the ru
 
 A manifest is *resumable* by a later attempt when its status is ``running`` or ``failed`` and its
 ``fingerprint`` (source, columns, key, bounds, chunking) matches: the new attempt continues after
-``chunks[-1].last_key``. A ``complete`` manifest, or one of a different extraction, is replaced.
+``chunks[-1].last_key``. A ``complete`` manifest, or one of a different extraction *of the same
+source* (another window, other columns, a re-run), is replaced. A destination that holds the output
+of a *different source* is not taken over: :class:`~.exceptions.DestinationConflictError`.
+
+A source is "the same" when it is the same table (schema and name as the catalog resolves them), the
+same query text, or was written by the same task (``owner``: ``dag_id.task_id``, so a task whose
+templated query differs from run to run still replaces its own output).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 from airflow_provider_cxpg.destination import Destination
 from airflow_provider_cxpg.exceptions import StorageError
 
-__all__ = ["MANIFEST_NAME", "ChunkEntry", "Manifest", "chunk_file_name", "fingerprint"]
+__all__ = ["MANIFEST_NAME", "ChunkEntry", "Manifest", "chunk_file_name", "fingerprint", "is_chunk_file", "source_id"]
 
 MANIFEST_NAME = "_manifest.json"
 FORMAT = "cxpg-manifest/1"
@@ -30,6 +36,18 @@ _CHUNK_FILE = re.compile(r"^part-(\d{6,})\.parquet$")
 
 def chunk_file_name(index: int) -> str:
     return f"part-{index:06d}.parquet"
+
+
+def is_chunk_file(name: str) -> bool:
+    return bool(_CHUNK_FILE.match(name))
+
+
+def source_id(table: tuple[str, str] | None, sql: str | None) -> str:
+    """``table:<schema>.<name>`` or ``sql:<hash of the query text, whitespace collapsed>``."""
+    if table is not None:
+        return f"table:{table[0]}.{table[1]}"
+    text = " ".join((sql or "").split())
+    return "sql:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
@@ -76,6 +94,8 @@ class Manifest:
     completed_at: str | None = None
     error: str | None = None
     format: str = FORMAT
+    source_id: str | None = None
+    owner: str | None = None
 
     # -- derived -----------------------------------------------------------------------------------
 
@@ -111,6 +131,14 @@ class Manifest:
 
     def resumable_by(self, fp: str) -> bool:
         return self.fingerprint == fp and self.status in {"running", "failed"}
+
+    def same_source(self, source_id: str | None, owner: str | None) -> bool:
+        """Whether an extraction of ``source_id`` by ``owner`` may replace this one's files."""
+        if owner is not None and owner == self.owner:
+            return True
+        if self.source_id is None:  # written before sources were recorded (0.1): ours, replace it
+            return True
+        return source_id is not None and source_id == self.source_id
 
     # -- persistence -------------------------------------------------------------------------------
 

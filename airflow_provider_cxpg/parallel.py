@@ -21,16 +21,25 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import re
 import threading
 import time
 from typing import Any
 
 from airflow_provider_cxpg.destination import Destination
-from airflow_provider_cxpg.exceptions import CxpgError, ExtractionAborted, InvalidInputError, StorageError
+from airflow_provider_cxpg.exceptions import (
+    CxpgError,
+    DestinationConflictError,
+    ExtractionAborted,
+    InvalidInputError,
+    StorageError,
+)
 from airflow_provider_cxpg.extract import Extraction, ExtractResult, new_run_id
-from airflow_provider_cxpg.manifest import Manifest, fingerprint
+from airflow_provider_cxpg.incremental import WatermarkSpec
+from airflow_provider_cxpg.manifest import MANIFEST_NAME, Manifest, fingerprint
 from airflow_provider_cxpg.partition import plan_key_ranges
 from airflow_provider_cxpg.snapshot import ExportedSnapshot
+from airflow_provider_cxpg.verify import output_problems
 
 __all__ = ["DATASET_MANIFEST", "ParallelExtraction", "plan_or_reuse_ranges", "range_dir", "validate_dataset"]
 
@@ -42,13 +51,39 @@ def range_dir(index: int) -> str:
     return f"range={index:04d}"
 
 
-def validate_dataset(destination: Destination, ranges: list[dict[str, Any]]) -> dict[str, Any]:
-    """Check that every range's extraction is complete and the ranges tile the key space; return totals.
+_RANGE_DIR = re.compile(r"^range=\d{4,}$")
+#: What must be equal between the dataset's window and each range's (the keys decide which rows).
+_WINDOW_FIELDS = ("column", "start", "start_inclusive", "start_keys", "end", "end_mode", "end_keys", "first_run")
 
-    :raises StorageError: a range is missing, unfinished, or its bounds do not match the plan.
+
+def _same_window(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return all(a.get(f) == b.get(f) for f in _WINDOW_FIELDS)
+
+
+def validate_dataset(
+    destination: Destination,
+    ranges: list[dict[str, Any]],
+    *,
+    window: dict[str, Any] | None = None,
+    check_files: bool = True,
+) -> dict[str, Any]:
+    """Check that the dataset is complete and return its totals.
+
+    Checks that every range's extraction is complete with the planned bounds and ``window``, that the
+    ranges tile the key space, that no ``range=NNNN/`` folder outside the plan remains, and (with
+    ``check_files``) that every file each manifest lists is there, whole, and its own (see
+    :mod:`.verify`).
+
+    :raises StorageError: naming every problem found.
     """
     problems: list[str] = []
     partitions: list[dict[str, Any]] = []
+    planned = {entry.get("path") or range_dir(entry["index"]) for entry in ranges}
+    stale = sorted(d for d in destination.list_dirs() if _RANGE_DIR.match(d) and d not in planned)
+    if stale:
+        problems.append(f"folders outside the plan remain: {', '.join(stale)} (an earlier plan's ranges?)")
     for position, entry in enumerate(ranges):
         if position and entry.get("lower") != ranges[position - 1].get("upper"):
             problems.append(f"range {position}: lower bound {entry.get('lower')} is not the previous upper bound")
@@ -62,8 +97,13 @@ def validate_dataset(destination: Destination, ranges: list[dict[str, Any]]) -> 
         bounds = manifest.bounds or {"lower": None, "upper": None}
         if [bounds.get("lower"), bounds.get("upper")] != [entry.get("lower"), entry.get("upper")]:
             problems.append(f"range {position}: manifest bounds {bounds} differ from the plan")
-        if manifest.rows != sum(c.rows for c in manifest.chunks):
-            problems.append(f"range {position}: chunk rows do not add up to {manifest.rows}")
+        if not _same_window(window, manifest.window):
+            problems.append(
+                f"range {position}: read the window {_window_text(manifest.window)}, the plan fixed "
+                f"{_window_text(window)}"
+            )
+        if check_files:
+            problems.extend(f"range {position}: {p}" for p in output_problems(sub, manifest))
         partitions.append(
             {
                 "index": position,
@@ -89,28 +129,61 @@ def validate_dataset(destination: Destination, ranges: list[dict[str, Any]]) -> 
     }
 
 
+def _window_text(window: dict[str, Any] | None) -> str:
+    if window is None:
+        return "none (no watermark)"
+    return f"{window.get('column')} from {window.get('start')!r} to {window.get('end')!r} ({window.get('end_mode')})"
+
+
 def plan_or_reuse_ranges(
     coordinator: Extraction, destination: Destination, partitions: int, method: str
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The ranges recorded by an unfinished run of the same extraction, or new ones (then recorded).
 
-    Reusing them is what lets every range resume from its own manifest after a retry.
+    Reusing them is what lets every range resume from its own manifest after a retry. A new plan
+    replaces an earlier dataset of the same source (its ``range=NNNN/`` folders are removed first, so
+    none of them outlives it); another source's dataset, or a single extraction's files, are not
+    taken over.
+
+    :raises DestinationConflictError: the destination holds another source's output.
     """
     plan = coordinator.build_plan()
+    sid = coordinator.source_id(plan)
     fp = fingerprint({"source": plan.source.describe(), "key": list(plan.key_names), "n": partitions, "method": method})
     existing = destination.read_json(DATASET_MANIFEST)
     if existing and existing.get("fingerprint") == fp and existing.get("status") == "running":
         coordinator.log.emit("job.resume", note="reusing the recorded key ranges", ranges=len(existing["ranges"]))
         return existing["ranges"], existing
+    if existing and existing.get("source_id") not in (None, sid) and existing.get("owner") != coordinator.owner:
+        raise DestinationConflictError(
+            f"{destination.url} holds a dataset of another source ({existing.get('source_id')}): not replacing it; "
+            "choose another destination or remove it first",
+            destination=destination.url,
+        )
+    single = Manifest.load(destination)
+    if single is not None:
+        if not single.same_source(sid, coordinator.owner):
+            raise DestinationConflictError(
+                f"{destination.url} holds a single extraction of another source ({single.source_id}): not replacing it",
+                destination=destination.url,
+            )
+        for name in [*single.files, MANIFEST_NAME]:
+            destination.remove(name)
     with coordinator.control_connection("partition") as conn:
         ranges, used, seconds = plan_key_ranges(conn, plan, partitions, method)
     coordinator.log.emit(
         "job.plan", note=f"{len(ranges)} key ranges by {used} in {seconds:.3f}s", partition_method=used, seconds=seconds
     )
+    destination.ensure()
+    for name in destination.list_dirs():
+        if _RANGE_DIR.match(name):  # an earlier plan's ranges: none may outlive the new plan
+            destination.remove_tree(name)
     record = {
         "format": _FORMAT,
         "status": "running",
         "fingerprint": fp,
+        "source_id": sid,
+        "owner": coordinator.owner,
         "run_id": coordinator.run_id,
         "source": plan.source.describe(),
         "key_columns": list(plan.key_names) or ["ctid"],
@@ -118,7 +191,6 @@ def plan_or_reuse_ranges(
         "planning_seconds": round(seconds, 4),
         "ranges": [dict(r.to_json(), path=range_dir(r.index)) for r in ranges],
     }
-    destination.ensure()
     destination.write_json(DATASET_MANIFEST, record)
     return record["ranges"], record
 
@@ -186,15 +258,16 @@ class ParallelExtraction:
                 snapshot_id = holder.id
                 self.coordinator.snapshot_id = snapshot_id
             ranges, record = self._ranges()
-            window_filters: tuple[str, ...] = ()
+            window: dict[str, Any] | None = None
             if self.coordinator.watermark is not None:  # one window for every range, fixed once
                 self.coordinator.windowed(self.coordinator.build_plan(), record.get("window"))
                 assert self.coordinator.window is not None
-                window_filters = self.coordinator.window.filters
-                record["window"] = self.coordinator.window.to_json()
+                window = self.coordinator.window.to_json()
+                record["window"] = window
                 self.destination.write_json(DATASET_MANIFEST, record)
-            results = self._run_ranges(ranges, snapshot_id, window_filters)
-        totals = validate_dataset(self.destination, ranges)
+            results = self._run_ranges(ranges, snapshot_id, window)
+        # Each range checked its own files before it reported success; here: completeness and tiling.
+        totals = validate_dataset(self.destination, ranges, window=window, check_files=False)
         record.update(
             status="complete",
             rows=totals["rows"],
@@ -203,7 +276,7 @@ class ParallelExtraction:
             partitions=totals["partitions"],
         )
         self.destination.write_json(DATASET_MANIFEST, record)
-        window = self.coordinator.window
+        resolved = self.coordinator.window
         result = ExtractResult(
             run_id=self.run_id,
             destination=self.destination.url,
@@ -216,8 +289,9 @@ class ParallelExtraction:
             seconds=time.monotonic() - started,
             manifest=self.destination.child_url(DATASET_MANIFEST),
             worker_restarts=sum(r.worker_restarts for r in results),
-            window=window.to_json() if window else None,
-            high_watermark=window.high_watermark if window else None,
+            window=window,
+            window_summary=resolved.summary() if resolved else None,
+            high_watermark=resolved.high_watermark if resolved else None,
             extra={
                 "parallelism": self.parallelism,
                 "partitions": len(ranges),
@@ -236,10 +310,11 @@ class ParallelExtraction:
         return result
 
     def _run_ranges(
-        self, ranges: list[dict[str, Any]], snapshot_id: str | None, window_filters: tuple[str, ...]
+        self, ranges: list[dict[str, Any]], snapshot_id: str | None, window: dict[str, Any] | None
     ) -> list[ExtractResult]:
         kwargs = {k: v for k, v in self.kwargs.items() if k not in {"watermark", "snapshot"}}
-        kwargs["extra_filters"] = tuple(kwargs.get("extra_filters", ())) + window_filters
+        if window is not None:  # every range reads exactly the coordinator's window (and records it)
+            kwargs["watermark"] = WatermarkSpec.again(window)
         with self._lock:
             for entry in ranges:
                 self.children.append(

@@ -165,13 +165,15 @@ def plan_key_ranges(
         raise InvalidInputError("the source has no key to partition by")
     if partitions == 1:
         return [KeyRange(0, None, None)], method, time.monotonic() - started
+    # pg_stats bounds are sorted in the column's own collation: usable only when the key is paged by it
     if method in {"histogram", "auto"} and plan.table is not None:
-        bounds = _histogram(conn, plan, partitions)
+        bounds = _histogram(conn, plan, partitions) if plan.key[0].plain else None
         if bounds is not None:
             return _from_bounds(_typed(plan, bounds)), "histogram", time.monotonic() - started
         if method == "histogram":
             raise InvalidInputError(
-                f"no usable statistics for {plan.key[0].name!r} in pg_stats: ANALYZE the table or use method='sample'"
+                f"no usable statistics for {plan.key[0].name!r} in pg_stats (or the key is paged under another "
+                "collation than the statistics are sorted in): ANALYZE the table or use method='sample'"
             )
     if method in {"sample", "auto"} and plan.table is not None:
         return _from_bounds(_typed(plan, _sample(conn, plan, partitions))), "sample", time.monotonic() - started

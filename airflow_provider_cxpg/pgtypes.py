@@ -6,8 +6,12 @@ read as decimal128(38,10), rounding anything finer). The rule here is simple and
 
 * a type in :data:`NATIVE` is read by connectorx and cast to the precise Arrow type in the worker
   (the stream path widens int2/int4/float4 and numeric; the cast puts the declared type back);
-* ``numeric(p, s)`` is native only where decimal128(38,10) holds every value exactly
-  (``s <= 10`` and ``p - s <= 28``), and written as ``decimal128(p, s)``;
+* ``numeric(p, s)`` is native only where decimal128(38,10) holds every value exactly, and written as
+  the narrowest decimal that holds every value the column accepts: ``decimal128(p, s)`` when
+  ``0 <= s <= p`` (``s <= 10``, ``p - s <= 28``); ``decimal128(s, s)`` when ``s > p`` (PostgreSQL 15+:
+  only fractional digits, ``s <= 10``); ``decimal128(p - s, 0)`` when ``s < 0`` (PostgreSQL 15+:
+  integers rounded to ``10^-s``, ``p - s <= 28``). Parquet's DECIMAL needs ``0 <= scale <= precision``,
+  so ``decimal128(p, s)`` itself would be unwritable in the last two cases;
 * every other type, unconstrained ``numeric`` included, is selected as ``expr::text``: PostgreSQL's
   own text form, exact by construction. ``json``/``jsonb`` are among them (connectorx re-parses
   their numbers as 64-bit floats and reorders json keys), and ``inet`` (connectorx rewrites some
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-__all__ = ["KEY_TYPES", "NATIVE", "ColumnRead", "PgType", "plan_column"]
+__all__ = ["KEY_TYPES", "NATIVE", "ColumnRead", "PgType", "numeric_arrow_type", "plan_column"]
 
 #: typname -> Arrow type for the types connectorx reads exactly.
 NATIVE: dict[str, pa.DataType] = {
@@ -76,6 +80,7 @@ KEY_TYPES: frozenset[str] = frozenset(
         "timestamptz",
         "bytea",
         "bool",
+        "citext",  # the extension's type: paged by its text form under "C" (see plan.py)
     }
 )
 
@@ -124,10 +129,20 @@ class ColumnRead:
         return "text" if self.as_text else "native"
 
 
-def _numeric_is_exact(precision: int | None, scale: int | None) -> bool:
+def numeric_arrow_type(precision: int | None, scale: int | None) -> pa.DataType | None:
+    """The exact Arrow decimal for ``numeric(precision, scale)`` read natively, or None (read as text)."""
     if precision is None or scale is None:
-        return False
-    return 0 <= scale <= _CX_DECIMAL_SCALE and precision - scale <= _CX_DECIMAL_INTEGER_DIGITS
+        return None
+    if scale < 0:  # integers: p - s digits, none after the point
+        digits = precision - scale
+        return pa.decimal128(digits, 0) if digits <= _CX_DECIMAL_INTEGER_DIGITS else None
+    if scale > _CX_DECIMAL_SCALE:
+        return None
+    if scale > precision:  # only fractional digits: |v| < 10^(p - s)
+        return pa.decimal128(scale, scale)
+    if precision - scale > _CX_DECIMAL_INTEGER_DIGITS:
+        return None
+    return pa.decimal128(max(precision, 1), scale)
 
 
 def plan_column(name: str, pg: PgType) -> ColumnRead:
@@ -135,10 +150,8 @@ def plan_column(name: str, pg: PgType) -> ColumnRead:
     if pg.typtype == "e":  # enums arrive as their label over the binary protocol
         return ColumnRead(name, pg, False, pa.string())
     if pg.typname == "numeric":
-        if _numeric_is_exact(pg.precision, pg.scale):
-            assert pg.precision is not None and pg.scale is not None
-            return ColumnRead(name, pg, False, pa.decimal128(max(pg.precision, 1), pg.scale))
-        return ColumnRead(name, pg, True, pa.string())
+        decimal = numeric_arrow_type(pg.precision, pg.scale)
+        return ColumnRead(name, pg, decimal is None, decimal or pa.string())
     if pg.typname in NATIVE:
         return ColumnRead(name, pg, False, NATIVE[pg.typname])
     if pg.element is not None and pg.element in _NATIVE_ARRAY_ELEMENTS:

@@ -9,6 +9,21 @@ Chunk *k+1* of a plan is::
 
 never ``OFFSET``: each page starts where the previous ended, so pages cost the same however deep
 they are, and rows are neither skipped nor repeated when the key is unique.
+
+**One comparison for everything.** The ``ORDER BY``, the ``>`` of the next page, a range's bounds and
+the duplicate check at a chunk boundary all use the same server-side comparison per key column (its
+:attr:`KeyColumn.expr`), and it is one under which the key is unique, so no two rows compare equal:
+
+* a key proven unique by an index is paged under that index's collation (a text key of a
+  case-insensitive ICU collation that is unique under ``"C"`` pages under ``"C"``, and the index
+  serves the ``ORDER BY``);
+* a key nothing proves unique (a query, a view) is paged under a deterministic collation (``"C"``
+  when the column's collation is nondeterministic), and the server itself flags a row whose key
+  equals the previous row's (``lag()`` in the chunk query): a tie at a chunk boundary fails the run
+  instead of losing rows. No boundary check compares in Python, where ``NaN != NaN``, ``'a' != 'A'``
+  and ``'a' != 'a  '`` although the server calls them equal;
+* ``citext`` pages by its text form under ``"C"`` (its own operators need not be on the search path,
+  while its ``ORDER BY`` would still be case-insensitive).
 """
 
 from __future__ import annotations
@@ -19,10 +34,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from airflow_provider_cxpg.catalog import SourceColumn, TableInfo, describe_query, describe_table, resolve_type
+from airflow_provider_cxpg.catalog import (
+    SourceColumn,
+    TableInfo,
+    UniqueIndex,
+    describe_query,
+    describe_table,
+    query_column_collation,
+    resolve_type,
+)
 from airflow_provider_cxpg.exceptions import InvalidInputError, InvalidKeyError, SourceNotFoundError
 from airflow_provider_cxpg.pgtypes import KEY_TYPES, ColumnRead, PgType, plan_column
-from airflow_provider_cxpg.sql import literal, parse_qualified_name, quote_ident, row_comparison
+from airflow_provider_cxpg.sql import literal, parse_qualified_name, quote_ident, row_comparison, text_form
 
 __all__ = [
     "ExtractPlan",
@@ -85,8 +108,12 @@ class SourceSpec:
 class KeyColumn:
     """One key column: how to order and compare by it, and the type for its literals.
 
+    :param expr: the paging expression, used for the ``ORDER BY``, every comparison and every
+        equality with this column's literals (the column itself, or it under another collation).
+    :param sql_type: the type of ``expr``, for its literals.
     :param field: the result field the worker reads the key's values from: the column itself, or a
         hidden ``key::text`` field for types whose Python values do not round-trip.
+    :param plain: ``expr`` is the bare column (so ``pg_stats`` bounds are in its order).
     """
 
     name: str
@@ -94,6 +121,7 @@ class KeyColumn:
     sql_type: str
     typname: str
     field: str = ""
+    plain: bool = True
 
 
 @dataclass(frozen=True)
@@ -113,6 +141,12 @@ class HiddenField:
 #: dates and timestamps outside years 1-9999 cannot become Python objects): their literals come
 #: from the server's own text form, read in a hidden field.
 _TEXT_KEYED = frozenset({"date", "time", "timestamp", "timestamptz"})
+#: Key types that carry a collation (domains are resolved to their base type).
+_COLLATABLE = frozenset({"text", "varchar", "bpchar", "name"})
+#: A deterministic collation every server has: byte order, equality is byte equality.
+BYTE_COLLATION = '"C"'
+#: The hidden field that is true where a row's key equals the previous row's (the server's equality).
+TIE_FIELD = "__cxpg_tie"
 
 
 @dataclass(frozen=True)
@@ -173,6 +207,7 @@ class ExtractPlan:
             "infinity_columns": self.infinity_columns,
             "drop_fields": tuple(h.name for h in self.hidden),
             "guards": tuple((h.name, h.guard) for h in self.hidden if h.guard),
+            "tie_field": TIE_FIELD if any(h.name == TIE_FIELD for h in self.hidden) else None,
         }
 
     def with_filters(self, *filters: str) -> ExtractPlan:
@@ -183,6 +218,16 @@ class ExtractPlan:
         if not values or len(values) > len(self.key):
             raise InvalidKeyError(f"a key bound needs 1 to {len(self.key)} values, got {list(values)!r}")
         return [literal(v, k.sql_type) for v, k in zip(values, self.key[: len(values)], strict=True)]
+
+    def key_in(self, keys: Sequence[Sequence[Any]]) -> str:
+        """``(k1, k2) IN ((...), ...)`` for whole keys, under the paging comparison (its equality)."""
+        if not self.key or not keys:
+            raise InvalidKeyError("a key list needs a key and at least one key value")
+        exprs = [k.expr for k in self.key]
+        rows = [self.key_literals(list(values)) for values in keys]
+        if len(exprs) == 1:
+            return f"{exprs[0]} IN ({', '.join(r[0] for r in rows)})"
+        return f"({', '.join(exprs)}) IN ({', '.join('(' + ', '.join(r) + ')' for r in rows)})"
 
     def range_condition(self, lower: Sequence[Any] | None, upper: Sequence[Any] | None) -> list[str]:
         """Conditions for keys in ``(lower, upper]`` (either side open when None).
@@ -234,9 +279,7 @@ def key_to_json(values: Sequence[Any] | None) -> list[Any] | None:
     """Key values as JSON: ints, floats, bools and strings stay; others become their exact text form."""
     if values is None:
         return None
-    from airflow_provider_cxpg.sql import _text_form
-
-    return [v if v is None or isinstance(v, (bool, int, float, str)) else _text_form(v) for v in values]
+    return [v if v is None or isinstance(v, (bool, int, float, str)) else text_form(v) for v in values]
 
 
 def _resolve_cast(conn: Any, type_name: str) -> str:
@@ -415,7 +458,7 @@ def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
         if col.pg.typname not in KEY_TYPES and col.pg.typtype != "e":
             raise InvalidKeyError(
                 f"key column {name!r} has type {col.pg.sql_name}, which cannot order keyset pages exactly; "
-                f"supported: integers, numeric, text/varchar/char, uuid, date, time, timestamp[tz], "
+                f"supported: integers, numeric, text/varchar/char/citext, uuid, date, time, timestamp[tz], "
                 "float, bytea, boolean, enums"
             )
         if col.not_null is False:
@@ -445,15 +488,29 @@ def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
     filters = (spec.where,) if spec.where and spec.where.strip() else ()
     columns, select_exprs = _plan_select(conn, spec, from_clause, wanted, filters)
     reads = {c.name: c for c in columns}
+    proof = table.proving_index(key_names) if table is not None and key_unique else None
     hidden: list[HiddenField] = []
     key: list[KeyColumn] = []
     for index, name in enumerate(key_names):
-        expr = f"{SOURCE_ALIAS}.{quote_ident(name)}"
+        col = by_name[name]
+        if table is None and col.pg.typname in _COLLATABLE:  # a query: ask the server for the key's collation
+            collation, deterministic = query_column_collation(conn, from_clause, f"{SOURCE_ALIAS}.{quote_ident(name)}")
+            col = SourceColumn(col.name, col.pg, col.not_null, collation, deterministic)
+        expr, sql_type, note = _paging_expression(col, proof, key_unique)
+        if note:
+            notes.append(note)
         field_name = name
-        if by_name[name].pg.typname in _TEXT_KEYED and not reads[name].as_text:
+        if col.pg.typname in _TEXT_KEYED and not reads[name].as_text:
             field_name = f"__cxpg_key{index}"
             hidden.append(HiddenField(field_name, f"({expr})::text", pa.string()))
-        key.append(KeyColumn(name, expr, by_name[name].pg.sql_name, by_name[name].pg.typname, field_name))
+        base = f"{SOURCE_ALIAS}.{quote_ident(name)}"
+        key.append(KeyColumn(name, expr, sql_type, col.pg.typname, field_name, plain=expr == base))
+    if not key_unique:
+        # Nothing proves the key unique: the server flags a row whose key equals the previous row's,
+        # under the paging comparison itself (a tie at a chunk boundary would lose rows).
+        window = ", ".join(k.expr for k in key)
+        tie = " AND ".join(f"{k.expr} = lag({k.expr}) OVER (ORDER BY {window})" for k in key)
+        hidden.append(HiddenField(TIE_FIELD, f"({tie})", pa.bool_()))
     return ExtractPlan(
         source=spec,
         from_clause=from_clause,
@@ -466,6 +523,39 @@ def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
         table=table,
         hidden=(*hidden, *_time_guard(columns, spec)),
     )
+
+
+def _paging_expression(col: SourceColumn, proof: UniqueIndex | None, unique: bool) -> tuple[str, str, str | None]:
+    """The expression a key column is ordered and compared by, its literal type, and a note.
+
+    Keyset paging is exact when no two rows compare equal under the paging comparison. A unique
+    index proves that under its own collation, so a column of the proving index is paged under the
+    index's collation. Without a proof, a nondeterministic collation (where 'a' = 'A') is replaced by
+    byte order, whose equality is byte equality.
+    """
+    base = f"{SOURCE_ALIAS}.{quote_ident(col.name)}"
+    if col.pg.typname == "citext":
+        return (
+            f"(({base})::text COLLATE {BYTE_COLLATION})",
+            "text",
+            f'citext key {col.name!r} is paged by its text form under COLLATE "C" (an index on the '
+            "citext column cannot serve that order)",
+        )
+    if col.collation is None:
+        return base, col.pg.sql_name, None
+    wanted = col.collation
+    if proof is not None and col.name in proof.columns:
+        wanted = proof.collations[proof.columns.index(col.name)] or col.collation
+    elif not unique and col.deterministic is not True:
+        wanted = BYTE_COLLATION
+    if wanted == col.collation:
+        return base, col.pg.sql_name, None
+    note = (
+        f"key column {col.name!r} (collation {col.collation}) is paged under collation {wanted}"
+        + (", the collation of the unique index that proves the key unique" if wanted != BYTE_COLLATION else "")
+        + (": its own collation is nondeterministic" if col.deterministic is False else "")
+    )
+    return f"({base} COLLATE {wanted})", col.pg.sql_name, note
 
 
 def _time_guard(columns: list[ColumnRead], spec: SourceSpec) -> tuple[HiddenField, ...]:

@@ -24,6 +24,7 @@ __all__ = [
     "quote_ident",
     "quote_string",
     "row_comparison",
+    "text_form",
 ]
 
 _MAX_IDENTIFIER_BYTES = 63
@@ -108,7 +109,8 @@ def quote_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _text_form(value: object) -> str:
+def text_form(value: object) -> str:
+    """PostgreSQL's input syntax for ``value`` (exact: the server parses back the same value)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -151,7 +153,7 @@ def literal(value: object, pg_type: str) -> str:
     """
     if value is None:
         return f"NULL::{pg_type}"
-    return f"{quote_string(_text_form(value))}::{pg_type}"
+    return f"{quote_string(text_form(value))}::{pg_type}"
 
 
 def row_comparison(columns: Sequence[str], literals: Sequence[str], op: str = ">") -> str:

@@ -607,7 +607,7 @@ def test_sql_source_without_key_columns_is_rejected_before_any_file(
     assert_nothing_left(admin)
 
 
-def test_column_casts_to_text_read_the_server_text_form(
+def test_column_casts_to_text_read_the_servertext_form(
     hook: ConnectorXPostgresHook,
     admin: psycopg.Connection,
     pgsession: psycopg.Connection,

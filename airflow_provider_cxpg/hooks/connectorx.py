@@ -304,6 +304,7 @@ class ConnectorXPostgresHook(PostgresHook):
         query_log_path: str | None = None,
         querylog: QueryLog | None = None,
         worker_index: int = 0,
+        owner: str | None = None,
         **settings: Any,
     ) -> Extraction:
         """Build (but do not run) an :class:`Extraction`; the operator keeps it to abort on kill.
@@ -337,6 +338,8 @@ class ConnectorXPostgresHook(PostgresHook):
         :param query_log_path: also write the query log as JSON lines here.
         :param querylog: use this query log instead of a new one.
         :param worker_index: labels this extraction's events in a parallel run.
+        :param owner: who runs it (``dag_id.task_id``): it may replace its own earlier output at the
+            destination; another source's output there is never taken over.
         :param settings: further :class:`~airflow_provider_cxpg.supervisor.WorkerSettings` fields.
         """
         spec = SourceSpec(
@@ -378,6 +381,7 @@ class ConnectorXPostgresHook(PostgresHook):
             querylog=log,
             application_name_prefix=endpoint.application_name,
             worker_index=worker_index,
+            owner=owner,
         )
         for secret in extraction.redactor.secrets:  # storage keys too: Airflow's masker hides them in logs
             _mask(secret)

@@ -15,6 +15,7 @@ from airflow_provider_cxpg.exceptions import InvalidInputError
 from airflow_provider_cxpg.extract import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, Extraction, ExtractResult
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.incremental import WatermarkSpec
+from airflow_provider_cxpg.watermark_state import WatermarkState, describe_window, spec_for_run
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -94,11 +95,18 @@ class PostgresExtractOperator(BaseOperator):
     :param heartbeat_interval: seconds between worker heartbeats.
     :param heartbeat_timeout: declare the worker dead after this many seconds without one.
     :param max_worker_restarts: replace a dead worker this many times within one try.
-    :param watermark_column: read only rows with ``watermark_start < column <= watermark_end``;
-        ``"xmin"`` uses transaction ids (see the README, "Incremental runs").
-    :param watermark_start: exclusive lower bound (templated); default: the previous successful run's
-        ``high_watermark`` (none: read everything).
-    :param watermark_end: inclusive upper bound (templated); default: fixed when the run starts.
+    :param watermark_column: read only the rows whose ``column`` lies in this run's window, exactly
+        once across runs; ``"xmin"`` uses transaction ids (see the README, "Incremental runs").
+    :param watermark_start: exclusive lower bound (templated), for a one-off window; default: where
+        the last successful run ended (state the provider keeps, see
+        :mod:`~airflow_provider_cxpg.watermark_state`), or a full copy on the first run.
+    :param watermark_end: upper bound (templated); default: ``max(column)`` when the run starts. Rows
+        holding it then are read; rows written later with the same value are the next run's.
+    :param watermark_lag: re-read this much before the start, for writers whose commits arrive late
+        (seconds or a ``timedelta`` for date/timestamp columns, a number otherwise): at-least-once.
+    :param watermark_window: a window fixed elsewhere (the partition planner's), read exactly.
+    :param watermark_state_key: the Airflow Variable that keeps this task's windows (default
+        ``cxpg_watermark.<dag_id>.<task_id>[.<map_index>]``).
     :param column_casts: ``{column: sql_type}`` to read a column as another type (e.g. ``text``).
     :param lower_key: exclusive lower key bound (templated), e.g. from the partition planner.
     :param upper_key: inclusive upper key bound (templated).
@@ -160,6 +168,9 @@ class PostgresExtractOperator(BaseOperator):
         watermark_column: str | None = None,
         watermark_start: Any = None,
         watermark_end: Any = None,
+        watermark_lag: Any = None,
+        watermark_window: Mapping[str, Any] | None = None,
+        watermark_state_key: str | None = None,
         column_casts: Mapping[str, str] | None = None,
         lower_key: Sequence[Any] | None = None,
         upper_key: Sequence[Any] | None = None,
@@ -195,6 +206,10 @@ class PostgresExtractOperator(BaseOperator):
         self.watermark_column = watermark_column
         self.watermark_start = watermark_start
         self.watermark_end = watermark_end
+        self.watermark_lag = watermark_lag
+        self.watermark_window = watermark_window
+        self.watermark_state_key = watermark_state_key
+        self._watermark_state: WatermarkState | None = None
         self.column_casts = column_casts
         self.lower_key = lower_key
         self.upper_key = upper_key
@@ -245,37 +260,44 @@ class PostgresExtractOperator(BaseOperator):
             raise InvalidInputError(f"max_worker_restarts must be an integer >= 0, got {self.max_worker_restarts!r}")
         self.columns = _names("columns", self.columns)
         self.key_columns = _names("key_columns", self.key_columns)
-        if self.watermark_column is None and (
-            self.watermark_start not in (None, "") or self.watermark_end not in (None, "")
+        if self.watermark_window is not None:
+            if not isinstance(self.watermark_window, Mapping) or "column" not in self.watermark_window:
+                raise InvalidInputError(
+                    f"watermark_window must be a window from the partition planner, got {self.watermark_window!r}"
+                )
+            column = self.watermark_window["column"]
+            if self.watermark_column not in (None, column):
+                raise InvalidInputError(f"watermark_window is for column {column!r}, not {self.watermark_column!r}")
+            self.watermark_column = column
+        if self.watermark_column is None and any(
+            v not in (None, "") for v in (self.watermark_start, self.watermark_end, self.watermark_lag)
         ):
-            raise InvalidInputError("watermark_start / watermark_end need watermark_column")
+            raise InvalidInputError("watermark_start / watermark_end / watermark_lag need watermark_column")
         if self.destination is None or (isinstance(self.destination, str) and not self.destination.strip()):
             raise InvalidInputError("destination is empty")
 
-    def _previous_high_watermark(self, context: Context) -> Any:
-        """The ``high_watermark`` of this task's latest successful run (its XCom), or None."""
-        ti = context.get("ti")
-        if ti is None:
-            return None
-        try:
-            previous = ti.xcom_pull(task_ids=self.task_id, key="return_value", include_prior_dates=True)
-        except Exception as exc:  # noqa: BLE001  no history is not an error
-            self.log.info("no previous high_watermark (%s)", type(exc).__name__)
-            return None
-        if isinstance(previous, list):  # mapped or multiple: take the newest non-empty
-            previous = next((p for p in reversed(previous) if p), None)
-        if isinstance(previous, dict) and previous.get("watermark_column") == self.watermark_column:
-            return previous.get("high_watermark")
-        return None
-
     def _watermark(self, context: Context) -> WatermarkSpec | None:
+        """This run's window: the planner's, an explicit one, or the one after the last committed."""
+        self._watermark_state = None
+        if self.watermark_window:
+            window = dict(self.watermark_window)
+            self.log.info("incremental window fixed by the planner: %s", describe_window(window))
+            return WatermarkSpec.again(window)
         if not self.watermark_column:
             return None
-        start = self.watermark_start
-        if start in (None, ""):
-            start = self._previous_high_watermark(context)
-            self.log.info("watermark_start from the previous successful run: %r", start)
-        return WatermarkSpec(self.watermark_column, start, self.watermark_end)
+        if self.watermark_start not in (None, ""):  # a one-off window: the state is neither read nor moved
+            return WatermarkSpec(self.watermark_column, self.watermark_start, self.watermark_end, self.watermark_lag)
+        state = WatermarkState.for_task(context, self.task_id, self.watermark_state_key)
+        self._watermark_state = state
+        dag_run = context.get("dag_run")
+        return spec_for_run(
+            state,
+            self.watermark_column,
+            dag_run_id=getattr(dag_run, "run_id", None),
+            end=self.watermark_end,
+            lag=self.watermark_lag,
+            log=self.log,
+        )
 
     def _destination(self) -> Any:
         if self.destination_conn_id:
@@ -313,6 +335,7 @@ class PostgresExtractOperator(BaseOperator):
             "read_ahead": self.read_ahead,
             "stream_rows": self.stream_rows,
             "query_log_path": self.query_log_path,
+            "owner": f"{getattr(self, 'dag_id', None) or '_'}.{self.task_id}",
             **settings,
         }
         if self.parallelism > 1:
@@ -329,6 +352,9 @@ class PostgresExtractOperator(BaseOperator):
             self._extraction = self.hook.prepare_extraction(snapshot=bool(self.snapshot), **common)
         result: ExtractResult = self._extraction.run()
         self._result = result
+        if self._watermark_state is not None and result.window is not None:
+            dag_run = context.get("dag_run")
+            self._watermark_state.commit(result.window, getattr(dag_run, "run_id", None))
         summary = result.summary()
         summary["watermark_column"] = self.watermark_column
         self._emit_asset(context, summary)

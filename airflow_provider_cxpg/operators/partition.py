@@ -11,8 +11,14 @@
 
 Each mapped task extracts its own key range to ``BASE/range=NNNN/`` with its own manifest, so a
 failed range is retried alone and resumes from its manifest. Mapped tasks run in separate processes
-at different moments: they share no snapshot. For incremental runs the planner fixes the window once
-(``watermark_start`` / ``watermark_end`` in every range's arguments), so all ranges read the same one.
+at different moments: they share no snapshot.
+
+For incremental runs the planner fixes the window once and hands it to every range whole
+(``watermark_window``, with the keys at its edges), so every range reads exactly that window, also
+on the first run and on retries; no range looks for a start of its own. The validator checks that
+every range read it, and only then commits it as the planner's state (see
+:mod:`~airflow_provider_cxpg.watermark_state`): the next run's window starts after a dataset that
+was validated complete, never after one that failed.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from airflow_provider_cxpg.exceptions import DataIntegrityError, InvalidInputErr
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.incremental import WatermarkSpec
 from airflow_provider_cxpg.parallel import DATASET_MANIFEST, plan_or_reuse_ranges, validate_dataset
+from airflow_provider_cxpg.watermark_state import WatermarkState, spec_for_run
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -40,10 +47,11 @@ class PostgresPartitionPlanOperator(BaseOperator):
     """Split a table's key space into ranges of about equal row counts; return one kwargs dict per range.
 
     The result feeds ``PostgresExtractOperator.partial(...).expand_kwargs(...)``: each dict holds
-    ``lower_key``, ``upper_key`` and ``destination`` (``<destination>/range=NNNN``), plus the fixed
-    ``watermark_start`` / ``watermark_end`` when ``watermark_column`` is set. The ranges are recorded in
+    ``lower_key``, ``upper_key`` and ``destination`` (``<destination>/range=NNNN``), plus, when
+    ``watermark_column`` is set, the window every range reads (``watermark_window``; its bounds also
+    as ``watermark_start`` / ``watermark_end``, for reading). The ranges are recorded in
     ``<destination>/_dataset_manifest.json``; re-running the planner before the dataset is complete
-    returns the same ranges, so mapped retries keep resuming.
+    returns the same ranges and window, so mapped retries keep resuming.
 
     :param postgres_conn_id: Airflow ``postgres`` connection.
     :param table: ``schema.table`` (templated), or ``sql``.
@@ -54,9 +62,13 @@ class PostgresPartitionPlanOperator(BaseOperator):
     :param method: ``auto``, ``histogram``, ``sample``, ``ntile`` or ``ctid``.
     :param destination: base URL or path of the dataset (templated).
     :param watermark_column: fix one incremental window for every range (see the extract operator).
-    :param watermark_start: exclusive lower bound (templated); default: previous ``high_watermark``.
-    :param watermark_end: inclusive upper bound (templated); default: fixed now.
+    :param watermark_start: exclusive lower bound (templated), for a one-off window; default: where
+        the last *validated* dataset's window ended (the validator commits it), or a full copy.
+    :param watermark_end: upper bound (templated); default: fixed now.
+    :param watermark_lag: re-read this much before the start (see the extract operator).
+    :param watermark_state_key: the Airflow Variable that keeps the planner's windows.
     :param storage_options: fsspec options for the destination.
+    :param query_timeout: seconds for each planning query (server ``statement_timeout`` too).
     """
 
     template_fields: Sequence[str] = (
@@ -85,6 +97,8 @@ class PostgresPartitionPlanOperator(BaseOperator):
         watermark_column: str | None = None,
         watermark_start: Any = None,
         watermark_end: Any = None,
+        watermark_lag: Any = None,
+        watermark_state_key: str | None = None,
         storage_options: dict[str, Any] | None = None,
         query_timeout: float | None = 3600.0,
         **kwargs: Any,
@@ -101,6 +115,8 @@ class PostgresPartitionPlanOperator(BaseOperator):
         self.watermark_column = watermark_column
         self.watermark_start = watermark_start
         self.watermark_end = watermark_end
+        self.watermark_lag = watermark_lag
+        self.watermark_state_key = watermark_state_key
         self.storage_options = storage_options
         self.query_timeout = query_timeout
 
@@ -108,23 +124,28 @@ class PostgresPartitionPlanOperator(BaseOperator):
     def hook(self) -> ConnectorXPostgresHook:
         return ConnectorXPostgresHook(postgres_conn_id=self.postgres_conn_id)
 
-    def _previous_window_end(self, context: Context) -> Any:
-        """The ``watermark_end`` this planner handed out in its latest successful run, or None."""
-        ti = context.get("ti")
-        try:
-            previous = ti.xcom_pull(task_ids=self.task_id, include_prior_dates=True) if ti else None
-        except Exception:  # noqa: BLE001  no history is not an error
-            return None
-        if isinstance(previous, list) and previous and isinstance(previous[0], dict):
-            return previous[0].get("watermark_end")
-        return None
+    def _watermark(self, context: Context) -> tuple[WatermarkSpec | None, WatermarkState | None]:
+        if not self.watermark_column:
+            return None, None
+        if self.watermark_start not in (None, ""):  # a one-off window: the state is neither read nor moved
+            spec = WatermarkSpec(self.watermark_column, self.watermark_start, self.watermark_end, self.watermark_lag)
+            return spec, None
+        state = WatermarkState.for_task(context, self.task_id, self.watermark_state_key)
+        dag_run = context.get("dag_run")
+        spec = spec_for_run(
+            state,
+            self.watermark_column,
+            dag_run_id=getattr(dag_run, "run_id", None),
+            end=self.watermark_end,
+            lag=self.watermark_lag,
+            log=self.log,
+        )
+        return spec, state
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         if isinstance(self.partitions, bool) or not isinstance(self.partitions, int) or self.partitions < 1:
             raise InvalidInputError(f"partitions must be a positive integer, got {self.partitions!r}")
-        start = self.watermark_start
-        if self.watermark_column and start in (None, ""):
-            start = self._previous_window_end(context)
+        spec, state = self._watermark(context)
         coordinator = self.hook.prepare_extraction(
             destination=self.destination,
             table=self.table,
@@ -133,19 +154,24 @@ class PostgresPartitionPlanOperator(BaseOperator):
             key_columns=self.key_columns,
             storage_options=self.storage_options,
             query_timeout=self.query_timeout,
-            watermark=WatermarkSpec(self.watermark_column, start, self.watermark_end)
-            if self.watermark_column
-            else None,
+            watermark=spec,
+            owner=f"{getattr(self, 'dag_id', None) or '_'}.{self.task_id}",
         )
-        destination = Destination(self.destination, self.storage_options)
+        destination = coordinator.destination
         ranges, record = plan_or_reuse_ranges(coordinator, destination, self.partitions, self.method)
         extra: dict[str, Any] = {}
         if coordinator.watermark is not None:
             coordinator.windowed(coordinator.build_plan(), record.get("window"))
             assert coordinator.window is not None
-            record["window"] = coordinator.window.to_json()
+            window = coordinator.window.to_json()
+            record["window"] = window
+            dag_run = context.get("dag_run")
+            record["watermark_state"] = {
+                "key": state.key if state is not None else None,
+                "dag_run_id": getattr(dag_run, "run_id", None),
+            }
             destination.write_json(DATASET_MANIFEST, record)
-            extra = {"watermark_start": coordinator.window.start, "watermark_end": coordinator.window.end}
+            extra = {"watermark_window": window, "watermark_start": window["start"], "watermark_end": window["end"]}
         base = destination.url
         return [
             {
@@ -159,17 +185,29 @@ class PostgresPartitionPlanOperator(BaseOperator):
 
 
 class PostgresPartitionValidateOperator(BaseOperator):
-    """Check a fanned-out dataset and write its dataset-level manifest.
+    """Prove a fanned-out dataset complete, write its dataset-level manifest, commit its window.
 
-    Every range's extraction must be complete, the ranges must tile the key space (each upper bound is
-    the next lower bound, first and last open), and each range's chunk rows must add up. With
-    ``verify_count`` the total is also compared with ``count(*)`` of the source (only meaningful when
-    the source did not change meanwhile). Returns ``rows``, ``partitions``, ``files`` and
-    ``destination``.
+    Checks, each of which fails the task with an error that names what is wrong:
+
+    * every range's extraction is complete, with the planned bounds and the planned window;
+    * the ranges tile the key space (each upper bound is the next lower bound, first and last open),
+      and no ``range=NNNN/`` folder outside the plan remains;
+    * every file each range's manifest lists exists, has the committed size, its Parquet footer
+      holds the committed row count, and it was written by that range's extraction as that chunk;
+    * with ``verify_count``, the dataset's rows equal ``count(*)`` of the source *within the window
+      the planner fixed* (only meaningful when the source did not change meanwhile).
+
+    Then it writes the totals into ``_dataset_manifest.json`` (``status: complete``) and, for an
+    incremental dataset, commits the window as the planner's state: the next run starts after it.
+    Returns ``rows``, ``partitions``, ``files`` and ``destination``.
 
     :param destination: base URL or path of the dataset (templated).
     :param storage_options: fsspec options for the destination.
-    :param verify_count: also count the source rows (needs ``postgres_conn_id`` and the source).
+    :param verify_count: also count the source rows (with ``postgres_conn_id``; the source, ``where``
+        and window come from the dataset manifest).
+    :param postgres_conn_id: Airflow ``postgres`` connection, for ``verify_count``.
+    :param table: the source table, if given, must be the one the planner recorded (templated).
+    :param where: likewise for the planner's ``where`` (templated).
     """
 
     template_fields: Sequence[str] = ("destination", "table", "where")
@@ -199,19 +237,23 @@ class PostgresPartitionValidateOperator(BaseOperator):
         record = destination.read_json(DATASET_MANIFEST)
         if record is None:
             raise InvalidInputError(f"no {DATASET_MANIFEST} in {destination.url}: run the planner first")
-        totals = validate_dataset(destination, record["ranges"])
+        source = record.get("source") or {}
+        for name, given in (("table", self.table), ("where", self.where)):
+            if given not in (None, "") and given != source.get(name):
+                raise InvalidInputError(
+                    f"{name}={given!r} is not the planner's {name} ({source.get(name)!r}) for {destination.url}"
+                )
+        window = record.get("window")
+        totals = validate_dataset(destination, record["ranges"], window=window)
         if self.verify_count:
-            if not self.table:
-                raise InvalidInputError("verify_count needs `table`")
-            hook = ConnectorXPostgresHook(postgres_conn_id=self.postgres_conn_id)
-            extraction = hook.prepare_extraction(destination=self.destination, table=self.table, where=self.where)
-            plan = extraction.build_plan()
-            if record.get("window"):
-                plan = extraction.windowed(plan, record["window"]) if extraction.watermark else plan
-            with extraction.control_connection("count") as conn:
-                expected = conn.execute(plan.count_sql()).fetchone()[0]
+            expected = self._count_source(source, window)
             if expected != totals["rows"]:
-                raise DataIntegrityError(f"the dataset holds {totals['rows']} rows, the source {expected}")
+                raise DataIntegrityError(
+                    f"the dataset holds {totals['rows']} rows, the source {expected}"
+                    + (" in the planner's window" if window else ""),
+                    rows=totals["rows"],
+                    source_rows=expected,
+                )
         record.update(
             status="complete",
             rows=totals["rows"],
@@ -222,9 +264,30 @@ class PostgresPartitionValidateOperator(BaseOperator):
         with contextlib.suppress(KeyError):
             record.pop("error")
         destination.write_json(DATASET_MANIFEST, record)
+        state = record.get("watermark_state") or {}
+        if window is not None and state.get("key"):
+            WatermarkState(state["key"]).commit(window, state.get("dag_run_id"))
+            self.log.info("committed the window in Variable %s: the next run starts after it", state["key"])
         return {
             "rows": totals["rows"],
             "partitions": len(totals["partitions"]),
             "files": len(totals["files"]),
             "destination": destination.url,
         }
+
+    def _count_source(self, source: dict[str, Any], window: dict[str, Any] | None) -> int:
+        """``count(*)`` of the recorded source within the recorded window."""
+        if not source.get("table") and not source.get("sql"):
+            raise InvalidInputError("verify_count: the dataset manifest records no source")
+        hook = ConnectorXPostgresHook(postgres_conn_id=self.postgres_conn_id)
+        extraction = hook.prepare_extraction(
+            destination=self.destination,
+            table=source.get("table"),
+            sql=source.get("sql"),
+            where=source.get("where"),
+            key_columns=source.get("key_columns"),
+            watermark=WatermarkSpec.again(window) if window else None,
+        )
+        plan = extraction.windowed(extraction.build_plan(), None)
+        with extraction.control_connection("count") as conn:
+            return int(conn.execute(plan.count_sql()).fetchone()[0])

@@ -149,24 +149,24 @@ def _conform(table: pa.Table, request: ReadChunk) -> pa.Table:
     return table
 
 
-def _drop_peeked(
-    table: pa.Table, request: ReadChunk, received: int, previous_last: tuple[Any, ...] | None
-) -> tuple[pa.Table, bool | None]:
+def _drop_peeked(table: pa.Table, request: ReadChunk, received: int) -> tuple[pa.Table, bool | None]:
     """Drop the row read past the chunk's end; say whether it existed; refuse a key that continues.
 
-    ``table`` holds the last rows of the chunk; ``previous_last`` is the key of the row before them.
+    ``table`` holds the last rows of the chunk. Whether the peeked row's key equals the last kept
+    row's is the server's verdict (``request.tie_field``), never a Python comparison: the server's
+    equality is the one the next page's ``>`` uses.
     """
     if not request.peek_row:
         return table, None
     if request.limit is None or received <= request.limit or table.num_rows == 0:
         return table, False
     rows = table.num_rows
-    peeked = _key_at(table, rows - 1, request.key_fields)
-    before = _key_at(table, rows - 2, request.key_fields) if rows >= 2 else previous_last
-    if peeked == before:
+    if request.tie_field is not None and table.column(request.tie_field)[rows - 1].as_py():
+        peeked = _key_at(table, rows - 1, request.key_fields)
         raise DataIntegrityError(
             f"key {list(request.key_fields)} is not unique: value {list(peeked)} continues past the end of "
-            f"chunk {request.chunk_index}; rows would be lost. Choose a unique key.",
+            f"chunk {request.chunk_index} (the server compares it equal to the chunk's last key); rows would be "
+            "lost. Choose a unique key.",
             key=list(request.key_fields),
         )
     return table.slice(0, rows - 1), True
@@ -187,7 +187,7 @@ def read_chunk(
         raise _named_column_error(exc, request) from exc
     read_seconds = time.monotonic() - t0
     table = _conform(table, request)
-    table, more = _drop_peeked(table, request, table.num_rows, None)
+    table, more = _drop_peeked(table, request, table.num_rows)
     rows = table.num_rows
     has_key = bool(request.key_fields) and rows > 0
     first = _key_at(table, 0, request.key_fields) if has_key else None
@@ -284,7 +284,7 @@ def stream_chunk(
             held = table
         more: bool | None = False if request.peek_row else None
         if held is not None:
-            held, more = _drop_peeked(held, request, received, written.last)
+            held, more = _drop_peeked(held, request, received)
             written.emit(held)
     except BaseException as exc:  # PanicException (a BaseException) carries stream errors
         writer.abort()

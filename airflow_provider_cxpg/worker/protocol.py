@@ -82,6 +82,8 @@ class ParquetSink:
     :param storage_options: fsspec options for remote URLs (credentials travel here, over the pipe).
     :param compression: Parquet codec.
     :param row_group_rows: rows buffered before a row group is written.
+    :param metadata: key-value pairs for the file's footer (the run id and chunk number, which the
+        output check compares with the manifest: a file from another run or chunk is foreign).
     """
 
     url: str
@@ -89,6 +91,7 @@ class ParquetSink:
     compression: str = "zstd"
     compression_level: int | None = None
     row_group_rows: int = 65_536
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -108,9 +111,11 @@ class ReadChunk:
     :param schema: the Arrow schema read (results are cast to it); written minus ``drop_fields``.
     :param key_fields: output columns of the key, to report the first and last key.
     :param limit: the chunk's row limit (None: unlimited).
-    :param peek_row: the query asks for ``limit + 1`` rows; the worker drops the extra one, reports
-        whether it existed (no empty trailing query is needed), and raises if it shares the key of
-        the last kept row (the key is not unique).
+    :param peek_row: the query asks for ``limit + 1`` rows; the worker drops the extra one and
+        reports whether it existed (no empty trailing query is needed).
+    :param tie_field: a boolean field the server sets where a row's key equals the previous row's
+        (keys nothing proves unique): true on the peeked row means a key value continues past the
+        chunk's end, and the worker raises instead of losing rows.
     :param infinity_columns: timestamp/date columns to check for ±infinity sentinels.
     :param stream_rows: read with connectorx ``arrow_stream`` in batches of this many rows, writing
         as they arrive (memory holds batches, not the chunk); 0 reads the chunk as one table.
@@ -133,6 +138,7 @@ class ReadChunk:
     drop_fields: tuple[str, ...] = ()
     guards: tuple[tuple[str, str], ...] = ()
     write_empty: bool = True
+    tie_field: str | None = None
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,8 @@ class _ParquetWriter:
         options: dict[str, Any] = {"compression": sink.compression}
         if sink.compression_level is not None:
             options["compression_level"] = sink.compression_level
+        if sink.metadata:  # the footer's key-value metadata: who wrote this file, for the output check
+            schema = schema.with_metadata({**(schema.metadata or {}), **sink.metadata})
         self._writer = pq.ParquetWriter(target, schema, **options)
         self._pending: list[pa.Table] = []
         self._pending_rows = 0

@@ -1,0 +1,106 @@
+"""Blocking calls with a deadline: storage I/O that may never return.
+
+An object store that stops answering (a partitioned network, a frozen gateway) leaves a socket
+open with nothing on it: fsspec, botocore and the kernel may wait for many minutes, and a local
+write to a hung NFS mount waits forever. Neither can be interrupted from Python. So every such call
+runs on a helper thread and the caller waits for it with a deadline; past it, the caller raises and
+moves on (stop the worker, fail the run), and the helper is left behind as a daemon thread, dying
+with the process.
+
+Calls through one :class:`SerialCalls` run one at a time, in order, on one thread: a manifest write
+that timed out can never land after a later one. Once a call has timed out, the ones after it fail at
+once instead of queueing behind it.
+
+Shared by the parent (destination operations) and the worker (chunk writes); imports nothing else.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+__all__ = ["CallTimedOut", "SerialCalls"]
+
+T = TypeVar("T")
+
+
+class CallTimedOut(TimeoutError):
+    """A call did not return within its deadline (or an earlier one on the same thread has not)."""
+
+    def __init__(self, operation: str, limit: float | None, *, earlier: str | None = None) -> None:
+        self.operation, self.limit, self.earlier = operation, limit, earlier
+        if earlier is not None:
+            text = f"{operation} was not attempted: {earlier} has not returned after its deadline"
+        else:
+            text = f"{operation} did not return within {limit}s"
+        super().__init__(text)
+
+
+class SerialCalls:
+    """Run calls one at a time on a daemon thread, each under a deadline.
+
+    :param name: names the thread (``cxpg-io-<name>``).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any], str] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._stuck: str | None = None
+        self._busy: tuple[str, float] | None = None
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, future, operation = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            self._busy = (operation, time.monotonic())
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001  handed to the caller
+                future.set_exception(exc)
+            finally:
+                self._busy = None
+
+    def busy(self) -> tuple[str, float] | None:
+        """The call running now and for how many seconds, or None."""
+        busy = self._busy
+        return None if busy is None else (busy[0], time.monotonic() - busy[1])
+
+    def call(self, operation: str, fn: Callable[[], T], timeout: float | None) -> T:
+        """Return ``fn()``; raise :class:`CallTimedOut` when it takes longer than ``timeout`` seconds.
+
+        ``timeout=None`` waits as long as it takes (still on the helper thread, so a later call with
+        a deadline is not stuck behind an unbounded one).
+        """
+        with self._lock:
+            if self._stuck is not None:
+                raise CallTimedOut(operation, timeout, earlier=self._stuck)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"cxpg-io-{self._name}", daemon=True)
+                self._thread.start()
+        future: Future[T] = Future()
+        self._queue.put((fn, future, operation))
+        try:
+            return future.result(timeout=timeout)
+        except TimeoutError:
+            if future.done():  # finished in the instant the wait gave up
+                return future.result()
+            future.cancel()
+            self._stuck = operation
+            raise CallTimedOut(operation, timeout) from None
+
+    def close(self) -> None:
+        """Let the thread end after what is queued (it is a daemon: a stuck one dies with the process)."""
+        with self._lock:
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread = None

@@ -1,0 +1,68 @@
+"""The output check: every file a manifest lists is there, whole, and written by that extraction.
+
+A manifest that says "complete" is a promise about files, so the check reads the files, not the
+manifest's own sums (which would agree with themselves whatever happened to the files). For each
+committed chunk it compares, from one listing and each file's Parquet footer (no data pages read):
+
+* the file exists, and its size is the size the worker reported when it committed it;
+* the footer's row count is the chunk's row count;
+* the footer's ``cxpg.run_id`` and ``cxpg.chunk`` name this extraction and this chunk, so a file
+  from another run or another chunk, copied or renamed into place, is foreign.
+
+An extraction runs the check on its own files before it reports success; a resumed one runs it on
+the chunks it keeps (and starts over when one is damaged); the fan-out validator runs it on every
+range.
+"""
+
+from __future__ import annotations
+
+from airflow_provider_cxpg.destination import Destination
+from airflow_provider_cxpg.exceptions import StorageError
+from airflow_provider_cxpg.manifest import Manifest
+
+__all__ = ["FOOTER_CHUNK", "FOOTER_RUN_ID", "check_output", "output_problems"]
+
+FOOTER_RUN_ID = "cxpg.run_id"
+FOOTER_CHUNK = "cxpg.chunk"
+
+
+def output_problems(destination: Destination, manifest: Manifest) -> list[str]:
+    """What is wrong with the files ``manifest`` lists (empty: every file is as committed)."""
+    sizes = destination.list_entries()
+    problems: list[str] = []
+    for entry in manifest.chunks:
+        if not entry.file:
+            continue
+        where = f"{destination.child_url(entry.file)} (chunk {entry.index})"
+        if entry.file not in sizes:
+            problems.append(f"{where}: missing")
+            continue
+        if entry.bytes and sizes[entry.file] != entry.bytes:
+            problems.append(f"{where}: {sizes[entry.file]} bytes, the manifest records {entry.bytes}")
+            continue
+        try:
+            rows, meta = destination.read_footer(entry.file)
+        except StorageError as exc:
+            problems.append(f"{where}: not a readable Parquet file ({exc})")
+            continue
+        if rows != entry.rows:
+            problems.append(f"{where}: holds {rows} rows, the manifest records {entry.rows}")
+        if meta.get(FOOTER_RUN_ID) != manifest.run_id or meta.get(FOOTER_CHUNK) != str(entry.index):
+            problems.append(
+                f"{where}: written by run {meta.get(FOOTER_RUN_ID)!r} as chunk {meta.get(FOOTER_CHUNK)!r}, "
+                f"not by run {manifest.run_id!r} as chunk {entry.index}: a foreign file"
+            )
+    return problems
+
+
+def check_output(destination: Destination, manifest: Manifest) -> None:
+    """Raise :class:`StorageError` naming every file that does not match ``manifest``."""
+    problems = output_problems(destination, manifest)
+    if problems:
+        raise StorageError(
+            f"the output at {destination.url} does not match its manifest: "
+            + "; ".join(problems[:20])
+            + (f"; and {len(problems) - 20} more" if len(problems) > 20 else ""),
+            problems=problems,
+            destination=destination.url,
+        )

@@ -1,0 +1,172 @@
+"""Where an incremental task's next window starts: state the provider keeps itself.
+
+An incremental task must start where its last *successful* run ended, and nowhere else: not at a
+sibling map index's end, not at the current run's own end (a retry or a re-run), and not at whichever
+earlier run an XCom query happens to return first (on Airflow 3, ``xcom_pull(...,
+include_prior_dates=True)`` returns every earlier run and map index, and the current run too, in no
+promised order; runs triggered without a logical date do not sort at all). So the provider records
+each committed window itself, in one Airflow Variable per task (per map index when mapped)::
+
+    cxpg_watermark.<dag_id>.<task_id>[.<map_index>]  (or ``watermark_state_key``)
+    {"format": "cxpg-watermark-state/1",
+     "window": {...the last committed window...},          # the next run starts where it ended
+     "runs": {"<dag run id>": {...its window...}, ...}}    # a re-run of a DAG run reads its window again
+
+A task commits its window when it succeeds; the fan-out validator commits the planner's window when
+the dataset is complete. A Variable works the same on Airflow 2.11 and 3.x, under ``dag.test()`` and
+any executor, and an operator can inspect or reset it in the UI (delete it: the next run is a full
+copy). Concurrent runs of one incremental task may read overlapping windows (never lose rows): keep
+``max_active_runs=1``, as the example DAGs do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from airflow_provider_cxpg.exceptions import InvalidInputError
+from airflow_provider_cxpg.incremental import WatermarkSpec
+
+__all__ = ["WatermarkState", "default_state_key", "describe_window", "spec_for_run"]
+
+FORMAT = "cxpg-watermark-state/1"
+#: Windows of this many recent DAG runs are kept, so a re-run of one reads the same window.
+_RUNS_KEPT = 20
+
+
+def default_state_key(dag_id: str | None, task_id: str, map_index: int | None = None) -> str:
+    key = f"cxpg_watermark.{dag_id or '_'}.{task_id}"
+    return f"{key}.{map_index}" if map_index is not None and map_index >= 0 else key
+
+
+class WatermarkState:
+    """The committed windows of one incremental task, in an Airflow Variable.
+
+    :param key: the Variable's key.
+    """
+
+    def __init__(self, key: str) -> None:
+        if not key or not isinstance(key, str) or len(key) > 250:
+            raise InvalidInputError(
+                f"watermark_state_key must be a non-empty string of at most 250 characters: {key!r}"
+            )
+        self.key = key
+
+    @classmethod
+    def for_task(cls, context: Mapping[str, Any], task_id: str, key: str | None = None) -> WatermarkState | None:
+        """The state of the task running in ``context`` (None outside a task: nothing to keep)."""
+        ti = context.get("ti")
+        if ti is None:
+            return None
+        if key:
+            return cls(key)
+        map_index = getattr(ti, "map_index", None)
+        return cls(default_state_key(getattr(ti, "dag_id", None), task_id, map_index))
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def load(self) -> dict[str, Any]:
+        from airflow.providers.common.compat.sdk import Variable
+
+        try:
+            raw = Variable.get(self.key, None)  # positional default: Airflow 2 names it default_var
+        except KeyError:
+            raw = None
+        if raw in (None, ""):
+            return {}
+        data = json.loads(raw) if isinstance(raw, str) else dict(raw)
+        if data.get("format") != FORMAT:
+            raise InvalidInputError(
+                f"Variable {self.key!r} does not hold cxpg watermark state (format {data.get('format')!r})"
+            )
+        return data
+
+    def window_of_run(self, dag_run_id: str | None) -> dict[str, Any] | None:
+        """The window a DAG run committed (a re-run of that run reads it again), or None."""
+        if not dag_run_id:
+            return None
+        return self.load().get("runs", {}).get(dag_run_id)
+
+    def last_window(self) -> dict[str, Any] | None:
+        """The last committed window (the next one starts where it ended), or None before the first."""
+        return self.load().get("window")
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def commit(self, window: Mapping[str, Any], dag_run_id: str | None) -> None:
+        """Record ``window`` as read, for the next run and for re-runs of ``dag_run_id``.
+
+        A window that ends before the committed one (a re-run of an older DAG run) is recorded for its
+        run but does not move the next start back.
+        """
+        from airflow.providers.common.compat.sdk import Variable
+
+        data = self.load() or {"format": FORMAT, "runs": {}}
+        current = data.get("window")
+        if current is None or _advances(current, window):
+            data["window"] = dict(window)
+        runs: dict[str, Any] = dict(data.get("runs") or {})
+        if dag_run_id:
+            runs.pop(dag_run_id, None)
+            runs[dag_run_id] = dict(window)
+        data["runs"] = dict(list(runs.items())[-_RUNS_KEPT:])
+        data["updated_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        Variable.set(
+            self.key,
+            json.dumps(data, default=str),
+            "cxpg incremental state: the windows this task has read (delete it to start with a full copy)",
+        )
+
+
+def _advances(current: Mapping[str, Any], window: Mapping[str, Any]) -> bool:
+    """Whether ``window`` ends at or after ``current`` (the high watermarks are server text forms)."""
+    new, old = window.get("high_watermark"), current.get("high_watermark")
+    if old is None:
+        return True
+    if new is None:
+        return False
+    if isinstance(new, (int, float)) and isinstance(old, (int, float)):
+        return new >= old
+    # Text forms of one column: ISO timestamps and dates order as text; numbers do not, so try them.
+    try:
+        return float(new) >= float(old)
+    except (TypeError, ValueError):
+        return str(new) >= str(old)
+
+
+def spec_for_run(
+    state: WatermarkState | None,
+    column: str,
+    *,
+    dag_run_id: str | None,
+    end: Any = None,
+    lag: Any = None,
+    log: Any = None,
+) -> WatermarkSpec:
+    """The window a run reads: its own again (a re-run), the one after the last committed, or a first."""
+    say = log.info if log is not None else (lambda *a: None)
+    if state is None:
+        return WatermarkSpec(column, None, end, lag)
+    again = state.window_of_run(dag_run_id)
+    if again is not None and again.get("column") == column:
+        say("DAG run %s read this window before; reading it again: %s", dag_run_id, describe_window(again))
+        return WatermarkSpec.again(again)
+    last = state.last_window()
+    if last is None or last.get("column") != column:
+        say("no committed window in Variable %s: this first run reads every row", state.key)
+        return WatermarkSpec(column, None, end, lag)
+    say("continuing after the window committed in Variable %s: %s", state.key, describe_window(last))
+    return WatermarkSpec.following(last, end=end, lag=lag)
+
+
+def describe_window(window: Mapping[str, Any]) -> str:
+    """One line for the task log."""
+    bound = "[" if window.get("start_inclusive") else "("
+    keys = len(window.get("start_keys") or ())
+    skipped = f" (skipping {keys} keys already read there)" if keys else ""
+    return (
+        f"{window.get('column')} in {bound}{window.get('start')!r}, {window.get('end')!r}]{skipped}, "
+        f"next start {window.get('high_watermark')!r}"
+    )
