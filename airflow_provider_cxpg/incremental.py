@@ -422,7 +422,7 @@ def _replay_guard(wal_position: str) -> str:
     no row matches; a server that is behind fails the query with this text in the error message.
     """
     lsn = literal(wal_position, "pg_lsn")
-    position = "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END"
+    position = _WAL_POSITION
     message = (
         f"cxpg: this server has not yet replayed WAL position {wal_position}, at which the incremental window "
         "was fixed; it is behind the server the window was read on (a replica behind a load balancer?) "
@@ -435,12 +435,16 @@ def _replay_guard(wal_position: str) -> str:
     return f"(SELECT CASE WHEN {position} >= {lsn} THEN true ELSE {failure} END)"
 
 
+#: Where this server's visible data ends in the WAL: what a standby has replayed; on a primary the
+#: *insert* position (a commit becomes visible once inserted; with synchronous_commit=off it may not
+#: be written yet, so pg_current_wal_lsn() can lie before it).
+_WAL_POSITION = "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END"
+
+
 def _wal_position(conn: Any) -> str | None:
     """The WAL position every row the window's end saw is visible at (for :func:`_replay_guard`)."""
     try:
-        row = conn.execute(
-            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text"
-        ).fetchone()
+        row = conn.execute(f"SELECT ({_WAL_POSITION})::text").fetchone()
     except Exception:  # noqa: BLE001  a server without WAL functions (a foreign one): no guard
         return None
     return row[0] if row and row[0] else None

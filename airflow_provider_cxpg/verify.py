@@ -37,21 +37,23 @@ def output_problems(destination: Destination, manifest: Manifest) -> list[str]:
         if entry.file not in sizes:
             problems.append(f"{where}: missing")
             continue
+        wrong: list[str] = []
         if entry.bytes and sizes[entry.file] != entry.bytes:
-            problems.append(f"{where}: {sizes[entry.file]} bytes, the manifest records {entry.bytes}")
-            continue
+            wrong.append(f"{sizes[entry.file]} bytes, the manifest records {entry.bytes}")
         try:
             rows, meta = destination.read_footer(entry.file)
         except StorageError as exc:
             problems.append(f"{where}: not a readable Parquet file ({exc})")
             continue
         if rows != entry.rows:
-            problems.append(f"{where}: holds {rows} rows, the manifest records {entry.rows}")
+            wrong.append(f"holds {rows} rows, the manifest records {entry.rows}")
         if meta.get(FOOTER_RUN_ID) != manifest.run_id or meta.get(FOOTER_CHUNK) != str(entry.index):
-            problems.append(
-                f"{where}: written by run {meta.get(FOOTER_RUN_ID)!r} as chunk {meta.get(FOOTER_CHUNK)!r}, "
+            wrong.append(
+                f"written by run {meta.get(FOOTER_RUN_ID)!r} as chunk {meta.get(FOOTER_CHUNK)!r}, "
                 f"not by run {manifest.run_id!r} as chunk {entry.index}: a foreign file"
             )
+        if wrong:
+            problems.append(f"{where}: " + "; ".join(wrong))
     return problems
 
 

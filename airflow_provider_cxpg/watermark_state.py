@@ -29,7 +29,7 @@ from typing import Any
 from airflow_provider_cxpg.exceptions import InvalidInputError
 from airflow_provider_cxpg.incremental import WatermarkSpec
 
-__all__ = ["WatermarkState", "default_state_key", "describe_window", "spec_for_run"]
+__all__ = ["AirflowVariables", "WatermarkState", "default_state_key", "describe_window", "spec_for_run"]
 
 FORMAT = "cxpg-watermark-state/1"
 #: Windows of this many recent DAG runs are kept, so a re-run of one reads the same window.
@@ -41,18 +41,38 @@ def default_state_key(dag_id: str | None, task_id: str, map_index: int | None = 
     return f"{key}.{map_index}" if map_index is not None and map_index >= 0 else key
 
 
+class AirflowVariables:
+    """Airflow Variables as the store (through the Task SDK on Airflow 3, the database on Airflow 2)."""
+
+    def get(self, key: str) -> str | None:
+        from airflow.providers.common.compat.sdk import Variable
+
+        try:
+            value = Variable.get(key, None)  # positional default: Airflow 2 names it default_var
+        except KeyError:
+            return None
+        return None if value is None else str(value)
+
+    def set(self, key: str, value: str, description: str) -> None:
+        from airflow.providers.common.compat.sdk import Variable
+
+        Variable.set(key, value, description)
+
+
 class WatermarkState:
     """The committed windows of one incremental task, in an Airflow Variable.
 
     :param key: the Variable's key.
+    :param store: where it is kept (default: :class:`AirflowVariables`).
     """
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, store: Any = None) -> None:
         if not key or not isinstance(key, str) or len(key) > 250:
             raise InvalidInputError(
                 f"watermark_state_key must be a non-empty string of at most 250 characters: {key!r}"
             )
         self.key = key
+        self.store = store if store is not None else AirflowVariables()
 
     @classmethod
     def for_task(cls, context: Mapping[str, Any], task_id: str, key: str | None = None) -> WatermarkState | None:
@@ -68,15 +88,10 @@ class WatermarkState:
     # -- reading -----------------------------------------------------------------------------------
 
     def load(self) -> dict[str, Any]:
-        from airflow.providers.common.compat.sdk import Variable
-
-        try:
-            raw = Variable.get(self.key, None)  # positional default: Airflow 2 names it default_var
-        except KeyError:
-            raw = None
+        raw = self.store.get(self.key)
         if raw in (None, ""):
             return {}
-        data = json.loads(raw) if isinstance(raw, str) else dict(raw)
+        data = json.loads(raw)
         if data.get("format") != FORMAT:
             raise InvalidInputError(
                 f"Variable {self.key!r} does not hold cxpg watermark state (format {data.get('format')!r})"
@@ -101,8 +116,6 @@ class WatermarkState:
         A window that ends before the committed one (a re-run of an older DAG run) is recorded for its
         run but does not move the next start back.
         """
-        from airflow.providers.common.compat.sdk import Variable
-
         data = self.load() or {"format": FORMAT, "runs": {}}
         current = data.get("window")
         if current is None or _advances(current, window):
@@ -113,7 +126,7 @@ class WatermarkState:
             runs[dag_run_id] = dict(window)
         data["runs"] = dict(list(runs.items())[-_RUNS_KEPT:])
         data["updated_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        Variable.set(
+        self.store.set(
             self.key,
             json.dumps(data, default=str),
             "cxpg incremental state: the windows this task has read (delete it to start with a full copy)",

@@ -33,7 +33,7 @@ import psycopg  # noqa: E402
 import pytest  # noqa: E402
 
 from airflow_provider_cxpg.embedded_postgres import EmbeddedPostgres, interrupt_on_termination  # noqa: E402
-from tests.helpers import PgInfo  # noqa: E402
+from tests.helpers import PgInfo, system_bindir  # noqa: E402
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -72,6 +72,49 @@ def pg() -> Iterator[PgInfo]:
         )
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def system_pg() -> Iterator[PgInfo]:
+    """A second server from the system's PostgreSQL packages, for what the pgserver wheel lacks.
+
+    The wheel's server is built without ICU, OpenSSL and contrib: nondeterministic collations,
+    TLS and ``citext`` need a distribution's build (Debian's ``postgresql`` package; ``.ci/run``
+    installs it). Without one, the tests that need it skip, unless ``CXPG_REQUIRE_SYSTEM_PG=1`` (CI)
+    makes that an error.
+    """
+    bindir = system_bindir()
+    if bindir is None:
+        message = "no system PostgreSQL server (with ICU, OpenSSL, contrib) found: pg_config --bindir"
+        if os.environ.get("CXPG_REQUIRE_SYSTEM_PG") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    server = EmbeddedPostgres(bindir=bindir).start()
+    try:
+        yield PgInfo(
+            dsn=server.dsn(),
+            host=server.host,
+            port=server.port,
+            user=server.user,
+            password=server.password,
+            dbname=server.database,
+            server=server,
+        )
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def system_admin(system_pg: PgInfo) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(system_pg.dsn, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def system_conn_id(system_pg: PgInfo, monkeypatch: pytest.MonkeyPatch) -> str:
+    cid = f"cxpg_sys_{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv(f"AIRFLOW_CONN_{cid.upper()}", system_pg.airflow_conn_json())
+    return cid
 
 
 @pytest.fixture(scope="session")

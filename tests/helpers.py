@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +40,13 @@ class PgInfo:
         extra: dict[str, Any] | None = None,
         conn_type: str = "postgres",
         schema: str | None = None,
+        port: int | None = None,
     ) -> str:
         return json.dumps(
             {
                 "conn_type": conn_type,
                 "host": self.host if host is None else host,
-                "port": self.port,
+                "port": self.port if port is None else port,
                 "login": login or self.user,
                 "password": self.password if password is None else password,
                 "schema": schema or self.dbname,
@@ -103,3 +107,46 @@ def read_output(directory: str | Path) -> pa.Table:
 
 def manifest_of(directory: str | Path) -> dict[str, Any]:
     return json.loads((Path(directory) / "_manifest.json").read_text())
+
+
+def system_bindir() -> Path | None:
+    """The bin directory of a system PostgreSQL server built with ICU and OpenSSL, or None."""
+    candidates: list[Path] = []
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        try:
+            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True)
+            candidates.append(Path(out.stdout.strip()))
+        except (subprocess.SubprocessError, OSError):
+            pass
+    candidates.extend(Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True))
+    for bindir in candidates:
+        if not all((bindir / exe).exists() for exe in ("initdb", "pg_ctl", "postgres")):
+            continue
+        try:
+            flags = subprocess.run(
+                [str(bindir / "pg_config"), "--configure"], capture_output=True, text=True, timeout=10, check=True
+            ).stdout
+        except (subprocess.SubprocessError, OSError):
+            continue
+        if "--with-icu" in flags and "--with-openssl" in flags:
+            return bindir
+    return None
+
+
+def register_dag(dag: Any) -> Any:
+    """Make a DAG built in a test runnable by ``dag.test()``; return it.
+
+    Airflow 3.3's ``dag.test()`` runs only DAGs its bundles hold in the metadata database, so a DAG
+    defined in a test module is written there first (Airflow 2 runs any DAG object as it is).
+    """
+    try:
+        from airflow.dag_processing.bundles.manager import DagBundlesManager
+        from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+    except ImportError:  # Airflow 2
+        return dag
+    DagBundlesManager().sync_bundles_to_db()
+    bag = DagBag(dag_folder=os.devnull, collect_dags=False)
+    bag.bag_dag(dag)
+    sync_bag_to_db(bag, "dags-folder", None)
+    return dag

@@ -1,0 +1,376 @@
+"""Incremental windows lose nothing: NULL watermarks, ties at the end, lag, state, fan-out windows.
+
+Every test here runs real DAG runs (``dag.test()`` on the metadata database the suite creates) of
+an operator whose window is decided by the provider's own state, with the table changed between
+runs, and checks that the outputs of the runs together hold every row exactly once (or, where the
+contract says at-least-once, every row at least once).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from airflow_provider_cxpg.incremental import END_KEYS_MAX
+from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+from airflow_provider_cxpg.operators.partition import PostgresPartitionPlanOperator, PostgresPartitionValidateOperator
+from airflow_provider_cxpg.watermark_state import WatermarkState, default_state_key, spec_for_run
+from tests.helpers import read_output, register_dag
+from tests.test_operator_dags import run_dag, xcom_return
+
+pytestmark = pytest.mark.integration
+
+_DAG_IDS = itertools.count()
+
+
+def _dag_id(name: str) -> str:
+    return f"cxpg_{name}_{next(_DAG_IDS)}_{dt.datetime.now().strftime('%H%M%S%f')}"
+
+
+def make_dag(dag_id: str, **operator_kwargs: Any) -> Any:
+    from airflow.providers.common.compat.sdk import DAG
+
+    with DAG(dag_id=dag_id, schedule=None, start_date=dt.datetime(2024, 1, 1), catchup=False) as dag:
+        PostgresExtractOperator(task_id="extract", **operator_kwargs)
+    return register_dag(dag)
+
+
+class Runs:
+    """Consecutive DAG runs of one incremental DAG, an hour apart, and their outputs."""
+
+    def __init__(self, dag: Any, task_id: str = "extract") -> None:
+        self.dag, self.task_id, self.count = dag, task_id, 0
+        self.summaries: list[dict[str, Any]] = []
+
+    def run(self) -> dict[str, Any]:
+        dag_run = run_dag(self.dag, self.count)
+        self.count += 1
+        assert "success" in str(dag_run.state), dag_run.state
+        summary = xcom_return(dag_run, self.task_id)
+        self.summaries.append(summary)
+        return summary
+
+    def rows(self, summary: dict[str, Any], key: str = "id") -> list[Any]:
+        return [r[key] for r in read_output(summary["destination"]).to_pylist()]
+
+
+@pytest.fixture
+def events(admin: psycopg.Connection, schema: str) -> Iterator[str]:
+    table = f'"{schema}".events'
+    yield table
+
+
+class MetadataVariables:
+    """Read the Variables tasks wrote, from the metadata database (this process runs no task)."""
+
+    def get(self, key: str) -> str | None:
+        from airflow.models.variable import Variable
+
+        try:
+            return Variable.get(key)
+        except KeyError:
+            return None
+
+
+class MemoryStore(dict):
+    def set(self, key: str, value: str, description: str) -> None:
+        self[key] = value
+
+
+def state(dag_id: str, task_id: str = "extract", map_index: int | None = None) -> WatermarkState:
+    return WatermarkState(default_state_key(dag_id, task_id, map_index), store=MetadataVariables())
+
+
+# -- NULL watermarks -------------------------------------------------------------------------------------
+
+
+def test_first_run_is_a_full_copy_with_null_watermarks_and_later_runs_say_what_they_cannot_see(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path
+) -> None:
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, updated_at timestamptz)")
+    admin.execute(
+        f"INSERT INTO {events} SELECT g, CASE WHEN g % 4 = 0 THEN NULL ELSE '2024-01-01'::timestamptz + g * interval '1 s' END "
+        "FROM generate_series(1, 400) g"
+    )
+    admin.execute(f"ANALYZE {events}")
+    runs = Runs(
+        make_dag(
+            _dag_id("nulls"),
+            postgres_conn_id=conn_id,
+            table=events,
+            watermark_column="updated_at",
+            destination=str(tmp_path / "{{ run_id }}"),
+            chunk_rows=64,
+        )
+    )
+    first = runs.run()
+    assert sorted(runs.rows(first)) == list(range(1, 401))  # the 100 NULL rows too
+    admin.execute(f"INSERT INTO {events} VALUES (401, now()), (402, NULL)")
+    second = runs.run()
+    assert runs.rows(second) == [401]
+    assert second["window"]["null_rows_estimate"] >= 90  # pg_stats: about a quarter of 400
+    assert second["watermark_contract"] == "exactly_once"
+
+
+# -- ties at the window's end ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("column_type", ["date", "timestamp(0)", "bigint"])
+def test_rows_that_tie_with_the_previous_end_are_read_by_the_next_run_exactly_once(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path, column_type: str
+) -> None:
+    value = {"date": "'2024-03-0{d}'::date", "timestamp(0)": "'2024-03-01 10:00:0{d}'", "bigint": "{d}"}[column_type]
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, wm {column_type} NOT NULL)")
+    admin.execute(f"INSERT INTO {events} SELECT g, {value.format(d=1)} FROM generate_series(1, 30) g")
+    admin.execute(f"INSERT INTO {events} SELECT g, {value.format(d=2)} FROM generate_series(31, 50) g")
+    runs = Runs(
+        make_dag(
+            _dag_id("ties"),
+            postgres_conn_id=conn_id,
+            table=events,
+            watermark_column="wm",
+            destination=str(tmp_path / "{{ run_id }}"),
+            chunk_rows=7,
+        )
+    )
+    first = runs.run()
+    assert sorted(runs.rows(first)) == list(range(1, 51))
+    assert first["window"]["boundary_keys"] == 20  # the 20 rows holding the end value are remembered
+    # Written after the run, with the value the run ended at (a coarse clock, a batch number)
+    admin.execute(f"INSERT INTO {events} SELECT g, {value.format(d=2)} FROM generate_series(51, 60) g")
+    admin.execute(f"UPDATE {events} SET wm = {value.format(d=2)} WHERE id IN (3, 4)")  # moved onto the end
+    second = runs.run()
+    assert sorted(runs.rows(second)) == [3, 4, *range(51, 61)]
+    third = runs.run()
+    assert runs.rows(third) == []
+    every = Counter(i for s in runs.summaries for i in runs.rows(s))
+    assert set(every) == set(range(1, 61)) and every[3] == every[4] == 2  # updated rows: their new version
+    assert all(n == 1 for i, n in every.items() if i not in (3, 4))
+
+
+def test_too_many_rows_at_the_end_are_left_whole_for_the_next_run(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path
+) -> None:
+    crowd = END_KEYS_MAX + 200
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, day date NOT NULL)")
+    admin.execute(f"INSERT INTO {events} SELECT g, '2024-01-01' FROM generate_series(1, 100) g")
+    admin.execute(f"INSERT INTO {events} SELECT g, '2024-01-02' FROM generate_series(101, {100 + crowd}) g")
+    runs = Runs(
+        make_dag(
+            _dag_id("crowd"),
+            postgres_conn_id=conn_id,
+            table=events,
+            watermark_column="day",
+            destination=str(tmp_path / "{{ run_id }}"),
+            chunk_rows=500,
+        )
+    )
+    first = runs.run()
+    assert sorted(runs.rows(first)) == list(range(1, 101)) and first["window"]["end_mode"] == "exclusive"
+    admin.execute(f"INSERT INTO {events} SELECT g, '2024-01-02' FROM generate_series(5000, 5009) g")
+    admin.execute(f"INSERT INTO {events} VALUES (6000, '2024-01-03')")
+    second = runs.run()
+    # the whole crowded day once, and the one row of the new end (few enough to remember)
+    assert sorted(runs.rows(second)) == [*range(101, 101 + crowd), *range(5000, 5010), 6000]
+    assert second["window"]["end_mode"] == "keys" and second["window"]["boundary_keys"] == 1
+
+
+def test_watermark_lag_rereads_the_trailing_interval_and_says_at_least_once(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path
+) -> None:
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, updated_at timestamptz NOT NULL)")
+    admin.execute(
+        f"INSERT INTO {events} SELECT g, '2024-01-01 00:00'::timestamptz + g * interval '1 min' "
+        "FROM generate_series(1, 60) g"
+    )
+    runs = Runs(
+        make_dag(
+            _dag_id("lag"),
+            postgres_conn_id=conn_id,
+            table=events,
+            watermark_column="updated_at",
+            watermark_lag=dt.timedelta(minutes=10),
+            destination=str(tmp_path / "{{ run_id }}"),
+        )
+    )
+    first = runs.run()
+    assert len(runs.rows(first)) == 60 and first["watermark_contract"] == "exactly_once"  # a first run: no lag
+    # A late commit: stamped 5 minutes before the previous end, committed after that run
+    admin.execute(f"INSERT INTO {events} VALUES (61, '2024-01-01 00:55'::timestamptz)")
+    second = runs.run()
+    assert sorted(runs.rows(second)) == [*range(50, 62)]  # 00:50 .. 01:00 again, and the late row
+    assert second["watermark_contract"] == "at_least_once"
+
+
+# -- where the next run starts ---------------------------------------------------------------------------
+
+
+def test_mapped_incremental_tasks_keep_their_own_windows(
+    conn_id: str, admin: psycopg.Connection, schema: str, tmp_path: Path, airflow_db: Path
+) -> None:
+    """A mapped task never starts at a sibling's end (Airflow 3's xcom_pull returns siblings too)."""
+    from airflow.providers.common.compat.sdk import DAG
+
+    for name, base in (("a", 0), ("b", 1000)):
+        admin.execute(f'CREATE TABLE "{schema}".{name} (id int PRIMARY KEY, v bigint NOT NULL)')
+        admin.execute(f'INSERT INTO "{schema}".{name} SELECT g, {base} + g FROM generate_series(1, 20) g')
+    dag_id = _dag_id("mapped")
+    with DAG(dag_id=dag_id, schedule=None, start_date=dt.datetime(2024, 1, 1), catchup=False) as dag:
+        PostgresExtractOperator.partial(
+            task_id="extract", postgres_conn_id=conn_id, watermark_column="v"
+        ).expand_kwargs(
+            [
+                {"table": f"{schema}.{n}", "destination": str(tmp_path / n / "{{ run_id }}")}
+                for n in ("b", "a")  # b's window ends far above a's values
+            ]
+        )
+    register_dag(dag)
+    assert "success" in str(run_dag(dag, 0).state)
+    admin.execute(f'INSERT INTO "{schema}".a SELECT g, g FROM generate_series(21, 25) g')
+    admin.execute(f'INSERT INTO "{schema}".b SELECT g, 1000 + g FROM generate_series(21, 23) g')
+    second = run_dag(dag, 1)
+    assert "success" in str(second.state)
+    for name, expected in (("a", list(range(21, 26))), ("b", list(range(21, 24)))):
+        out = tmp_path / name / second.run_id
+        assert sorted(r["id"] for r in read_output(out).to_pylist()) == expected
+    assert {state(dag_id, map_index=i).last_window()["high_watermark"] for i in (0, 1)} == {"25", "1023"}
+
+
+def test_state_reads_a_dag_runs_own_window_again_and_never_moves_back() -> None:
+    kept = WatermarkState("cxpg_watermark.test.t", store=MemoryStore())
+    first = {"column": "v", "start": None, "high_watermark": "10", "boundary_keys": [[10]], "end": "10"}
+    second = {"column": "v", "start": "10", "high_watermark": "20", "boundary_keys": [[20]], "end": "20"}
+    kept.commit(first, "run-1")
+    kept.commit(second, "run-2")
+    assert spec_for_run(kept, "v", dag_run_id="run-1").recorded == first  # a re-run of run-1
+    following = spec_for_run(kept, "v", dag_run_id="run-3")
+    assert (following.start, following.start_inclusive, following.start_keys) == ("20", True, ((20,),))
+    kept.commit(first, "run-1")  # run-1 re-run and committed again: the next start stays at 20
+    assert kept.last_window()["high_watermark"] == "20"
+
+
+def test_an_explicit_start_is_a_one_off_window_that_leaves_the_state_alone(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path
+) -> None:
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, v int NOT NULL)")
+    admin.execute(f"INSERT INTO {events} SELECT g, g FROM generate_series(1, 30) g")
+    dag = make_dag(
+        _dag_id("explicit"),
+        postgres_conn_id=conn_id,
+        table=events,
+        watermark_column="v",
+        watermark_start="20",
+        destination=str(tmp_path / "{{ run_id }}"),
+    )
+    runs = Runs(dag)
+    assert sorted(runs.rows(runs.run())) == list(range(21, 31))  # exclusive, as documented
+    assert state(dag.dag_id).load() == {}
+
+
+# -- fan-out --------------------------------------------------------------------------------------------
+
+
+def fan_out_dag(dag_id: str, conn_id: str, table: str, base: Path, partitions: int = 4) -> Any:
+    """Planner -> mapped extracts -> (a task that damages a file when ``base/damage`` exists) -> validator."""
+    from airflow.providers.common.compat.sdk import DAG, task
+
+    dataset = str(base / "{{ run_id }}")
+    with DAG(dag_id=dag_id, schedule=None, start_date=dt.datetime(2024, 1, 1), catchup=False) as dag:
+        plan = PostgresPartitionPlanOperator(
+            task_id="plan",
+            postgres_conn_id=conn_id,
+            table=table,
+            partitions=partitions,
+            method="ntile",
+            watermark_column="updated_at",
+            destination=dataset,
+        )
+        extract = PostgresExtractOperator.partial(
+            task_id="extract", postgres_conn_id=conn_id, table=table, chunk_rows=40
+        ).expand_kwargs(plan.output)
+
+        @task(task_id="damage")
+        def damage(run_id: str | None = None) -> None:
+            if (base / "damage").exists():
+                for part in sorted((base / str(run_id)).glob("range=*/part-*.parquet"))[:1]:
+                    part.unlink()
+
+        check = PostgresPartitionValidateOperator(
+            task_id="validate", destination=dataset, verify_count=True, postgres_conn_id=conn_id
+        )
+        plan >> extract >> damage() >> check
+    return register_dag(dag)
+
+
+def dataset_ids(base: Path) -> list[int]:
+    ids: list[int] = []
+    for part in sorted(base.glob("range=*")):
+        ids.extend(r["id"] for r in read_output(part).to_pylist())
+    return ids
+
+
+def test_incremental_fan_out_reads_exactly_each_runs_window(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path
+) -> None:
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, updated_at timestamptz NOT NULL, note text)")
+    admin.execute(
+        f"INSERT INTO {events} SELECT g, '2024-01-01'::timestamptz + (g / 10) * interval '1 s', 'v1' "
+        "FROM generate_series(1, 400) g"
+    )  # ten rows share each second: ties everywhere, also at every window's end
+    admin.execute(f"ANALYZE {events}")
+    dag = fan_out_dag(_dag_id("fanout"), conn_id, events, tmp_path)
+
+    def current(where: str) -> list[int]:
+        return sorted(r[0] for r in admin.execute(f"SELECT id FROM {events} WHERE {where}"))
+
+    first = run_dag(dag, 0)
+    assert "success" in str(first.state)
+    expected_runs = [current("true")]
+    admin.execute(f"UPDATE {events} SET note = 'v2', updated_at = now() WHERE id % 7 = 0")
+    admin.execute(f"INSERT INTO {events} SELECT g, now(), 'new' FROM generate_series(401, 450) g")
+    second = run_dag(dag, 1)
+    assert "success" in str(second.state)
+    expected_runs.append(current("id % 7 = 0 OR id > 400"))
+    admin.execute(
+        f"INSERT INTO {events} SELECT g, (SELECT max(updated_at) FROM {events}), 'tie' FROM generate_series(451, 460) g"
+    )
+    third = run_dag(dag, 2)
+    assert "success" in str(third.state)
+    expected_runs.append(list(range(451, 461)))  # tied with the second run's end: read now, once
+    for dag_run, expected in zip((first, second, third), expected_runs, strict=True):
+        base = tmp_path / dag_run.run_id
+        assert sorted(dataset_ids(base)) == expected
+        assert json.loads((base / "_dataset_manifest.json").read_text())["status"] == "complete"
+    first_parts = [read_output(p).num_rows for p in sorted((tmp_path / first.run_id).glob("range=*"))]
+    assert len(first_parts) == 4 and all(n > 0 for n in first_parts)  # every range read the first window
+
+
+def test_a_dataset_that_fails_validation_does_not_move_the_next_window(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path
+) -> None:
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, updated_at timestamptz NOT NULL, note text)")
+    admin.execute(
+        f"INSERT INTO {events} SELECT g, '2024-01-01'::timestamptz + g * interval '1 s', 'a' "
+        "FROM generate_series(1, 100) g"
+    )
+    dag = fan_out_dag(_dag_id("fanfail"), conn_id, events, tmp_path, partitions=2)
+    assert "success" in str(run_dag(dag, 0).state)
+    committed = state(dag.dag_id, "plan").last_window()
+    admin.execute(f"INSERT INTO {events} SELECT g, now(), 'b' FROM generate_series(101, 120) g")
+    (tmp_path / "damage").touch()
+    failed = run_dag(dag, 1)
+    assert "failed" in str(failed.state)  # the validator found the deleted file
+    assert state(dag.dag_id, "plan").last_window() == committed
+    (tmp_path / "damage").unlink()
+    admin.execute(f"INSERT INTO {events} SELECT g, now(), 'c' FROM generate_series(121, 125) g")
+    retried = run_dag(dag, 2)
+    assert "success" in str(retried.state)
+    assert sorted(dataset_ids(tmp_path / retried.run_id)) == list(range(101, 126))  # the failed run's rows too
