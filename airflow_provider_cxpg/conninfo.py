@@ -7,17 +7,22 @@ show it, and :class:`Redactor` scrubs it (raw and percent-encoded) from any text
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import quote, quote_plus
 
+from airflow_provider_cxpg.exceptions import ConnectionConfigError
+
 __all__ = [
     "FORWARDED_PARAMS",
+    "LIBPQ_SSL_ENV",
     "REDACTED",
     "SESSION_SETTINGS",
     "PostgresEndpoint",
     "Redactor",
+    "liveness_settings",
 ]
 
 REDACTED = "***"
@@ -51,6 +56,41 @@ SESSION_SETTINGS: dict[str, str] = {
 
 _MAX_APPLICATION_NAME = 63  # NAMEDATALEN - 1: the server truncates longer names silently
 
+#: libpq's TLS environment variables and the connection parameters they stand for. The parent's
+#: libpq reads them by itself; connectorx in the worker does not, so they are folded into the
+#: endpoint's parameters (where the connection does not set the parameter): both sides then use the
+#: same TLS settings.
+LIBPQ_SSL_ENV: dict[str, str] = {
+    "PGSSLMODE": "sslmode",
+    "PGSSLROOTCERT": "sslrootcert",
+    "PGSSLCERT": "sslcert",
+    "PGSSLKEY": "sslkey",
+    "PGSSLCRL": "sslcrl",
+    "PGSSLCRLDIR": "sslcrldir",
+}
+#: TLS parameters the parent's libpq accepts but connectorx cannot honour: a run refuses them.
+_UNSUPPORTED_BY_WORKER = ("sslcrl", "sslcrldir")
+
+
+def liveness_settings(server_version_num: int) -> dict[str, str]:
+    """Session settings that make a backend notice a client that is gone, for this server version.
+
+    A backend waiting on a lock (or running a long query) writes nothing to its client, so it does
+    not notice when the client was killed (SIGKILL, OOM): it waits on, and then runs the query, until
+    ``statement_timeout``. ``client_connection_check_interval`` (PostgreSQL 14+) makes it poll the
+    socket while it works and end the query when the client is gone; the server-side keepalive and
+    ``tcp_user_timeout`` settings find a peer that vanished without closing its socket (a dropped
+    network). Older servers reject unknown settings at connection time, so these depend on the
+    version; there the worker's own clean-up is the fallback (see ``worker/server.py``).
+    """
+    settings: dict[str, str] = {}
+    if server_version_num >= 120000:
+        settings.update(tcp_keepalives_idle="10", tcp_keepalives_interval="5", tcp_keepalives_count="3")
+        settings["tcp_user_timeout"] = "20000"
+    if server_version_num >= 140000:
+        settings["client_connection_check_interval"] = "2000"
+    return settings
+
 
 def _options_arg(name: str, value: str) -> str:
     # libpq splits ``options`` on spaces; a backslash keeps a space (or backslash) in a value.
@@ -78,6 +118,20 @@ class PostgresEndpoint:
     params: Mapping[str, str] = field(default_factory=dict)
 
     # -- derived endpoints -------------------------------------------------------------------------
+
+    def with_settings(self, settings: Mapping[str, str]) -> PostgresEndpoint:
+        """A copy whose connections also carry ``settings`` (startup ``options``), nothing else changed."""
+        if not settings:
+            return self
+        params = dict(self.params)
+        opts = [params["options"]] if params.get("options") else []
+        opts.extend(_options_arg(k, v) for k, v in settings.items())
+        params["options"] = " ".join(opts)
+        return replace(self, params=params)
+
+    def with_password(self, password: str) -> PostgresEndpoint:
+        """A copy with a new password (a fresh IAM token, a rotated secret)."""
+        return replace(self, password=password)
 
     def with_session(
         self,
@@ -116,21 +170,86 @@ class PostgresEndpoint:
 
     # -- renderings --------------------------------------------------------------------------------
 
+    def with_ssl_environment(self, environ: Mapping[str, str] | None = None) -> PostgresEndpoint:
+        """A copy with libpq's ``PGSSL*`` environment variables folded into unset TLS parameters."""
+        environ = os.environ if environ is None else environ
+        params = dict(self.params)
+        for variable, name in LIBPQ_SSL_ENV.items():
+            if environ.get(variable) and not params.get(name):
+                params[name] = environ[variable]
+        return replace(self, params=params)
+
+    def check_worker_tls(self) -> None:
+        """Refuse TLS settings the worker (connectorx) would honour less strictly than libpq.
+
+        connectorx verifies the server's certificate chain when it has a root certificate, but never
+        the host name, and checks no revocation list; ``verify-full`` or a CRL would silently become
+        less there.
+
+        :raises ConnectionConfigError: naming the setting and what to do instead.
+        """
+        mode = (self.params.get("sslmode") or "").lower()
+        if mode == "verify-full":
+            raise ConnectionConfigError(
+                "sslmode=verify-full: connectorx, which reads the data in the worker, cannot verify the server's host "
+                "name, so the worker would connect with less than libpq does. Use sslmode=verify-ca with sslrootcert "
+                "(the certificate chain is verified on both sides) or sslmode=require"
+            )
+        for name in _UNSUPPORTED_BY_WORKER:
+            if self.params.get(name):
+                raise ConnectionConfigError(
+                    f"{name}: connectorx, which reads the data in the worker, checks no certificate revocation list; "
+                    f"remove {name} (or PG{name.upper()}) to connect without it"
+                )
+        if mode == "verify-ca" and not self._root_cert():
+            raise ConnectionConfigError(
+                "sslmode=verify-ca needs sslrootcert (or ~/.postgresql/root.crt) so that the worker can verify the "
+                "server's certificate chain too"
+            )
+
+    def _root_cert(self) -> str | None:
+        if self.params.get("sslrootcert"):
+            return self.params["sslrootcert"]
+        default = os.path.expanduser("~/.postgresql/root.crt")  # libpq's default root certificate
+        return default if os.path.isfile(default) else None
+
+    def _worker_params(self) -> dict[str, str]:
+        """The parameters as connectorx must see them to verify what libpq verifies.
+
+        connectorx has no ``verify-ca``: its ``require`` with a root certificate verifies the chain
+        (as libpq's own ``require`` does when a root certificate exists). libpq's default certificate
+        files are passed explicitly, as libpq would use them.
+        """
+        params = dict(self.params)
+        mode = (params.get("sslmode") or "").lower()
+        if mode in {"verify-ca", "require"} and self._root_cert():
+            params["sslmode"] = "require"
+            params["sslrootcert"] = self._root_cert() or ""
+        elif mode == "allow":  # libpq's allow tries clear text first; connectorx knows prefer, which is not less
+            params["sslmode"] = "prefer"
+        if mode not in {"", "disable"} and not params.get("sslcert"):
+            cert, key = (
+                os.path.expanduser("~/.postgresql/postgresql.crt"),
+                os.path.expanduser("~/.postgresql/postgresql.key"),
+            )
+            if os.path.isfile(cert) and os.path.isfile(key):
+                params["sslcert"], params["sslkey"] = cert, key
+        return params
+
     def connectorx_uri(self) -> str:
         """Return the connectorx source URI, password included. Never log it: use :meth:`redacted_uri`."""
-        return self._uri(self.password)
+        return self._uri(self.password, self._worker_params())
 
     def redacted_uri(self) -> str:
         """Return the URI with the password replaced by ``***``."""
-        return self._uri(REDACTED if self.password else "")
+        return self._uri(REDACTED if self.password else "", self.params)
 
-    def _uri(self, password: str) -> str:
+    def _uri(self, password: str, query: Mapping[str, str]) -> str:
         # Every part is percent-encoded with ``quote(..., safe="")``: measured, connectorx fails
         # auth with quote_plus ('+' for space) and fails to parse raw '@', ':', '/', '#', '?'.
         auth = quote(self.user, safe="")
         if password:
             auth += ":" + (password if password == REDACTED else quote(password, safe=""))
-        query = dict(self.params)
         if self.is_unix_socket:
             # The socket directory goes in the authority, percent-encoded: as a ``?host=`` parameter
             # beside a netloc host, connectorx would treat it as a second host and try TCP first.
@@ -143,7 +262,10 @@ class PostgresEndpoint:
         return uri
 
     def libpq_kwargs(self) -> dict[str, str | int]:
-        """Return keyword arguments for ``psycopg.connect`` (password included)."""
+        """Return keyword arguments for ``psycopg.connect`` (password included).
+
+        ``PGSSL*`` variables are folded into the endpoint already (:meth:`with_ssl_environment`).
+        """
         kwargs: dict[str, str | int] = {"host": self.host, "port": int(self.port), "dbname": self.dbname}
         if self.user:
             kwargs["user"] = self.user
@@ -164,12 +286,22 @@ class Redactor:
     """Replace secrets (and their URL-encoded forms) in text by ``***``."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self.secrets = tuple(s for s in secrets if s)
-        variants = self.variants(self.secrets)
+        self.secrets: tuple[str, ...] = ()
+        self._pattern: re.Pattern[str] | None = None
+        self.add(*secrets)
+
+    def add(self, *secrets: str) -> None:
+        """Also scrub ``secrets`` from now on (a refreshed token); shared redactors learn it everywhere."""
+        new = tuple(dict.fromkeys(s for s in secrets if s and s not in self.secrets))
+        if not new and self.secrets:
+            return
+        known = self.secrets + new
+        variants = self.variants(known)
         # Longest first so that a secret containing another is replaced whole.
-        self._pattern = (
+        pattern = (
             re.compile("|".join(re.escape(v) for v in sorted(variants, key=len, reverse=True))) if variants else None
         )
+        self.secrets, self._pattern = known, pattern  # each assignment is atomic for readers in other threads
 
     @staticmethod
     def variants(secrets: Iterable[str]) -> list[str]:

@@ -15,20 +15,21 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_cxpg.catalog import classify_control_error, describe_query
 from airflow_provider_cxpg.chunking import ChunkSizer, chunks_for, pipelined
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
+from airflow_provider_cxpg.credentials import CredentialSource, is_authentication_failure
 from airflow_provider_cxpg.destination import Destination
 from airflow_provider_cxpg.exceptions import (
     CxpgError,
     DestinationConflictError,
     ExtractionAborted,
     InvalidInputError,
-    StorageError,
+    ServerConnectionError,
     WorkerError,
 )
 from airflow_provider_cxpg.incremental import WatermarkSpec, Window, resolve_window
@@ -40,11 +41,11 @@ from airflow_provider_cxpg.manifest import (
     is_chunk_file,
     source_id,
 )
-from airflow_provider_cxpg.monitor import ServerMonitor, WaitWatcher, connect
+from airflow_provider_cxpg.monitor import ActivitySampler, ControlCancels, ServerMonitor, connect
 from airflow_provider_cxpg.plan import ExtractPlan, SourceSpec, build_plan, key_to_json
 from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.snapshot import ExportedSnapshot, import_statements
-from airflow_provider_cxpg.storage_env import worker_storage
+from airflow_provider_cxpg.storage_env import WorkerStorage
 from airflow_provider_cxpg.supervisor import WorkerSession, WorkerSettings
 from airflow_provider_cxpg.verify import FOOTER_CHUNK, FOOTER_RUN_ID, check_output, output_problems
 from airflow_provider_cxpg.worker.protocol import ParquetSink
@@ -149,6 +150,8 @@ class Extraction:
     :param application_name_prefix: kept in front of the run's unique application name.
     :param owner: who runs this extraction (``dag_id.task_id``): it may replace its own earlier output
         at the destination even when the source differs (see :mod:`.manifest`).
+    :param refresh_credentials: returns a freshly resolved endpoint (a new IAM token); used when the
+        password is older than ``settings.credentials_refresh_interval`` and once after a refused login.
     """
 
     def __init__(
@@ -176,19 +179,19 @@ class Extraction:
         application_name_prefix: str | None = None,
         worker_index: int = 0,
         owner: str | None = None,
+        refresh_credentials: Callable[[], PostgresEndpoint] | None = None,
     ) -> None:
+        endpoint.check_worker_tls()  # before any data moves: the worker must verify what libpq verifies
         self.endpoint = endpoint
         self.owner = owner
         self.spec = spec
         self.destination = destination
         self.settings = settings or WorkerSettings()
-        storage_secrets: list[str] = []
-        self.sink_options: dict[str, Any] = dict(destination.storage_options)
+        destination.timeout = self.settings.storage_timeout
+        self._storage: WorkerStorage | None = None
         if not destination.is_local:
-            self.sink_options, storage_env, storage_secrets = worker_storage(
-                destination.url, destination.storage_options
-            )
-            env = {**storage_env, **self.settings.worker_env}
+            self._storage = WorkerStorage(destination.url, destination.storage_options)
+            env = {**self._storage.env, **self.settings.worker_env}
             self.settings = dataclasses.replace(self.settings, worker_env=env)
         self.sizer = ChunkSizer(chunk_rows, chunk_bytes)
         if compression not in _COMPRESSIONS:
@@ -213,21 +216,47 @@ class Extraction:
         self.stream_rows = stream_rows
         self.snapshot_id: str | None = snapshot if isinstance(snapshot, str) else None
         self.run_id = run_id or new_run_id()
-        self.redactor = Redactor([*endpoint.secrets(), *storage_secrets])
+        self.redactor = Redactor([*endpoint.secrets(), *self._storage_secrets(self.sink_options())])
+        self.credentials = CredentialSource(
+            endpoint, refresh_credentials, self.settings.credentials_refresh_interval, self.redactor
+        )
         self.log = querylog or QueryLog(self.run_id, redactor=self.redactor)
         self.log.with_redactor(self.redactor)
         self.application_name = run_application_name(self.run_id, application_name_prefix, None)
         self.worker_index = worker_index
         self._session: WorkerSession | None = None
         self._aborted: str | None = None
-        self._control_cancels: dict[int, Any] = {}  # open control connections' libpq cancel handles
+        self._cancels = ControlCancels()  # the control connections' running queries
         self.plan: ExtractPlan | None = None
+
+    # -- storage -----------------------------------------------------------------------------------
+
+    def sink_options(self) -> dict[str, Any]:
+        """The fsspec options for the next chunk file (object-store credentials renewed as they expire)."""
+        if self._storage is None:
+            return dict(self.destination.storage_options)
+        return self._storage.options()
+
+    @staticmethod
+    def _storage_secrets(options: dict[str, Any]) -> list[str]:
+        return WorkerStorage.secrets_of(options)
+
+    def _sink(self, manifest: Manifest, index: int) -> ParquetSink:
+        options = self.sink_options()
+        self.redactor.add(*self._storage_secrets(options))  # renewed keys are secrets too
+        return ParquetSink(
+            url=self.destination.child_url(chunk_file_name(index)),
+            storage_options=options,
+            compression=self.compression,
+            row_group_rows=self.row_group_rows,
+            metadata={FOOTER_RUN_ID: manifest.run_id, FOOTER_CHUNK: str(index)},
+        )
 
     # -- control -----------------------------------------------------------------------------------
 
     def session_endpoint(self) -> PostgresEndpoint:
         timeout = self.settings.query_timeout
-        return self.endpoint.with_session(
+        return self.credentials.current().with_session(
             application_name=self.application_name,
             statement_timeout_ms=int(timeout * 1000) if timeout is not None else 0,
         )
@@ -243,25 +272,26 @@ class Extraction:
         session = self._session
         if session is not None:
             session.interrupt(reason)
-        # A planning query may be waiting on a lock for up to query_timeout: cancel it. PQcancel
-        # is safe in a signal handler (libpq says so); the handle was made when the connection opened.
-        for cancel in list(self._control_cancels.values()):
-            with contextlib.suppress(Exception):
-                cancel.cancel()
+        # A planning query may be waiting on a lock for up to query_timeout: have it cancelled (on a
+        # helper thread: a cancel request can block on a dead network, a signal handler must not).
+        self._cancels.cancel_all_soon()
 
     @contextlib.contextmanager
     def control_connection(self, purpose: str) -> Iterator[Any]:
         """A control connection for the parent's own queries, bounded by ``query_timeout``.
 
-        While it is open a thread reports lock waits of its backend; server errors on it become
-        provider errors (timeouts as :class:`QueryTimeoutError`, bad SQL as invalid input).
+        While it is open a thread reports lock waits of its backend (and who holds the lock);
+        server errors on it become provider errors (timeouts as :class:`QueryTimeoutError`, bad SQL
+        as invalid input). Whatever ends the block abnormally (an error, ``AirflowTaskTimeout``,
+        ``KeyboardInterrupt``) cancels the query on the server before the connection closes.
         """
         app = f"{self.application_name}-{purpose}"
         timeout = self.settings.query_timeout
         limit_ms = int(timeout * 1000) if timeout is not None else 0
-        endpoint = self.endpoint.with_session(application_name=app)
-        watcher = WaitWatcher(
-            ServerMonitor(self.endpoint, app, self.redactor),
+        conn = self._connect_control(app, limit_ms)
+        key = self._cancels.register(conn)
+        sampler = ActivitySampler(
+            ServerMonitor(self.credentials.current(), app, self.redactor, call_timeout=self.settings.control_timeout),
             lambda b: self.log.emit(
                 "server.waiting",
                 phase=purpose,
@@ -270,24 +300,25 @@ class Extraction:
                 wait_event=f"{b.wait_event_type}:{b.wait_event}",
                 seconds=b.query_seconds,
                 sql=b.query,
+                blocked_by=[x.describe() for x in b.blockers] or None,
             ),
             interval=self.settings.monitor_interval,
             after=self.settings.report_wait_after,
             every=self.settings.report_wait_every,
         )
-        conn = connect(endpoint, statement_timeout_ms=limit_ms)
-        with contextlib.suppress(Exception):
-            self._control_cancels[id(conn)] = conn.pgconn.get_cancel()
         try:
             if self._aborted:
                 raise ExtractionAborted.because(self._aborted)
             if self.snapshot_id:  # the window's end and the plan see what every chunk will see
                 for statement in import_statements(self.snapshot_id):
                     conn.execute(statement)
-            with watcher:
+            with sampler:
                 try:
                     yield conn
-                except Exception as exc:
+                except BaseException as exc:
+                    self._cancels.cancel(key, self.settings.cancel_grace)  # the query may still run
+                    if not isinstance(exc, Exception):
+                        raise
                     if self._aborted and not isinstance(exc, ExtractionAborted):
                         # abort() cancelled the query: what failed is the echo of that, report the abort
                         raise ExtractionAborted.because(self._aborted) from exc
@@ -297,8 +328,27 @@ class Extraction:
                         raise classify_control_error(exc, f"{purpose} query") from None
                     raise
         finally:
-            self._control_cancels.pop(id(conn), None)
-            conn.close()
+            self._cancels.unregister(key)
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _connect_control(self, application_name: str, limit_ms: int) -> Any:
+        """Connect; a refused login renews the credentials once (an expired token) and tries again."""
+        try:
+            return connect(
+                self.credentials.current().with_session(application_name=application_name),
+                statement_timeout_ms=limit_ms,
+                connect_timeout=self.settings.control_timeout,
+            )
+        except ServerConnectionError as exc:
+            if not (is_authentication_failure(exc) and self.credentials.renewable and self.credentials.renew()):
+                raise
+            self.log.emit("job.plan", note="the server refused the login: credentials renewed, connecting again")
+            return connect(
+                self.credentials.current().with_session(application_name=application_name),
+                statement_timeout_ms=limit_ms,
+                connect_timeout=self.settings.control_timeout,
+            )
 
     def build_plan(self) -> ExtractPlan:
         """Validate the source against the server; raise before any data moves."""
@@ -351,7 +401,12 @@ class Extraction:
     # -- run ---------------------------------------------------------------------------------------
 
     def run(self) -> ExtractResult:
-        """Extract everything (resuming when possible) and return the result."""
+        """Extract everything (resuming when possible) and return the result.
+
+        However the run ends abnormally (an error, a deadline, ``on_kill``, ``AirflowTaskTimeout``,
+        ``KeyboardInterrupt``), the server queries are cancelled, the worker is stopped, the manifest
+        says ``failed`` and ``job.failed`` names the real reason.
+        """
         started = time.monotonic()
         job_deadline = started + self.settings.job_timeout if self.settings.job_timeout else None
         self.log.emit(
@@ -360,48 +415,53 @@ class Extraction:
             destination=self.destination.url,
             chunk_rows=self.sizer.chunk_rows,
         )
-        with contextlib.ExitStack() as stack:
-            if self.snapshot is True:
-                holder = stack.enter_context(ExportedSnapshot(self.endpoint, f"{self.application_name}-snap"))
-                self.snapshot_id = holder.id
-                self.log.emit("job.plan", snapshot=holder.id, note="all chunks read from one exported snapshot")
-            return self._run(started, job_deadline)
+        self._manifest: Manifest | None = None
+        try:
+            with contextlib.ExitStack() as stack:
+                if self.snapshot is True:
+                    holder = stack.enter_context(
+                        ExportedSnapshot(self.credentials.current(), f"{self.application_name}-snap")
+                    )
+                    self.snapshot_id = holder.id
+                    self.log.emit("job.plan", snapshot=holder.id, note="all chunks read from one exported snapshot")
+                return self._run(started, job_deadline)
+        except BaseException as exc:
+            self._fail(self._manifest, exc)
+            if self._aborted and not isinstance(exc, ExtractionAborted):
+                # on_kill cancelled the query: what failed is the echo of that, report the abort
+                raise ExtractionAborted.because(self._aborted) from exc
+            raise
 
     def _run(self, started: float, job_deadline: float | None) -> ExtractResult:
         # The worker imports connectorx while the parent plans: ~0.2 s less per run.
-        prespawned: WorkerSession | None = self.new_session(job_deadline)
+        prespawned: WorkerSession | None = self._spawned_session(job_deadline)
         assert prespawned is not None
-        prespawned.spawn()
         try:
             plan = self.plan or self.build_plan()
             manifest, resumed_from = self._open_manifest(plan)
-            try:
-                plan = self.windowed(plan, manifest.window if resumed_from is not None else None)
-            except BaseException as exc:
-                self._fail(manifest, f"{type(exc).__name__}: {exc}")
-                raise
-        except BaseException:
-            prespawned.stop(reason="planning failed")
+            self._manifest = manifest
+            plan = self.windowed(plan, manifest.window if resumed_from is not None else None)
+            if self.window is not None and manifest.window is None:
+                manifest.window = self.window.to_json()
+                manifest.save(self.destination)
+        except BaseException as exc:
+            prespawned.stop(reason=self._aborted or type(exc).__name__)
             raise
-        if self.window is not None and manifest.window is None:
-            manifest.window = self.window.to_json()
-            manifest.save(self.destination)
         restarts = 0
+        renewed_after: int | None = None  # committed chunks when the login was last refused
         while True:
             if self._aborted:
                 if prespawned is not None:
                     prespawned.stop(reason=self._aborted)
                 raise ExtractionAborted.because(self._aborted)
             try:
-                session, prespawned = prespawned or self.new_session(job_deadline), None
+                session, prespawned = prespawned or self._spawned_session(job_deadline), None
                 self._run_session(session, plan, manifest)
                 break
             except WorkerError as exc:
                 if self._aborted:
-                    self._fail(manifest, f"aborted: {self._aborted}")
                     raise ExtractionAborted.because(self._aborted) from exc
                 if restarts >= self.max_worker_restarts:
-                    self._fail(manifest, str(exc))
                     raise
                 restarts += 1
                 self.log.emit(
@@ -411,17 +471,20 @@ class Extraction:
                     after_chunk=manifest.chunks[-1].index if manifest.chunks else None,
                     error=f"{type(exc).__name__}: {exc}",
                 )
-            except BaseException as exc:
-                self._fail(manifest, f"{type(exc).__name__}: {exc}")
-                if self._aborted and not isinstance(exc, ExtractionAborted):
-                    # on_kill cancelled the query: the worker's "cancelled" error is the echo of it
-                    raise ExtractionAborted.because(self._aborted) from exc
-                raise
-        try:  # a complete manifest promises its files: check them, not its own sums
-            check_output(self.destination, manifest)
-        except StorageError as exc:
-            self._fail(manifest, f"{type(exc).__name__}: {exc}")
-            raise
+            except ServerConnectionError as exc:
+                # A refused login mid-run is an expired token: renew it once per progress, go on.
+                progress = len(manifest.chunks)
+                if self._aborted or not is_authentication_failure(exc) or renewed_after == progress:
+                    raise
+                if not self.credentials.renewable or self.credentials.renew() is None:
+                    raise
+                renewed_after = progress
+                self.log.emit(
+                    "job.plan",
+                    note=f"the server refused the login: credentials renewed; continuing after {progress} chunks",
+                )
+        # a complete manifest promises its files: check them, not its own sums
+        check_output(self.destination, manifest)
         manifest.status = "complete"
         manifest.completed_at = manifest.updated_at
         manifest.error = None
@@ -457,12 +520,29 @@ class Extraction:
         )
         return result
 
-    def _fail(self, manifest: Manifest, error: str) -> None:
-        with contextlib.suppress(Exception):
-            manifest.status = "failed"
-            manifest.error = self.redactor(error)[:2000]
-            manifest.save(self.destination)
-        self.log.emit("job.failed", error=error[:2000])
+    def _spawned_session(self, job_deadline: float | None) -> WorkerSession:
+        """A new session with its worker spawned; a refused login renews the credentials once."""
+        session = self.new_session(job_deadline)
+        try:
+            session.spawn()
+        except ServerConnectionError as exc:
+            if not (is_authentication_failure(exc) and self.credentials.renewable and self.credentials.renew()):
+                raise
+            self.log.emit("job.plan", note="the server refused the login: credentials renewed, connecting again")
+            session = self.new_session(job_deadline)
+            session.spawn()
+        return session
+
+    def _fail(self, manifest: Manifest | None, exc: BaseException) -> None:
+        """Record the failure: the manifest says ``failed`` (best effort), ``job.failed`` says why."""
+        reason = self._aborted or type(exc).__name__
+        error = self.redactor(f"{type(exc).__name__}: {exc}")[:2000]
+        if manifest is not None and manifest.status != "complete":
+            with contextlib.suppress(Exception):
+                manifest.status = "failed"
+                manifest.error = error
+                manifest.save(self.destination)
+        self.log.emit("job.failed", reason=reason, error=error)
 
     def source_id(self, plan: ExtractPlan) -> str:
         table = (plan.table.schema, plan.table.name) if plan.table is not None else None
@@ -544,7 +624,7 @@ class Extraction:
         return manifest, None
 
     def new_session(self, job_deadline: float | None) -> WorkerSession:
-        """A worker session for this run (its application name, deadlines, snapshot)."""
+        """A worker session for this run (its application name, deadlines, snapshot, credentials)."""
         session = WorkerSession(
             self.session_endpoint(),
             self.settings,
@@ -555,6 +635,7 @@ class Extraction:
             job_deadline=job_deadline,
             abort_check=lambda: self._aborted,
             pre_execution=import_statements(self.snapshot_id) if self.snapshot_id else (),
+            credentials=self.credentials,
         )
         self._session = session
         return session
@@ -575,13 +656,7 @@ class Extraction:
                     chunks_for(plan, self.sizer, after, self.upper),
                     first_index=manifest.next_index,
                     sizer=self.sizer,
-                    sink_for=lambda index: ParquetSink(
-                        url=self.destination.child_url(chunk_file_name(index)),
-                        storage_options=self.sink_options,
-                        compression=self.compression,
-                        row_group_rows=self.row_group_rows,
-                        metadata={FOOTER_RUN_ID: manifest.run_id, FOOTER_CHUNK: str(index)},
-                    ),
+                    sink_for=lambda index: self._sink(manifest, index),
                     write_empty_first=not manifest.chunks,
                     read_ahead=self.read_ahead,
                     stream_rows=self.stream_rows,

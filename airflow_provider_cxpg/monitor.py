@@ -1,9 +1,22 @@
-"""The parent's own view of the server: who is running what, and how to stop it.
+"""The parent's own view of the server: who is running what, who blocks it, and how to stop it.
 
-A control connection (psycopg, in the parent; never connectorx) finds the worker's backends by the
-run's unique ``application_name`` in ``pg_stat_activity``, reports what they wait on, and cancels or
-terminates them. Every statement on it has a short ``statement_timeout``, and connecting has a
-``connect_timeout``: the monitor itself can never hang the task.
+A control connection (psycopg, in the parent; never connectorx) finds the run's backends by the
+run's unique ``application_name`` in ``pg_stat_activity``, reports what they wait on and which
+session holds the lock, and cancels or terminates them.
+
+Nothing here may stall the parent's deadlines, whatever the network does:
+
+* every connection has ``connect_timeout``, TCP keepalives and ``tcp_user_timeout`` (a blackholed
+  route fails in seconds, not after the kernel's ~15 minutes of retries), and a server-side
+  ``statement_timeout``;
+* every statement runs on a helper thread under a client-side deadline (``call_timeout``), so a
+  gateway that accepts packets but answers nothing is given up on too (see :mod:`.bounded`); after
+  a timeout the monitor reports "unknown" at once for a while instead of waiting again;
+* sampling runs in its own thread (:class:`ActivitySampler`); the deadline loop only reads the
+  latest sample.
+
+Every connection the provider opens also asks the server to notice a vanished client
+(:func:`~.conninfo.liveness_settings`), so a backend never outlives a killed task for long.
 
 A role may always signal and see its own backends, so the worker's login needs no extra privilege.
 """
@@ -11,26 +24,62 @@ A role may always signal and see its own backends, so the worker's login needs n
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
+from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
+from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, liveness_settings
 from airflow_provider_cxpg.exceptions import ServerConnectionError
 
-__all__ = ["BackendInfo", "ServerMonitor", "WaitWatcher", "connect"]
+__all__ = ["ActivitySampler", "BackendInfo", "Blocker", "ControlCancels", "ServerMonitor", "connect"]
 
 _ACTIVITY_SQL = """
-SELECT pid, state, wait_event_type, wait_event,
-       EXTRACT(EPOCH FROM clock_timestamp() - query_start)::float8 AS query_seconds,
-       EXTRACT(EPOCH FROM clock_timestamp() - state_change)::float8 AS state_seconds,
-       left(query, 500) AS query,
-       backend_type
-FROM pg_stat_activity
-WHERE application_name = %s AND pid <> pg_backend_pid()
-ORDER BY pid
+SELECT a.pid, a.state, a.wait_event_type, a.wait_event,
+       EXTRACT(EPOCH FROM clock_timestamp() - a.query_start)::float8 AS query_seconds,
+       EXTRACT(EPOCH FROM clock_timestamp() - a.state_change)::float8 AS state_seconds,
+       left(a.query, 500) AS query,
+       CASE WHEN a.wait_event_type = 'Lock' THEN (
+           SELECT array_agg(ARRAY[b.pid::text, coalesce(b.application_name, ''), coalesce(b.usename::text, ''),
+                                  coalesce(b.state, ''), coalesce(b.query_start::text, ''), left(b.query, 200)]
+                            ORDER BY b.pid)
+           FROM pg_stat_activity b WHERE b.pid = ANY (pg_blocking_pids(a.pid))
+       ) END AS blockers
+FROM pg_stat_activity a
+WHERE a.application_name = %s AND a.pid <> pg_backend_pid()
+ORDER BY a.pid
 """
+
+#: Client-side liveness for control connections over TCP (libpq parameters; the user's win).
+_CLIENT_SOCKET = {
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "10000",
+}
+_STRING_LITERAL = re.compile(r"'(?:[^']|'')*'")
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """A session that holds a lock a backend of the run waits for."""
+
+    pid: int
+    application_name: str
+    user: str
+    state: str
+    query_start: str
+    query: str
+
+    def describe(self) -> str:
+        return (
+            f"pid {self.pid} ({self.user or '?'}@{self.application_name or '?'}, {self.state or '?'} since "
+            f"{self.query_start or '?'}): {self.query!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -44,6 +93,7 @@ class BackendInfo:
     query_seconds: float | None
     state_seconds: float | None
     query: str | None
+    blockers: tuple[Blocker, ...] = ()
 
     @property
     def waiting(self) -> bool:
@@ -53,12 +103,20 @@ class BackendInfo:
     def describe(self) -> str:
         wait = f", waiting on {self.wait_event_type}:{self.wait_event}" if self.wait_event_type else ""
         secs = f" for {self.query_seconds:.1f}s" if self.query_seconds is not None else ""
-        return f"backend {self.pid} {self.state or 'unknown'}{wait}{secs}"
+        held = f", blocked by {'; '.join(b.describe() for b in self.blockers)}" if self.blockers else ""
+        return f"backend {self.pid} {self.state or 'unknown'}{wait}{secs}{held}"
 
 
-def connect(endpoint: PostgresEndpoint, *, connect_timeout: float = 10.0, statement_timeout_ms: int = 10_000) -> Any:
-    """Open an autocommit psycopg connection with deadlines on connecting and on every statement.
+def connect(
+    endpoint: PostgresEndpoint,
+    *,
+    connect_timeout: float = 10.0,
+    statement_timeout_ms: int = 10_000,
+    settings: dict[str, str] | None = None,
+) -> Any:
+    """Open an autocommit psycopg connection with deadlines on connecting, the socket and every statement.
 
+    :param settings: more session settings, set once connected.
     :raises ServerConnectionError: the server cannot be reached or refuses the login (no secret in
         the message).
     """
@@ -66,60 +124,111 @@ def connect(endpoint: PostgresEndpoint, *, connect_timeout: float = 10.0, statem
 
     kwargs: dict[str, Any] = endpoint.libpq_kwargs()
     kwargs["connect_timeout"] = max(1, round(connect_timeout))
+    if not endpoint.is_unix_socket:
+        for name, value in _CLIENT_SOCKET.items():
+            kwargs.setdefault(name, value)
     own = f"-c statement_timeout={int(statement_timeout_ms)} -c lock_timeout={int(statement_timeout_ms)}"
     kwargs["options"] = f"{kwargs['options']} {own}" if kwargs.get("options") else own
     try:
-        return psycopg.connect(autocommit=True, **kwargs)
+        conn = psycopg.connect(autocommit=True, **kwargs)
     except psycopg.Error as exc:
         redact = Redactor(endpoint.secrets())
         detail = redact(str(exc).strip()) or type(exc).__name__
         raise ServerConnectionError(
             f"cannot connect to {endpoint.redacted_uri()}: {detail}", endpoint=endpoint.redacted_uri()
         ) from None
+    wanted = {**liveness_settings(conn.info.server_version), **(settings or {})}
+    if wanted:
+        assignments = ", ".join("set_config(%s, %s, false)" for _ in wanted)
+        conn.execute(f"SELECT {assignments}", [v for pair in wanted.items() for v in pair])
+    return conn
 
 
 class ServerMonitor:
-    """Sample and signal the backends of one ``application_name``.
+    """Sample and signal the backends of one ``application_name``, never for longer than a deadline.
 
     :param endpoint: the server (the same login the worker uses).
     :param application_name: the run's unique name, set on every worker connection.
     :param redactor: scrubs secrets from query text.
+    :param call_timeout: client-side deadline of each statement (and of connecting).
     """
 
-    def __init__(self, endpoint: PostgresEndpoint, application_name: str, redactor: Redactor) -> None:
+    def __init__(
+        self, endpoint: PostgresEndpoint, application_name: str, redactor: Redactor, *, call_timeout: float = 10.0
+    ) -> None:
         self._endpoint = endpoint.with_session(application_name=f"{application_name}-ctl")
         self.application_name = application_name
         self._redact = redactor
+        self.call_timeout = call_timeout
         self._conn: Any = None
-        self._lock = threading.Lock()
+        self._calls = SerialCalls("monitor")
+        self._lock = threading.Lock()  # guards replacing _calls; never held across I/O
+        self._unreachable_until = 0.0
         self.last_error: str | None = None
+        self.server_version: int | None = None
+
+    def update_password(self, password: str) -> None:
+        """Use ``password`` for the next connection (a refreshed token); the open one stays."""
+        self._endpoint = self._endpoint.with_password(password)
 
     def _connection(self) -> Any:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = connect(self._endpoint, connect_timeout=5.0, statement_timeout_ms=5_000)
+            timeout = max(1.0, self.call_timeout)
+            self._conn = connect(self._endpoint, connect_timeout=timeout, statement_timeout_ms=int(timeout * 1000))
+            self.server_version = self._conn.info.server_version
         return self._conn
 
-    def check(self) -> None:
-        """Connect now: a typo in host or password fails here in seconds, not in connectorx's 30 s."""
+    def _call(self, what: str, fn: Callable[[Any], Any], *, raise_errors: bool = False) -> Any:
+        """Run ``fn(connection)`` on the monitor's thread under ``call_timeout``; None when it fails."""
+        if time.monotonic() < self._unreachable_until and not raise_errors:
+            return None
         with self._lock:
-            self._connection().execute("SELECT 1")
+            calls = self._calls
+        try:
+            return calls.call(what, lambda: fn(self._connection()), self.call_timeout)
+        except CallTimedOut as exc:
+            # The thread is stuck on a socket nobody answers: abandon it with its connection, and
+            # answer "unknown" at once for a while rather than wait again.
+            with self._lock:
+                if self._calls is calls:
+                    self._calls, self._conn = SerialCalls("monitor"), None
+            self._unreachable_until = time.monotonic() + self.call_timeout
+            self.last_error = f"{what}: the server did not answer within {self.call_timeout}s"
+            if raise_errors:
+                raise ServerConnectionError(f"{self.last_error} ({exc})") from None
+            return None
+        except Exception as exc:  # a failing monitor must never fail the job by itself
+            self.last_error = self._redact(str(exc))
+            self._discard()
+            if raise_errors:
+                raise
+            return None
 
-    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]] | None:
-        # A failing monitor must never fail the job: the server-side statement_timeout remains.
-        with self._lock:
-            try:
-                return list(self._connection().execute(sql, params).fetchall())
-            except Exception as exc:  # noqa: BLE001
-                self.last_error = self._redact(str(exc))
-                with contextlib.suppress(Exception):
-                    if self._conn is not None:
-                        self._conn.close()
-                self._conn = None
-                return None
+    def _discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with self._lock:
+                calls = self._calls
+            with contextlib.suppress(Exception):  # close on the monitor's own thread, where it is used
+                calls.call("closing the monitor connection", conn.close, self.call_timeout)
 
-    def backends(self) -> list[BackendInfo]:
-        """Return the run's backends (empty when none, or when the server cannot be asked)."""
-        rows = self._query(_ACTIVITY_SQL, (self.application_name,)) or []
+    def check(self) -> int:
+        """Connect now and return the server version: a typo in host or password fails here in
+        seconds, not in connectorx's 30 s.
+
+        :raises ServerConnectionError: the server cannot be reached, or does not answer in time.
+        """
+        return int(self._call("checking the server", lambda conn: conn.info.server_version, raise_errors=True))
+
+    def backends(self) -> list[BackendInfo] | None:
+        """The run's backends (empty: none), or None when the server cannot be asked right now."""
+
+        def query(conn: Any) -> list[tuple[Any, ...]]:
+            return list(conn.execute(_ACTIVITY_SQL, (self.application_name,)).fetchall())
+
+        rows = self._call("sampling pg_stat_activity", query)
+        if rows is None:
+            return None
         return [
             BackendInfo(
                 pid=row[0],
@@ -129,87 +238,210 @@ class ServerMonitor:
                 query_seconds=row[4],
                 state_seconds=row[5],
                 query=self._redact(row[6]) if row[6] else None,
+                blockers=tuple(self._blocker(b) for b in row[7] or ()),
             )
             for row in rows
         ]
+
+    def _blocker(self, fields: list[str]) -> Blocker:
+        # Another session's query text: our secrets redacted, and its string literals hidden (they
+        # could hold somebody else's, e.g. ALTER ROLE ... PASSWORD '...').
+        query = _STRING_LITERAL.sub("'…'", self._redact(fields[5] or ""))
+        return Blocker(int(fields[0]), fields[1], fields[2], fields[3], fields[4], query)
 
     def signal(self, function: str) -> list[int]:
         """Call ``pg_cancel_backend`` or ``pg_terminate_backend`` on every backend of the run."""
         if function not in {"pg_cancel_backend", "pg_terminate_backend"}:
             raise ValueError(function)
-        rows = self._query(
-            f"SELECT pid, {function}(pid) FROM pg_stat_activity "
-            "WHERE application_name = %s AND pid <> pg_backend_pid()",
-            (self.application_name,),
-        )
+
+        def query(conn: Any) -> list[tuple[Any, ...]]:
+            return list(
+                conn.execute(
+                    f"SELECT pid, {function}(pid) FROM pg_stat_activity "
+                    "WHERE application_name = %s AND pid <> pg_backend_pid()",
+                    (self.application_name,),
+                ).fetchall()
+            )
+
+        rows = self._call(f"calling {function}", query)
         return [row[0] for row in rows or [] if row[1]]
 
     def stop_backends(self, grace: float) -> list[int]:
-        """Cancel every active backend, wait up to ``grace``, terminate what remains; return those terminated."""
-        if any(b.state == "active" for b in self.backends()):
+        """Cancel every active backend, wait up to ``grace``, terminate what remains; return those terminated.
+
+        Bounded even when the server does not answer: each call has ``call_timeout``, and an
+        unreachable server ends the wait at once.
+        """
+        first = self.backends()
+        if first is None:
+            return []
+        if any(b.state == "active" for b in first):
             self.signal("pg_cancel_backend")
             deadline = time.monotonic() + grace
             while time.monotonic() < deadline:
-                if not any(b.state == "active" for b in self.backends()):
+                now = self.backends()
+                if now is None or not any(b.state == "active" for b in now):
                     break
                 time.sleep(0.05)
         terminated: list[int] = []
-        if self.backends():
+        remaining = self.backends()
+        if remaining:
             terminated = self.signal("pg_terminate_backend")
             deadline = time.monotonic() + grace
-            while self.backends() and time.monotonic() < deadline:
+            while time.monotonic() < deadline and self.backends():
                 time.sleep(0.05)
         return terminated
 
     def close(self) -> None:
+        """Close the connection (on the monitor's thread, bounded) and let the thread end."""
+        self._discard()
         with self._lock:
-            if self._conn is not None:
-                with contextlib.suppress(Exception):
-                    self._conn.close()
-                self._conn = None
+            self._calls.close()
 
 
-class WaitWatcher:
-    """Report, from a thread, while the backends of ``monitor`` wait on a lock.
+class ActivitySampler:
+    """Sample the run's backends from a thread; keep the latest sample; report lock waits as they last.
 
-    The parent's own catalog queries (planning, a watermark's ``max()``) block in psycopg; this
-    thread keeps sampling ``pg_stat_activity`` meanwhile, so a lock wait is logged while it lasts.
+    The deadline loop must never wait on the server, so it reads :meth:`latest` instead of querying.
+    The parent's own planning queries block in psycopg meanwhile, and this thread reports their lock
+    waits too.
 
-    :param report: called with each waiting backend, at most every ``every`` seconds per backend.
+    :param report: called with each waiting backend, after ``after`` seconds of waiting and then at
+        most every ``every`` seconds per backend (from this thread).
     """
 
     def __init__(
         self,
         monitor: ServerMonitor,
-        report: Any,
+        report: Callable[[BackendInfo], None] | None = None,
         *,
         interval: float = 1.0,
         after: float = 5.0,
         every: float = 10.0,
     ) -> None:
-        self._monitor = monitor
+        self.monitor = monitor
         self._report = report
         self._interval, self._after, self._every = interval, after, every
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cxpg-wait-watcher", daemon=True)
+        self._thread: threading.Thread | None = None
         self._reported: dict[int, float] = {}
+        self._latest: tuple[float, list[BackendInfo]] | None = None
+        self._last_active: list[BackendInfo] = []
+        self.active_pids: dict[int, float] = {}
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            now = time.monotonic()
-            for backend in self._monitor.backends():
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self._interval)
+
+    def sample(self) -> list[BackendInfo] | None:
+        backends = self.monitor.backends()
+        if backends is None:
+            return None
+        now = time.monotonic()
+        self._latest = (now, backends)
+        active = [b for b in backends if b.state == "active"]
+        if active:
+            self._last_active = backends
+        for backend in active:
+            self.active_pids.setdefault(backend.pid, now)
+        if self._report is not None:
+            for backend in backends:
                 if not backend.waiting or (backend.query_seconds or 0) < self._after:
                     continue
                 last = self._reported.get(backend.pid)
                 if last is None or now - last >= self._every:
                     self._reported[backend.pid] = now
                     self._report(backend)
+        return backends
 
-    def __enter__(self) -> WaitWatcher:
-        self._thread.start()
+    def latest(self, max_age: float | None = None) -> list[BackendInfo] | None:
+        """The latest sample, or None when there is none as recent as ``max_age`` seconds."""
+        latest = self._latest
+        if latest is None or (max_age is not None and time.monotonic() - latest[0] > max_age):
+            return None
+        return latest[1]
+
+    def last_active(self) -> list[BackendInfo]:
+        """The last sample that showed a backend at work (what a timeout message should describe)."""
+        return self._last_active
+
+    def reset(self) -> None:
+        """Forget what was reported (a new query starts)."""
+        self._reported.clear()
+        self._last_active = []
+
+    def start(self) -> ActivitySampler:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cxpg-sampler", daemon=True)
+            self._thread.start()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
-        self._monitor.close()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=self.monitor.call_timeout + self._interval + 1)
+
+    def __enter__(self) -> ActivitySampler:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+        self.monitor.close()
+
+
+class ControlCancels:
+    """Cancel the parent's running control queries (planning, a window's ``max()``), from anywhere.
+
+    A planning query may wait on a lock for up to ``query_timeout``. Whatever ends the parent's wait
+    early (``on_kill`` from Airflow's SIGTERM handler, ``AirflowTaskTimeout`` from its SIGALRM, any
+    error) must cancel it on the server too, or the backend waits on and then runs the query. libpq's
+    cancel request opens a new connection to the server and can block on a dead network, so it never
+    runs on the interrupted thread: :meth:`cancel_all_soon` (safe in a signal handler: it only sets
+    an event) wakes a helper thread that sends them; :meth:`cancel` waits for one at most ``timeout``.
+    """
+
+    def __init__(self) -> None:
+        self._handles: dict[int, Any] = {}
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def register(self, conn: Any) -> int:
+        """Remember ``conn``'s cancel handle; return the key to cancel or forget it by."""
+        key = id(conn)
+        with contextlib.suppress(Exception):
+            self._handles[key] = conn.pgconn.get_cancel()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cxpg-canceller", daemon=True)
+            self._thread.start()
+        return key
+
+    def unregister(self, key: int) -> None:
+        self._handles.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            for handle in list(self._handles.values()):
+                with contextlib.suppress(Exception):
+                    handle.cancel()
+
+    def cancel_all_soon(self) -> None:
+        """Ask for every registered query to be cancelled; returns at once (signal-safe)."""
+        self._wake.set()
+
+    def cancel(self, key: int, timeout: float) -> None:
+        """Cancel one query, waiting at most ``timeout`` seconds for the request to go out."""
+        handle = self._handles.get(key)
+        if handle is None:
+            return
+        thread = threading.Thread(target=_quietly, args=(handle.cancel,), name="cxpg-cancel", daemon=True)
+        thread.start()
+        thread.join(timeout)
+
+
+def _quietly(fn: Callable[[], Any]) -> None:
+    with contextlib.suppress(Exception):
+        fn()

@@ -253,7 +253,9 @@ class ParallelExtraction:
             snapshot_id: str | None = None
             if self.snapshot:
                 holder = stack.enter_context(
-                    ExportedSnapshot(self.coordinator.endpoint, f"{self.coordinator.application_name}-snap")
+                    ExportedSnapshot(
+                        self.coordinator.credentials.current(), f"{self.coordinator.application_name}-snap"
+                    )
                 )
                 snapshot_id = holder.id
                 self.coordinator.snapshot_id = snapshot_id

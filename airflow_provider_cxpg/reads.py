@@ -13,15 +13,16 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
 
 from airflow_provider_cxpg.chunking import chunks_for, pipelined
 from airflow_provider_cxpg.conninfo import PostgresEndpoint
+from airflow_provider_cxpg.credentials import is_authentication_failure
 from airflow_provider_cxpg.destination import Destination
-from airflow_provider_cxpg.exceptions import WorkerError
+from airflow_provider_cxpg.exceptions import ServerConnectionError, WorkerError
 from airflow_provider_cxpg.extract import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, Extraction
 from airflow_provider_cxpg.plan import SourceSpec, build_read_plan
 from airflow_provider_cxpg.querylog import QueryLog
@@ -66,6 +67,7 @@ def iter_chunk_tables(
     querylog: QueryLog | None = None,
     application_name_prefix: str | None = None,
     spool_dir: str | None = None,
+    refresh_credentials: Callable[[], PostgresEndpoint] | None = None,
 ) -> Iterator[pa.Table]:
     """Yield each chunk as a ``pyarrow.Table`` in this process, read by a supervised worker.
 
@@ -89,6 +91,7 @@ def iter_chunk_tables(
         stream_rows=stream_rows,
         querylog=querylog,
         application_name_prefix=application_name_prefix,
+        refresh_credentials=refresh_credentials,
     )
     started = time.monotonic()
     settings = extraction.settings
@@ -97,7 +100,9 @@ def iter_chunk_tables(
     try:
         with contextlib.ExitStack() as stack:
             if snapshot is True:
-                holder = stack.enter_context(ExportedSnapshot(endpoint, f"{extraction.application_name}-snap"))
+                holder = stack.enter_context(
+                    ExportedSnapshot(extraction.credentials.current(), f"{extraction.application_name}-snap")
+                )
                 extraction.snapshot_id = holder.id
             yield from _iterate(extraction, spec, lower, upper, spool, job_deadline, max_worker_restarts, started)
     finally:
@@ -120,6 +125,7 @@ def _iterate(
     )
     after: Sequence[Any] | None = lower if plan.pages is not None else None
     index = rows = restarts = 0
+    renewed_after: int | None = None
     while True:
         try:
             with extraction.new_session(job_deadline) as session:
@@ -153,6 +159,13 @@ def _iterate(
                 after_chunk=index - 1,
                 error=f"{type(exc).__name__}: {exc}",
             )
+        except ServerConnectionError as exc:  # a refused login: an expired token, renewed once per progress
+            if not is_authentication_failure(exc) or renewed_after == index or extraction.credentials.renew() is None:
+                raise
+            renewed_after = index
+            extraction.log.emit(
+                "job.plan", note=f"the server refused the login: credentials renewed after {index} chunks"
+            )
     extraction.log.emit(
         "job.done",
         rows=rows,
@@ -171,6 +184,7 @@ def read_query_table(
     column_casts: dict[str, str] | None = None,
     querylog: QueryLog | None = None,
     application_name_prefix: str | None = None,
+    refresh_credentials: Callable[[], PostgresEndpoint] | None = None,
 ) -> pa.Table:
     """Run one query in a supervised worker and return the whole result here (no chunking)."""
     extraction = _extraction(
@@ -179,6 +193,7 @@ def read_query_table(
         settings=settings,
         querylog=querylog,
         application_name_prefix=application_name_prefix,
+        refresh_credentials=refresh_credentials,
     )
     with extraction.control_connection("plan") as conn:
         plan = build_read_plan(conn, sql, column_casts)

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
+from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, liveness_settings
+from airflow_provider_cxpg.credentials import CredentialSource
 from airflow_provider_cxpg.exceptions import (
     ExtractionAborted,
     HeartbeatLostError,
@@ -45,15 +46,17 @@ from airflow_provider_cxpg.exceptions import (
     QueryCancelledError,
     QueryTimeoutError,
     RemoteTraceback,
+    StorageError,
     WorkerCrashedError,
     WorkerStartError,
 )
-from airflow_provider_cxpg.monitor import BackendInfo, ServerMonitor
+from airflow_provider_cxpg.monitor import ActivitySampler, BackendInfo, ServerMonitor
 from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.worker.protocol import (
     ChunkDone,
     ChunkRead,
     Configure,
+    Credentials,
     Failed,
     FrameReader,
     FrameWriter,
@@ -79,6 +82,18 @@ ENV_ALLOWLIST: tuple[str, ...] = (
     "TMP",
     "SSL_CERT_FILE",
     "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    # Proxies, as object-store clients behind a corporate proxy or in a cluster need them (a proxy URL
+    # with a password in it is the operator's choice; it is redacted from everything we log).
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
     "LD_LIBRARY_PATH",
     "VIRTUAL_ENV",
     "SYSTEMROOT",
@@ -107,6 +122,13 @@ class WorkerSettings:
     :param protocol: connectorx protocol, ``binary`` (default) or ``cursor``.
     :param worker_env: extra environment variables for the worker (explicit: nothing is inherited
         beyond :data:`ENV_ALLOWLIST`).
+    :param storage_timeout: seconds each operation on the destination may take: a chunk's open,
+        write and commit in the worker, and the parent's manifest writes, listings and removals;
+        None for no limit.
+    :param control_timeout: client-side deadline of each statement on the parent's monitoring and
+        cancel connections (so a blackholed network cannot stall the deadlines).
+    :param credentials_refresh_interval: renew the password (an IAM token) when older than this;
+        None: only after an authentication failure. The hook sets it for IAM connections.
     """
 
     heartbeat_interval: float = 1.0
@@ -122,6 +144,9 @@ class WorkerSettings:
     report_wait_every: float = 10.0
     protocol: str = "binary"
     worker_env: Mapping[str, str] = field(default_factory=dict)
+    storage_timeout: float | None = 300.0
+    control_timeout: float = 10.0
+    credentials_refresh_interval: float | None = None
 
     def __post_init__(self) -> None:
         positive = {
@@ -129,7 +154,11 @@ class WorkerSettings:
             "heartbeat_timeout": self.heartbeat_timeout,
             "start_timeout": self.start_timeout,
             "monitor_interval": self.monitor_interval,
+            "control_timeout": self.control_timeout,
         }
+        for optional in ("storage_timeout", "credentials_refresh_interval"):
+            if getattr(self, optional) is not None:
+                positive[optional] = getattr(self, optional)
         if self.query_timeout is not None:
             positive["query_timeout"] = self.query_timeout
         if self.job_timeout is not None:
@@ -162,7 +191,8 @@ def worker_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]
     """Return the worker's environment: the allowlist, the import path it needs, and ``extra``."""
     env = {k: v for k, v in os.environ.items() if k in ENV_ALLOWLIST or k.startswith("LC_")}
     roots: list[str] = []
-    for module in ("airflow_provider_cxpg", "connectorx", "pyarrow", "fsspec"):
+    # psycopg: the worker ends the run's backends with it when the parent dies.
+    for module in ("airflow_provider_cxpg", "connectorx", "pyarrow", "fsspec", "psycopg", "psycopg_binary"):
         root = _module_root(module)
         if root and root not in roots:
             roots.append(root)
@@ -191,6 +221,8 @@ class WorkerSession:
     :param job_deadline: ``time.monotonic()`` value after which the job has run too long.
     :param abort_check: returns a reason when the run was aborted (``on_kill``).
     :param pre_execution: statements each data connection runs before its query.
+    :param credentials: renews the password (IAM tokens); the worker learns each new one before
+        its next query.
     """
 
     def __init__(
@@ -205,6 +237,7 @@ class WorkerSession:
         job_deadline: float | None = None,
         abort_check: Callable[[], str | None] | None = None,
         pre_execution: tuple[str, ...] = (),
+        credentials: CredentialSource | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.settings = settings
@@ -214,8 +247,17 @@ class WorkerSession:
         self.worker_index = worker_index
         self.job_deadline = job_deadline
         self.pre_execution = tuple(pre_execution)
+        self.credentials = credentials
         self._abort_check = abort_check or (lambda: None)
-        self.monitor = ServerMonitor(endpoint, application_name, redactor)
+        self.monitor = ServerMonitor(endpoint, application_name, redactor, call_timeout=settings.control_timeout)
+        self.sampler = ActivitySampler(
+            self.monitor,
+            self._report_wait,
+            interval=settings.monitor_interval,
+            after=settings.report_wait_after,
+            every=settings.report_wait_every,
+        )
+        self._storage: tuple[str, float, float] | None = None  # op, seconds, received_at
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
         self.ready: Ready | None = None
@@ -231,17 +273,13 @@ class WorkerSession:
         self._requests: dict[int, ReadChunk] = {}
         self._current: tuple[int, int, float] | None = None  # query_id, chunk, started_at
         self._last_heard = 0.0
-        self._last_sample = 0.0
-        self._last_activity: list[BackendInfo] = []
-        self._wait_reported: dict[int, float] = {}
         self._query_backends: dict[int, int] = {}
         self._stopped = False
         self._released = False
         self._interrupted: str | None = None
         self._closing = False
         self._spawned_at = 0.0
-        self._last_wait_check = 0.0
-        self._last_wait_verdict = False
+        self._waiting_reported = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -272,7 +310,9 @@ class WorkerSession:
         The worker imports connectorx and pyarrow meanwhile; the caller can plan in parallel and
         call :meth:`finish_start` (or enter the ``with`` block) when it needs the worker.
         """
-        self.monitor.check()
+        version = self.monitor.check()
+        # Every connection of the worker asks the server to notice a vanished client (see conninfo).
+        self.endpoint = self.endpoint.with_settings(liveness_settings(version))
         env = worker_environment(self.settings.worker_env)
         cmd = [sys.executable, "-P", "-m", "airflow_provider_cxpg.worker"]
         self._spawned_at = time.monotonic()
@@ -296,6 +336,23 @@ class WorkerSession:
         self._spawn_thread(self._read_channel, self.proc.stdout, "cxpg-channel")
         self._spawn_thread(self._read_stderr, self.proc.stderr, "cxpg-stderr")
         self.log.emit("worker.start", worker=self.worker_index, worker_pid=self.pid)
+        # Configure goes at once (the pipe holds it while the worker imports): from its arrival the
+        # worker can end the run's backends, the parent's planning queries included, should the
+        # parent die.
+        configure = Configure(
+            endpoint=self.endpoint,
+            protocol=self.settings.protocol,
+            heartbeat_interval=self.settings.heartbeat_interval,
+            secrets=self.redact.secrets,
+            pre_execution=self.pre_execution,
+            storage_timeout=self.settings.storage_timeout,
+            run_application_name=self.application_name,
+        )
+        try:
+            self._send(configure)
+        except WorkerCrashedError as exc:
+            raise WorkerStartError(f"the worker exited during start-up: {exc.message}", pid=self.pid) from exc
+        self.sampler.start()
 
     def finish_start(self) -> None:
         """Wait (under ``start_timeout``) for the spawned worker's Ready, then send Configure."""
@@ -319,15 +376,6 @@ class WorkerSession:
             seconds=self.startup_seconds,
             import_seconds=round(self.ready.startup_seconds, 4),
             connectorx=self.ready.versions.get("connectorx"),
-        )
-        self._send(
-            Configure(
-                endpoint=self.endpoint,
-                protocol=self.settings.protocol,
-                heartbeat_interval=self.settings.heartbeat_interval,
-                secrets=self.redact.secrets,
-                pre_execution=self.pre_execution,
-            )
         )
 
     def _spawn_thread(self, target: Callable[[Any], None], stream: Any, name: str) -> None:
@@ -403,6 +451,7 @@ class WorkerSession:
             return
         self._stopped = True
         monitor = self.monitor
+        self.sampler.stop()
         try:
             terminated = monitor.stop_backends(self.settings.cancel_grace)
             if terminated:
@@ -451,6 +500,7 @@ class WorkerSession:
                 with contextlib.suppress(Exception):
                     if stream is not None:
                         stream.close()
+        self.sampler.stop()
         self.monitor.close()
 
     @property
@@ -468,16 +518,31 @@ class WorkerSession:
             raise WorkerCrashedError(f"cannot reach the worker: {exc}", pid=self.pid) from exc
 
     def submit(self, request: ReadChunk) -> None:
-        """Queue ``request`` in the worker (it reads requests one after another)."""
+        """Queue ``request`` in the worker (it reads requests one after another).
+
+        A password due for renewal (an IAM token) is renewed first and sent ahead of the request, so
+        the query's new connections use it.
+        """
+        if self.credentials is not None:
+            password = self.credentials.password_if_due()
+            if password is not None:
+                self.send_password(password)
         self._requests[request.query_id] = request
         self._send(request)
+
+    def send_password(self, password: str) -> None:
+        """Hand a renewed password to the worker and to this session's monitor."""
+        self.endpoint = self.endpoint.with_password(password)
+        self.monitor.update_password(password)
+        self.redact.add(password)
+        self._send(Credentials(password=password))
 
     def wait_read(self, query_id: int) -> ChunkRead:
         """Wait, under every deadline, until the query's rows are in the worker; raise its error."""
         self._pump(lambda: query_id in self._reads)
         outcome = self._reads.pop(query_id)
         request = self._requests[query_id]
-        backend_pid = self._query_backends.pop(query_id, None)
+        backend_pid = self._query_backends.pop(query_id, None) or self._active_backend()
         if isinstance(outcome, Failed):
             self._requests.pop(query_id, None)
             raise self._query_failure(request, outcome, backend_pid)
@@ -513,7 +578,7 @@ class WorkerSession:
     def _query_failure(self, request: ReadChunk, failed: Failed, backend_pid: int | None) -> BaseException:
         error = failed.error
         if isinstance(error, QueryCancelledError) and getattr(error, "reason", None) == "statement_timeout":
-            activity = "; ".join(b.describe() for b in self._last_activity) or "no backend activity sampled"
+            activity = "; ".join(b.describe() for b in self.sampler.last_active()) or "no backend activity sampled"
             error = QueryTimeoutError(
                 f"chunk {request.chunk_index}: query ran past query_timeout={self.settings.query_timeout}s "
                 f"and the server cancelled it (statement_timeout); server was doing: {activity}",
@@ -566,7 +631,6 @@ class WorkerSession:
                     pid=self.pid,
                 )
             self._check_deadlines(now, heartbeats=start_deadline is None)
-            self._sample_server(now)
             try:
                 received_at, message = self._queue.get(timeout=tick)
             except queue.Empty:
@@ -591,13 +655,14 @@ class WorkerSession:
             return
         self._last_heard = max(self._last_heard, received_at)
         if isinstance(message, Heartbeat):
+            busy = message.storage_op is not None and message.storage_seconds is not None
+            self._storage = (message.storage_op, message.storage_seconds, received_at) if busy else None  # type: ignore[assignment]
             return
         if isinstance(message, Ready):
             self.ready = message
         elif isinstance(message, QueryStarted):
             self._current = (message.query_id, message.chunk_index, received_at)
-            self._last_activity = []
-            self._wait_reported.clear()
+            self.sampler.reset()
             request = self._requests.get(message.query_id)
             self.log.emit(
                 "query.start",
@@ -622,6 +687,10 @@ class WorkerSession:
                 self._reads[message.query_id] = message
                 self._end_query(message.query_id)
 
+    def _active_backend(self) -> int | None:
+        active = [b.pid for b in self.sampler.last_active() if b.state == "active"]
+        return active[0] if active else None
+
     def _end_query(self, query_id: int) -> None:
         if self._current and self._current[0] == query_id:
             self._current = None
@@ -634,6 +703,10 @@ class WorkerSession:
             code = None
         if self._closing and code == 0:
             return
+        reason = self._interrupted or self._abort_check()
+        if reason or self._stopped:  # we ended it ourselves: an abort, not a crash
+            self.stop(reason=reason or "stopped")
+            raise ExtractionAborted.because(reason or "stopped")
         chunk = self._current[1] if self._current else None
         status = _describe_exit(code)
         tail = " | ".join(list(self._stderr_tail)[-5:])
@@ -670,6 +743,26 @@ class WorkerSession:
                 limit="job_timeout",
                 server_activity=activity,
             )
+        storage = self._storage
+        if storage is not None and s.storage_timeout is not None:
+            operation, seconds, received_at = storage
+            elapsed = seconds + (now - received_at)
+            if elapsed > s.storage_timeout + s.deadline_grace:  # the worker's own deadline did not fire
+                self.log.emit(
+                    "query.timeout",
+                    worker=self.worker_index,
+                    worker_pid=self.pid,
+                    limit="storage_timeout",
+                    enforced_by="parent",
+                    seconds=elapsed,
+                    operation=operation,
+                )
+                raise StorageError(
+                    f"{operation} has not returned after {elapsed:.1f}s (storage_timeout={s.storage_timeout}s): "
+                    "the store is not answering",
+                    operation=operation,
+                    limit="storage_timeout",
+                )
         silent = now - self._last_heard
         if heartbeats and silent > s.heartbeat_timeout and not self._silence_is_a_server_wait(now):
             chunk = self._current[1] if self._current else None
@@ -718,19 +811,18 @@ class WorkerSession:
         pause during a long server-side wait (a lock, a slow plan). That silence is tolerated while
         the worker process is not stopped (``/proc`` state) and the run's backend is active on
         something other than sending to the worker (``Client:ClientWrite`` would mean the worker no
-        longer reads). ``query_timeout`` still bounds the wait.
+        longer reads), as the sampler's latest sample shows; a sample too old to trust (the server
+        does not answer) excuses nothing. ``query_timeout`` still bounds the wait.
         """
         if self._current is None or self._worker_stopped():
             return False
-        if now - self._last_wait_check < self.settings.monitor_interval:
-            return self._last_wait_verdict
-        self._last_wait_check = now
+        fresh = self.sampler.latest(max_age=3 * self.settings.monitor_interval + self.settings.control_timeout)
         waiting = [
             b
-            for b in self.monitor.backends()
+            for b in fresh or ()
             if b.state == "active" and (b.wait_event_type, b.wait_event) != ("Client", "ClientWrite")
         ]
-        if waiting and not self._last_wait_verdict:
+        if waiting and not self._waiting_reported:
             self.log.emit(
                 "worker.waiting",
                 worker=self.worker_index,
@@ -739,8 +831,8 @@ class WorkerSession:
                 note="heartbeats paused while the worker waits on its query; query_timeout applies",
                 server_activity="; ".join(b.describe() for b in waiting),
             )
-        self._last_wait_verdict = bool(waiting)
-        return self._last_wait_verdict
+        self._waiting_reported = bool(waiting)
+        return self._waiting_reported
 
     def _worker_stopped(self) -> bool:
         """The worker is stopped or traced (SIGSTOP), per ``/proc/<pid>/stat``."""
@@ -752,37 +844,28 @@ class WorkerSession:
         return state in {"T", "t"}
 
     def _describe_activity(self) -> str:
-        backends = self.monitor.backends() or self._last_activity
+        """What the server showed last, from the sampler (never a query here: the server may not answer)."""
+        backends = self.sampler.latest() or self.sampler.last_active()
+        if not backends and self.monitor.last_error:
+            return f"the server could not be asked ({self.monitor.last_error})"
         return "; ".join(b.describe() for b in backends) or "no backend of this run found"
 
-    def _sample_server(self, now: float) -> None:
-        if self._current is None or now - self._last_sample < self.settings.monitor_interval:
-            return
-        self._last_sample = now
-        backends = self.monitor.backends()
-        if not any(b.state == "active" for b in backends):
-            return  # keep the last sample that shows the query at work (for timeout messages)
-        self._last_activity = backends
-        query_id, chunk, _ = self._current
-        active = [b for b in backends if b.state == "active"]
-        if active:
-            self._query_backends.setdefault(query_id, active[0].pid)
-        for backend in backends:
-            if not backend.waiting or (backend.query_seconds or 0) < self.settings.report_wait_after:
-                continue
-            last = self._wait_reported.get(backend.pid)
-            if last is None or now - last >= self.settings.report_wait_every:
-                self._wait_reported[backend.pid] = now
-                self.log.emit(
-                    "server.waiting",
-                    worker=self.worker_index,
-                    worker_pid=self.pid,
-                    backend_pid=backend.pid,
-                    chunk=chunk,
-                    state=backend.state,
-                    wait_event=f"{backend.wait_event_type}:{backend.wait_event}",
-                    seconds=backend.query_seconds,
-                )
+    def _report_wait(self, backend: BackendInfo) -> None:
+        """From the sampler: a backend of the run has waited on a lock for a while (who holds it, too)."""
+        current = self._current
+        if current is not None:
+            self._query_backends.setdefault(current[0], backend.pid)
+        self.log.emit(
+            "server.waiting",
+            worker=self.worker_index,
+            worker_pid=self.pid,
+            backend_pid=backend.pid,
+            chunk=current[1] if current else None,
+            state=backend.state,
+            wait_event=f"{backend.wait_event_type}:{backend.wait_event}",
+            seconds=backend.query_seconds,
+            blocked_by=[b.describe() for b in backend.blockers] or None,
+        )
 
 
 def _describe_exit(code: int | None) -> str:

@@ -395,31 +395,32 @@ def test_on_kill_from_sigterm_handler_aborts_execute(conn_id: str, table: str, o
     assert time.monotonic() - started < 0.5 + GRACE
 
 
-def test_on_kill_from_a_signal_that_lands_inside_the_monitor_query_does_not_deadlock(
+def test_on_kill_from_a_signal_that_lands_inside_a_bounded_call_does_not_deadlock(
     conn_id: str, admin: psycopg.Connection, table: str, out_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The handler interrupts the parent inside its own pg_stat_activity query (its lock held).
+    """The handler interrupts the parent inside a lock of its own (a manifest write's deadline call).
 
-    Seen in CI: on_kill stopped the worker from the handler, then blocked on the monitor's lock that
-    the interrupted frame held; the task hung for good. The SIGTERM here is sent from inside that
-    lock, on the main thread, so the handler runs exactly there every time.
+    Seen in CI before: on_kill stopped the worker from the handler, then blocked on a monitor lock the
+    interrupted frame held; the task hung for good. The deadline loop no longer queries the server at
+    all (a sampler thread does), and on_kill takes no lock; the SIGTERM here is sent from inside the
+    lock of a bounded storage call on the main thread, so the handler runs exactly there.
     """
-    from airflow_provider_cxpg.monitor import ServerMonitor
+    from airflow_provider_cxpg.bounded import SerialCalls
 
     op = _operator(conn_id, table, out_dir, where="pg_sleep(0.002) IS NOT NULL", query_timeout=60)
-    original = ServerMonitor._query
+    original = SerialCalls.call
     fired: list[float] = []
 
-    def query_then_signal(self: ServerMonitor, sql: str, params: tuple[Any, ...]) -> Any:
+    def call_then_signal(self: SerialCalls, operation: str, fn: Any, timeout: Any) -> Any:
         main = threading.current_thread() is threading.main_thread()
-        if main and not fired and worker_pids() and "pg_stat_activity" in sql:
-            with self._lock:  # what the real query holds while psycopg waits on the server
+        if main and not fired and worker_pids() and "writing _manifest.json" in operation:
+            with self._lock:
                 fired.append(time.monotonic())
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.05)  # the handler runs here, on this thread, inside the lock
-        return original(self, sql, params)
+        return original(self, operation, fn, timeout)
 
-    monkeypatch.setattr(ServerMonitor, "_query", query_then_signal)
+    monkeypatch.setattr(SerialCalls, "call", call_then_signal)
     previous = signal.signal(signal.SIGTERM, lambda s, f: op.on_kill())
     alarm = signal.signal(signal.SIGALRM, lambda s, f: pytest.fail("deadlocked: on_kill never returned"))
     signal.alarm(60)

@@ -30,13 +30,16 @@ __all__ = ["ConnectorXPostgresHook"]
 _POSTGRES_CONN_TYPES = frozenset({"postgres", "postgresql"})
 
 
+#: How old an IAM token may get before the parent mints a new one (RDS/Aurora tokens open
+#: connections for 15 minutes; Redshift's and Azure AD's last at least as long).
+IAM_TOKEN_REFRESH_SECONDS = 600.0
+
+
 def _mask(secret: str) -> None:
-    """Register ``secret`` with Airflow's log masker (best effort: absent outside a task)."""
-    try:
-        from airflow.providers.common.compat.sdk import mask_secret
-    except ImportError:  # pragma: no cover - very old compat provider
-        return
-    with contextlib.suppress(Exception):  # masking is defence in depth, never a reason to fail
+    """Register ``secret`` with Airflow's log masker (outside a task there is nothing to register with)."""
+    from airflow.providers.common.compat.sdk import mask_secret  # a missing masker is a broken install: raise
+
+    with contextlib.suppress(Exception):  # masking is defence in depth, never a reason to fail a run
         mask_secret(secret)
 
 
@@ -93,15 +96,20 @@ class ConnectorXPostgresHook(PostgresHook):
             )
         return conn
 
-    def get_endpoint(self) -> PostgresEndpoint:
+    def get_endpoint(self, *, fresh: bool = False) -> PostgresEndpoint:
         """Resolve the connection (IAM tokens included) into a :class:`PostgresEndpoint`.
 
-        The endpoint holds the password; its ``repr`` and ``str`` never show it.
+        The endpoint holds the password; its ``repr`` and ``str`` never show it. libpq's ``PGSSL*``
+        environment variables become its TLS parameters where the connection sets none, so the
+        worker connects as the parent's libpq would.
 
+        :param fresh: resolve again (a new IAM token, a password a secrets backend rotated).
         :raises ConnectionConfigError: the connection is missing, not ``postgres``, or has no host.
         """
-        if self._endpoint is not None:
+        if self._endpoint is not None and not fresh:
             return self._endpoint
+        if fresh:
+            self._connection = None  # DbApiHook caches the connection: read it again from its backend
         conn = self._resolved_connection()
         extra = conn.extra_dejson
         login, password, port = conn.login, conn.password, conn.port
@@ -121,11 +129,19 @@ class ConnectorXPostgresHook(PostgresHook):
             user=login or "",
             password=password or "",
             params=params,
-        )
+        ).with_ssl_environment()
         for secret in endpoint.secrets():
             _mask(secret)
         self._endpoint = endpoint
         return endpoint
+
+    @property
+    def uses_iam(self) -> bool:
+        return bool(self._resolved_connection().extra_dejson.get("iam", False))
+
+    def fresh_endpoint(self) -> PostgresEndpoint:
+        """The connection resolved again: a newly minted IAM token, or the password as stored now."""
+        return self.get_endpoint(fresh=True)
 
     @property
     def connectorx_uri(self) -> str:
@@ -151,7 +167,13 @@ class ConnectorXPostgresHook(PostgresHook):
         heartbeat_timeout: float = 20.0,
         **more: Any,
     ) -> WorkerSettings:
-        """Build :class:`WorkerSettings` from keyword arguments (validated)."""
+        """Build :class:`WorkerSettings` from keyword arguments (validated).
+
+        IAM connections renew their token every :data:`IAM_TOKEN_REFRESH_SECONDS` unless
+        ``credentials_refresh_interval`` says otherwise.
+        """
+        if "credentials_refresh_interval" not in more and self.uses_iam:
+            more["credentials_refresh_interval"] = IAM_TOKEN_REFRESH_SECONDS
         return WorkerSettings(
             query_timeout=query_timeout,
             job_timeout=job_timeout,
@@ -235,6 +257,7 @@ class ConnectorXPostgresHook(PostgresHook):
             stream_rows=stream_rows,
             querylog=QueryLog(new_run_id(), logger=self.log, jsonl_path=query_log_path),
             application_name_prefix=endpoint.application_name,
+            refresh_credentials=self.fresh_endpoint,
         )
 
     def read_arrow(
@@ -264,6 +287,7 @@ class ConnectorXPostgresHook(PostgresHook):
             column_casts=dict(column_casts or {}),
             querylog=QueryLog(new_run_id(), logger=self.log, jsonl_path=query_log_path),
             application_name_prefix=endpoint.application_name,
+            refresh_credentials=self.fresh_endpoint,
         )
 
     def extract(self, **kwargs: Any) -> ExtractResult:
@@ -382,6 +406,7 @@ class ConnectorXPostgresHook(PostgresHook):
             application_name_prefix=endpoint.application_name,
             worker_index=worker_index,
             owner=owner,
+            refresh_credentials=self.fresh_endpoint,
         )
         for secret in extraction.redactor.secrets:  # storage keys too: Airflow's masker hides them in logs
             _mask(secret)

@@ -5,7 +5,8 @@ then the payload. The channel is a pair of pipes private to the two processes (t
 a dedicated descriptor), so credentials in :class:`Configure` never touch argv, the environment or
 disk.
 
-Parent -> worker: :class:`Configure` once, then :class:`ReadChunk` per query, then :class:`Shutdown`.
+Parent -> worker: :class:`Configure` once (sent right after the spawn), then :class:`ReadChunk` per
+query (a :class:`Credentials` before one when the password was refreshed), then :class:`Shutdown`.
 Worker -> parent: :class:`Ready` once, :class:`Heartbeat` every ``heartbeat_interval`` from a thread;
 for each :class:`ReadChunk`: :class:`QueryStarted`, then :class:`ChunkRead` when the rows are in
 memory (the parent can send the next query: its key is known), then :class:`ChunkDone` when the file
@@ -35,6 +36,7 @@ __all__ = [
     "ChunkDone",
     "ChunkRead",
     "Configure",
+    "Credentials",
     "Failed",
     "FrameReader",
     "FrameWriter",
@@ -65,6 +67,9 @@ class Configure:
     :param secrets: strings the worker must scrub from anything it reports.
     :param pre_execution: statements run on each data connection before the query (connectorx
         ``pre_execution_query``), e.g. importing the run's exported snapshot.
+    :param storage_timeout: seconds each storage call may take (None: no limit).
+    :param run_application_name: the run's ``application_name``: when the parent dies, the worker
+        terminates the run's backends (its own, and the parent's ``<name>-...`` ones) before exiting.
     """
 
     endpoint: PostgresEndpoint
@@ -72,6 +77,15 @@ class Configure:
     heartbeat_interval: float = 1.0
     secrets: tuple[str, ...] = field(default=(), repr=False)
     pre_execution: tuple[str, ...] = ()
+    storage_timeout: float | None = None
+    run_application_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A new password (a refreshed IAM token, a rotated secret) for the connections opened from now on."""
+
+    password: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -164,10 +178,14 @@ class Heartbeat:
 
     :param seq: counts up from 1.
     :param query_id: the query running now, or None between queries.
+    :param storage_op: the storage call running now (e.g. ``writing s3://.../part-000003.parquet``),
+        and ``storage_seconds`` how long it has run: the parent's backstop for a wedged write.
     """
 
     seq: int
     query_id: int | None
+    storage_op: str | None = None
+    storage_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -226,7 +244,9 @@ class Failed:
     traceback: str
 
 
-Message = Configure | ReadChunk | Shutdown | Ready | Heartbeat | QueryStarted | ChunkRead | ChunkDone | Failed
+Message = (
+    Configure | Credentials | ReadChunk | Shutdown | Ready | Heartbeat | QueryStarted | ChunkRead | ChunkDone | Failed
+)
 
 
 # -- framing ----------------------------------------------------------------------------------------

@@ -8,8 +8,13 @@ Process rules, each for a measured reason:
   stray ``print`` in a library can never corrupt a frame.
 * A heartbeat thread sends :class:`Heartbeat` every interval. connectorx releases the GIL while it
   reads, so heartbeats keep flowing during a long query; they stop when the process is frozen
-  (SIGSTOP, GIL deadlock). The thread also exits the process when the parent is gone (the channel
-  breaks or the parent pid changes), so no worker outlives its task.
+  (SIGSTOP, GIL deadlock). Each heartbeat says which storage call runs and for how long.
+* When the parent is gone (the channel breaks or the parent pid changes: a SIGKILLed or OOM-killed
+  task process), the heartbeat thread first terminates the run's backends, its own query and the
+  parent's planning queries alike (a backend waiting on a lock does not notice a vanished client on
+  servers without ``client_connection_check_interval``), and then exits the process, so neither
+  the worker nor its queries outlive the task. The parent sends :class:`Configure` right after the
+  spawn, so this holds while the parent is still planning.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from airflow_provider_cxpg.worker.chunk import ChunkState, classify, read_chunk,
 from airflow_provider_cxpg.worker.protocol import (  # noqa: E402
     ChunkDone,
     Configure,
+    Credentials,
     Failed,
     FrameReader,
     FrameWriter,
@@ -41,6 +47,7 @@ from airflow_provider_cxpg.worker.protocol import (  # noqa: E402
     Ready,
     Shutdown,
 )
+from airflow_provider_cxpg.worker.sinks import STORAGE, set_storage_timeout  # noqa: E402
 
 __all__ = ["main"]
 
@@ -49,17 +56,58 @@ EXIT_CHANNEL_BROKEN = 71
 EXIT_PROTOCOL_ERROR = 72
 
 
-def _heartbeat_loop(writer: FrameWriter, state: ChunkState, interval: float, parent_pid: int) -> None:
-    seq = 0
+def _heartbeat_loop(writer: FrameWriter, state: ChunkState, config: Configure, parent_pid: int) -> None:
+    """Check the parent every tick (at most 0.5 s) and send a heartbeat every ``heartbeat_interval``."""
+    tick = min(config.heartbeat_interval, 0.5)
+    seq, last = 0, 0.0
     while True:
-        time.sleep(interval)
+        time.sleep(tick)
         if os.getppid() != parent_pid:
-            os._exit(EXIT_PARENT_GONE)
-        seq += 1
+            _parent_gone(config, EXIT_PARENT_GONE)
+        now = time.monotonic()
+        if now - last < config.heartbeat_interval - 1e-3:
+            continue
+        seq, last = seq + 1, now
+        busy = STORAGE.busy()
         try:
-            writer.send(Heartbeat(seq=seq, query_id=state.query_id))
+            writer.send(
+                Heartbeat(
+                    seq=seq,
+                    query_id=state.query_id,
+                    storage_op=busy[0] if busy else None,
+                    storage_seconds=busy[1] if busy else None,
+                )
+            )
         except OSError:
-            os._exit(EXIT_CHANNEL_BROKEN)
+            _parent_gone(config, EXIT_CHANNEL_BROKEN)
+
+
+def _parent_gone(config: Configure, code: int) -> None:
+    """Terminate the run's backends (bounded), then exit: nothing of the run outlives its parent."""
+    name = config.run_application_name
+    if name:
+        done = threading.Event()
+
+        def terminate() -> None:
+            try:
+                import psycopg
+
+                kwargs = config.endpoint.with_session(application_name=f"{name}-reaper").libpq_kwargs()
+                with psycopg.connect(autocommit=True, connect_timeout=5, **kwargs) as conn:
+                    conn.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE (application_name = %s OR starts_with(application_name, %s)) "
+                        "AND pid <> pg_backend_pid()",
+                        (name, f"{name}-"),
+                    )
+            except Exception as exc:  # noqa: BLE001  the server's own timeouts remain
+                sys.stderr.write(f"cxpg worker: could not end the run's backends: {type(exc).__name__}\n")
+            finally:
+                done.set()
+
+        threading.Thread(target=terminate, name="cxpg-reaper", daemon=True).start()
+        done.wait(10)
+    os._exit(code)
 
 
 def _warm_imports() -> None:
@@ -72,7 +120,7 @@ class _BackgroundWriter:
 
     def __init__(self, channel: FrameWriter, redact: Redactor) -> None:
         self._channel = channel
-        self._redact = redact
+        self.redact = redact
         self._thread: threading.Thread | None = None
 
     def run(self, request: ReadChunk, finish: Callable[[], ChunkDone]) -> None:
@@ -80,12 +128,12 @@ class _BackgroundWriter:
         self._thread = threading.Thread(target=self._write, args=(request, finish), name="cxpg-writer", daemon=True)
         self._thread.start()
 
-    def _write(self, request: ReadChunk, finish: Callable[[], ChunkDone]) -> None:
+    def _write(self, request: ReadChunk, finish: Callable[[], ChunkDone]) -> None:  # the writer thread
         try:
             self._channel.send(finish())
         except BaseException as exc:  # noqa: BLE001
-            error = classify(exc, self._redact)
-            tb = self._redact(traceback.format_exc())
+            error = classify(exc, self.redact)
+            tb = self.redact(traceback.format_exc())
             self._channel.send(Failed(query_id=request.query_id, error=error, traceback=tb))
 
     def wait(self) -> None:
@@ -120,11 +168,12 @@ def main() -> None:
     if not isinstance(config, Configure):
         os._exit(EXIT_PROTOCOL_ERROR)
     redact = Redactor(config.secrets)
+    set_storage_timeout(config.storage_timeout)
     uri = config.endpoint.connectorx_uri()
     state = ChunkState()
     threading.Thread(
         target=_heartbeat_loop,
-        args=(writer, state, config.heartbeat_interval, parent_pid),
+        args=(writer, state, config, parent_pid),
         name="cxpg-heartbeat",
         daemon=True,
     ).start()
@@ -135,9 +184,16 @@ def main() -> None:
             message = reader.receive()
         except OSError:
             message = None
-        if message is None or isinstance(message, Shutdown):
+        if message is None:
+            _parent_gone(config, EXIT_CHANNEL_BROKEN)  # the parent closed the pipe without a Shutdown
+        if isinstance(message, Shutdown):
             break
-        if isinstance(message, ReadChunk):
+        if isinstance(message, Credentials):  # connections opened from now on use the new password
+            config = Configure(**{**config.__dict__, "endpoint": config.endpoint.with_password(message.password)})
+            redact = Redactor([*redact.secrets, message.password])
+            background.redact = redact
+            uri = config.endpoint.connectorx_uri()
+        elif isinstance(message, ReadChunk):
             _serve(message, uri, config, state, writer, background, redact)
     background.wait()
     writer.close()

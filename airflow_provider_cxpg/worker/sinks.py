@@ -6,6 +6,12 @@ A chunk file appears under its final name only when complete:
 * object stores (S3, GCS, Azure): write straight to the key; the object becomes visible only when the
   upload completes on close, and a failed upload is discarded (multipart aborted), never committed;
 * other fsspec filesystems: write a temporary name, then move it.
+
+Every storage call (open, each write, commit, abort) runs on the worker's storage thread under the
+run's ``storage_timeout`` (see :mod:`..bounded`): a store that stops answering, or a hung mount,
+fails the chunk with a :class:`StorageError` that names the file and the operation, instead of
+holding the worker. The thread reports what it is doing in every heartbeat, so the parent can also
+tell a wedged write from a slow one.
 """
 
 from __future__ import annotations
@@ -18,11 +24,21 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
 from airflow_provider_cxpg.destination import OBJECT_STORES
 from airflow_provider_cxpg.exceptions import StorageError
 from airflow_provider_cxpg.worker.protocol import IpcSink, ParquetSink
 
-__all__ = ["ChunkWriter", "open_writer"]
+__all__ = ["STORAGE", "ChunkWriter", "open_writer", "set_storage_timeout"]
+
+#: The worker's storage thread: chunk files are written one call at a time, each under a deadline.
+STORAGE = SerialCalls("storage")
+_timeout: list[float | None] = [None]
+
+
+def set_storage_timeout(seconds: float | None) -> None:
+    """The deadline of each storage call in this worker (from :class:`Configure`)."""
+    _timeout[0] = seconds
 
 
 class ChunkWriter(Protocol):
@@ -161,14 +177,48 @@ class IpcChunk(_LocalFile):
         super().__init__(sink.path, lambda path: pa.ipc.new_file(path, schema))
 
 
+def _bounded(operation: str, sink: ParquetSink | IpcSink, fn: Callable[[], Any]) -> Any:
+    what = f"{operation} {_describe(sink)}"
+    try:
+        return STORAGE.call(what, fn, _timeout[0])
+    except CallTimedOut as exc:
+        detail = (
+            f"{what} was not attempted: {exc.earlier} never returned"
+            if exc.earlier
+            else f"{what} did not finish within storage_timeout={_timeout[0]}s: the store is not answering"
+        )
+        raise StorageError(detail, operation=operation, destination=_describe(sink), limit="storage_timeout") from None
+
+
+class _BoundedWriter:
+    """A chunk writer whose every call runs on the storage thread under the deadline."""
+
+    def __init__(self, writer: ChunkWriter, sink: ParquetSink | IpcSink) -> None:
+        self._writer, self._sink = writer, sink
+
+    def write(self, table: pa.Table) -> None:
+        _bounded("writing", self._sink, lambda: self._writer.write(table))
+
+    def commit(self) -> int:
+        return int(_bounded("committing", self._sink, self._writer.commit))
+
+    def abort(self) -> None:
+        with contextlib.suppress(StorageError):  # best effort: a stuck store keeps its partial upload
+            _bounded("discarding", self._sink, self._writer.abort)
+
+
 def open_writer(schema: pa.Schema, sink: ParquetSink | IpcSink) -> ChunkWriter:
     """Open the writer for ``sink``; errors become :class:`StorageError`."""
-    try:
+
+    def opened() -> ChunkWriter:
         if isinstance(sink, IpcSink):
             return IpcChunk(schema, sink)
         if _is_local(sink.url):
             return LocalParquetChunk(schema, sink)
         return RemoteParquetChunk(schema, sink)
+
+    try:
+        return _BoundedWriter(_bounded("opening", sink, opened), sink)
     except StorageError:
         raise
     except Exception as exc:
