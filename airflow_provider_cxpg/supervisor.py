@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, liveness_settings
-from airflow_provider_cxpg.credentials import CredentialSource
+from airflow_provider_cxpg.credentials import CredentialSource, is_authentication_failure
 from airflow_provider_cxpg.exceptions import (
     ExtractionAborted,
     HeartbeatLostError,
@@ -46,6 +46,7 @@ from airflow_provider_cxpg.exceptions import (
     QueryCancelledError,
     QueryTimeoutError,
     RemoteTraceback,
+    ServerConnectionError,
     StorageError,
     WorkerCrashedError,
     WorkerStartError,
@@ -258,6 +259,7 @@ class WorkerSession:
             every=settings.report_wait_every,
         )
         self._storage: tuple[str, float, float] | None = None  # op, seconds, received_at
+        self._refused_login: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
         self.ready: Ready | None = None
@@ -400,6 +402,10 @@ class WorkerSession:
             if line:
                 self._stderr_tail.append(line)
                 self.log.emit("worker.stderr", worker=self.worker_index, worker_pid=self.pid, line=line)
+                if self._refused_login is None and is_authentication_failure(Exception(line)):
+                    # connectorx's pool retries a refused login for 30 s before it reports it; its
+                    # log line comes at once, and so does the pump's verdict (see _check_deadlines)
+                    self._refused_login = line
 
     def close(self) -> None:
         """Ask the worker to exit and reap it; stop it by force if it does not exit in time."""
@@ -729,6 +735,16 @@ class WorkerSession:
 
     def _check_deadlines(self, now: float, *, heartbeats: bool = True) -> None:
         s = self.settings
+        if self._refused_login is not None and self._current is not None:
+            chunk = self._current[1]
+            self.log.emit(
+                "query.failed", worker=self.worker_index, worker_pid=self.pid, chunk=chunk, error=self._refused_login
+            )
+            raise ServerConnectionError(
+                f"chunk {chunk}: the server refused the worker's login: {self._refused_login}",
+                reason="authentication",
+                chunk=chunk,
+            )
         if self.job_deadline is not None and now > self.job_deadline:
             activity = self._describe_activity()
             self.log.emit(

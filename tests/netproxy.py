@@ -7,7 +7,8 @@ connection at once.
 
 It can also route: a connection whose startup packet's ``application_name`` ends with one of the
 ``--route-suffix`` values goes to ``--alternate``, every other one to ``--upstream``, as a load
-balancer in front of a primary and a replica would split them.
+balancer in front of a primary and a replica would split them. ``--raw`` forwards any protocol
+(an S3 endpoint) without looking at it.
 
 Prints ``listening <port>`` when ready.
 """
@@ -58,24 +59,31 @@ def _application_name(startup: bytes) -> str:
     return pairs.get(b"application_name", b"").decode(errors="replace")
 
 
-def serve(port: int, upstream: tuple[str, int], alternate: tuple[str, int] | None, suffixes: list[str]) -> None:
+def serve(
+    port: int, upstream: tuple[str, int], alternate: tuple[str, int] | None, suffixes: list[str], raw: bool
+) -> None:
     listener = socket.create_server(("127.0.0.1", port))
     print(f"listening {listener.getsockname()[1]}", flush=True)
     while True:
         client, _ = listener.accept()
-        threading.Thread(target=_connect, args=(client, upstream, alternate, suffixes), daemon=True).start()
+        threading.Thread(target=_connect, args=(client, upstream, alternate, suffixes, raw), daemon=True).start()
 
 
 def _connect(
-    client: socket.socket, upstream: tuple[str, int], alternate: tuple[str, int] | None, suffixes: list[str]
+    client: socket.socket,
+    upstream: tuple[str, int],
+    alternate: tuple[str, int] | None,
+    suffixes: list[str],
+    raw: bool,
 ) -> None:
     try:
-        startup = _read_startup(client)
+        startup = b"" if raw else _read_startup(client)
         target = upstream
         if alternate and any(_application_name(startup).endswith(s) for s in suffixes):
             target = alternate
         server = socket.create_connection(target)
-        server.sendall(startup)
+        if startup:
+            server.sendall(startup)
     except OSError:
         client.close()
         return
@@ -111,9 +119,15 @@ class Proxy:
 
 @contextlib.contextmanager
 def running_proxy(
-    upstream: tuple[str, int], alternate: tuple[str, int] | None = None, route_suffixes: tuple[str, ...] = ()
+    upstream: tuple[str, int],
+    alternate: tuple[str, int] | None = None,
+    route_suffixes: tuple[str, ...] = (),
+    *,
+    raw: bool = False,
 ) -> Iterator[Proxy]:
     cmd = [sys.executable, "-m", "tests.netproxy", "--upstream", f"{upstream[0]}:{upstream[1]}"]
+    if raw:
+        cmd.append("--raw")
     if alternate:
         cmd += ["--alternate", f"{alternate[0]}:{alternate[1]}"]
     for suffix in route_suffixes:
@@ -145,8 +159,9 @@ def main() -> None:
     parser.add_argument("--upstream", type=_address, required=True)
     parser.add_argument("--alternate", type=_address)
     parser.add_argument("--route-suffix", action="append", default=[])
+    parser.add_argument("--raw", action="store_true")
     args = parser.parse_args()
-    serve(args.port, args.upstream, args.alternate, args.route_suffix)
+    serve(args.port, args.upstream, args.alternate, args.route_suffix, args.raw)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""A stand-in for Airflow's task process, run as its own process by the supervision tests.
+
+It does what Airflow's task runner does around ``execute``: a SIGTERM handler that calls
+``on_kill`` (``task_runner.py``), and ``execution_timeout`` as a SIGALRM that raises
+``AirflowTaskTimeout`` and then calls ``on_kill``. A test can then SIGKILL it (as the OOM killer or
+the supervisor's last escalation does), SIGTERM its process group, or let its timeout fire, and
+inspect what is left on the server. The operator's arguments come as JSON in argv[1]; the
+structured query log goes to ``query_log_path``.
+
+``CXPG_TEST_NO_LIVENESS=1`` makes the provider behave as on a server without
+``client_connection_check_interval`` (PostgreSQL 13 and older), to test the fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+
+def main() -> None:
+    arguments = json.loads(sys.argv[1])
+    timeout = arguments.pop("execution_timeout", None)
+    if os.environ.get("CXPG_TEST_NO_LIVENESS") == "1":
+        import airflow_provider_cxpg.conninfo as conninfo
+        import airflow_provider_cxpg.monitor as monitor
+        import airflow_provider_cxpg.supervisor as supervisor
+
+        for module in (conninfo, monitor, supervisor):
+            module.liveness_settings = lambda version: {}  # type: ignore[attr-defined]
+
+    from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+
+    op = PostgresExtractOperator(task_id="t", **arguments)
+    signal.signal(signal.SIGTERM, lambda s, f: op.on_kill())
+    print("ready", flush=True)
+    try:
+        if timeout:
+            from airflow.providers.common.compat.sdk import AirflowTaskTimeout
+
+            def alarm(signum: int, frame: object) -> None:
+                raise AirflowTaskTimeout("Timeout")
+
+            signal.signal(signal.SIGALRM, alarm)
+            signal.setitimer(signal.ITIMER_REAL, float(timeout))
+            try:
+                op.execute({})
+            except AirflowTaskTimeout:
+                op.on_kill()
+                raise
+        else:
+            op.execute({})
+    except BaseException as exc:
+        print(f"failed {type(exc).__name__}: {exc}", flush=True)
+        sys.exit(1)
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

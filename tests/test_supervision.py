@@ -1,0 +1,535 @@
+"""Nothing hangs and nothing is left behind: frozen stores, killed task processes, dead networks, tokens.
+
+Each test provokes one fault for real (a frozen S3 gateway, SIGKILL of the task process, SIGTERM of
+its process group, SIGALRM, a frozen TCP path to PostgreSQL, a password rotated mid-run) and asserts
+the deadline, the error, and that no worker process and no server backend of the run remain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from airflow_provider_cxpg.destination import Destination
+from airflow_provider_cxpg.exceptions import (
+    ConnectionConfigError,
+    QueryTimeoutError,
+    StorageError,
+)
+from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+from airflow_provider_cxpg.manifest import Manifest
+from airflow_provider_cxpg.supervisor import worker_environment
+from tests.helpers import PgInfo, assert_nothing_left, cxpg_backends, read_output, wait_until, worker_pids
+from tests.netproxy import running_proxy
+from tests.s3_server import S3Server, start_s3_server
+
+pytestmark = pytest.mark.integration
+
+FAST = {
+    "heartbeat_interval": 0.2,
+    "heartbeat_timeout": 5.0,
+    "monitor_interval": 0.2,
+    "report_wait_after": 0.5,
+    "report_wait_every": 1.0,
+    "cancel_grace": 2.0,
+    "kill_grace": 2.0,
+    "control_timeout": 2.0,
+}
+GRACE = 8.0  # slack for a loaded 2-core machine
+LOCK_KEY = 424242
+WAITS_ON_ADVISORY_LOCK = f"(SELECT pg_advisory_lock_shared({LOCK_KEY})) IS NOT NULL"  # an InitPlan: once per chunk
+
+
+@pytest.fixture
+def table(admin: psycopg.Connection, schema: str) -> str:
+    admin.execute(f'CREATE TABLE "{schema}".items AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 600) g')
+    admin.execute(f'ALTER TABLE "{schema}".items ADD PRIMARY KEY (id)')
+    return f"{schema}.items"
+
+
+def events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def backends_of(admin: psycopg.Connection, like: str = "%cxpg-%") -> list[tuple[Any, ...]]:
+    return admin.execute(
+        "SELECT pid, application_name, state, wait_event_type FROM pg_stat_activity "
+        "WHERE application_name LIKE %s AND pid <> pg_backend_pid()",
+        (like,),
+    ).fetchall()
+
+
+# -- a store that stops answering ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    with start_s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def frozen_gateway(s3: S3Server) -> Iterator[Any]:
+    host, port = s3.endpoint.split("://", 1)[1].split(":")
+    with running_proxy((host, int(port)), raw=True) as proxy:
+        yield proxy
+
+
+def _via(s3: S3Server, proxy: Any) -> dict[str, Any]:
+    options = s3.storage_options()
+    options["client_kwargs"] = {"endpoint_url": f"http://127.0.0.1:{proxy.port}"}
+    options["config_kwargs"] = {"retries": {"max_attempts": 1}}
+    return options
+
+
+def test_a_store_that_freezes_mid_run_ends_it_within_storage_timeout(
+    conn_id: str, admin: psycopg.Connection, table: str, s3: S3Server, frozen_gateway: Any
+) -> None:
+    """The worker's next chunk upload hangs: its own deadline fails it, the parent stops everything."""
+    bucket = s3.create_bucket()
+    prefix = f"frozen/{uuid.uuid4().hex[:6]}"
+
+    def freeze_after_first_chunk() -> None:
+        if wait_until(lambda: any(k.endswith("part-000000.parquet") for k in s3.keys(bucket, prefix)), 30, 0.05):
+            frozen_gateway.freeze()
+
+    threading.Thread(target=freeze_after_first_chunk, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=rf"s3://{bucket}/{prefix}.*storage_timeout=4") as caught:
+        ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+            destination=f"s3://{bucket}/{prefix}",
+            storage_options=_via(s3, frozen_gateway),
+            table=table,
+            where="(SELECT pg_sleep(0.2)) IS NOT NULL",
+            chunk_rows=100,
+            storage_timeout=4,
+            **FAST,
+        )
+    elapsed = time.monotonic() - started
+    assert elapsed < 4 * 3 + GRACE, elapsed  # a write or two and a manifest write may each wait it out
+    assert caught.value.limit == "storage_timeout"
+    frozen_gateway.thaw()
+    assert_nothing_left(admin)
+
+
+def test_a_store_that_freezes_during_a_manifest_write_ends_the_run(
+    conn_id: str,
+    admin: psycopg.Connection,
+    table: str,
+    s3: S3Server,
+    frozen_gateway: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The parent's own write hangs (the store froze just before it): its deadline fires."""
+    bucket = s3.create_bucket()
+    saves: list[int] = []
+    original = Manifest.save
+
+    def save_then_freeze(self: Manifest, destination: Destination) -> None:
+        saves.append(len(self.chunks))
+        if len(self.chunks) == 2:
+            frozen_gateway.freeze()
+        original(self, destination)
+
+    monkeypatch.setattr(Manifest, "save", save_then_freeze)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"writing _manifest\.json at s3://.*storage_timeout=3"):
+        ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+            destination=f"s3://{bucket}/manifest-freeze",
+            storage_options=_via(s3, frozen_gateway),
+            table=table,
+            chunk_rows=100,
+            storage_timeout=3,
+            **FAST,
+        )
+    assert time.monotonic() - started < 3 * 2 + GRACE
+    frozen_gateway.thaw()
+    assert_nothing_left(admin)
+
+
+def test_every_destination_operation_on_a_frozen_store_raises_in_time(s3: S3Server, frozen_gateway: Any) -> None:
+    bucket = s3.create_bucket()
+    destination = Destination(f"s3://{bucket}/ops", _via(s3, frozen_gateway), timeout=2)
+    destination.write_json("probe.json", {"ok": True})
+    frozen_gateway.freeze()
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"reading probe\.json at s3://.*did not finish within storage_timeout=2"):
+        destination.read_json("probe.json")
+    assert time.monotonic() - started < 2 + 3
+    for operation in (lambda: destination.list_names(), lambda: destination.remove("probe.json")):
+        started = time.monotonic()
+        with pytest.raises(StorageError, match="not attempted|storage_timeout"):
+            operation()
+        assert time.monotonic() - started < 1  # behind a stuck call: fails at once, never queues
+    frozen_gateway.thaw()
+
+
+# -- the task process dies -------------------------------------------------------------------------------
+
+
+class TaskProcess:
+    """The provider's operator in a process of its own, as Airflow's task process runs it."""
+
+    def __init__(self, conn_json: str, log_path: Path, env: dict[str, str] | None = None, **arguments: Any):
+        conn_id = f"task_{uuid.uuid4().hex[:8]}"
+        arguments = {"postgres_conn_id": conn_id, "query_log_path": str(log_path), "worker_settings": FAST, **arguments}
+        environment = {**os.environ, f"AIRFLOW_CONN_{conn_id.upper()}": conn_json, **(env or {})}
+        self.log_path = log_path
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.task_process", json.dumps(arguments)],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own process group, as the supervisor's child is
+        )
+
+    def run_id(self) -> str | None:
+        started = [e for e in events(self.log_path) if e["event"] == "job.start"]
+        return started[0]["run_id"] if started else None
+
+    def output(self, timeout: float = 60) -> str:
+        out, _ = self.process.communicate(timeout=timeout)
+        return out
+
+
+def _run_backends(admin: psycopg.Connection, run_id: str) -> list[tuple[Any, ...]]:
+    return backends_of(admin, f"%cxpg-{run_id}%")
+
+
+@pytest.mark.parametrize("liveness", ["server", "fallback"])
+@pytest.mark.parametrize("phase", ["planning", "reading"])
+def test_a_sigkilled_task_process_leaves_no_backend_and_no_worker(
+    pg: PgInfo, admin: psycopg.Connection, table: str, tmp_path: Path, phase: str, liveness: str
+) -> None:
+    """SIGKILL (the OOM killer, the supervisor's last step) while a query of the run waits on a lock.
+
+    ``server``: PostgreSQL 14+'s client_connection_check_interval ends the orphaned backends;
+    ``fallback``: as on an older server, the worker sees its parent gone and ends them itself.
+    """
+    env = {"CXPG_TEST_NO_LIVENESS": "1"} if liveness == "fallback" else {}
+    with psycopg.connect(pg.dsn, autocommit=True) as holder:
+        if phase == "planning":
+            holder.execute("BEGIN")
+            holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            where = None
+        else:
+            holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+            where = WAITS_ON_ADVISORY_LOCK
+        task = TaskProcess(
+            pg.airflow_conn_json(),
+            tmp_path / "log.jsonl",
+            env=env,
+            table=table,
+            destination=str(tmp_path / "out"),
+            where=where,
+            query_timeout=300,
+        )
+        try:
+            assert wait_until(lambda: task.run_id() is not None, 60, 0.05), task.output()
+            run_id = task.run_id()
+            assert run_id is not None
+            assert wait_until(
+                lambda: any(b[3] in ("Lock", "advisory") or b[3] == "Lock" for b in _run_backends(admin, run_id)),
+                60,
+                0.05,
+            ), _run_backends(admin, run_id)
+            assert wait_until(lambda: bool(worker_pids(0)), 30, 0.05)
+            time.sleep(0.5)
+            os.kill(task.process.pid, signal.SIGKILL)
+            task.process.wait(timeout=10)
+            killed = time.monotonic()
+            assert wait_until(lambda: not _run_backends(admin, run_id), 15, 0.1), _run_backends(admin, run_id)
+            assert wait_until(lambda: not worker_pids(0), 15, 0.1), worker_pids(0)
+            assert time.monotonic() - killed < 15
+        finally:
+            if task.process.poll() is None:
+                task.process.kill()
+            holder.execute("ROLLBACK") if phase == "planning" else holder.execute(
+                "SELECT pg_advisory_unlock(%s)", (LOCK_KEY,)
+            )
+
+
+def test_sigterm_to_the_task_process_group_ends_cleanly_with_the_query_cancelled(
+    pg: PgInfo, admin: psycopg.Connection, table: str, tmp_path: Path
+) -> None:
+    """What Airflow's proposed execution-timeout work would do: SIGTERM the whole process group."""
+    with psycopg.connect(pg.dsn, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        try:
+            task = TaskProcess(
+                pg.airflow_conn_json(),
+                tmp_path / "log.jsonl",
+                table=table,
+                destination=str(tmp_path / "out"),
+                where=WAITS_ON_ADVISORY_LOCK,
+                query_timeout=300,
+            )
+            assert wait_until(lambda: task.run_id() is not None, 60, 0.05), task.output()
+            run_id = task.run_id()
+            assert wait_until(lambda: any(b[3] == "Lock" for b in _run_backends(admin, run_id)), 60, 0.05)
+            os.killpg(task.process.pid, signal.SIGTERM)
+            out = task.output(timeout=30)
+            assert "failed ExtractionAborted" in out, out
+            assert wait_until(lambda: not _run_backends(admin, run_id), 10, 0.1), _run_backends(admin, run_id)
+            assert wait_until(lambda: not worker_pids(0), 10, 0.1)
+            failed = [e for e in events(tmp_path / "log.jsonl") if e["event"] == "job.failed"]
+            assert failed and failed[0]["reason"] == "on_kill"
+            assert not [e for e in events(tmp_path / "log.jsonl") if e["event"] == "worker.crash"]
+        finally:
+            holder.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+
+
+def test_execution_timeout_during_planning_cancels_the_query_stops_the_worker_and_says_why(
+    pg: PgInfo, admin: psycopg.Connection, table: str, tmp_path: Path
+) -> None:
+    """Airflow's SIGALRM lands while the planning query waits on a lock."""
+    with psycopg.connect(pg.dsn) as holder:
+        holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        task = TaskProcess(
+            pg.airflow_conn_json(),
+            tmp_path / "log.jsonl",
+            table=table,
+            destination=str(tmp_path / "out"),
+            query_timeout=300,
+            execution_timeout=3,
+        )
+        out = task.output(timeout=60)
+        ended = time.monotonic()
+        assert "failed AirflowTaskTimeout" in out, out
+        run_id = task.run_id()
+        assert run_id is not None
+        assert wait_until(lambda: not _run_backends(admin, run_id), 5, 0.05), _run_backends(admin, run_id)
+        assert wait_until(lambda: not worker_pids(0), 5, 0.05)
+        assert time.monotonic() - ended < 5
+        holder.rollback()
+    failed = [e for e in events(tmp_path / "log.jsonl") if e["event"] == "job.failed"]
+    assert failed and failed[0]["reason"] == "AirflowTaskTimeout", failed
+    killed = [e for e in events(tmp_path / "log.jsonl") if e["event"] == "worker.killed"]
+    assert killed and killed[0]["reason"] == "AirflowTaskTimeout"
+
+
+# -- a network that stops answering ----------------------------------------------------------------------
+
+
+def test_a_frozen_network_path_still_fires_query_timeout(
+    pg: PgInfo, admin: psycopg.Connection, table: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every connection of the run (worker and monitor) crosses a gateway that stops answering."""
+    with running_proxy((pg.host, pg.port)) as proxy:
+        monkeypatch.setenv("AIRFLOW_CONN_VIA_PROXY", pg.airflow_conn_json(host="127.0.0.1", port=proxy.port))
+        hook = ConnectorXPostgresHook(postgres_conn_id="via_proxy")
+
+        def freeze_when_reading() -> None:
+            if wait_until(lambda: any(b[2] == "active" for b in backends_of(admin)), 30, 0.05):
+                proxy.freeze()
+
+        threading.Thread(target=freeze_when_reading, daemon=True).start()
+        started = time.monotonic()
+        with pytest.raises(QueryTimeoutError):
+            hook.extract(
+                destination=str(tmp_path / "out"),
+                table=table,
+                where="(SELECT pg_sleep(30)) IS NOT NULL",
+                query_timeout=3,
+                **FAST,
+            )
+        elapsed = time.monotonic() - started
+        assert elapsed < 3 + 2 + 2 * FAST["control_timeout"] + FAST["kill_grace"] + GRACE, elapsed
+        assert wait_until(lambda: not worker_pids(), 10, 0.05)
+    # The proxy is gone: the server sees the sockets close and ends the run's backends.
+    assert wait_until(lambda: not cxpg_backends(admin), 15, 0.1), cxpg_backends(admin)
+
+
+# -- what the log says -----------------------------------------------------------------------------------
+
+
+def test_a_lock_wait_names_the_session_that_holds_the_lock(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, table: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "log.jsonl"
+    with psycopg.connect(pg.dsn, autocommit=True, application_name="nightly-maintenance") as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        holder.execute("SELECT 'secret literal' AS s")
+        holder_pid = holder.info.backend_pid
+        with pytest.raises(QueryTimeoutError):
+            ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+                destination=str(tmp_path / "out"),
+                table=table,
+                where=WAITS_ON_ADVISORY_LOCK,
+                query_timeout=3,
+                query_log_path=str(log),
+                **FAST,
+            )
+        holder.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+    waits = [e for e in events(log) if e["event"] == "server.waiting"]
+    assert waits, [e["event"] for e in events(log)]
+    blocked_by = " ".join(waits[0]["blocked_by"])
+    assert f"pid {holder_pid}" in blocked_by and "nightly-maintenance" in blocked_by and pg.user in blocked_by
+    assert "secret literal" not in blocked_by  # another session's string literals stay out of our logs
+    assert not [e for e in events(log) if e["event"] == "worker.crash"]
+    assert_nothing_left(admin)
+
+
+# -- credentials that expire ------------------------------------------------------------------------------
+
+
+def test_a_password_that_rotates_during_the_run_is_renewed_and_the_run_succeeds(
+    pg: PgInfo, admin: psycopg.Connection, table: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An IAM token's life, compressed: the role's password changes every second during the run."""
+    role = f"rot_{uuid.uuid4().hex[:6]}"
+    current = {"password": uuid.uuid4().hex}
+    admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{current['password']}'")
+    admin.execute(f"GRANT USAGE ON SCHEMA {table.split('.')[0]} TO {role}")
+    admin.execute(f"GRANT SELECT ON {table} TO {role}")
+    minted: list[str] = []
+
+    def get_iam_token(self: Any, conn: Any) -> tuple[str, str, int]:
+        minted.append(current["password"])
+        return role, current["password"], pg.port
+
+    monkeypatch.setattr(ConnectorXPostgresHook, "get_iam_token", get_iam_token)
+    monkeypatch.setenv("AIRFLOW_CONN_IAM_DB", pg.airflow_conn_json(login=role, password="", extra={"iam": True}))
+    stop = threading.Event()
+
+    def rotate() -> None:
+        with psycopg.connect(pg.dsn, autocommit=True) as rotator:
+            while not stop.wait(1.5):
+                fresh = uuid.uuid4().hex
+                rotator.execute(f"ALTER ROLE {role} PASSWORD '{fresh}'")
+                current["password"] = fresh
+
+    rotator = threading.Thread(target=rotate, daemon=True)
+    rotator.start()
+    try:
+        result = ConnectorXPostgresHook(postgres_conn_id="iam_db").extract(
+            destination=str(tmp_path / "out"),
+            table=table,
+            chunk_rows=50,
+            where="(SELECT pg_sleep(0.4)) IS NOT NULL",
+            credentials_refresh_interval=0.5,
+            **FAST,
+        )
+    finally:
+        stop.set()
+        rotator.join()
+        admin.execute(f"REVOKE ALL ON {table} FROM {role}")
+        admin.execute(f"REVOKE USAGE ON SCHEMA {table.split('.')[0]} FROM {role}")
+    assert result.rows == 600 and sorted(read_output(tmp_path / "out").column("id").to_pylist()) == list(range(1, 601))
+    assert len(set(minted)) >= 4, minted  # minted again and again, not once
+    assert_nothing_left(admin)
+    admin.execute(f"DROP ROLE {role}")
+
+
+# -- object storage in the worker as in the parent ---------------------------------------------------------
+
+
+def test_destination_conn_id_for_s3_reaches_the_worker(
+    conn_id: str,
+    admin: psycopg.Connection,
+    table: str,
+    s3: S3Server,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("airflow.providers.amazon")
+    from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+    from tests.s3_server import ACCESS_KEY, SECRET_KEY
+
+    bucket = s3.create_bucket()
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_LAKE",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": ACCESS_KEY,
+                "password": SECRET_KEY,
+                "extra": {"endpoint_url": s3.endpoint, "region_name": "us-east-1"},
+            }
+        ),
+    )
+    op = PostgresExtractOperator(
+        task_id="t",
+        postgres_conn_id=conn_id,
+        table=table,
+        destination=f"s3://{bucket}/viaconn",
+        destination_conn_id="lake",
+        chunk_rows=200,
+        worker_settings=FAST,
+    )
+    summary = op.execute({})
+    assert summary["rows"] == 600 and summary["chunks"] == 3
+    assert {k.rsplit("/", 1)[1] for k in s3.keys(bucket, "viaconn")} >= {"part-000000.parquet", "_manifest.json"}
+    assert SECRET_KEY not in json.dumps(summary)
+    assert_nothing_left(admin)
+
+
+def test_the_worker_environment_carries_proxies_and_ca_bundles_and_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("no_proxy", "169.254.169.254,.internal")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/corp.pem")
+    monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", "pod-identity-token")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
+    env = worker_environment()
+    assert env["HTTPS_PROXY"] == "http://proxy.internal:3128" and env["no_proxy"].endswith(".internal")
+    assert env["REQUESTS_CA_BUNDLE"] == "/etc/ssl/corp.pem"
+    assert "pod-identity-token" not in json.dumps(env) and "aws-secret" not in json.dumps(env)
+
+
+def test_ambient_aws_credentials_are_resolved_in_the_parent_and_sent_over_the_pipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever botocore's chain finds in the parent (here: the environment) reaches the worker as options."""
+    from airflow_provider_cxpg.storage_env import WorkerStorage
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPARENTKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "parent-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "parent-token")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    storage = WorkerStorage("s3://b/p", {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}})
+    options = storage.options()
+    assert (options["key"], options["secret"], options["token"]) == ("AKIAPARENTKEY", "parent-secret", "parent-token")
+    assert storage.env == {"AWS_REGION": "eu-west-1"}  # no secret in the environment
+    with pytest.raises(Exception, match="cannot be sent to the worker"):
+        WorkerStorage("s3://b/p", {"key": "k", "secret": "s", "opener": threading.Lock()})
+
+
+# -- TLS parity --------------------------------------------------------------------------------------------
+
+
+def test_verify_full_is_refused_before_any_data_moves(
+    conn_id: str, table: str, tmp_path: Path, pg: PgInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_TLS_FULL", pg.airflow_conn_json(extra={"sslmode": "verify-full"}))
+    with pytest.raises(ConnectionConfigError, match="verify-full"):
+        ConnectorXPostgresHook(postgres_conn_id="tls_full").extract(destination=str(tmp_path / "out"), table=table)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("AIRFLOW_CONN_TLS_PLAIN", pg.airflow_conn_json())
+    monkeypatch.setenv("PGSSLMODE", "verify-full")  # the parent's libpq environment counts too
+    with pytest.raises(ConnectionConfigError, match="verify-full"):
+        ConnectorXPostgresHook(postgres_conn_id="tls_plain").extract(destination=str(tmp_path / "out"), table=table)
+
+
+def test_pgssl_environment_reaches_the_worker_uri() -> None:
+    from airflow_provider_cxpg.conninfo import PostgresEndpoint
+
+    endpoint = PostgresEndpoint(host="db", user="u").with_ssl_environment(
+        {"PGSSLMODE": "verify-ca", "PGSSLROOTCERT": "/etc/ca.pem", "PGSSLCERT": "/c.pem", "PGSSLKEY": "/k.pem"}
+    )
+    uri = endpoint.connectorx_uri()
+    assert "sslmode=require" in uri and "sslrootcert=%2Fetc%2Fca.pem" in uri  # connectorx: require + root = verify-ca
+    assert "sslcert=%2Fc.pem" in uri and "sslkey=%2Fk.pem" in uri
+    assert endpoint.libpq_kwargs()["sslmode"] == "verify-ca"  # the parent keeps libpq's own meaning
