@@ -38,9 +38,12 @@ def _split_object_storage_path(path: Any) -> tuple[str, dict[str, Any]]:
     fs = getattr(path, "fs", None)
     options = dict(getattr(fs, "storage_options", {}) or {})
     protocol = getattr(path, "protocol", "") or "file"
-    text = str(path)
-    if "://" not in text and protocol not in {"file", "local"}:
-        text = f"{protocol}://{text.lstrip('/')}"
+    if protocol in {"file", "local"}:
+        return str(path), options
+    # str() of an ObjectStoragePath with a conn_id is "s3://<conn_id>@bucket/key": the URL is
+    # protocol + path (the connection's credentials are in the filesystem's options).
+    inner = getattr(path, "path", None)
+    text = f"{protocol}://{str(inner).lstrip('/')}" if inner else str(path)
     return text, options
 
 

@@ -38,6 +38,7 @@ from typing import Any
 
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, liveness_settings
 from airflow_provider_cxpg.credentials import CredentialSource, is_authentication_failure
+from airflow_provider_cxpg.durations import as_seconds
 from airflow_provider_cxpg.exceptions import (
     ExtractionAborted,
     HeartbeatLostError,
@@ -103,9 +104,32 @@ ENV_ALLOWLIST: tuple[str, ...] = (
 _EOF = object()
 
 
+_DURATIONS = (
+    "heartbeat_interval",
+    "heartbeat_timeout",
+    "query_timeout",
+    "job_timeout",
+    "start_timeout",
+    "deadline_grace",
+    "cancel_grace",
+    "kill_grace",
+    "monitor_interval",
+    "report_wait_after",
+    "report_wait_every",
+    "storage_timeout",
+    "control_timeout",
+    "credentials_refresh_interval",
+)
+_OPTIONAL = frozenset({"query_timeout", "job_timeout", "storage_timeout", "credentials_refresh_interval"})
+_MAY_BE_ZERO = frozenset({"deadline_grace", "cancel_grace", "kill_grace", "report_wait_after"})
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """Tunables of one supervised worker; every wait is bounded by one of them.
+
+    Every duration takes seconds (a number, or a numeric string from a template) or a
+    ``datetime.timedelta``, as Airflow's own ``execution_timeout`` does.
 
     :param heartbeat_interval: seconds between worker heartbeats.
     :param heartbeat_timeout: declare the worker dead after this long without any message.
@@ -150,23 +174,10 @@ class WorkerSettings:
     credentials_refresh_interval: float | None = None
 
     def __post_init__(self) -> None:
-        positive = {
-            "heartbeat_interval": self.heartbeat_interval,
-            "heartbeat_timeout": self.heartbeat_timeout,
-            "start_timeout": self.start_timeout,
-            "monitor_interval": self.monitor_interval,
-            "control_timeout": self.control_timeout,
-        }
-        for optional in ("storage_timeout", "credentials_refresh_interval"):
-            if getattr(self, optional) is not None:
-                positive[optional] = getattr(self, optional)
-        if self.query_timeout is not None:
-            positive["query_timeout"] = self.query_timeout
-        if self.job_timeout is not None:
-            positive["job_timeout"] = self.job_timeout
-        for name, value in positive.items():
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise InvalidInputError(f"{name} must be a positive number of seconds, got {value!r}")
+        # Durations as Airflow users pass them: seconds or a timedelta (see durations.py).
+        for name in _DURATIONS:
+            value = as_seconds(name, getattr(self, name), allow_none=name in _OPTIONAL, allow_zero=name in _MAY_BE_ZERO)
+            object.__setattr__(self, name, value)
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise InvalidInputError(
                 f"heartbeat_timeout ({self.heartbeat_timeout}s) must exceed heartbeat_interval "

@@ -9,7 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import socket
+import subprocess
+import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -19,7 +23,7 @@ from typing import Any
 import boto3
 from moto.server import ThreadedMotoServer
 
-__all__ = ["ACCESS_KEY", "SECRET_KEY", "S3Server", "start_s3_server"]
+__all__ = ["ACCESS_KEY", "SECRET_KEY", "S3Server", "s3_process", "start_s3_server"]
 
 #: Distinctive credentials, so a test can prove they never leak into outputs.
 ACCESS_KEY = "AKIACXPGTESTKEY7Q2Z9"
@@ -29,7 +33,17 @@ SECRET_KEY = "cxpg/S3cret+Value=7f3a9c1e2b"  # a test credential for the local m
 @dataclass
 class S3Server:
     endpoint: str
-    server: ThreadedMotoServer
+    server: ThreadedMotoServer | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def freeze(self) -> None:
+        """SIGSTOP the store's process: connections stay open, nothing answers (only for :func:`s3_process`)."""
+        assert self.process is not None, "freeze needs the store in its own process"
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def client(self, service: str = "s3", *, key: str = ACCESS_KEY, secret: str = SECRET_KEY) -> Any:
         return boto3.client(
@@ -89,6 +103,31 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def s3_process() -> Iterator[S3Server]:
+    """Run moto's server as a process of its own (so a test can freeze it with SIGSTOP)."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
+                break
+        time.sleep(0.1)
+    try:
+        yield S3Server(endpoint=endpoint, process=process)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGCONT)
+        process.kill()
+        process.wait(timeout=10)
 
 
 @contextlib.contextmanager

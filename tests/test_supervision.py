@@ -33,7 +33,7 @@ from airflow_provider_cxpg.manifest import Manifest
 from airflow_provider_cxpg.supervisor import worker_environment
 from tests.helpers import PgInfo, assert_nothing_left, cxpg_backends, read_output, wait_until, worker_pids
 from tests.netproxy import running_proxy
-from tests.s3_server import S3Server, start_s3_server
+from tests.s3_server import S3Server, s3_process
 
 pytestmark = pytest.mark.integration
 
@@ -74,28 +74,19 @@ def backends_of(admin: psycopg.Connection, like: str = "%cxpg-%") -> list[tuple[
 # -- a store that stops answering ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def s3() -> Iterator[S3Server]:
-    with start_s3_server() as server:
+    """moto's S3 server in a process of its own: a test freezes it with SIGSTOP."""
+    with s3_process() as server:
         yield server
 
 
-@pytest.fixture
-def frozen_gateway(s3: S3Server) -> Iterator[Any]:
-    host, port = s3.endpoint.split("://", 1)[1].split(":")
-    with running_proxy((host, int(port)), raw=True) as proxy:
-        yield proxy
-
-
-def _via(s3: S3Server, proxy: Any) -> dict[str, Any]:
-    options = s3.storage_options()
-    options["client_kwargs"] = {"endpoint_url": f"http://127.0.0.1:{proxy.port}"}
-    options["config_kwargs"] = {"retries": {"max_attempts": 1}}
-    return options
+def _options(s3: S3Server) -> dict[str, Any]:
+    return {**s3.storage_options(), "config_kwargs": {"retries": {"max_attempts": 1}}}
 
 
 def test_a_store_that_freezes_mid_run_ends_it_within_storage_timeout(
-    conn_id: str, admin: psycopg.Connection, table: str, s3: S3Server, frozen_gateway: Any
+    conn_id: str, admin: psycopg.Connection, table: str, s3: S3Server
 ) -> None:
     """The worker's next chunk upload hangs: its own deadline fails it, the parent stops everything."""
     bucket = s3.create_bucket()
@@ -103,14 +94,14 @@ def test_a_store_that_freezes_mid_run_ends_it_within_storage_timeout(
 
     def freeze_after_first_chunk() -> None:
         if wait_until(lambda: any(k.endswith("part-000000.parquet") for k in s3.keys(bucket, prefix)), 30, 0.05):
-            frozen_gateway.freeze()
+            s3.freeze()
 
     threading.Thread(target=freeze_after_first_chunk, daemon=True).start()
     started = time.monotonic()
     with pytest.raises(StorageError, match=rf"s3://{bucket}/{prefix}.*storage_timeout=4") as caught:
         ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
             destination=f"s3://{bucket}/{prefix}",
-            storage_options=_via(s3, frozen_gateway),
+            storage_options=_options(s3),
             table=table,
             where="(SELECT pg_sleep(0.2)) IS NOT NULL",
             chunk_rows=100,
@@ -120,7 +111,7 @@ def test_a_store_that_freezes_mid_run_ends_it_within_storage_timeout(
     elapsed = time.monotonic() - started
     assert elapsed < 4 * 3 + GRACE, elapsed  # a write or two and a manifest write may each wait it out
     assert caught.value.limit == "storage_timeout"
-    frozen_gateway.thaw()
+    s3.thaw()
     assert_nothing_left(admin)
 
 
@@ -129,7 +120,6 @@ def test_a_store_that_freezes_during_a_manifest_write_ends_the_run(
     admin: psycopg.Connection,
     table: str,
     s3: S3Server,
-    frozen_gateway: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The parent's own write hangs (the store froze just before it): its deadline fires."""
@@ -140,7 +130,7 @@ def test_a_store_that_freezes_during_a_manifest_write_ends_the_run(
     def save_then_freeze(self: Manifest, destination: Destination) -> None:
         saves.append(len(self.chunks))
         if len(self.chunks) == 2:
-            frozen_gateway.freeze()
+            s3.freeze()
         original(self, destination)
 
     monkeypatch.setattr(Manifest, "save", save_then_freeze)
@@ -148,22 +138,22 @@ def test_a_store_that_freezes_during_a_manifest_write_ends_the_run(
     with pytest.raises(StorageError, match=r"writing _manifest\.json at s3://.*storage_timeout=3"):
         ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
             destination=f"s3://{bucket}/manifest-freeze",
-            storage_options=_via(s3, frozen_gateway),
+            storage_options=_options(s3),
             table=table,
             chunk_rows=100,
             storage_timeout=3,
             **FAST,
         )
     assert time.monotonic() - started < 3 * 2 + GRACE
-    frozen_gateway.thaw()
+    s3.thaw()
     assert_nothing_left(admin)
 
 
-def test_every_destination_operation_on_a_frozen_store_raises_in_time(s3: S3Server, frozen_gateway: Any) -> None:
+def test_every_destination_operation_on_a_frozen_store_raises_in_time(s3: S3Server) -> None:
     bucket = s3.create_bucket()
-    destination = Destination(f"s3://{bucket}/ops", _via(s3, frozen_gateway), timeout=2)
+    destination = Destination(f"s3://{bucket}/ops", _options(s3), timeout=2)
     destination.write_json("probe.json", {"ok": True})
-    frozen_gateway.freeze()
+    s3.freeze()
     started = time.monotonic()
     with pytest.raises(StorageError, match=r"reading probe\.json at s3://.*did not finish within storage_timeout=2"):
         destination.read_json("probe.json")
@@ -173,7 +163,7 @@ def test_every_destination_operation_on_a_frozen_store_raises_in_time(s3: S3Serv
         with pytest.raises(StorageError, match="not attempted|storage_timeout"):
             operation()
         assert time.monotonic() - started < 1  # behind a stuck call: fails at once, never queues
-    frozen_gateway.thaw()
+    s3.thaw()
 
 
 # -- the task process dies -------------------------------------------------------------------------------
@@ -260,6 +250,36 @@ def test_a_sigkilled_task_process_leaves_no_backend_and_no_worker(
             holder.execute("ROLLBACK") if phase == "planning" else holder.execute(
                 "SELECT pg_advisory_unlock(%s)", (LOCK_KEY,)
             )
+
+
+def test_a_task_process_sigkilled_while_its_worker_writes_to_a_frozen_store_leaves_no_worker(
+    pg: PgInfo, admin: psycopg.Connection, table: str, tmp_path: Path, s3: S3Server
+) -> None:
+    bucket = s3.create_bucket()
+    task = TaskProcess(
+        pg.airflow_conn_json(),
+        tmp_path / "log.jsonl",
+        table=table,
+        destination=f"s3://{bucket}/killed",
+        storage_options=_options(s3),
+        chunk_rows=100,
+        where="(SELECT pg_sleep(0.2)) IS NOT NULL",
+        worker_settings={**FAST, "storage_timeout": 300},
+    )
+    try:
+        assert wait_until(lambda: any(k.endswith("part-000000.parquet") for k in s3.keys(bucket, "killed")), 60, 0.05)
+        s3.freeze()  # the worker's next upload hangs, for up to storage_timeout=300
+        time.sleep(1.0)
+        run_id = task.run_id()
+        assert run_id is not None and worker_pids(0)
+        os.kill(task.process.pid, signal.SIGKILL)
+        task.process.wait(timeout=10)
+        assert wait_until(lambda: not worker_pids(0), 10, 0.1), worker_pids(0)
+        assert wait_until(lambda: not _run_backends(admin, run_id), 10, 0.1), _run_backends(admin, run_id)
+    finally:
+        s3.thaw()
+        if task.process.poll() is None:
+            task.process.kill()
 
 
 def test_sigterm_to_the_task_process_group_ends_cleanly_with_the_query_cancelled(
@@ -499,6 +519,7 @@ def test_ambient_aws_credentials_are_resolved_in_the_parent_and_sent_over_the_pi
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "parent-secret")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "parent-token")
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
     storage = WorkerStorage("s3://b/p", {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}})
     options = storage.options()
     assert (options["key"], options["secret"], options["token"]) == ("AKIAPARENTKEY", "parent-secret", "parent-token")
@@ -518,9 +539,10 @@ def test_verify_full_is_refused_before_any_data_moves(
         ConnectorXPostgresHook(postgres_conn_id="tls_full").extract(destination=str(tmp_path / "out"), table=table)
     assert not (tmp_path / "out").exists()
     monkeypatch.setenv("AIRFLOW_CONN_TLS_PLAIN", pg.airflow_conn_json())
-    monkeypatch.setenv("PGSSLMODE", "verify-full")  # the parent's libpq environment counts too
-    with pytest.raises(ConnectionConfigError, match="verify-full"):
-        ConnectorXPostgresHook(postgres_conn_id="tls_plain").extract(destination=str(tmp_path / "out"), table=table)
+    with monkeypatch.context() as env:  # undone before the fixtures' own connections close
+        env.setenv("PGSSLMODE", "verify-full")  # the parent's libpq environment counts too
+        with pytest.raises(ConnectionConfigError, match="verify-full"):
+            ConnectorXPostgresHook(postgres_conn_id="tls_plain").extract(destination=str(tmp_path / "out"), table=table)
 
 
 def test_pgssl_environment_reaches_the_worker_uri() -> None:

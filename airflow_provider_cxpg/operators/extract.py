@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import Mapping, Sequence
 from functools import cached_property
@@ -11,6 +12,8 @@ from urllib.parse import quote
 from airflow import __version__ as airflow_version
 from airflow.providers.common.compat.sdk import BaseOperator
 
+from airflow_provider_cxpg.destination import DEFAULT_STORAGE_TIMEOUT
+from airflow_provider_cxpg.durations import as_seconds
 from airflow_provider_cxpg.exceptions import InvalidInputError
 from airflow_provider_cxpg.extract import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, Extraction, ExtractResult
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
@@ -89,11 +92,13 @@ class PostgresExtractOperator(BaseOperator):
     :param storage_options: fsspec options for the destination (sent to the worker over its pipe).
     :param file_format: ``parquet``.
     :param compression: Parquet codec (``zstd`` default).
-    :param query_timeout: seconds per chunk query, enforced by the parent and as server
-        ``statement_timeout``; None for no limit.
-    :param job_timeout: seconds for the whole extraction; None for no limit.
-    :param heartbeat_interval: seconds between worker heartbeats.
-    :param heartbeat_timeout: declare the worker dead after this many seconds without one.
+    :param query_timeout: limit per chunk query (seconds or a ``timedelta``), enforced by the parent
+        and as server ``statement_timeout``; None for no limit.
+    :param job_timeout: limit for the whole extraction; None for no limit.
+    :param storage_timeout: limit for each operation on the destination: a chunk's upload and commit
+        in the worker, the manifest writes, listings and removals in the parent (default 300 s).
+    :param heartbeat_interval: time between worker heartbeats.
+    :param heartbeat_timeout: declare the worker dead after this long without one.
     :param max_worker_restarts: replace a dead worker this many times within one try.
     :param watermark_column: read only the rows whose ``column`` lies in this run's window, exactly
         once across runs; ``"xmin"`` uses transaction ids (see the README, "Incremental runs").
@@ -160,10 +165,11 @@ class PostgresExtractOperator(BaseOperator):
         storage_options: dict[str, Any] | None = None,
         file_format: str = "parquet",
         compression: str = "zstd",
-        query_timeout: float | None = 3600.0,
-        job_timeout: float | None = None,
-        heartbeat_interval: float = 1.0,
-        heartbeat_timeout: float = 20.0,
+        query_timeout: float | dt.timedelta | None = 3600.0,
+        job_timeout: float | dt.timedelta | None = None,
+        storage_timeout: float | dt.timedelta | None = DEFAULT_STORAGE_TIMEOUT,
+        heartbeat_interval: float | dt.timedelta = 1.0,
+        heartbeat_timeout: float | dt.timedelta = 20.0,
         max_worker_restarts: int = 2,
         watermark_column: str | None = None,
         watermark_start: Any = None,
@@ -200,6 +206,7 @@ class PostgresExtractOperator(BaseOperator):
         self.compression = compression
         self.query_timeout = query_timeout
         self.job_timeout = job_timeout
+        self.storage_timeout = storage_timeout
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.max_worker_restarts = max_worker_restarts
@@ -247,10 +254,11 @@ class PostgresExtractOperator(BaseOperator):
             raise InvalidInputError(f"file_format must be one of {list(_FILE_FORMATS)}, got {self.file_format!r}")
         self.chunk_rows = _positive("chunk_rows", self.chunk_rows, integer=True)
         self.chunk_bytes = _positive("chunk_bytes", self.chunk_bytes, allow_none=True, integer=True)
-        self.query_timeout = _positive("query_timeout", self.query_timeout, allow_none=True)
-        self.job_timeout = _positive("job_timeout", self.job_timeout, allow_none=True)
-        self.heartbeat_interval = _positive("heartbeat_interval", self.heartbeat_interval)
-        self.heartbeat_timeout = _positive("heartbeat_timeout", self.heartbeat_timeout)
+        self.query_timeout = as_seconds("query_timeout", self.query_timeout, allow_none=True)
+        self.job_timeout = as_seconds("job_timeout", self.job_timeout, allow_none=True)
+        self.storage_timeout = as_seconds("storage_timeout", self.storage_timeout, allow_none=True)
+        self.heartbeat_interval = as_seconds("heartbeat_interval", self.heartbeat_interval)
+        self.heartbeat_timeout = as_seconds("heartbeat_timeout", self.heartbeat_timeout)
         self.parallelism = _positive("parallelism", self.parallelism, integer=True)
         if (
             isinstance(self.max_worker_restarts, bool)
@@ -325,6 +333,7 @@ class PostgresExtractOperator(BaseOperator):
             "compression": self.compression,
             "query_timeout": self.query_timeout,
             "job_timeout": self.job_timeout,
+            "storage_timeout": self.storage_timeout,
             "heartbeat_interval": self.heartbeat_interval,
             "heartbeat_timeout": self.heartbeat_timeout,
             "max_worker_restarts": self.max_worker_restarts,
