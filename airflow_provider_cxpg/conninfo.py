@@ -156,8 +156,9 @@ class PostgresEndpoint:
             merged["lock_timeout"] = str(int(lock_timeout_ms))
         opts.extend(_options_arg(k, v) for k, v in merged.items())
         params["options"] = " ".join(opts)
-        if application_name is not None:
-            params["application_name"] = application_name[:_MAX_APPLICATION_NAME]
+        if application_name is not None:  # the server keeps 63 bytes: cut on a character boundary
+            cut = application_name.encode()[:_MAX_APPLICATION_NAME].decode("utf-8", errors="ignore")
+            params["application_name"] = cut
         return replace(self, params=params)
 
     @property

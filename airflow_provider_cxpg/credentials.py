@@ -16,7 +16,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
+from airflow_provider_cxpg.exceptions import ServerConnectionError
 
 __all__ = ["CredentialSource", "is_authentication_failure"]
 
@@ -39,6 +41,7 @@ class CredentialSource:
     :param refresh: returns a freshly resolved endpoint (a new token); None: the password never changes.
     :param refresh_interval: renew a password older than this many seconds (None: only after a failure).
     :param redactor: learns every new password.
+    :param timeout: deadline of one renewal.
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class CredentialSource:
         refresh: Callable[[], PostgresEndpoint] | None = None,
         refresh_interval: float | None = None,
         redactor: Redactor | None = None,
+        timeout: float = 30.0,
     ) -> None:
         self._endpoint = endpoint
         self._refresh = refresh
@@ -54,6 +58,8 @@ class CredentialSource:
         self._redactor = redactor
         self._minted = time.monotonic()
         self._lock = threading.Lock()
+        self._calls = SerialCalls("credentials")
+        self.timeout = timeout
         self.refreshes = 0
 
     @property
@@ -72,11 +78,22 @@ class CredentialSource:
         return self.renew()
 
     def renew(self) -> str | None:
-        """Ask for a fresh password now; return it when it differs from the current one."""
+        """Ask for a fresh password now; return it when it differs from the current one.
+
+        The hook's call (an Airflow connection lookup, an STS or Redshift request) runs under a
+        deadline, ``timeout``: a token service that does not answer fails the run instead of holding it.
+        """
         if self._refresh is None:
             return None
         with self._lock:
-            fresh = self._refresh()
+            refresh = self._refresh
+            try:
+                fresh = self._calls.call("renewing the credentials", refresh, self.timeout)
+            except CallTimedOut:
+                self._calls = SerialCalls("credentials")  # abandon the stuck call
+                raise ServerConnectionError(
+                    f"renewing the credentials took over {self.timeout}s: the token service does not answer"
+                ) from None
             self._minted = time.monotonic()
             self.refreshes += 1
             if fresh.password == self._endpoint.password:

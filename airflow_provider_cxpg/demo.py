@@ -65,12 +65,12 @@ def create_orders(conn: Any, rows: int, *, batch: int = 500_000) -> None:
 
 
 def _dags_folder() -> Path:
-    here = Path(__file__).resolve().parent.parent / "dags"
-    if not (here / "example_full_table_extract.py").exists():
-        raise SystemExit(
-            f"example DAGs not found in {here}: run the demo from a source checkout "
-            "(pip install -e '.[demo]' in the repository)"
-        )
+    """The example DAGs, shipped in the distribution as ``airflow_provider_cxpg.example_dags``."""
+    from importlib.resources import files
+
+    here = Path(str(files("airflow_provider_cxpg.example_dags")))
+    if not (here / "example_full_table_extract.py").exists():  # pragma: no cover - a broken install
+        raise SystemExit(f"example DAGs not found in {here}: reinstall airflow-provider-cxpg")
     return here
 
 
@@ -91,6 +91,14 @@ def _conn_json_from_dsn(dsn: str) -> str:
 def _print_event(event: dict[str, Any]) -> None:
     name = event.get("event", "")
     if name in {"worker.stderr", "query.start"}:
+        return
+    if name == "job.progress":
+        total = f"/{event['estimated_rows']:,}" if event.get("estimated_rows") else ""
+        percent = f" ({event['percent']:.0f}%)" if event.get("percent") is not None else ""
+        eta = f", about {event['eta_seconds']:.0f}s left" if event.get("eta_seconds") is not None else ""
+        print(
+            f"  [progress]  {event['rows']:,}{total} rows{percent}, {event['rows_per_s']:,.0f} rows/s{eta}", flush=True
+        )
         return
     keep = ("chunk", "rows", "bytes", "seconds", "rows_per_s", "key_from", "key_to", "worker_pid", "backend_pid")
     fields = " ".join(f"{k}={event[k]}" for k in keep if k in event)

@@ -103,16 +103,19 @@ class Destination:
         """A destination one level below this one (a partition's own prefix)."""
         return Destination(self.child_url(name), self.storage_options, timeout=self.timeout)
 
-    def _bounded(self, operation: str, fn: Callable[[], T]) -> T:
+    def _bounded(self, operation: str, fn: Callable[[], T], timeout: float | None = None) -> T:
         """Run ``fn`` under the deadline; errors become :class:`StorageError` naming what failed."""
         what = f"{operation} at {self.url}"
+        limit = self.timeout if timeout is None else timeout
         try:
-            return self._io.call(what, fn, self.timeout)
+            return self._io.call(what, fn, limit)
         except CallTimedOut as exc:
             detail = (
                 f"{what} was not attempted: an earlier operation ({exc.earlier}) never returned"
                 if exc.earlier
-                else f"{what} did not finish within storage_timeout={self.timeout}s: the store is not answering"
+                else f"{what} did not finish within "
+                + (f"storage_timeout={limit}s" if limit == self.timeout else f"{limit}s")
+                + ": the store is not answering"
             )
             raise StorageError(detail, operation=operation, destination=self.url, limit="storage_timeout") from None
         except StorageError:
@@ -163,8 +166,11 @@ class Destination:
 
         return self._bounded(f"reading {name}", read)
 
-    def write_json(self, name: str, data: dict[str, Any]) -> None:
-        """Replace ``name`` atomically (rename locally; a single PUT on object stores)."""
+    def write_json(self, name: str, data: dict[str, Any], *, timeout: float | None = None) -> None:
+        """Replace ``name`` atomically (rename locally; a single PUT on object stores).
+
+        :param timeout: a shorter deadline than the destination's (a best-effort failure record).
+        """
         payload = json.dumps(data, indent=2, sort_keys=False, default=str).encode("utf-8")
         path = self._path(name)
 
@@ -179,6 +185,20 @@ class Destination:
                 os.replace(tmp, path)
             else:
                 self._fs.pipe_file(path, payload)
+
+        self._bounded(f"writing {name}", write, timeout)
+
+    def write_marker(self, name: str) -> None:
+        """Write an empty file (``_SUCCESS``): a reader's sign that the output is complete."""
+
+        def write() -> None:
+            if self.is_local:
+                os.makedirs(self.root, exist_ok=True)
+                with open(self._path(name), "wb") as handle:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            else:
+                self._fs.pipe_file(self._path(name), b"")
 
         self._bounded(f"writing {name}", write)
 

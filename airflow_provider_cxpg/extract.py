@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
 from airflow_provider_cxpg.catalog import classify_control_error, describe_query
 from airflow_provider_cxpg.chunking import ChunkSizer, chunks_for, pipelined
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
@@ -30,10 +31,12 @@ from airflow_provider_cxpg.exceptions import (
     ExtractionAborted,
     InvalidInputError,
     ServerConnectionError,
+    StorageError,
     WorkerError,
 )
 from airflow_provider_cxpg.incremental import WatermarkSpec, Window, resolve_window
 from airflow_provider_cxpg.manifest import (
+    SUCCESS_MARKER,
     ChunkEntry,
     Manifest,
     chunk_file_name,
@@ -43,6 +46,7 @@ from airflow_provider_cxpg.manifest import (
 )
 from airflow_provider_cxpg.monitor import ActivitySampler, ControlCancels, ServerMonitor, connect
 from airflow_provider_cxpg.plan import ExtractPlan, SourceSpec, build_plan, key_to_json
+from airflow_provider_cxpg.progress import Progress, estimate_rows
 from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.snapshot import ExportedSnapshot, import_statements
 from airflow_provider_cxpg.storage_env import WorkerStorage
@@ -53,6 +57,7 @@ from airflow_provider_cxpg.worker.protocol import ParquetSink
 __all__ = [
     "DEFAULT_CHUNK_ROWS",
     "DEFAULT_STREAM_ROWS",
+    "SUMMARY_FILES_MAX",
     "ExtractResult",
     "Extraction",
     "new_run_id",
@@ -60,6 +65,11 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_ROWS = 500_000
+#: The XCom summary names every file up to this many; past it, ``files`` is None and
+#: ``file_count`` and ``manifest`` (which lists them all) say where they are.
+SUMMARY_FILES_MAX = 100
+#: How long recording a failure in the manifest may take (the store may be what failed).
+_FAILURE_WRITE_SECONDS = 5.0
 DEFAULT_STREAM_ROWS = 0
 _COMPRESSIONS = {"zstd", "snappy", "gzip", "brotli", "lz4", "none"}
 
@@ -68,12 +78,43 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+#: Room kept for the suffixes of the run's other connections (``-partition``, ``-ctl``, ``-w12``...).
+_SUFFIX_BYTES = 16
+
+
+class _AbortChecked:
+    """A control connection that refuses to start a statement once the run was aborted.
+
+    ``on_kill`` cancels the statement running at that instant; without this, the planning step's
+    *next* statement (a ``max()`` scan, a describe waiting on a lock) would start and run on.
+    """
+
+    def __init__(self, conn: Any, aborted: Callable[[], str | None]) -> None:
+        self._conn, self._aborted = conn, aborted
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        reason = self._aborted()
+        if reason:
+            raise ExtractionAborted.because(reason)
+        return self._conn.execute(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
 def run_application_name(run_id: str, prefix: str | None = None, worker: int | None = None) -> str:
-    """A unique ``application_name`` for a run's connections (found again in ``pg_stat_activity``)."""
+    """A unique ``application_name`` for a run's connections (found again in ``pg_stat_activity``).
+
+    The server keeps 63 *bytes* of it; the user's prefix is cut (on a character boundary) so that
+    the unique part and every suffix the run adds always fit, or the run's connections would not be
+    told apart and its monitor would look for a name the server never shows.
+    """
     suffix = f"cxpg-{run_id}" + (f"-w{worker}" if worker is not None else "")
-    if prefix:
-        return f"{prefix[: 62 - len(suffix)]}-{suffix}"
-    return suffix
+    if not prefix:
+        return suffix
+    room = 63 - _SUFFIX_BYTES - len(suffix.encode()) - 1
+    kept = prefix.encode()[: max(room, 0)].decode("utf-8", errors="ignore")
+    return f"{kept}-{suffix}" if kept else suffix
 
 
 @dataclass
@@ -98,10 +139,12 @@ class ExtractResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
+        """The XCom summary: small whatever the table's size (see :data:`SUMMARY_FILES_MAX`)."""
         data = {
             "rows": self.rows,
             "chunks": self.chunks,
-            "files": self.files,
+            "files": self.files if len(self.files) <= SUMMARY_FILES_MAX else None,
+            "file_count": len(self.files),
             "destination": self.destination,
             "first_key": self.first_key,
             "last_key": self.last_key,
@@ -189,6 +232,7 @@ class Extraction:
         self.settings = settings or WorkerSettings()
         destination.timeout = self.settings.storage_timeout
         self._storage: WorkerStorage | None = None
+        self._storage_calls = SerialCalls("storage-credentials")
         if not destination.is_local:
             self._storage = WorkerStorage(destination.url, destination.storage_options)
             env = {**self._storage.env, **self.settings.worker_env}
@@ -228,14 +272,23 @@ class Extraction:
         self._aborted: str | None = None
         self._cancels = ControlCancels()  # the control connections' running queries
         self.plan: ExtractPlan | None = None
+        self.estimated_rows: int | None = None
 
     # -- storage -----------------------------------------------------------------------------------
 
     def sink_options(self) -> dict[str, Any]:
-        """The fsspec options for the next chunk file (object-store credentials renewed as they expire)."""
+        """The fsspec options for the next chunk file (object-store credentials renewed as they expire).
+
+        A renewal (botocore asking STS or a credentials endpoint) runs under ``control_timeout``.
+        """
         if self._storage is None:
             return dict(self.destination.storage_options)
-        return self._storage.options()
+        try:
+            return self._storage_calls.call(
+                "resolving the object store's credentials", self._storage.options, self.settings.control_timeout
+            )
+        except CallTimedOut as exc:
+            raise StorageError(f"{exc}: the credentials service does not answer", limit="control_timeout") from None
 
     @staticmethod
     def _storage_secrets(options: dict[str, Any]) -> list[str]:
@@ -314,7 +367,7 @@ class Extraction:
                     conn.execute(statement)
             with sampler:
                 try:
-                    yield conn
+                    yield _AbortChecked(conn, lambda: self._aborted)
                 except BaseException as exc:
                     self._cancels.cancel(key, self.settings.cancel_grace)  # the query may still run
                     if not isinstance(exc, Exception):
@@ -382,6 +435,7 @@ class Extraction:
             # checked by the server here, before any worker starts.
             probe = plan.page_sql(0, 0) if plan.pages is not None else plan.chunk_sql(None, 0)
             describe_query(conn, probe)
+            self.estimated_rows = estimate_rows(conn, plan)
         return plan
 
     def fingerprint(self, plan: ExtractPlan) -> str:
@@ -447,6 +501,9 @@ class Extraction:
         except BaseException as exc:
             prespawned.stop(reason=self._aborted or type(exc).__name__)
             raise
+        self._progress = Progress(
+            self.log, self.estimated_rows, rows_before=manifest.rows, worker=self.worker_index or None
+        )
         restarts = 0
         renewed_after: int | None = None  # committed chunks when the login was last refused
         while True:
@@ -483,6 +540,7 @@ class Extraction:
                     "job.plan",
                     note=f"the server refused the login: credentials renewed; continuing after {progress} chunks",
                 )
+        self._progress.chunk(manifest.rows, final=True)
         # a complete manifest promises its files: check them, not its own sums
         check_output(self.destination, manifest)
         manifest.status = "complete"
@@ -491,6 +549,7 @@ class Extraction:
         manifest.save(self.destination)
         for name in manifest.stray_files(self.destination.list_names()):
             self.destination.remove(name)
+        self.destination.write_marker(SUCCESS_MARKER)  # last: readers see it only over a complete output
         seconds = time.monotonic() - started
         result = ExtractResult(
             run_id=manifest.run_id,
@@ -541,7 +600,10 @@ class Extraction:
             with contextlib.suppress(Exception):
                 manifest.status = "failed"
                 manifest.error = error
-                manifest.save(self.destination)
+                # best effort, briefly: the store may be what failed, and a retry resumes from
+                # "running" as from "failed"
+                limit = min(self.destination.timeout or _FAILURE_WRITE_SECONDS, _FAILURE_WRITE_SECONDS)
+                manifest.save(self.destination, timeout=limit)
         self.log.emit("job.failed", reason=reason, error=error)
 
     def source_id(self, plan: ExtractPlan) -> str:
@@ -577,12 +639,13 @@ class Extraction:
         if existing is not None and self.resume and existing.resumable_by(fp):
             problems = output_problems(self.destination, existing)
             if not problems:
+                self._unmark(entries)
                 existing.attempts += 1
                 existing.status = "running"
                 existing.save(self.destination)
                 self.log.emit(
                     "job.resume",
-                    extraction_run_id=existing.run_id,
+                    resumed_extraction_id=existing.run_id,
                     chunks=len(existing.chunks),
                     rows=existing.rows,
                     key_from=existing.last_key,
@@ -590,7 +653,7 @@ class Extraction:
                 return existing, existing.next_index
             self.log.emit(
                 "job.resume",
-                extraction_run_id=existing.run_id,
+                resumed_extraction_id=existing.run_id,
                 note="committed chunks were damaged since: starting over; " + "; ".join(problems[:5]),
             )
         if existing is not None:  # a finished or different extraction of the same source: replace it
@@ -605,6 +668,7 @@ class Extraction:
                 )
             for name in existing.files:
                 self.destination.remove(name)
+        self._unmark(entries)
         manifest = Manifest(
             run_id=self.run_id,
             fingerprint=fp,
@@ -622,6 +686,11 @@ class Extraction:
             self.destination.remove(name)
         manifest.save(self.destination)
         return manifest, None
+
+    def _unmark(self, entries: dict[str, int]) -> None:
+        """A run starts here: the output is not complete any more, and ``_SUCCESS`` must not say it is."""
+        if SUCCESS_MARKER in entries:
+            self.destination.remove(SUCCESS_MARKER)
 
     def new_session(self, job_deadline: float | None) -> WorkerSession:
         """A worker session for this run (its application name, deadlines, snapshot, credentials)."""
@@ -688,5 +757,6 @@ class Extraction:
                         key_to=entry.last_key,
                         total_rows=manifest.rows,
                     )
+                    self._progress.chunk(manifest.rows)
         finally:
             self._session = None

@@ -8,21 +8,26 @@ run starts and reads::
     start <= wm  (minus the keys the previous run already read at start)   -- carried over
     wm < end  OR  (wm = end AND key IN <the keys at end when the run started>)
 
-* ``end`` defaults to ``max(wm)`` read when the run starts. The rows that hold ``end`` at that moment
-  are read, and their keys are remembered (:attr:`Window.boundary_keys`). A row written later with
-  a watermark *equal* to ``end`` (a coarse ``date`` or ``timestamp(0)``, a batch number, a clock with
-  coarse resolution) is therefore not lost: the next run starts *at* ``end``, inclusive, and skips
-  only the remembered keys. This is exactly once, and the summary says so
-  (``watermark_contract="exactly_once"``).
+* ``end`` defaults to ``max(wm)`` over the finite values, read when the run starts. The rows that
+  hold ``end`` at that moment are read, and their keys *and row versions* (``xmin``) are remembered
+  (:attr:`Window.boundary_keys`). A row written later with a watermark *equal* to ``end`` (a coarse
+  ``date`` or ``timestamp(0)``, a batch number, a clock with coarse resolution), or a remembered row
+  updated since without its watermark moving, is therefore not lost: the next run starts *at*
+  ``end``, inclusive, and skips only the remembered versions. This is exactly once, and the summary
+  says so (``watermark_contract="exactly_once"``). A source without row versions (a query, a view)
+  cannot remember them: its window ends before ``end``, and the rows holding it are the next run's.
 * When more than :data:`END_KEYS_MAX` rows hold ``end`` (a ``date`` watermark on a busy table), they
   are too many to remember: the window ends *before* ``end`` (``wm < end``) and those rows are read by
   the next run, still exactly once, one run later.
 * ``lag`` re-reads a trailing interval for writers whose commits arrive late (as dlt's ``lag``): the
   window starts at ``start - lag``, inclusive, and remembers nothing. Rows in that interval are read
   again (``watermark_contract="at_least_once"``): upsert by key downstream.
-* **NULL watermarks.** A first run (no start) is a full copy: rows with a NULL watermark are read too.
-  Later windows cannot see them (``NULL >= start`` is not true), and an update that sets the
-  watermark to NULL is not seen either; the run logs an estimate of how many rows that leaves out.
+* **NULL and non-finite watermarks.** A first run (no start) is a full copy: rows with a NULL
+  watermark are read too, and so are ``NaN`` and ``±Infinity`` ones. Later windows cannot see them
+  (``NULL >= start`` is not true; the end is the largest *finite* value, so a single ``NaN`` or
+  ``'infinity'`` cannot push every later window past all real rows), and an update that sets the
+  watermark to NULL is not seen either; the run logs an estimate of how many NULL rows that leaves
+  out.
 * Caveat, as with any column watermark: a transaction that stamps a row *before* ``end`` but commits
   *after* the window was fixed is missed. ``lag`` covers commits up to ``lag`` late; ``xmin`` has no
   such gap.
@@ -128,7 +133,14 @@ class WatermarkSpec:
         """What makes two specs the same window request (part of an extraction's fingerprint)."""
         if self.recorded is not None:
             return [self.column, "recorded", self.recorded.get("start"), self.recorded.get("end")]
-        return [self.column, str(self.start), self.start_inclusive, [list(k) for k in self.start_keys], str(self.lag)]
+        return [
+            self.column,
+            str(self.start),
+            str(self.end),
+            self.start_inclusive,
+            [list(k) for k in self.start_keys],
+            str(self.lag),
+        ]
 
     @classmethod
     def following(cls, window: Mapping[str, Any], *, end: Any = None, lag: Any = None) -> WatermarkSpec:
@@ -179,6 +191,7 @@ class Window:
     first_run: bool = False
     wal_position: str | None = None
     null_rows_estimate: int | None = None
+    versioned: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """Everything needed to read this window again, or the one after it (manifests, state)."""
@@ -197,6 +210,7 @@ class Window:
             "contract": self.contract,
             "first_run": self.first_run,
             "wal_position": self.wal_position,
+            "versioned": self.versioned,
             "note": self.note,
         }
 
@@ -300,20 +314,24 @@ def _column_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
         start = _lagged_start(conn, start, lag, sql_type, typname)
         start_inclusive, start_keys, contract = True, (), AT_LEAST_ONCE
     where = " AND ".join(f"({f})" for f in plan.filters) or "true"
+    finite = _finite(conn, expr, sql_type, typname)
     end = None if _blank(spec.end) else spec.end
     if end is None:
-        row = conn.execute(f"SELECT max({expr})::text FROM {plan.from_clause} WHERE {where}").fetchone()
+        condition = f"{where} AND {finite}" if finite else where
+        row = conn.execute(f"SELECT max({expr})::text FROM {plan.from_clause} WHERE {condition}").fetchone()
         end = row[0] if row else None
     notes: list[str] = []
     end_mode, end_keys = "keys", ()
+    versioned = _has_row_versions(plan)
     if end is not None:
-        found = _keys_at(conn, plan, expr, literal(end, sql_type), where)
-        if found is None or not plan.key:
+        found = _keys_at(conn, plan, expr, literal(end, sql_type), where) if versioned else None
+        if found is None:
             end_mode = "exclusive"
             notes.append(
                 f"more than {END_KEYS_MAX} rows hold the window's end {end!r}: they are left for the next run"
-                if found is None
-                else "no key to remember the rows at the window's end: they are left for the next run"
+                if versioned
+                else "the source has no row versions to remember the rows at the window's end by (a query, a "
+                "view, a foreign table): they are left for the next run"
             )
         else:
             end_keys = found
@@ -356,15 +374,46 @@ def _column_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
         first_run=spec.is_first_run,
         wal_position=_wal_position(conn),
         null_rows_estimate=null_estimate,
+        versioned=versioned,
     )
-    return replace(window, filters=_column_filters(plan, window, sql_type))
+    return replace(window, filters=_column_filters(plan, window, sql_type, finite))
+
+
+#: Relations whose rows carry ``xmin``: a row version, which changes with every update.
+_VERSIONED_KINDS = frozenset({"table", "partitioned table", "materialized view"})
+
+
+def _has_row_versions(plan: ExtractPlan) -> bool:
+    return bool(plan.key) and plan.table is not None and plan.table.kind in _VERSIONED_KINDS
+
+
+def _finite(conn: Any, expr: str, sql_type: str, typname: str) -> str | None:
+    """A condition true for finite watermark values (None: every value of the type is finite).
+
+    ``NaN`` and ``Infinity`` sort above every number, ``'infinity'`` above every date: one such row
+    as the window's end would put every later window past all real rows.
+    """
+    if typname in _TIME_TYPES:
+        return f"isfinite({expr})"
+    if typname in {"float4", "float8"} or (typname == "numeric" and conn.info.server_version >= 140000):
+        specials = ", ".join(literal(v, sql_type) for v in ("NaN", "Infinity", "-Infinity"))
+        return f"{expr} NOT IN ({specials})"
+    if typname == "numeric":  # numeric infinities arrived in PostgreSQL 14
+        return f"{expr} <> {literal('NaN', sql_type)}"
+    return None
+
+
+def _versioned_in(plan: ExtractPlan, entries: Keys) -> str:
+    """``(k1, ..., xmin) IN (...)``: these keys *in these row versions* (the last value of each entry)."""
+    # xid's = belongs to no btree family, which a row comparison needs: compare its text form
+    exprs = [k.expr for k in plan.key] + [f"({SOURCE_ALIAS}.xmin)::text"]
+    rows = [[*plan.key_literals(list(entry[:-1])), literal(entry[-1], "text")] for entry in entries]
+    return f"({', '.join(exprs)}) IN ({', '.join('(' + ', '.join(r) + ')' for r in rows)})"
 
 
 def _keys_at(conn: Any, plan: ExtractPlan, expr: str, end_literal: str, where: str) -> Keys | None:
-    """Keys of the rows holding the end value now (None: more than :data:`END_KEYS_MAX`)."""
-    if not plan.key:
-        return ()
-    texts = ", ".join(f"({k.expr})::text" for k in plan.key)
+    """Keys and row versions of the rows holding the end value now (None: more than :data:`END_KEYS_MAX`)."""
+    texts = ", ".join(f"({k.expr})::text" for k in plan.key) + f", {SOURCE_ALIAS}.xmin::text"
     order = ", ".join(k.expr for k in plan.key)
     rows = conn.execute(
         f"SELECT {texts} FROM {plan.from_clause} WHERE {where} AND {expr} = {end_literal} "
@@ -372,7 +421,7 @@ def _keys_at(conn: Any, plan: ExtractPlan, expr: str, end_literal: str, where: s
     ).fetchall()
     if len(rows) > END_KEYS_MAX:
         return None
-    return tuple(_typed_key(plan, row) for row in rows)
+    return tuple((*_typed_key(plan, row[:-1]), row[-1]) for row in rows)
 
 
 def _typed_key(plan: ExtractPlan, row: Sequence[Any]) -> tuple[Any, ...]:
@@ -387,15 +436,15 @@ def _compare(conn: Any, a: Any, b: Any, sql_type: str) -> int:
     return int(conn.execute(f"SELECT CASE WHEN {x} < {y} THEN -1 WHEN {x} = {y} THEN 0 ELSE 1 END").fetchone()[0])
 
 
-def _column_filters(plan: ExtractPlan, window: Window, sql_type: str) -> tuple[str, ...]:
+def _column_filters(plan: ExtractPlan, window: Window, sql_type: str, finite: str | None) -> tuple[str, ...]:
     expr = f"{SOURCE_ALIAS}.{quote_ident(window.column)}"
     conditions: list[str] = []
     if window.start is not None:
         start = literal(window.start, sql_type)
         if window.start_inclusive:
             conditions.append(f"{expr} >= {start}")
-            if window.start_keys:
-                conditions.append(f"NOT ({expr} = {start} AND {plan.key_in(window.start_keys)})")
+            if window.start_keys:  # the versions read at the start: an updated row is read again
+                conditions.append(f"NOT ({expr} = {start} AND {_versioned_in(plan, window.start_keys)})")
         else:
             conditions.append(f"{expr} > {start}")
     if window.end is None:
@@ -403,12 +452,12 @@ def _column_filters(plan: ExtractPlan, window: Window, sql_type: str) -> tuple[s
     else:
         end = literal(window.end, sql_type)
         if window.end_mode == "keys" and window.end_keys:
-            conditions.append(f"({expr} < {end} OR ({expr} = {end} AND {plan.key_in(window.end_keys)}))")
+            conditions.append(f"({expr} < {end} OR ({expr} = {end} AND {_versioned_in(plan, window.end_keys)}))")
         else:  # no key at the end (or too many): rows holding it are the next run's
             conditions.append(f"{expr} < {end}")
     condition = " AND ".join(f"({c})" for c in conditions)
-    if window.first_run:
-        condition = f"({condition}) OR {expr} IS NULL"
+    if window.first_run:  # a full copy: NULL and non-finite watermarks too
+        condition = f"({condition}) OR {expr} IS NULL" + (f" OR NOT ({finite})" if finite else "")
     filters = [condition]
     if window.wal_position:
         filters.append(_replay_guard(window.wal_position))
@@ -481,11 +530,18 @@ def _rebuild(conn: Any, plan: ExtractPlan, recorded: Mapping[str, Any]) -> Windo
         contract=str(recorded.get("contract") or EXACTLY_ONCE),
         first_run=bool(recorded.get("first_run")),
         wal_position=recorded.get("wal_position"),
+        versioned=bool(recorded.get("versioned")),
     )
     if column == XMIN:
         return replace(window, filters=_xmin_filters(window))
-    sql_type, _, _ = _column_type(plan, column)
-    return replace(window, filters=_column_filters(plan, window, sql_type))
+    sql_type, typname, _ = _column_type(plan, column)
+    return replace(
+        window, filters=_column_filters(plan, window, sql_type, _finite(conn, expr_of(column), sql_type, typname))
+    )
+
+
+def expr_of(column: str) -> str:
+    return f"{SOURCE_ALIAS}.{quote_ident(column)}"
 
 
 def _jsonable(value: Any) -> Any:
@@ -503,7 +559,20 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
         row = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetchone()
         end = int(row[0]) - 1
     start = None if _blank(spec.start) else _as_int(spec.start, "watermark_start")
-    window = Window(XMIN, start, end, (), end, end_mode="inclusive", first_run=start is None)
+    # At least once, honestly: a first run (or a too-wide window) reads every row, also rows
+    # committed after ``end`` that the next window reads again, and a frozen tuple's raw xmin can
+    # collide modulo 2^32 with a later window.
+    window = Window(
+        XMIN,
+        start,
+        end,
+        (),
+        end,
+        end_mode="inclusive",
+        first_run=start is None,
+        contract=AT_LEAST_ONCE,
+        wal_position=_wal_position(conn),
+    )
     if start is None:
         window = replace(window, note="first xmin run: every row is read")
     elif end - start <= 0:
@@ -517,14 +586,18 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
 
 
 def _xmin_filters(window: Window) -> tuple[str, ...]:
+    guard = (_replay_guard(window.wal_position),) if window.wal_position else ()
     start, end = window.start, window.end
     if start is None:
-        return ()
+        return guard
     span = int(end) - int(start)
     if span <= 0:
-        return ("false",)
+        return ("false", *guard)
     if span >= _XID_HALF:
-        return ()
+        return guard
     xmin = f"{SOURCE_ALIAS}.xmin::text::bigint"
     end32 = int(end) % _XID_MODULO
-    return (f"(({end32}::bigint - {xmin} + {_XID_MODULO}) % {_XID_MODULO}) < {span} AND {xmin} >= {_FIRST_NORMAL_XID}",)
+    condition = (
+        f"(({end32}::bigint - {xmin} + {_XID_MODULO}) % {_XID_MODULO}) < {span} AND {xmin} >= {_FIRST_NORMAL_XID}"
+    )
+    return (condition, *guard)

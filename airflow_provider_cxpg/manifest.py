@@ -27,9 +27,20 @@ from typing import Any
 from airflow_provider_cxpg.destination import Destination
 from airflow_provider_cxpg.exceptions import StorageError
 
-__all__ = ["MANIFEST_NAME", "ChunkEntry", "Manifest", "chunk_file_name", "fingerprint", "is_chunk_file", "source_id"]
+__all__ = [
+    "MANIFEST_NAME",
+    "SUCCESS_MARKER",
+    "ChunkEntry",
+    "Manifest",
+    "chunk_file_name",
+    "fingerprint",
+    "is_chunk_file",
+    "source_id",
+]
 
 MANIFEST_NAME = "_manifest.json"
+#: The marker Spark, Hadoop and many readers check: present only while the output is complete.
+SUCCESS_MARKER = "_SUCCESS"
 FORMAT = "cxpg-manifest/1"
 _CHUNK_FILE = re.compile(r"^part-(\d{6,})\.parquet$")
 
@@ -158,9 +169,9 @@ class Manifest:
         values["chunks"] = [ChunkEntry(**c) for c in data.get("chunks", [])]
         return cls(**values)
 
-    def save(self, destination: Destination) -> None:
+    def save(self, destination: Destination, *, timeout: float | None = None) -> None:
         self.updated_at = _now()
-        destination.write_json(MANIFEST_NAME, self.to_json())
+        destination.write_json(MANIFEST_NAME, self.to_json(), timeout=timeout)
 
     @classmethod
     def load(cls, destination: Destination) -> Manifest | None:

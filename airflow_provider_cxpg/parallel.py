@@ -36,7 +36,7 @@ from airflow_provider_cxpg.exceptions import (
 )
 from airflow_provider_cxpg.extract import Extraction, ExtractResult, new_run_id
 from airflow_provider_cxpg.incremental import WatermarkSpec
-from airflow_provider_cxpg.manifest import MANIFEST_NAME, Manifest, fingerprint
+from airflow_provider_cxpg.manifest import MANIFEST_NAME, SUCCESS_MARKER, Manifest, fingerprint
 from airflow_provider_cxpg.partition import plan_key_ranges
 from airflow_provider_cxpg.snapshot import ExportedSnapshot
 from airflow_provider_cxpg.verify import output_problems
@@ -149,7 +149,16 @@ def plan_or_reuse_ranges(
     """
     plan = coordinator.build_plan()
     sid = coordinator.source_id(plan)
-    fp = fingerprint({"source": plan.source.describe(), "key": list(plan.key_names), "n": partitions, "method": method})
+    watermark = coordinator.watermark.identity() if coordinator.watermark is not None else None
+    fp = fingerprint(
+        {
+            "source": plan.source.describe(),
+            "key": list(plan.key_names),
+            "n": partitions,
+            "method": method,
+            "watermark": watermark,  # another requested window is another dataset, never the recorded one
+        }
+    )
     existing = destination.read_json(DATASET_MANIFEST)
     if existing and existing.get("fingerprint") == fp and existing.get("status") == "running":
         coordinator.log.emit("job.resume", note="reusing the recorded key ranges", ranges=len(existing["ranges"]))
@@ -175,6 +184,8 @@ def plan_or_reuse_ranges(
         "job.plan", note=f"{len(ranges)} key ranges by {used} in {seconds:.3f}s", partition_method=used, seconds=seconds
     )
     destination.ensure()
+    if SUCCESS_MARKER in destination.list_entries():
+        destination.remove(SUCCESS_MARKER)  # a new plan: the dataset is not complete any more
     for name in destination.list_dirs():
         if _RANGE_DIR.match(name):  # an earlier plan's ranges: none may outlive the new plan
             destination.remove_tree(name)
@@ -226,9 +237,9 @@ class ParallelExtraction:
         self.partition_method = partition_method
         self.snapshot = snapshot
         self.kwargs = kwargs
-        self.destination = Destination(destination, kwargs.get("storage_options"))
         self.run_id = kwargs.pop("run_id", None) or new_run_id()
         self.coordinator: Extraction = hook.prepare_extraction(destination=destination, run_id=self.run_id, **kwargs)
+        self.destination = self.coordinator.destination  # with the run's storage_timeout
         self.children: list[Extraction] = []
         self._aborted: str | None = None
         # Re-entrant: abort() runs from on_kill's signal handler, maybe inside run()'s own `with`.
@@ -278,6 +289,7 @@ class ParallelExtraction:
             partitions=totals["partitions"],
         )
         self.destination.write_json(DATASET_MANIFEST, record)
+        self.destination.write_marker(SUCCESS_MARKER)
         resolved = self.coordinator.window
         result = ExtractResult(
             run_id=self.run_id,

@@ -190,8 +190,9 @@ class ExtractPlan:
     def key_fields(self) -> tuple[str, ...]:
         return tuple(k.field or k.name for k in self.key)
 
-    def _select(self) -> str:
-        return ", ".join([*self.select_exprs, *(f"{h.expr} AS {quote_ident(h.name)}" for h in self.hidden)])
+    def _select(self, *, without: str | None = None) -> str:
+        hidden = [f"{h.expr} AS {quote_ident(h.name)}" for h in self.hidden if h.name != without]
+        return ", ".join([*self.select_exprs, *hidden])
 
     @property
     def infinity_columns(self) -> tuple[str, ...]:
@@ -243,17 +244,35 @@ class ExtractPlan:
         return conditions
 
     def chunk_sql(self, after: Sequence[Any] | None, limit: int | None) -> str:
-        """The statement for the chunk that follows key ``after`` (None: the first chunk)."""
+        """The statement for the chunk that follows key ``after`` (None: the first chunk).
+
+        With the tie flag (keys nothing proves unique), the chunk is selected first and the flag
+        computed over it: ``lag()`` over the limited, already sorted rows costs nothing more, where a
+        window over the whole source would sort all of it for every chunk (no top-N sort).
+        """
         conditions = [f"({f})" for f in self.filters]
         conditions.extend(self.range_condition(after, None))
-        sql = f"SELECT {self._select()} FROM {self.from_clause}"
+        tied = any(h.name == TIE_FIELD for h in self.hidden)
+        paging = [f"{k.expr} AS {quote_ident(f'__cxpg_p{i}')}" for i, k in enumerate(self.key)] if tied else []
+        select = ", ".join([self._select(without=TIE_FIELD if tied else None), *paging])
+        sql = f"SELECT {select} FROM {self.from_clause}"
         if conditions:
             sql += " WHERE " + " AND ".join(conditions)
         if self.key:
             sql += " ORDER BY " + ", ".join(k.expr for k in self.key)
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        return sql
+        if not tied:
+            return sql
+        chunk = quote_ident("_cxpg_chunk")
+        keys = [f"{chunk}.{quote_ident(f'__cxpg_p{i}')}" for i in range(len(self.key))]
+        order = ", ".join(keys)
+        tie = " AND ".join(f"{k} = lag({k}) OVER (ORDER BY {order})" for k in keys)
+        outer = [
+            f"({tie}) AS {quote_ident(f.name)}" if f.name == TIE_FIELD else f"{chunk}.{quote_ident(f.name)}"
+            for f in self.read_schema
+        ]
+        return f"SELECT {', '.join(outer)} FROM ({sql}) AS {chunk} ORDER BY {order}"
 
     def page_sql(self, first_page: int, end_page: int | None) -> str:
         """The statement for heap pages ``[first_page, end_page)`` (open-ended when None)."""
@@ -507,10 +526,9 @@ def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
         key.append(KeyColumn(name, expr, sql_type, col.pg.typname, field_name, plain=expr == base))
     if not key_unique:
         # Nothing proves the key unique: the server flags a row whose key equals the previous row's,
-        # under the paging comparison itself (a tie at a chunk boundary would lose rows).
-        window = ", ".join(k.expr for k in key)
-        tie = " AND ".join(f"{k.expr} = lag({k.expr}) OVER (ORDER BY {window})" for k in key)
-        hidden.append(HiddenField(TIE_FIELD, f"({tie})", pa.bool_()))
+        # under the paging comparison itself (a tie at a chunk boundary would lose rows). The flag is
+        # computed over each chunk's rows by chunk_sql.
+        hidden.append(HiddenField(TIE_FIELD, "NULL::boolean", pa.bool_()))
     return ExtractPlan(
         source=spec,
         from_clause=from_clause,

@@ -5,7 +5,7 @@ logger, as in Airflow 2, gets ``event key=value ...`` text and the fields in ``e
 path is given, as JSON lines to a file. Every string field passes through the run's
 :class:`~airflow_provider_cxpg.conninfo.Redactor`, so no password reaches a log.
 
-Field names (stable, documented in the README): ``run_id``, ``event``, ``chunk``, ``query_id``,
+Field names (stable, documented in the README): ``extraction_id``, ``event``, ``chunk``, ``query_id``,
 ``worker_pid``, ``backend_pid``, ``rows``, ``bytes``, ``seconds``, ``rows_per_s``, ``key_from``,
 ``key_to``, ``sql``, ``state``, ``wait_event``, ``limit``, ``error``.
 """
@@ -32,6 +32,7 @@ EVENTS: frozenset[str] = frozenset(
         "job.resume",
         "job.done",
         "job.failed",
+        "job.progress",
         "worker.start",
         "worker.ready",
         "worker.exit",
@@ -79,7 +80,7 @@ def _json_default(value: object) -> object:
 class QueryLog:
     """Emit structured events for one run.
 
-    :param run_id: identifies the extraction in every event.
+    :param run_id: identifies the extraction in every event (its ``extraction_id`` field).
     :param logger: a stdlib or structlog logger; default ``airflow_provider_cxpg.querylog``.
     :param jsonl_path: also append each event as one JSON line to this file.
     :param redactor: scrubs secrets from string fields.
@@ -103,17 +104,28 @@ class QueryLog:
         # Re-entrant: on_kill may log from a signal handler that interrupted this thread's emit.
         self._lock = threading.RLock()
         self.events: list[dict[str, Any]] = []  # kept for the run summary and tests
+        self._once: set[str] = set()
         if self._jsonl:
             self._jsonl.parent.mkdir(parents=True, exist_ok=True)
 
     def with_redactor(self, redactor: Redactor) -> None:
         self._redact = redactor
 
+    def first(self, what: str) -> bool:
+        """True the first time it is asked about ``what`` (things logged once per run)."""
+        with self._lock:
+            if what in self._once:
+                return False
+            self._once.add(what)
+            return True
+
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
         """Record one event; ``None`` fields are dropped."""
         if event not in EVENTS:
             raise ValueError(f"unknown query-log event {event!r}")
-        record: dict[str, Any] = {"event": event, "run_id": self.run_id}
+        # ``extraction_id``, not ``run_id``: in Airflow 3's structured task logs ``run_id`` is the DAG
+        # run's, and a field of ours by that name would overwrite it (log search by DAG run breaks).
+        record: dict[str, Any] = {"event": event, "extraction_id": self.run_id}
         for key, value in fields.items():
             if value is None:
                 continue

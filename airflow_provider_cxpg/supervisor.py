@@ -426,7 +426,7 @@ class WorkerSession:
             self.stop(reason=self._interrupted or "closed after stop")
             return
         self._closing = True
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, HeartbeatLostError):
             self._send(Shutdown())
         try:
             code = self.proc.wait(timeout=self.settings.kill_grace)
@@ -529,7 +529,16 @@ class WorkerSession:
     def _send(self, message: object) -> None:
         assert self._writer is not None
         try:
-            self._writer.send(message)
+            # A worker that does not read (frozen, or stuck behind a write) fills its pipe: give up
+            # after heartbeat_timeout instead of waiting outside every deadline.
+            self._writer.send(message, timeout=self.settings.heartbeat_timeout)
+        except TimeoutError as exc:
+            raise HeartbeatLostError(
+                f"worker pid {self.pid} took no request for {self.settings.heartbeat_timeout}s (its pipe is full): "
+                "frozen or stuck",
+                pid=self.pid,
+                limit="heartbeat_timeout",
+            ) from exc
         except OSError as exc:  # the worker is gone: report it as the crash it is
             self._pump(lambda: False)  # raises WorkerCrashedError from the channel EOF
             raise WorkerCrashedError(f"cannot reach the worker: {exc}", pid=self.pid) from exc
@@ -687,7 +696,7 @@ class WorkerSession:
                 worker_pid=self.pid,
                 chunk=message.chunk_index,
                 query_id=message.query_id,
-                sql=request.sql if request else None,
+                sql=request.sql if request and self.log.first("sql") else None,  # once per run
             )
         elif isinstance(message, ChunkRead):
             self._reads[message.query_id] = message

@@ -29,7 +29,14 @@ from typing import Any
 from airflow_provider_cxpg.exceptions import InvalidInputError
 from airflow_provider_cxpg.incremental import WatermarkSpec
 
-__all__ = ["AirflowVariables", "WatermarkState", "default_state_key", "describe_window", "spec_for_run"]
+__all__ = [
+    "AirflowVariables",
+    "WatermarkState",
+    "default_state_key",
+    "describe_window",
+    "source_identity",
+    "spec_for_run",
+]
 
 FORMAT = "cxpg-watermark-state/1"
 #: Windows of this many recent DAG runs are kept, so a re-run of one reads the same window.
@@ -76,13 +83,17 @@ class WatermarkState:
 
     @classmethod
     def for_task(cls, context: Mapping[str, Any], task_id: str, key: str | None = None) -> WatermarkState | None:
-        """The state of the task running in ``context`` (None outside a task: nothing to keep)."""
+        """The state of the task running in ``context`` (None outside a task: nothing to keep).
+
+        A mapped task's map index is always part of the key, a chosen ``key`` too: siblings never
+        share one state.
+        """
         ti = context.get("ti")
         if ti is None:
             return None
-        if key:
-            return cls(key)
         map_index = getattr(ti, "map_index", None)
+        if key:
+            return cls(f"{key}.{map_index}" if map_index is not None and map_index >= 0 else key)
         return cls(default_state_key(getattr(ti, "dag_id", None), task_id, map_index))
 
     # -- reading -----------------------------------------------------------------------------------
@@ -110,7 +121,7 @@ class WatermarkState:
 
     # -- writing -----------------------------------------------------------------------------------
 
-    def commit(self, window: Mapping[str, Any], dag_run_id: str | None) -> None:
+    def commit(self, window: Mapping[str, Any], dag_run_id: str | None, source: str | None = None) -> None:
         """Record ``window`` as read, for the next run and for re-runs of ``dag_run_id``.
 
         A window that ends before the committed one (a re-run of an older DAG run) is recorded for its
@@ -118,8 +129,13 @@ class WatermarkState:
         """
         data = self.load() or {"format": FORMAT, "runs": {}}
         current = data.get("window")
+        if source is not None and data.get("source") not in (None, source):
+            current = None  # another source's windows: this one's replace them
+            data["runs"] = {}
         if current is None or _advances(current, window):
             data["window"] = dict(window)
+        if source is not None:
+            data["source"] = source
         runs: dict[str, Any] = dict(data.get("runs") or {})
         if dag_run_id:
             runs.pop(dag_run_id, None)
@@ -149,6 +165,14 @@ def _advances(current: Mapping[str, Any], window: Mapping[str, Any]) -> bool:
         return str(new) >= str(old)
 
 
+def source_identity(**parts: Any) -> str:
+    """What a state's windows are windows *of*: the source as the task names it, and the column."""
+    import hashlib
+
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def spec_for_run(
     state: WatermarkState | None,
     column: str,
@@ -157,10 +181,19 @@ def spec_for_run(
     end: Any = None,
     lag: Any = None,
     log: Any = None,
+    source: str | None = None,
 ) -> WatermarkSpec:
-    """The window a run reads: its own again (a re-run), the one after the last committed, or a first."""
+    """The window a run reads: its own again (a re-run), the one after the last committed, or a first.
+
+    A state kept for another source (the task's table, query, ``where`` or key changed; a mapped
+    task's list was reordered) is not continued: the run is a first run, a full copy.
+    """
     say = log.info if log is not None else (lambda *a: None)
     if state is None:
+        return WatermarkSpec(column, None, end, lag)
+    kept = state.load().get("source")
+    if source is not None and kept not in (None, source):
+        say("Variable %s holds the windows of another source: this run is a first run, a full copy", state.key)
         return WatermarkSpec(column, None, end, lag)
     again = state.window_of_run(dag_run_id)
     if again is not None and again.get("column") == column:

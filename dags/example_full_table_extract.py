@@ -1,7 +1,7 @@
 """Nightly full copy of ``public.orders`` to Parquet, in keyset chunks, by a supervised worker.
 
 The connection ``orders_db`` is an ordinary Airflow ``postgres`` connection. Files land in
-``$CXPG_EXAMPLE_OUTPUT/orders/<date>/part-NNNNNN.parquet`` beside a ``_manifest.json``; a retry of a
+``$CXPG_EXAMPLE_OUTPUT/orders/<run id>/part-NNNNNN.parquet`` beside a ``_manifest.json``; a retry of a
 failed run continues after the last committed chunk.
 """
 
@@ -28,7 +28,7 @@ with DAG(
         task_id="extract_orders",
         postgres_conn_id="orders_db",
         table="public.orders",  # key: the primary key, read from the catalog
-        destination=OUTPUT + "/orders/{{ ds }}",
+        destination=OUTPUT + "/orders/{{ run_id }}",
         chunk_rows=250_000,  # one Parquet file per chunk; worker memory stays bounded by it
         query_timeout=600,  # per chunk; also the server's statement_timeout
         execution_timeout=dt.timedelta(hours=2),  # Airflow's limit still applies on top

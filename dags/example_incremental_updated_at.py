@@ -29,7 +29,7 @@ with DAG(
         postgres_conn_id="orders_db",
         table="public.orders",
         watermark_column="updated_at",
-        destination=OUTPUT + "/orders_changes/{{ ts_nodash }}",
+        destination=OUTPUT + "/orders_changes/{{ run_id }}",
         chunk_rows=100_000,
         query_timeout=300,
     )

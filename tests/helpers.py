@@ -142,9 +142,12 @@ def register_dag(dag: Any) -> Any:
     """
     try:
         from airflow.dag_processing.bundles.manager import DagBundlesManager
-        from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
     except ImportError:  # Airflow 2
         return dag
+    try:
+        from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+    except ImportError:  # Airflow 3.0 / 3.1 keep them in models
+        from airflow.models.dagbag import DagBag, sync_bag_to_db  # type: ignore[no-redef,attr-defined]
     DagBundlesManager().sync_bundles_to_db()
     bag = DagBag(dag_folder=os.devnull, collect_dags=False)
     bag.bag_dag(dag)

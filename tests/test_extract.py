@@ -71,7 +71,8 @@ def test_full_extract_is_exact_and_the_manifest_records_every_chunk(
         assert chunk["bytes"] == os.path.getsize(out_dir / chunk["file"]) and chunk["seconds"] > 0
         assert pq.read_metadata(out_dir / chunk["file"]).num_rows == chunk["rows"]
     assert pq.read_schema(out_dir / "part-000000.parquet").field("amount").type.scale == 2
-    assert sorted(os.listdir(out_dir)) == ["_manifest.json"] + [c["file"] for c in chunks]
+    # a complete output: its files, the manifest, and the _SUCCESS marker readers look for
+    assert sorted(os.listdir(out_dir)) == ["_SUCCESS", "_manifest.json"] + [c["file"] for c in chunks]
     summary = result.summary()
     assert {"rows", "chunks", "files", "destination", "first_key", "last_key", "seconds", "run_id"} <= set(summary)
     assert_nothing_left(admin)
@@ -184,7 +185,12 @@ def test_a_complete_extraction_is_replaced_by_a_rerun(
     admin.execute(f"DELETE FROM {orders} WHERE id > 12000")
     second = hook.extract(destination=str(out_dir), table=orders, chunk_rows=5_000, **FAST)
     assert second.run_id != first.run_id and second.rows == 12_000 and second.resumed_from_chunk is None
-    assert sorted(os.listdir(out_dir)) == ["README.txt", "_manifest.json", *[f"part-{i:06d}.parquet" for i in range(3)]]
+    assert sorted(os.listdir(out_dir)) == [
+        "README.txt",
+        "_SUCCESS",
+        "_manifest.json",
+        *[f"part-{i:06d}.parquet" for i in range(3)],
+    ]
     assert output_rows(out_dir) == source_rows(admin, orders)
 
 

@@ -374,3 +374,101 @@ def test_a_dataset_that_fails_validation_does_not_move_the_next_window(
     retried = run_dag(dag, 2)
     assert "success" in str(retried.state)
     assert sorted(dataset_ids(tmp_path / retried.run_id)) == list(range(101, 126))  # the failed run's rows too
+
+
+# -- what the review found -------------------------------------------------------------------------------
+
+
+def test_a_remembered_row_updated_without_moving_its_watermark_is_read_again(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path
+) -> None:
+    """The rows at a window's end are remembered by key *and version*: an update is a new version."""
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, day date NOT NULL, v text)")
+    admin.execute(f"INSERT INTO {events} SELECT g, '2024-01-01'::date + (g / 10), 'a' FROM generate_series(1, 39) g")
+    runs = Runs(
+        make_dag(
+            _dag_id("versions"),
+            postgres_conn_id=conn_id,
+            table=events,
+            watermark_column="day",
+            destination=str(tmp_path / "{{ run_id }}"),
+            chunk_rows=8,
+        )
+    )
+    assert len(runs.rows(runs.run())) == 39
+    admin.execute(f"UPDATE {events} SET v = 'changed' WHERE id = 35")  # at the end, the day unchanged
+    second = runs.run()
+    got = read_output(second["destination"]).to_pylist()
+    assert [(r["id"], r["v"]) for r in got] == [(35, "changed")]
+    assert runs.rows(runs.run()) == []
+
+
+def test_nan_and_infinite_watermarks_do_not_freeze_the_windows_after_them(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path
+) -> None:
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, score float8, at timestamptz)")
+    admin.execute(
+        f"""INSERT INTO {events} VALUES (1, 1.5, now()), (2, 'NaN', now()), (3, 'Infinity', 'infinity'),
+            (4, 2.5, '-infinity'), (5, NULL, NULL)"""
+    )
+    for column in ("score", "at"):
+        runs = Runs(
+            make_dag(
+                _dag_id(f"finite_{column}"),
+                postgres_conn_id=conn_id,
+                table=events,
+                watermark_column=column,
+                destination=str(tmp_path / column / "{{ run_id }}"),
+                column_casts={"at": "text"},  # ±infinity timestamps do not fit Arrow's
+            )
+        )
+        everything = sorted(r[0] for r in admin.execute(f"SELECT id FROM {events}"))
+        assert sorted(runs.rows(runs.run())) == everything  # a first run is a full copy, NaN and infinity too
+        new = 10 if column == "score" else 20
+        admin.execute(f"INSERT INTO {events} VALUES ({new}, 9.5, now() + interval '1 day')")
+        assert runs.rows(runs.run()) == [new], column  # not frozen behind NaN / infinity
+
+
+def test_a_query_source_without_row_versions_defers_the_rows_at_its_end(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path
+) -> None:
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, batch int NOT NULL)")
+    admin.execute(f"INSERT INTO {events} SELECT g, g / 10 FROM generate_series(1, 25) g")
+    runs = Runs(
+        make_dag(
+            _dag_id("query_end"),
+            postgres_conn_id=conn_id,
+            sql=f"SELECT id, batch FROM {events}",
+            key_columns=["id"],
+            watermark_column="batch",
+            destination=str(tmp_path / "{{ run_id }}"),
+        )
+    )
+    first = runs.run()
+    assert sorted(runs.rows(first)) == list(range(1, 20)) and first["window"]["end_mode"] == "exclusive"
+    admin.execute(f"UPDATE {events} SET batch = 3 WHERE id = 5")
+    assert sorted(runs.rows(runs.run())) == list(range(20, 26))  # batch 2 now; batch 3 (row 5) is the end
+    admin.execute(f"INSERT INTO {events} VALUES (99, 4)")
+    assert runs.rows(runs.run()) == [5]  # and the run after it reads batch 3
+
+
+def test_a_task_whose_source_changed_does_not_continue_the_old_sources_windows(
+    conn_id: str, admin: psycopg.Connection, schema: str, tmp_path: Path, airflow_db: Path
+) -> None:
+    for name in ("a", "b"):
+        admin.execute(f'CREATE TABLE "{schema}".{name} (id int PRIMARY KEY, v int NOT NULL)')
+    admin.execute(f'INSERT INTO "{schema}".a SELECT g, 1000 + g FROM generate_series(1, 10) g')
+    admin.execute(f'INSERT INTO "{schema}".b SELECT g, g FROM generate_series(1, 10) g')
+    dag_id = _dag_id("moved")
+    kwargs = {"postgres_conn_id": conn_id, "watermark_column": "v", "destination": str(tmp_path / "{{ run_id }}")}
+    assert (
+        len(
+            Runs(make_dag(dag_id, table=f"{schema}.a", **kwargs)).rows(
+                Runs(make_dag(dag_id, table=f"{schema}.a", **kwargs)).run()
+            )
+        )
+        == 10
+    )
+    moved = Runs(make_dag(dag_id, table=f"{schema}.b", **kwargs))  # the same task, now on table b
+    moved.count = 1
+    assert sorted(moved.rows(moved.run())) == list(range(1, 11))  # b's v < a's high watermark: a full copy

@@ -111,9 +111,9 @@ def test_extract_to_s3_writes_every_chunk_and_a_manifest_that_lists_them(
     assert summary["files"] == [f"{destination}/{name}" for name in expected_files]
     assert summary["manifest"] == f"{destination}/_manifest.json"
 
-    # exactly the parts and the manifest: no temporaries, nothing else
+    # exactly the parts, the manifest and the _SUCCESS marker: no temporaries, nothing else
     assert s3.keys(bucket, "prefix/run1/") == sorted(
-        [f"prefix/run1/{name}" for name in expected_files] + ["prefix/run1/_manifest.json"]
+        [f"prefix/run1/{name}" for name in expected_files] + ["prefix/run1/_manifest.json", "prefix/run1/_SUCCESS"]
     )
     fs = s3_filesystem(s3)
     manifest = json.loads(fs.cat_file(f"{bucket}/prefix/run1/_manifest.json"))

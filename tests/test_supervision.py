@@ -25,6 +25,7 @@ import pytest
 from airflow_provider_cxpg.destination import Destination
 from airflow_provider_cxpg.exceptions import (
     ConnectionConfigError,
+    ExtractionAborted,
     QueryTimeoutError,
     StorageError,
 )
@@ -188,7 +189,7 @@ class TaskProcess:
 
     def run_id(self) -> str | None:
         started = [e for e in events(self.log_path) if e["event"] == "job.start"]
-        return started[0]["run_id"] if started else None
+        return started[0]["extraction_id"] if started else None
 
     def output(self, timeout: float = 60) -> str:
         out, _ = self.process.communicate(timeout=timeout)
@@ -200,14 +201,16 @@ def _run_backends(admin: psycopg.Connection, run_id: str) -> list[tuple[Any, ...
 
 
 @pytest.mark.parametrize("liveness", ["server", "fallback"])
-@pytest.mark.parametrize("phase", ["planning", "reading"])
+@pytest.mark.parametrize("phase", ["planning", "reading", "streaming"])
 def test_a_sigkilled_task_process_leaves_no_backend_and_no_worker(
     pg: PgInfo, admin: psycopg.Connection, table: str, tmp_path: Path, phase: str, liveness: str
 ) -> None:
     """SIGKILL (the OOM killer, the supervisor's last step) while a query of the run waits on a lock.
 
     ``server``: PostgreSQL 14+'s client_connection_check_interval ends the orphaned backends;
-    ``fallback``: as on an older server, the worker sees its parent gone and ends them itself.
+    ``fallback``: as on an older server, the worker's reaper sees the task process gone and ends
+    them. ``streaming``: a streamed read holds the GIL while it waits, so no thread of the worker
+    runs then: only the reaper can act.
     """
     env = {"CXPG_TEST_NO_LIVENESS": "1"} if liveness == "fallback" else {}
     with psycopg.connect(pg.dsn, autocommit=True) as holder:
@@ -226,6 +229,7 @@ def test_a_sigkilled_task_process_leaves_no_backend_and_no_worker(
             destination=str(tmp_path / "out"),
             where=where,
             query_timeout=300,
+            stream_rows=100 if phase == "streaming" else 0,
         )
         try:
             assert wait_until(lambda: task.run_id() is not None, 60, 0.05), task.output()
@@ -555,3 +559,60 @@ def test_pgssl_environment_reaches_the_worker_uri() -> None:
     assert "sslmode=require" in uri and "sslrootcert=%2Fetc%2Fca.pem" in uri  # connectorx: require + root = verify-ca
     assert "sslcert=%2Fc.pem" in uri and "sslkey=%2Fk.pem" in uri
     assert endpoint.libpq_kwargs()["sslmode"] == "verify-ca"  # the parent keeps libpq's own meaning
+
+
+# -- a worker that does not read -------------------------------------------------------------------------
+
+
+def test_a_frozen_worker_whose_pipe_is_full_cannot_hold_the_parent(pg: PgInfo, tmp_path: Path) -> None:
+    """A request too big for the pipe, to a SIGSTOPped worker: the send itself has a deadline."""
+    import pyarrow as pa
+
+    from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
+    from airflow_provider_cxpg.exceptions import HeartbeatLostError
+    from airflow_provider_cxpg.querylog import QueryLog
+    from airflow_provider_cxpg.supervisor import WorkerSession, WorkerSettings
+    from airflow_provider_cxpg.worker.protocol import IpcSink, ReadChunk
+
+    endpoint = PostgresEndpoint(host=pg.host, port=pg.port, dbname=pg.dbname, user=pg.user, password=pg.password)
+    app = f"cxpg-pipe{os.getpid()}"
+    settings = WorkerSettings(**{**FAST, "heartbeat_timeout": 3.0})
+    session = WorkerSession(
+        endpoint.with_session(application_name=app),
+        settings,
+        QueryLog("pipe"),
+        application_name=app,
+        redactor=Redactor(endpoint.secrets()),
+    )
+    with pytest.raises(HeartbeatLostError, match="pipe is full"), session:
+        os.kill(session.pid, signal.SIGSTOP)
+        big = ReadChunk(
+            query_id=session.next_query_id(),
+            chunk_index=0,
+            sql="SELECT 1 AS x -- " + "x" * 400_000,
+            sink=IpcSink(str(tmp_path / "a.arrow")),
+            schema=pa.schema([("x", pa.int32())]),
+        )
+        started = time.monotonic()
+        session.submit(big)
+    assert time.monotonic() - started < 3.0 + GRACE
+    assert wait_until(lambda: not worker_pids(), 10, 0.05)
+
+
+def test_no_control_statement_starts_after_an_abort() -> None:
+    from airflow_provider_cxpg.extract import _AbortChecked
+
+    ran: list[str] = []
+
+    class _Conn:
+        def execute(self, sql: str) -> str:
+            ran.append(sql)
+            return sql
+
+    reason: list[str | None] = [None]
+    conn = _AbortChecked(_Conn(), lambda: reason[0])
+    conn.execute("SELECT 1")
+    reason[0] = "on_kill"
+    with pytest.raises(ExtractionAborted, match="on_kill"):
+        conn.execute("SELECT max(updated_at) FROM big")
+    assert ran == ["SELECT 1"]

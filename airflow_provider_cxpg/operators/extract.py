@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import quote
 
-from airflow import __version__ as airflow_version
 from airflow.providers.common.compat.sdk import BaseOperator
 
 from airflow_provider_cxpg.destination import DEFAULT_STORAGE_TIMEOUT
@@ -18,7 +15,8 @@ from airflow_provider_cxpg.exceptions import InvalidInputError
 from airflow_provider_cxpg.extract import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, Extraction, ExtractResult
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.incremental import WatermarkSpec
-from airflow_provider_cxpg.watermark_state import WatermarkState, describe_window, spec_for_run
+from airflow_provider_cxpg.operators.assets import asset_uri, record_asset_event, stable_asset
+from airflow_provider_cxpg.watermark_state import WatermarkState, describe_window, source_identity, spec_for_run
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -26,7 +24,6 @@ if TYPE_CHECKING:
 __all__ = ["PostgresExtractOperator"]
 
 _FILE_FORMATS = ("parquet",)
-_AIRFLOW_3 = int(airflow_version.split(".", 1)[0]) >= 3
 #: Keys of the XCom summary; a public contract (more may be added, none removed).
 SUMMARY_KEYS = (
     "rows",
@@ -128,6 +125,9 @@ class PostgresExtractOperator(BaseOperator):
     :param resume: continue an unfinished extraction found at the destination (default True).
     :param query_log_path: also write the structured query log as JSON lines to this file.
     :param worker_settings: further :class:`~airflow_provider_cxpg.supervisor.WorkerSettings` fields.
+    :param emit_asset: emit the destination's stable asset (its static part; the run's prefix is in
+        the event's extra). The partition planner turns it off for its ranges: the validator emits
+        the dataset's.
 
     .. seealso:: :class:`~airflow_provider_cxpg.hooks.connectorx.ConnectorXPostgresHook`
     """
@@ -144,6 +144,7 @@ class PostgresExtractOperator(BaseOperator):
         "lower_key",
         "upper_key",
         "query_log_path",
+        "watermark_state_key",
     )
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "where": "sql"}
@@ -188,6 +189,7 @@ class PostgresExtractOperator(BaseOperator):
         resume: bool = True,
         query_log_path: str | None = None,
         worker_settings: Mapping[str, Any] | None = None,
+        emit_asset: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -230,22 +232,18 @@ class PostgresExtractOperator(BaseOperator):
         self.worker_settings = dict(worker_settings or {})
         self._extraction: Any = None
         self._result: ExtractResult | None = None
-        if not kwargs.get("outlets") and _AIRFLOW_3:
-            # The destination is templated, so its asset is only known at run time: emit it through
-            # an alias. (Airflow 2 cannot register alias events under dag.test(): pass outlets there.)
-            self.outlets = [self._asset_alias()]
+        self.emit_asset = emit_asset
+        if not kwargs.get("outlets") and emit_asset:
+            # One stable asset per target: the destination's static part (see operators/assets.py).
+            asset = stable_asset(destination)
+            if asset is not None:
+                self.outlets = [asset]
 
     # -- helpers -----------------------------------------------------------------------------------
 
     @cached_property
     def hook(self) -> ConnectorXPostgresHook:
         return ConnectorXPostgresHook(postgres_conn_id=self.postgres_conn_id)
-
-    def _asset_alias(self) -> Any:
-        from airflow.providers.common.compat.sdk import AssetAlias
-
-        dag_id = getattr(self, "dag_id", None) or "_"
-        return AssetAlias(name=f"cxpg-extract:{dag_id}.{self.task_id}")
 
     def _validate(self) -> None:
         if (self.table is None) == (self.sql is None):
@@ -305,6 +303,23 @@ class PostgresExtractOperator(BaseOperator):
             end=self.watermark_end,
             lag=self.watermark_lag,
             log=self.log,
+            source=self._source_identity(),
+        )
+
+    def _owner(self, context: Context) -> str:
+        """``dag_id.task_id`` (``[map index]`` for a mapped instance): who may replace its own output."""
+        ti = context.get("ti")
+        map_index = getattr(ti, "map_index", None) if ti is not None else None
+        suffix = f"[{map_index}]" if map_index is not None and map_index >= 0 else ""
+        return f"{getattr(self, 'dag_id', None) or '_'}.{self.task_id}{suffix}"
+
+    def _source_identity(self) -> str:
+        return source_identity(
+            table=self.table,
+            sql=" ".join(str(self.sql).split()) if self.sql else None,
+            where=self.where,
+            key_columns=self.key_columns,
+            column=self.watermark_column,
         )
 
     def _destination(self) -> Any:
@@ -344,7 +359,7 @@ class PostgresExtractOperator(BaseOperator):
             "read_ahead": self.read_ahead,
             "stream_rows": self.stream_rows,
             "query_log_path": self.query_log_path,
-            "owner": f"{getattr(self, 'dag_id', None) or '_'}.{self.task_id}",
+            "owner": self._owner(context),
             **settings,
         }
         if self.parallelism > 1:
@@ -363,7 +378,7 @@ class PostgresExtractOperator(BaseOperator):
         self._result = result
         if self._watermark_state is not None and result.window is not None:
             dag_run = context.get("dag_run")
-            self._watermark_state.commit(result.window, getattr(dag_run, "run_id", None))
+            self._watermark_state.commit(result.window, getattr(dag_run, "run_id", None), self._source_identity())
         summary = result.summary()
         summary["watermark_column"] = self.watermark_column
         self._emit_asset(context, summary)
@@ -377,33 +392,9 @@ class PostgresExtractOperator(BaseOperator):
 
     # -- lineage -----------------------------------------------------------------------------------
 
-    def _asset_uri(self, destination: str) -> str:
-        if "://" in destination:
-            return destination.rstrip("/")
-        return "file://" + quote(os.path.abspath(destination))
-
     def _emit_asset(self, context: Context, summary: dict[str, Any]) -> None:
-        try:
-            from airflow.providers.common.compat.sdk import Asset, AssetAlias
-        except ImportError:  # pragma: no cover
-            return
-        events = context.get("outlet_events")
-        if events is None:
-            return
-        uri = self._asset_uri(summary["destination"])
-        extra = {k: summary[k] for k in ("rows", "chunks", "run_id", "high_watermark") if summary.get(k) is not None}
-        for outlet in self.outlets or []:
-            try:
-                if isinstance(outlet, AssetAlias):
-                    try:
-                        asset = Asset(uri=uri, name=uri)
-                    except TypeError:  # Airflow 2's Dataset has no name
-                        asset = Asset(uri=uri)
-                    events[outlet].add(asset, extra=extra)
-                elif isinstance(outlet, Asset):
-                    events[outlet].extra.update(extra)
-            except Exception as exc:  # noqa: BLE001  lineage must never fail an extraction
-                self.log.warning("could not record the asset event for %s: %s", uri, exc)
+        extra = {k: summary.get(k) for k in ("rows", "chunks", "run_id", "high_watermark")}
+        record_asset_event(context, list(self.outlets or []), summary["destination"], extra, self.log)
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """OpenLineage: input table from the Postgres connection, output files at the destination."""
@@ -426,7 +417,7 @@ class PostgresExtractOperator(BaseOperator):
                     name=f"{endpoint.dbname}.{schema or 'public'}.{name}",
                 )
             )
-        uri = self._asset_uri(self._result.destination)
+        uri = asset_uri(self._result.destination)
         scheme, _, rest = uri.partition("://")
         if scheme == "file":
             output = Dataset(namespace="file", name="/" + rest.lstrip("/"))

@@ -24,18 +24,22 @@ was validated complete, never after one that failed.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import BaseOperator
 
-from airflow_provider_cxpg.destination import Destination
+from airflow_provider_cxpg.destination import DEFAULT_STORAGE_TIMEOUT, Destination
+from airflow_provider_cxpg.durations import as_seconds
 from airflow_provider_cxpg.exceptions import DataIntegrityError, InvalidInputError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.incremental import WatermarkSpec
+from airflow_provider_cxpg.manifest import SUCCESS_MARKER
+from airflow_provider_cxpg.operators.assets import record_asset_event, stable_asset
 from airflow_provider_cxpg.parallel import DATASET_MANIFEST, plan_or_reuse_ranges, validate_dataset
-from airflow_provider_cxpg.watermark_state import WatermarkState, spec_for_run
+from airflow_provider_cxpg.watermark_state import WatermarkState, source_identity, spec_for_run
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -68,7 +72,8 @@ class PostgresPartitionPlanOperator(BaseOperator):
     :param watermark_lag: re-read this much before the start (see the extract operator).
     :param watermark_state_key: the Airflow Variable that keeps the planner's windows.
     :param storage_options: fsspec options for the destination.
-    :param query_timeout: seconds for each planning query (server ``statement_timeout`` too).
+    :param query_timeout: limit for each planning query (server ``statement_timeout`` too).
+    :param storage_timeout: limit for each operation on the destination.
     """
 
     template_fields: Sequence[str] = (
@@ -100,11 +105,13 @@ class PostgresPartitionPlanOperator(BaseOperator):
         watermark_lag: Any = None,
         watermark_state_key: str | None = None,
         storage_options: dict[str, Any] | None = None,
-        query_timeout: float | None = 3600.0,
+        query_timeout: float | dt.timedelta | None = 3600.0,
+        storage_timeout: float | dt.timedelta | None = DEFAULT_STORAGE_TIMEOUT,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.destination = destination
+        self.storage_timeout = storage_timeout
         self.partitions = partitions
         self.postgres_conn_id = postgres_conn_id
         self.table = table
@@ -139,8 +146,19 @@ class PostgresPartitionPlanOperator(BaseOperator):
             end=self.watermark_end,
             lag=self.watermark_lag,
             log=self.log,
+            source=self._source_identity(),
         )
         return spec, state
+
+    def _source_identity(self) -> str:
+        return source_identity(
+            table=self.table,
+            sql=" ".join(str(self.sql).split()) if self.sql else None,
+            where=self.where,
+            key_columns=self.key_columns,
+            column=self.watermark_column,
+            partitions=self.partitions,
+        )
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         if isinstance(self.partitions, bool) or not isinstance(self.partitions, int) or self.partitions < 1:
@@ -154,6 +172,7 @@ class PostgresPartitionPlanOperator(BaseOperator):
             key_columns=self.key_columns,
             storage_options=self.storage_options,
             query_timeout=self.query_timeout,
+            storage_timeout=self.storage_timeout,
             watermark=spec,
             owner=f"{getattr(self, 'dag_id', None) or '_'}.{self.task_id}",
         )
@@ -169,6 +188,7 @@ class PostgresPartitionPlanOperator(BaseOperator):
             record["watermark_state"] = {
                 "key": state.key if state is not None else None,
                 "dag_run_id": getattr(dag_run, "run_id", None),
+                "source": self._source_identity(),
             }
             destination.write_json(DATASET_MANIFEST, record)
             extra = {"watermark_window": window, "watermark_start": window["start"], "watermark_end": window["end"]}
@@ -178,6 +198,7 @@ class PostgresPartitionPlanOperator(BaseOperator):
                 "lower_key": entry["lower"],
                 "upper_key": entry["upper"],
                 "destination": f"{base}/{entry['path']}",
+                "emit_asset": False,  # the dataset is one asset, the validator's
                 **extra,
             }
             for entry in ranges
@@ -208,6 +229,7 @@ class PostgresPartitionValidateOperator(BaseOperator):
     :param postgres_conn_id: Airflow ``postgres`` connection, for ``verify_count``.
     :param table: the source table, if given, must be the one the planner recorded (templated).
     :param where: likewise for the planner's ``where`` (templated).
+    :param storage_timeout: limit for each operation on the destination (footer reads included).
     """
 
     template_fields: Sequence[str] = ("destination", "table", "where")
@@ -222,9 +244,15 @@ class PostgresPartitionValidateOperator(BaseOperator):
         postgres_conn_id: str = "postgres_default",
         table: str | None = None,
         where: str | None = None,
+        storage_timeout: float | dt.timedelta | None = DEFAULT_STORAGE_TIMEOUT,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.storage_timeout = storage_timeout
+        if not kwargs.get("outlets"):  # the dataset's stable asset (see operators/assets.py)
+            asset = stable_asset(destination)
+            if asset is not None:
+                self.outlets = [asset]
         self.destination = destination
         self.storage_options = storage_options
         self.verify_count = verify_count
@@ -233,7 +261,8 @@ class PostgresPartitionValidateOperator(BaseOperator):
         self.where = where
 
     def execute(self, context: Context) -> dict[str, Any]:
-        destination = Destination(self.destination, self.storage_options)
+        timeout = as_seconds("storage_timeout", self.storage_timeout, allow_none=True)
+        destination = Destination(self.destination, self.storage_options, timeout=timeout)
         record = destination.read_json(DATASET_MANIFEST)
         if record is None:
             raise InvalidInputError(f"no {DATASET_MANIFEST} in {destination.url}: run the planner first")
@@ -244,16 +273,21 @@ class PostgresPartitionValidateOperator(BaseOperator):
                     f"{name}={given!r} is not the planner's {name} ({source.get(name)!r}) for {destination.url}"
                 )
         window = record.get("window")
-        totals = validate_dataset(destination, record["ranges"], window=window)
-        if self.verify_count:
-            expected = self._count_source(source, window)
-            if expected != totals["rows"]:
-                raise DataIntegrityError(
-                    f"the dataset holds {totals['rows']} rows, the source {expected}"
-                    + (" in the planner's window" if window else ""),
-                    rows=totals["rows"],
-                    source_rows=expected,
-                )
+        try:
+            totals = validate_dataset(destination, record["ranges"], window=window)
+            if self.verify_count:
+                expected = self._count_source(source, window)
+                if expected != totals["rows"]:
+                    raise DataIntegrityError(
+                        f"the dataset holds {totals['rows']} rows, the source {expected}"
+                        + (" in the planner's window" if window else ""),
+                        rows=totals["rows"],
+                        source_rows=expected,
+                    )
+        except Exception:
+            if SUCCESS_MARKER in destination.list_entries():  # no longer proven: readers must not go
+                destination.remove(SUCCESS_MARKER)
+            raise
         record.update(
             status="complete",
             rows=totals["rows"],
@@ -264,16 +298,22 @@ class PostgresPartitionValidateOperator(BaseOperator):
         with contextlib.suppress(KeyError):
             record.pop("error")
         destination.write_json(DATASET_MANIFEST, record)
+        destination.write_marker(SUCCESS_MARKER)  # the dataset is proven complete: readers may go
         state = record.get("watermark_state") or {}
         if window is not None and state.get("key"):
-            WatermarkState(state["key"]).commit(window, state.get("dag_run_id"))
+            WatermarkState(state["key"]).commit(window, state.get("dag_run_id"), state.get("source"))
             self.log.info("committed the window in Variable %s: the next run starts after it", state["key"])
-        return {
+        summary = {
             "rows": totals["rows"],
             "partitions": len(totals["partitions"]),
             "files": len(totals["files"]),
             "destination": destination.url,
         }
+        extra = {"rows": totals["rows"], "partitions": len(totals["partitions"]), "run_id": record.get("run_id")}
+        if window is not None:
+            extra["high_watermark"] = window.get("high_watermark")
+        record_asset_event(context, list(self.outlets or []), destination.url, extra, self.log)
+        return summary
 
     def _count_source(self, source: dict[str, Any], window: dict[str, Any] | None) -> int:
         """``count(*)`` of the recorded source within the recorded window."""

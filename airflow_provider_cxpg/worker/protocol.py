@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -265,16 +267,35 @@ class FrameWriter:
         self._closed = False
         self._lock = threading.Lock()
 
-    def send(self, message: object) -> None:
+    def send(self, message: object, *, timeout: float | None = None) -> None:
+        """Send one frame.
+
+        :param timeout: give up (``TimeoutError``) when the reader has not taken the frame within
+            this many seconds: a full pipe whose reader is frozen must not hold the writer forever.
+            The descriptor is then switched to non-blocking writes.
+        """
         payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         data = _HEADER.pack(len(payload)) + payload
         with self._lock:
             if self._closed:
                 raise BrokenPipeError("the channel is closed")
             view = memoryview(data)
+            if timeout is None:
+                while view:
+                    view = view[os.write(self._fd, view) :]
+                return
+            os.set_blocking(self._fd, False)
+            deadline = time.monotonic() + timeout
             while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+                try:
+                    view = view[os.write(self._fd, view) :]
+                    continue
+                except BlockingIOError:
+                    pass
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"the reader took no data for {timeout}s (its pipe is full)")
+                select.select([], [self._fd], [], min(remaining, 0.25))
 
     def close(self) -> None:
         with self._lock:

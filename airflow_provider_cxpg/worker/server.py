@@ -9,12 +9,13 @@ Process rules, each for a measured reason:
 * A heartbeat thread sends :class:`Heartbeat` every interval. connectorx releases the GIL while it
   reads, so heartbeats keep flowing during a long query; they stop when the process is frozen
   (SIGSTOP, GIL deadlock). Each heartbeat says which storage call runs and for how long.
-* When the parent is gone (the channel breaks or the parent pid changes: a SIGKILLed or OOM-killed
-  task process), the heartbeat thread first terminates the run's backends, its own query and the
-  parent's planning queries alike (a backend waiting on a lock does not notice a vanished client on
-  servers without ``client_connection_check_interval``), and then exits the process, so neither
-  the worker nor its queries outlive the task. The parent sends :class:`Configure` right after the
-  spawn, so this holds while the parent is still planning.
+* When the parent is gone (a SIGKILLed or OOM-killed task process), the run's backends are
+  terminated, the worker's query and the parent's planning queries alike (a backend waiting on a
+  lock does not notice a vanished client on servers without ``client_connection_check_interval``),
+  and the worker exits, so neither outlives the task: a forked reaper (``reaper.py``) does it even
+  while a streamed read holds the GIL; the heartbeat thread exits the worker too when it sees the
+  parent gone. The parent sends :class:`Configure` right after the spawn, so this holds while the
+  parent is still planning.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from airflow_provider_cxpg.worker.protocol import (  # noqa: E402
     Ready,
     Shutdown,
 )
+from airflow_provider_cxpg.worker.reaper import start_reaper, terminate_run_backends  # noqa: E402
 from airflow_provider_cxpg.worker.sinks import STORAGE, set_storage_timeout  # noqa: E402
 
 __all__ = ["main"]
@@ -83,31 +85,13 @@ def _heartbeat_loop(writer: FrameWriter, state: ChunkState, config: Configure, p
 
 
 def _parent_gone(config: Configure, code: int) -> None:
-    """Terminate the run's backends (bounded), then exit: nothing of the run outlives its parent."""
-    name = config.run_application_name
-    if name:
-        done = threading.Event()
-
-        def terminate() -> None:
-            try:
-                import psycopg
-
-                kwargs = config.endpoint.with_session(application_name=f"{name}-reaper").libpq_kwargs()
-                with psycopg.connect(autocommit=True, connect_timeout=5, **kwargs) as conn:
-                    conn.execute(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE (application_name = %s OR starts_with(application_name, %s)) "
-                        "AND pid <> pg_backend_pid()",
-                        (name, f"{name}-"),
-                    )
-            except Exception as exc:  # noqa: BLE001  the server's own timeouts remain
-                sys.stderr.write(f"cxpg worker: could not end the run's backends: {type(exc).__name__}\n")
-            finally:
-                done.set()
-
-        threading.Thread(target=terminate, name="cxpg-reaper", daemon=True).start()
-        done.wait(10)
+    """Exit: the reaper ends the run's backends (or, when it could not be forked, do it here first)."""
+    if not _REAPER[0]:
+        terminate_run_backends(config)
     os._exit(code)
+
+
+_REAPER = [False]
 
 
 def _warm_imports() -> None:
@@ -161,12 +145,14 @@ def main() -> None:
             versions={"connectorx": connectorx.__version__, "pyarrow": pa.__version__},
         )
     )
-    # Ready is sent before Parquet and compute kernels load; they load in the background while the
-    # parent sends its first request (the first chunk would otherwise pay ~80 ms for them).
-    threading.Thread(target=_warm_imports, name="cxpg-warm", daemon=True).start()
     config = reader.receive()
     if not isinstance(config, Configure):
         os._exit(EXIT_PROTOCOL_ERROR)
+    # Fork the reaper now: one thread, no connectorx read yet (see reaper.py).
+    _REAPER[0] = start_reaper(config, parent_pid, (0, channel))
+    # Parquet and compute kernels load in the background while the parent sends its first request
+    # (the first chunk would otherwise pay ~80 ms for them).
+    threading.Thread(target=_warm_imports, name="cxpg-warm", daemon=True).start()
     redact = Redactor(config.secrets)
     set_storage_timeout(config.storage_timeout)
     uri = config.endpoint.connectorx_uri()

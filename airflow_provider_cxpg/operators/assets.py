@@ -1,0 +1,74 @@
+"""One stable asset per extraction target, with each run's output in the event.
+
+A destination is usually templated (``s3://lake/raw/orders/{{ run_id }}``), so the directory a run
+writes to is known only when it runs. Emitting that directory as the asset would make a new asset
+every run (and, on Airflow 3, two warnings from Airflow for each: "AssetModel ... not found",
+"Emitting event for inactive AssetModel"). The target is the destination's *static* part instead:
+everything before the first template expression, up to the last ``/``
+(``s3://lake/raw/orders``). It is known when the DAG is parsed, so it is an ordinary outlet that
+Airflow registers with the DAG, on Airflow 2.11 and 3.x alike; each event carries the run's own
+prefix (``prefix``) and its counts as extra. A fanned-out dataset is one asset too, emitted by the
+validator once the dataset is proven complete; its ranges emit none.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import quote
+
+__all__ = ["asset_uri", "record_asset_event", "stable_asset"]
+
+
+def asset_uri(destination: str) -> str:
+    """A destination as an asset URI: URLs as they are, local paths as ``file://`` URLs."""
+    destination = destination.rstrip("/") or "/"
+    if "://" in destination:
+        return destination
+    return "file://" + quote(os.path.abspath(destination))
+
+
+def _static_part(destination: Any) -> str | None:
+    text = destination if isinstance(destination, str) else str(destination)
+    if "{{" not in text and "{%" not in text:
+        return text
+    cut = min(i for i in (text.find("{{"), text.find("{%")) if i >= 0)
+    head = text[:cut]
+    head = head[: head.rfind("/")] if "/" in head else ""
+    return head if head and not head.endswith("://") else None
+
+
+def stable_asset(destination: Any) -> Any | None:
+    """The asset of a destination (template): its static part, or None when there is none."""
+    static = _static_part(destination)
+    if not static:
+        return None
+    from airflow.providers.common.compat.sdk import Asset
+
+    uri = asset_uri(static)
+    try:
+        return Asset(uri=uri, name=uri)
+    except TypeError:  # Airflow 2's Dataset has no name
+        return Asset(uri=uri)
+
+
+def record_asset_event(context: Any, outlets: list[Any], prefix: str, extra: dict[str, Any], log: Any) -> None:
+    """Add this run's prefix and counts to the events of the task's asset outlets."""
+    events = context.get("outlet_events") if hasattr(context, "get") else None
+    if events is None:
+        return
+    from airflow.providers.common.compat.sdk import Asset, AssetAlias
+
+    payload = {"prefix": asset_uri(prefix), **{k: v for k, v in extra.items() if v is not None}}
+    for outlet in outlets or []:
+        try:
+            if isinstance(outlet, AssetAlias):  # an alias the user chose: the run's own prefix
+                uri = asset_uri(prefix)
+                try:
+                    events[outlet].add(Asset(uri=uri, name=uri), extra=payload)
+                except TypeError:
+                    events[outlet].add(Asset(uri=uri), extra=payload)
+            elif isinstance(outlet, Asset):
+                events[outlet].extra.update(payload)
+        except Exception as exc:  # noqa: BLE001  lineage must never fail an extraction
+            log.warning("could not record the asset event for %s: %s", prefix, exc)
