@@ -6,6 +6,7 @@ run remain, whatever went wrong.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -262,10 +263,17 @@ def test_sigkill_on_worker_is_reported_at_once_as_a_crash(conn_id: str, table: s
 
 
 def test_pg_terminate_backend_of_the_worker(conn_id: str, admin: psycopg.Connection, table: str, out_dir: Path) -> None:
+    stop = threading.Event()
+
     def terminate() -> None:
-        pid = active_backend(admin)
-        if pid:
-            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # Every active worker backend, until the run ends: connectorx may use a short-lived
+        # connection for the result's metadata first, and terminating only that one ends nothing.
+        while not stop.is_set():
+            pid = active_backend(admin, timeout=0.2)
+            if pid:
+                with contextlib.suppress(psycopg.Error):
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            stop.wait(0.1)
 
     threading.Thread(target=terminate, daemon=True).start()
     started = time.monotonic()
@@ -277,6 +285,7 @@ def test_pg_terminate_backend_of_the_worker(conn_id: str, admin: psycopg.Connect
             query_timeout=60,
             **FAST,
         )
+    stop.set()
     assert time.monotonic() - started < 15
 
 
