@@ -102,6 +102,16 @@ class TableInfo:
     unique_keys: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
     estimated_rows: int | None = None
     unique_indexes: tuple[UniqueIndex, ...] = field(default_factory=tuple)
+    #: Rows of tables that inherit from this one (``INHERITS``, not partitions) are read with it, but
+    #: its indexes do not cover them: they prove nothing unique across the children.
+    inheritance_children: bool = False
+    #: A foreign table among its partitions or children: those rows have no row versions (``xmin``).
+    foreign_descendants: bool = False
+
+    @property
+    def indexes_cover_rows(self) -> bool:
+        """Whether this relation's unique indexes hold for every row a ``SELECT`` from it returns."""
+        return not self.inheritance_children
 
     @property
     def qualified_name(self) -> str:
@@ -156,6 +166,17 @@ def resolve_type(conn: Any, oid: int, typmod: int) -> PgType:
         precision=precision,
         scale=scale,
     )
+
+
+_DESCENDANTS = """
+WITH RECURSIVE tree(oid) AS (
+    SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = %s
+    UNION ALL
+    SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent = t.oid
+)
+SELECT count(*) > 0, coalesce(bool_or(c.relkind = 'f'), false)
+FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.oid
+"""
 
 
 def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
@@ -220,7 +241,10 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
         else:
             uniques.append(names)
         indexes.append(UniqueIndex(names, tuple(collations), bool(is_primary)))
+    children, foreign = conn.execute(_DESCENDANTS, (relid,)).fetchone()
     return TableInfo(
+        inheritance_children=relkind == "r" and bool(children),
+        foreign_descendants=bool(foreign),
         schema=nspname,
         name=relname,
         kind=_RELKINDS[relkind],

@@ -51,7 +51,7 @@ SESSION_SETTINGS: dict[str, str] = {
     "TimeZone": "UTC",
     "DateStyle": "ISO",
     "IntervalStyle": "postgres",
-    "extra_float_digits": "1",
+    "extra_float_digits": "3",  # exact float text on every server (1 is enough only from PostgreSQL 12)
 }
 
 _MAX_APPLICATION_NAME = 63  # NAMEDATALEN - 1: the server truncates longer names silently

@@ -103,6 +103,21 @@ class Destination:
         """A destination one level below this one (a partition's own prefix)."""
         return Destination(self.child_url(name), self.storage_options, timeout=self.timeout)
 
+    @property
+    def name(self) -> str:
+        """The last segment of the location (``range=0003`` for a fanned-out range)."""
+        return os.path.basename(self.root) if self.is_local else posixpath.basename(self.root)
+
+    def parent(self) -> Destination | None:
+        """The destination one level up, or None at a bucket's or filesystem's root."""
+        if self.is_local:
+            up = os.path.dirname(self.root)
+            return None if up == self.root else Destination(up, self.storage_options, timeout=self.timeout)
+        head, _, _ = self.url.rpartition("/")
+        if not head or head.endswith(":/"):  # "s3://bucket" splits into "s3:/" and "bucket"
+            return None
+        return Destination(head, self.storage_options, timeout=self.timeout)
+
     def _bounded(self, operation: str, fn: Callable[[], T], timeout: float | None = None) -> T:
         """Run ``fn`` under the deadline; errors become :class:`StorageError` naming what failed."""
         what = f"{operation} at {self.url}"

@@ -34,14 +34,17 @@ from airflow_provider_cxpg.exceptions import (
     StorageError,
     WorkerError,
 )
-from airflow_provider_cxpg.incremental import WatermarkSpec, Window, resolve_window
+from airflow_provider_cxpg.incremental import WatermarkSpec, Window, check_watermark, resolve_window
 from airflow_provider_cxpg.manifest import (
+    DATASET_MANIFEST,
     SUCCESS_MARKER,
     ChunkEntry,
     Manifest,
     chunk_file_name,
     fingerprint,
     is_chunk_file,
+    is_range_dir,
+    range_dir,
     source_id,
 )
 from airflow_provider_cxpg.monitor import ActivitySampler, ControlCancels, ServerMonitor, connect
@@ -105,15 +108,18 @@ class _AbortChecked:
 def run_application_name(run_id: str, prefix: str | None = None, worker: int | None = None) -> str:
     """A unique ``application_name`` for a run's connections (found again in ``pg_stat_activity``).
 
-    The server keeps 63 *bytes* of it; the user's prefix is cut (on a character boundary) so that
-    the unique part and every suffix the run adds always fit, or the run's connections would not be
-    told apart and its monitor would look for a name the server never shows.
+    The server keeps 63 *bytes* of it, and shows a byte outside printable ASCII as ``?`` (up to
+    PostgreSQL 15) or as ``\\xNN`` (16 and later, which can push the run's part past the cut). So the
+    user's prefix is made printable ASCII (other characters become ``_``) and cut so that the unique
+    part and every suffix the run adds always fit: otherwise the run's connections would not be told
+    apart and its monitor would look for a name the server never shows.
     """
     suffix = f"cxpg-{run_id}" + (f"-w{worker}" if worker is not None else "")
     if not prefix:
         return suffix
-    room = 63 - _SUFFIX_BYTES - len(suffix.encode()) - 1
-    kept = prefix.encode()[: max(room, 0)].decode("utf-8", errors="ignore")
+    printable = "".join(c if " " <= c <= "~" else "_" for c in prefix)
+    room = 63 - _SUFFIX_BYTES - len(suffix) - 1
+    kept = printable[: max(room, 0)]
     return f"{kept}-{suffix}" if kept else suffix
 
 
@@ -492,6 +498,8 @@ class Extraction:
         assert prespawned is not None
         try:
             plan = self.plan or self.build_plan()
+            if self.watermark is not None:
+                check_watermark(plan, self.watermark)  # bad input: refused before anything is written
             manifest, resumed_from = self._open_manifest(plan)
             self._manifest = manifest
             plan = self.windowed(plan, manifest.window if resumed_from is not None else None)
@@ -666,9 +674,11 @@ class Extraction:
                     destination=self.destination.url,
                     existing_source=existing.source_id,
                 )
+            self._unmark(entries)  # before any file goes: a reader must never see _SUCCESS over a partial output
             for name in existing.files:
                 self.destination.remove(name)
-        self._unmark(entries)
+        else:
+            self._unmark(entries)
         manifest = Manifest(
             run_id=self.run_id,
             fingerprint=fp,
@@ -688,9 +698,32 @@ class Extraction:
         return manifest, None
 
     def _unmark(self, entries: dict[str, int]) -> None:
-        """A run starts here: the output is not complete any more, and ``_SUCCESS`` must not say it is."""
+        """A run starts here: the output is not complete any more, and ``_SUCCESS`` must not say it is.
+
+        Neither is the fanned-out dataset this destination may be a range of (a mapped range cleared
+        and re-run alone): its ``_SUCCESS`` goes too and its record says ``running`` until the
+        validator proves it complete again.
+        """
         if SUCCESS_MARKER in entries:
             self.destination.remove(SUCCESS_MARKER)
+        if not is_range_dir(self.destination.name):
+            return
+        parent = self.destination.parent()
+        record = parent.read_json(DATASET_MANIFEST) if parent is not None else None
+        if parent is None or record is None:
+            return
+        names = {entry.get("path") or range_dir(entry["index"]) for entry in record.get("ranges") or ()}
+        if self.destination.name not in names:
+            return
+        if SUCCESS_MARKER in parent.list_entries():
+            parent.remove(SUCCESS_MARKER)
+        if record.get("status") != "running":  # in-process fan-out: already running, nothing to write
+            again = parent.read_json(DATASET_MANIFEST)  # just before writing: a planner may have re-planned
+            if again is None or again.get("run_id") != record.get("run_id"):
+                return
+            again["status"] = "running"
+            parent.write_json(DATASET_MANIFEST, again)
+            self.log.emit("job.plan", note=f"{parent.url} is incomplete again while {self.destination.name} runs")
 
     def new_session(self, job_deadline: float | None) -> WorkerSession:
         """A worker session for this run (its application name, deadlines, snapshot, credentials)."""

@@ -70,6 +70,7 @@ __all__ = [
     "XMIN",
     "WatermarkSpec",
     "Window",
+    "check_watermark",
     "resolve_window",
 ]
 
@@ -262,13 +263,31 @@ def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
+def check_watermark(plan: ExtractPlan, spec: WatermarkSpec) -> None:
+    """Refuse a watermark the source cannot serve, from the plan alone: before anything is written.
+
+    :raises InvalidInputError: naming what does not fit.
+    """
+    if spec.recorded is not None or not spec.is_xmin:
+        return
+    if not _blank(spec.lag):
+        raise InvalidInputError("watermark_lag does not apply to xmin: an xmin window already sees late commits")
+    if plan.table is None or plan.table.kind not in {"table", "partitioned table", "materialized view"}:
+        raise InvalidInputError("watermark_column='xmin' needs a `table` source (xmin is a system column of tables)")
+    if plan.table.foreign_descendants:
+        raise InvalidInputError(
+            f"watermark_column='xmin' cannot read {plan.table.qualified_name}: a foreign table among its partitions "
+            "or children reports xmin 0 for every row, so no window would ever select its rows; use a column "
+            "watermark"
+        )
+
+
 def resolve_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
     """Fix the window now (a few queries on the control connection) and build its filters."""
     if spec.recorded is not None:
         return _rebuild(conn, plan, spec.recorded)
+    check_watermark(plan, spec)
     if spec.is_xmin:
-        if not _blank(spec.lag):
-            raise InvalidInputError("watermark_lag does not apply to xmin: an xmin window already sees late commits")
         return _xmin_window(conn, plan, spec)
     return _column_window(conn, plan, spec)
 
@@ -331,7 +350,8 @@ def _column_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
                 f"more than {END_KEYS_MAX} rows hold the window's end {end!r}: they are left for the next run"
                 if versioned
                 else "the source has no row versions to remember the rows at the window's end by (a query, a "
-                "view, a foreign table): they are left for the next run"
+                "view, a materialized view, a foreign table or one among its partitions): they are left for the "
+                "next run"
             )
         else:
             end_keys = found
@@ -379,12 +399,17 @@ def _column_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
     return replace(window, filters=_column_filters(plan, window, sql_type, finite))
 
 
-#: Relations whose rows carry ``xmin``: a row version, which changes with every update.
-_VERSIONED_KINDS = frozenset({"table", "partitioned table", "materialized view"})
+#: Relations whose rows carry ``xmin``: a row version, which changes with every update. Not a
+#: materialized view: ``REFRESH`` rewrites every row (new versions of unchanged rows: re-read as
+#: duplicates an exactly-once window may not have).
+_VERSIONED_KINDS = frozenset({"table", "partitioned table"})
 
 
 def _has_row_versions(plan: ExtractPlan) -> bool:
-    return bool(plan.key) and plan.table is not None and plan.table.kind in _VERSIONED_KINDS
+    # A foreign table among the partitions or children: postgres_fdw reports xmin 0 for its rows,
+    # before and after an update, so an updated row at the window's end would pass for one read.
+    table = plan.table
+    return bool(plan.key) and table is not None and table.kind in _VERSIONED_KINDS and not table.foreign_descendants
 
 
 def _finite(conn: Any, expr: str, sql_type: str, typname: str) -> str | None:
@@ -551,8 +576,6 @@ def _jsonable(value: Any) -> Any:
 
 
 def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
-    if plan.table is None or plan.table.kind not in {"table", "partitioned table", "materialized view"}:
-        raise InvalidInputError("watermark_column='xmin' needs a `table` source (xmin is a system column of tables)")
     if not _blank(spec.end):
         end = _as_int(spec.end, "watermark_end")
     else:

@@ -28,6 +28,7 @@ from airflow_provider_cxpg.destination import Destination
 from airflow_provider_cxpg.exceptions import StorageError
 
 __all__ = [
+    "DATASET_MANIFEST",
     "MANIFEST_NAME",
     "SUCCESS_MARKER",
     "ChunkEntry",
@@ -35,6 +36,8 @@ __all__ = [
     "chunk_file_name",
     "fingerprint",
     "is_chunk_file",
+    "is_range_dir",
+    "range_dir",
     "source_id",
 ]
 
@@ -43,6 +46,17 @@ MANIFEST_NAME = "_manifest.json"
 SUCCESS_MARKER = "_SUCCESS"
 FORMAT = "cxpg-manifest/1"
 _CHUNK_FILE = re.compile(r"^part-(\d{6,})\.parquet$")
+#: A fanned-out dataset's record, on top of its ``range=NNNN/`` folders (see :mod:`.parallel`).
+DATASET_MANIFEST = "_dataset_manifest.json"
+_RANGE_DIR = re.compile(r"^range=\d{4,}$")
+
+
+def range_dir(index: int) -> str:
+    return f"range={index:04d}"
+
+
+def is_range_dir(name: str) -> bool:
+    return bool(_RANGE_DIR.match(name))
 
 
 def chunk_file_name(index: int) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import re
 import threading
 import time
 from typing import Any
@@ -35,23 +34,34 @@ from airflow_provider_cxpg.exceptions import (
     StorageError,
 )
 from airflow_provider_cxpg.extract import Extraction, ExtractResult, new_run_id
-from airflow_provider_cxpg.incremental import WatermarkSpec
-from airflow_provider_cxpg.manifest import MANIFEST_NAME, SUCCESS_MARKER, Manifest, fingerprint
+from airflow_provider_cxpg.incremental import WatermarkSpec, check_watermark
+from airflow_provider_cxpg.manifest import (
+    DATASET_MANIFEST,
+    MANIFEST_NAME,
+    SUCCESS_MARKER,
+    Manifest,
+    fingerprint,
+    is_range_dir,
+    range_dir,
+)
 from airflow_provider_cxpg.partition import plan_key_ranges
 from airflow_provider_cxpg.snapshot import ExportedSnapshot
 from airflow_provider_cxpg.verify import output_problems
 
-__all__ = ["DATASET_MANIFEST", "ParallelExtraction", "plan_or_reuse_ranges", "range_dir", "validate_dataset"]
+__all__ = [
+    "DATASET_MANIFEST",
+    "ParallelExtraction",
+    "changed_ranges",
+    "plan_or_reuse_ranges",
+    "range_dir",
+    "recorded_window",
+    "validate_dataset",
+    "window_reference",
+]
 
-DATASET_MANIFEST = "_dataset_manifest.json"
 _FORMAT = "cxpg-dataset/1"
 
 
-def range_dir(index: int) -> str:
-    return f"range={index:04d}"
-
-
-_RANGE_DIR = re.compile(r"^range=\d{4,}$")
 #: What must be equal between the dataset's window and each range's (the keys decide which rows).
 _WINDOW_FIELDS = ("column", "start", "start_inclusive", "start_keys", "end", "end_mode", "end_keys", "first_run")
 
@@ -81,7 +91,7 @@ def validate_dataset(
     problems: list[str] = []
     partitions: list[dict[str, Any]] = []
     planned = {entry.get("path") or range_dir(entry["index"]) for entry in ranges}
-    stale = sorted(d for d in destination.list_dirs() if _RANGE_DIR.match(d) and d not in planned)
+    stale = sorted(d for d in destination.list_dirs() if is_range_dir(d) and d not in planned)
     if stale:
         problems.append(f"folders outside the plan remain: {', '.join(stale)} (an earlier plan's ranges?)")
     for position, entry in enumerate(ranges):
@@ -135,6 +145,59 @@ def _window_text(window: dict[str, Any] | None) -> str:
     return f"{window.get('column')} from {window.get('start')!r} to {window.get('end')!r} ({window.get('end_mode')})"
 
 
+def changed_ranges(destination: Destination, partitions: list[dict[str, Any]]) -> list[str]:
+    """The ranges whose extraction is no longer the one :func:`validate_dataset` checked.
+
+    A cleared range may start again while the validator works: checked once more after the dataset
+    is marked complete, so that the marker is withdrawn at once rather than left over a range
+    being rewritten.
+    """
+    changed = []
+    for partition in partitions:
+        sub = Destination(partition["path"], destination.storage_options, timeout=destination.timeout)
+        manifest = Manifest.load(sub)
+        if manifest is None or manifest.run_id != partition["run_id"] or manifest.status != "complete":
+            changed.append(f"range {partition['index']} ({sub.url})")
+    return changed
+
+
+def window_reference(record: dict[str, Any], dataset_url: str) -> dict[str, Any]:
+    """What the planner hands each mapped range instead of the window itself.
+
+    The window's edge keys can be many (every row tied at a coarse end value): copied into every
+    range's arguments they would multiply in XCom. The dataset manifest is the one place it lives.
+    """
+    window = record["window"]
+    return {"column": window["column"], "dataset": dataset_url, "run_id": record["run_id"]}
+
+
+def recorded_window(destination: Destination, reference: dict[str, Any]) -> dict[str, Any]:
+    """The window a :func:`window_reference` names, read from the dataset manifest it points to.
+
+    :raises InvalidInputError: no dataset manifest there, no window in it, or another plan's (the
+        planner ran again since this range's arguments were made).
+    """
+    record = destination.read_json(DATASET_MANIFEST)
+    window = (record or {}).get("window")
+    if record is None or window is None:
+        raise InvalidInputError(
+            f"{destination.url} holds no planned window ({DATASET_MANIFEST}): the planner's dataset is gone",
+            destination=destination.url,
+        )
+    if reference.get("run_id") not in (None, record.get("run_id")):
+        raise InvalidInputError(
+            f"{destination.url} was planned again (plan {record.get('run_id')}, this range's arguments are from "
+            f"{reference.get('run_id')}): re-run the planner's downstream tasks",
+            destination=destination.url,
+        )
+    if window.get("column") != reference.get("column"):
+        raise InvalidInputError(
+            f"{destination.url}'s window is for {window.get('column')!r}, not {reference.get('column')!r}",
+            destination=destination.url,
+        )
+    return dict(window)
+
+
 def plan_or_reuse_ranges(
     coordinator: Extraction, destination: Destination, partitions: int, method: str
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -148,6 +211,8 @@ def plan_or_reuse_ranges(
     :raises DestinationConflictError: the destination holds another source's output.
     """
     plan = coordinator.build_plan()
+    if coordinator.watermark is not None:
+        check_watermark(plan, coordinator.watermark)  # bad input: refused before anything is written
     sid = coordinator.source_id(plan)
     watermark = coordinator.watermark.identity() if coordinator.watermark is not None else None
     fp = fingerprint(
@@ -176,6 +241,8 @@ def plan_or_reuse_ranges(
                 f"{destination.url} holds a single extraction of another source ({single.source_id}): not replacing it",
                 destination=destination.url,
             )
+        if SUCCESS_MARKER in destination.list_entries():  # first: never a marker over removed files
+            destination.remove(SUCCESS_MARKER)
         for name in [*single.files, MANIFEST_NAME]:
             destination.remove(name)
     with coordinator.control_connection("partition") as conn:
@@ -187,7 +254,7 @@ def plan_or_reuse_ranges(
     if SUCCESS_MARKER in destination.list_entries():
         destination.remove(SUCCESS_MARKER)  # a new plan: the dataset is not complete any more
     for name in destination.list_dirs():
-        if _RANGE_DIR.match(name):  # an earlier plan's ranges: none may outlive the new plan
+        if is_range_dir(name):  # an earlier plan's ranges: none may outlive the new plan
             destination.remove_tree(name)
     record = {
         "format": _FORMAT,

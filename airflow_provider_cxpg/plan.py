@@ -332,11 +332,12 @@ def _choose_key(
     if spec.key_columns is None:
         if table is None:
             raise InvalidKeyError("a `sql` source needs `key_columns`: keyset chunks need a key to order by")
+        proven = table.indexes_cover_rows
         if table.primary_key:
-            return table.primary_key, True, notes
+            return table.primary_key, proven, notes if proven else [_unproven(table.primary_key, table)]
         if table.unique_keys:
             notes.append(f"no primary key: using unique index on {list(table.unique_keys[0])} as the key")
-            return table.unique_keys[0], True, notes
+            return table.unique_keys[0], proven, notes if proven else [*notes, _unproven(table.unique_keys[0], table)]
         raise InvalidKeyError(
             f"{table.kind} {table.schema}.{table.name} has no primary key or unique index on NOT NULL "
             "columns: pass key_columns"
@@ -351,6 +352,8 @@ def _choose_key(
             )
     if table is None:
         return key, False, notes
+    if not table.indexes_cover_rows or table.foreign_descendants:
+        return key, False, [*notes, _unproven(key, table)]
     if table.is_unique(key):
         return key, True, notes
     if table.primary_key:
@@ -364,6 +367,15 @@ def _choose_key(
         f"key {list(key)} is not unique in {table.schema}.{table.name} and the table has no primary key "
         "to break ties: rows sharing a key value could be lost at chunk boundaries"
     )
+
+
+def _unproven(key: tuple[str, ...], table: TableInfo) -> str:
+    why = (
+        "the tables that inherit from it are read with it, and its indexes do not cover them"
+        if table.inheritance_children
+        else "a foreign table among its partitions has no unique index"
+    )
+    return f"uniqueness of key {list(key)} cannot be proven for {table.schema}.{table.name} ({why}): checked per chunk"
 
 
 def _plan_select(
@@ -421,6 +433,11 @@ def _page_plan(conn: Any, spec: SourceSpec, from_clause: str, names: list[str], 
     if table is None or table.kind not in {"table", "materialized view"}:
         raise InvalidKeyError(
             "key_columns=['ctid'] (page-range chunks) needs a plain table or materialized view `table` source"
+        )
+    if table.inheritance_children:  # its page count is its own heap's: the children's rows would be one chunk
+        raise InvalidKeyError(
+            f"key_columns=['ctid'] cannot page {table.qualified_name}: tables inherit from it, and page numbers "
+            "are per table; extract each table (FROM ONLY) or use a key"
         )
     wanted = list(spec.columns) if spec.columns else names
     for name in wanted:

@@ -64,10 +64,12 @@ from airflow_provider_cxpg.worker.protocol import (
     FrameWriter,
     Heartbeat,
     QueryStarted,
+    QueuedSender,
     ReadChunk,
     Ready,
     Shutdown,
 )
+from airflow_provider_cxpg.worker.reaper import process_identity
 
 __all__ = ["WorkerSession", "WorkerSettings", "worker_environment"]
 
@@ -275,7 +277,7 @@ class WorkerSession:
         self.pid: int | None = None
         self.ready: Ready | None = None
         self.startup_seconds: float | None = None
-        self._writer: FrameWriter | None = None
+        self._writer: QueuedSender | None = None
         self._queue: queue.Queue[tuple[float, object]] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -344,7 +346,8 @@ class WorkerSession:
             raise WorkerStartError(f"cannot start the worker ({sys.executable}): {exc}") from exc
         self.pid = self.proc.pid
         assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
-        self._writer = FrameWriter(self.proc.stdin.fileno(), owns_fd=False)
+        # Its own descriptor (a dup): the sender thread may still be blocked on it when stdin closes.
+        self._writer = QueuedSender(FrameWriter(os.dup(self.proc.stdin.fileno())), f"cxpg-sender-{self.pid}")
         self._last_heard = time.monotonic()
         self._spawn_thread(self._read_channel, self.proc.stdout, "cxpg-channel")
         self._spawn_thread(self._read_stderr, self.proc.stderr, "cxpg-stderr")
@@ -360,6 +363,8 @@ class WorkerSession:
             pre_execution=self.pre_execution,
             storage_timeout=self.settings.storage_timeout,
             run_application_name=self.application_name,
+            task_pid=os.getpid(),
+            task_started=process_identity(os.getpid()),
         )
         try:
             self._send(configure)
@@ -527,18 +532,10 @@ class WorkerSession:
     # -- requests ----------------------------------------------------------------------------------
 
     def _send(self, message: object) -> None:
+        """Queue ``message`` for the worker; this never waits on the pipe (see :class:`QueuedSender`)."""
         assert self._writer is not None
         try:
-            # A worker that does not read (frozen, or stuck behind a write) fills its pipe: give up
-            # after heartbeat_timeout instead of waiting outside every deadline.
-            self._writer.send(message, timeout=self.settings.heartbeat_timeout)
-        except TimeoutError as exc:
-            raise HeartbeatLostError(
-                f"worker pid {self.pid} took no request for {self.settings.heartbeat_timeout}s (its pipe is full): "
-                "frozen or stuck",
-                pid=self.pid,
-                limit="heartbeat_timeout",
-            ) from exc
+            self._writer.send(message)
         except OSError as exc:  # the worker is gone: report it as the crash it is
             self._pump(lambda: False)  # raises WorkerCrashedError from the channel EOF
             raise WorkerCrashedError(f"cannot reach the worker: {exc}", pid=self.pid) from exc

@@ -40,7 +40,7 @@ __all__ = [
 
 FORMAT = "cxpg-watermark-state/1"
 #: Windows of this many recent DAG runs are kept, so a re-run of one reads the same window.
-_RUNS_KEPT = 20
+_RUNS_KEPT = 10
 
 
 def default_state_key(dag_id: str | None, task_id: str, map_index: int | None = None) -> str:
@@ -165,10 +165,14 @@ def _advances(current: Mapping[str, Any], window: Mapping[str, Any]) -> bool:
         return str(new) >= str(old)
 
 
-def source_identity(**parts: Any) -> str:
-    """What a state's windows are windows *of*: the source as the task names it, and the column."""
+def source_identity(*, sql: str | None = None, **parts: Any) -> str:
+    """What a state's windows are windows *of*: the source as the task names it, and the column.
+
+    A query's text counts with its whitespace collapsed (a reformatted query is the same source).
+    """
     import hashlib
 
+    parts["sql"] = " ".join(str(sql).split()) if sql else None
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 

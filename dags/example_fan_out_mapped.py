@@ -20,7 +20,7 @@ from airflow_provider_cxpg.operators.partition import (
 )
 
 OUTPUT = os.environ.get("CXPG_EXAMPLE_OUTPUT", "/tmp/cxpg-examples")
-DATASET = OUTPUT + "/orders_fanout/{{ run_id }}"
+DATASET = OUTPUT + "/orders_fanout/{{ run_id | replace(':', '') }}"
 
 with DAG(
     dag_id="example_fan_out_mapped",

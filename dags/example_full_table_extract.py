@@ -28,7 +28,7 @@ with DAG(
         task_id="extract_orders",
         postgres_conn_id="orders_db",
         table="public.orders",  # key: the primary key, read from the catalog
-        destination=OUTPUT + "/orders/{{ run_id }}",
+        destination=OUTPUT + "/orders/{{ run_id | replace(':', '') }}",
         chunk_rows=250_000,  # one Parquet file per chunk; worker memory stays bounded by it
         query_timeout=600,  # per chunk; also the server's statement_timeout
         execution_timeout=dt.timedelta(hours=2),  # Airflow's limit still applies on top

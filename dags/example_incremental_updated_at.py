@@ -1,8 +1,13 @@
 """Hourly incremental copy of changed orders, by an ``updated_at`` watermark.
 
-Each run reads ``previous high_watermark < updated_at <= max(updated_at) at start``. The first run
-reads everything; later runs take ``watermark_start`` from the previous successful run's XCom.
-Rows are still paged by primary key inside the window.
+The first run is a full copy (rows whose ``updated_at`` is NULL included). Each later run reads
+the rows after the window the last successful run committed, up to ``max(updated_at)`` when it
+starts: rows holding that end value then are read, and the keys of those rows are remembered
+(with their row versions), so a row written later with the same value is the next run's, and none
+is read twice. The windows live in the Airflow Variable
+``cxpg_watermark.example_incremental_updated_at.changed_orders``; a re-run of a DAG run reads its
+own window again. Rows are still paged by primary key inside the window. See the README,
+"Incremental runs".
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ with DAG(
         postgres_conn_id="orders_db",
         table="public.orders",
         watermark_column="updated_at",
-        destination=OUTPUT + "/orders_changes/{{ run_id }}",
+        destination=OUTPUT + "/orders_changes/{{ run_id | replace(':', '') }}",
         chunk_rows=100_000,
         query_timeout=300,
     )

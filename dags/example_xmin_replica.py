@@ -30,7 +30,7 @@ with DAG(
         postgres_conn_id="orders_replica",  # points at the standby
         table="public.orders",
         watermark_column="xmin",
-        destination=OUTPUT + "/orders_xmin/{{ run_id }}",
+        destination=OUTPUT + "/orders_xmin/{{ run_id | replace(':', '') }}",
         chunk_rows=200_000,
         query_timeout=300,
         # on a standby, long reads can be cancelled by recovery conflicts: keep chunks short, and

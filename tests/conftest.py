@@ -61,15 +61,7 @@ def pg() -> Iterator[PgInfo]:
     interrupt_on_termination()
     server = EmbeddedPostgres().start()
     try:
-        yield PgInfo(
-            dsn=server.dsn(),
-            host=server.host,
-            port=server.port,
-            user=server.user,
-            password=server.password,
-            dbname=server.database,
-            server=server,
-        )
+        yield PgInfo.of(server)
     finally:
         server.stop()
 
@@ -91,15 +83,7 @@ def system_pg() -> Iterator[PgInfo]:
         pytest.skip(message)
     server = EmbeddedPostgres(bindir=bindir).start()
     try:
-        yield PgInfo(
-            dsn=server.dsn(),
-            host=server.host,
-            port=server.port,
-            user=server.user,
-            password=server.password,
-            dbname=server.database,
-            server=server,
-        )
+        yield PgInfo.of(server)
     finally:
         server.stop()
 

@@ -31,6 +31,10 @@ class PgInfo:
     dbname: str
     server: EmbeddedPostgres | None
 
+    @classmethod
+    def of(cls, server: EmbeddedPostgres) -> PgInfo:
+        return cls(server.dsn(), server.host, server.port, server.user, server.password, server.database, server)
+
     def airflow_conn_json(
         self,
         *,

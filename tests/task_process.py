@@ -9,6 +9,8 @@ structured query log goes to ``query_log_path``.
 
 ``CXPG_TEST_NO_LIVENESS=1`` makes the provider behave as on a server without
 ``client_connection_check_interval`` (PostgreSQL 13 and older), to test the fallback.
+``CXPG_TEST_TOKEN_FILE=<path>`` stands in for an IAM token service: each token minted is that
+file's content at the time (a test rotates the role's password and rewrites the file).
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ def main() -> None:
 
         for module in (conninfo, monitor, supervisor):
             module.liveness_settings = lambda version: {}  # type: ignore[attr-defined]
+
+    token_file = os.environ.get("CXPG_TEST_TOKEN_FILE")
+    if token_file:
+        from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+
+        def get_iam_token(self: object, conn: object) -> tuple[str, str, int]:
+            login, token, port = open(token_file, encoding="utf-8").read().split()
+            return login, token, int(port)
+
+        ConnectorXPostgresHook.get_iam_token = get_iam_token  # type: ignore[method-assign,assignment]
 
     from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
 

@@ -20,10 +20,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from airflow_provider_cxpg.exceptions import DataIntegrityError, DestinationConflictError, QueryError, StorageError
+from airflow_provider_cxpg.destination import Destination
+from airflow_provider_cxpg.exceptions import (
+    DataIntegrityError,
+    DestinationConflictError,
+    InvalidKeyError,
+    QueryError,
+    StorageError,
+)
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.incremental import WatermarkSpec
 from airflow_provider_cxpg.operators.partition import PostgresPartitionPlanOperator, PostgresPartitionValidateOperator
+from airflow_provider_cxpg.parallel import recorded_window
 from tests.helpers import PgInfo, assert_nothing_left, manifest_of, read_output, wait_until
 from tests.netproxy import running_proxy
 
@@ -133,6 +141,23 @@ def test_query_source_key_tie_at_a_chunk_boundary_fails_instead_of_losing_a_row(
     extract(conn_id, tmp_path / "whole", sql=f'SELECT k, n FROM "{schema}".f', key_columns=["k"], chunk_rows=10)
     assert sorted(out_keys(tmp_path / "whole", "n")) == [1, 2, 3, 4]
     assert_nothing_left(admin)
+
+
+def test_a_primary_key_of_an_inheritance_parent_proves_nothing_about_its_children(
+    conn_id: str, admin: psycopg.Connection, schema: str, tmp_path: Path
+) -> None:
+    """``SELECT FROM parent`` returns the children's rows too; the parent's index does not cover them."""
+    admin.execute(f'CREATE TABLE "{schema}".parent (id int PRIMARY KEY, n int)')
+    admin.execute(f'CREATE TABLE "{schema}".child () INHERITS ("{schema}".parent)')
+    admin.execute(f'INSERT INTO "{schema}".parent SELECT g, g FROM generate_series(1, 10) g')
+    admin.execute(f'INSERT INTO "{schema}".child SELECT g, 100 + g FROM generate_series(11, 20) g')
+    whole = extract(conn_id, tmp_path / "distinct", table=f"{schema}.parent", chunk_rows=3)
+    assert sorted(out_keys(tmp_path / "distinct", "id")) == list(range(1, 21)) and whole.rows == 20
+    admin.execute(f'INSERT INTO "{schema}".child VALUES (3, 1003)')  # the same id as a parent row
+    with pytest.raises(DataIntegrityError, match="not unique"):
+        extract(conn_id, tmp_path / "tie", table=f"{schema}.parent", chunk_rows=3)
+    with pytest.raises(InvalidKeyError, match="inherit"):  # page numbers are per table
+        extract(conn_id, tmp_path / "pages", table=f"{schema}.parent", key_columns=["ctid"])
 
 
 def test_float_primary_key_with_nan_infinity_and_negative_zero_is_exact(
@@ -301,7 +326,7 @@ def test_the_validator_fails_when_a_range_read_another_window(
     ).execute({})
     hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
     for position, kwargs in enumerate(ranges):
-        window = kwargs["watermark_window"]
+        window = recorded_window(Destination(str(base)), kwargs["watermark_window"])
         spec = WatermarkSpec.again(window) if position == 0 else WatermarkSpec("v", start="50")  # range 1: its own
         hook.extract(
             table=f"{schema}.w",

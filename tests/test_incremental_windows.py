@@ -472,3 +472,92 @@ def test_a_task_whose_source_changed_does_not_continue_the_old_sources_windows(
     moved = Runs(make_dag(dag_id, table=f"{schema}.b", **kwargs))  # the same task, now on table b
     moved.count = 1
     assert sorted(moved.rows(moved.run())) == list(range(1, 11))  # b's v < a's high watermark: a full copy
+
+
+# -- sources whose rows have no real row versions ----------------------------------------------------------
+
+
+def _window_runs(conn_id: str, tmp_path: Path, **kwargs: Any) -> Iterator[tuple[list[dict[str, Any]], Any]]:
+    """Consecutive windows of one source through the hook, each starting after the last."""
+    from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+    from airflow_provider_cxpg.incremental import WatermarkSpec
+
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+    last: dict[str, Any] | None = None
+    for number in itertools.count():
+        spec = WatermarkSpec("batch") if last is None else WatermarkSpec.following(last)
+        out = tmp_path / f"run{number}"
+        result = hook.extract(destination=str(out), watermark=spec, heartbeat_timeout=5.0, **kwargs)
+        last = result.window
+        yield read_output(out).to_pylist(), result
+
+
+def test_a_materialized_view_defers_the_rows_at_its_end(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path
+) -> None:
+    """REFRESH rewrites every row of a materialized view: remembered row versions would not match."""
+    view = events.replace(".events", ".events_mv")
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, batch int NOT NULL)")
+    admin.execute(f"INSERT INTO {events} SELECT g, g / 10 FROM generate_series(1, 25) g")
+    admin.execute(f"CREATE MATERIALIZED VIEW {view} AS SELECT * FROM {events}")
+    admin.execute(f"CREATE UNIQUE INDEX ON {view} (id)")
+    runs = _window_runs(conn_id, tmp_path, table=view, key_columns=["id"])
+    rows, first = next(runs)
+    assert first.window["end_mode"] == "exclusive" and not first.window["versioned"]
+    assert sorted(r["id"] for r in rows) == list(range(1, 20))  # batch 2 (the end) is the next run's
+    admin.execute(f"INSERT INTO {events} VALUES (99, 3)")
+    admin.execute(f"REFRESH MATERIALIZED VIEW {view}")
+    rows, _ = next(runs)
+    assert sorted(r["id"] for r in rows) == list(range(20, 26))  # once each, after a refresh too
+
+
+def test_a_partitioned_table_with_a_foreign_partition_loses_no_update_at_its_end(
+    system_conn_id: str, system_admin: psycopg.Connection, system_pg: Any, tmp_path: Path
+) -> None:
+    """postgres_fdw reports xmin 0 for every row, before and after an update: not a row version."""
+    admin = system_admin
+    admin.execute("DROP SCHEMA IF EXISTS fdw CASCADE")
+    admin.execute("DROP SERVER IF EXISTS cxpg_loop CASCADE")
+    admin.execute("CREATE SCHEMA fdw")
+    admin.execute("CREATE EXTENSION IF NOT EXISTS postgres_fdw")
+    admin.execute(
+        f"CREATE SERVER cxpg_loop FOREIGN DATA WRAPPER postgres_fdw "
+        f"OPTIONS (host '{system_pg.host}', port '{system_pg.port}', dbname '{system_pg.dbname}')"
+    )
+    admin.execute(
+        f"CREATE USER MAPPING FOR CURRENT_USER SERVER cxpg_loop "
+        f"OPTIONS (user '{system_pg.user}', password '{system_pg.password}')"
+    )
+    admin.execute("CREATE TABLE fdw.remote (id int NOT NULL, batch int NOT NULL, note text)")
+    admin.execute("CREATE TABLE fdw.parted (id int NOT NULL, batch int NOT NULL, note text) PARTITION BY RANGE (id)")
+    admin.execute("CREATE TABLE fdw.local PARTITION OF fdw.parted FOR VALUES FROM (0) TO (100)")
+    admin.execute(
+        "CREATE FOREIGN TABLE fdw.far PARTITION OF fdw.parted FOR VALUES FROM (100) TO (200) "
+        "SERVER cxpg_loop OPTIONS (schema_name 'fdw', table_name 'remote')"
+    )
+    admin.execute("INSERT INTO fdw.parted VALUES (1, 1, 'a'), (2, 1, 'a'), (150, 2, 'a'), (151, 2, 'a')")
+    assert {r[0] for r in admin.execute("SELECT xmin::text FROM fdw.far")} == {"0"}
+    try:
+        runs = _window_runs(system_conn_id, tmp_path, table="fdw.parted", key_columns=["id"])
+        rows, first = next(runs)
+        assert first.window["end_mode"] == "exclusive" and not first.window["versioned"]
+        assert sorted(r["id"] for r in rows) == [1, 2]
+        admin.execute("UPDATE fdw.parted SET note = 'changed' WHERE id = 150")  # still batch 2, still xmin 0
+        admin.execute("INSERT INTO fdw.parted VALUES (152, 3, 'a')")
+        rows, _ = next(runs)
+        assert sorted((r["id"], r["note"]) for r in rows) == [(150, "changed"), (151, "a")]
+        from airflow_provider_cxpg.exceptions import InvalidInputError
+        from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+        from airflow_provider_cxpg.incremental import WatermarkSpec
+
+        with pytest.raises(InvalidInputError, match="xmin 0"):  # no xmin window would select those rows
+            ConnectorXPostgresHook(postgres_conn_id=system_conn_id).extract(
+                destination=str(tmp_path / "xmin"),
+                table="fdw.parted",
+                key_columns=["id"],
+                watermark=WatermarkSpec("xmin"),
+            )
+        assert not (tmp_path / "xmin").exists()
+    finally:
+        admin.execute("DROP SCHEMA fdw CASCADE")
+        admin.execute("DROP SERVER cxpg_loop CASCADE")

@@ -37,7 +37,7 @@ from tests.helpers import PgInfo, assert_nothing_left, manifest_of, read_output
 
 pytestmark = pytest.mark.integration
 
-SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=1"
+SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3"
 CHUNK_ROWS = 3
 JOB_TIMEOUT = 30.0  # a keyset that stops advancing must fail the test, not hang it
 

@@ -28,7 +28,7 @@ from tests.s3_server import ACCESS_KEY, SECRET_KEY, S3Server, start_s3_server
 
 pytestmark = pytest.mark.integration
 
-SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=1"
+SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3"
 ROWS = 23
 CHUNK_ROWS = 5
 

@@ -399,5 +399,14 @@ def test_one_stable_asset_per_target_with_the_runs_prefix_in_the_event(
     accessor = _Accessor()
     op.execute({"outlet_events": {asset: accessor}})
     assert accessor.extra["prefix"] == "file://" + str(tmp_path / "out" / "manual__1") and accessor.extra["rows"] == 10
+    same_folder = [
+        PostgresExtractOperator(task_id=name, table=name, destination=f"s3://lake/raw/{name}_{{{{ run_id }}}}")
+        for name in ("orders", "items")
+    ]
+    assert [o.outlets[0].uri for o in same_folder] == ["s3://lake/raw/orders_", "s3://lake/raw/items_"]  # two targets
+    hive = PostgresExtractOperator(task_id="h", table="t", destination="s3://lake/raw/orders/dt={{ ds }}/")
+    assert hive.outlets[0].uri == "s3://lake/raw/orders"  # a key=value folder belongs to its target
+    for unknown in ("s3://{{ var.value.bucket }}/x", "s3://bucket{{ var.value.suffix }}/x"):
+        assert not PostgresExtractOperator(task_id="b", table="t", destination=unknown).outlets
     ranged = PostgresExtractOperator(task_id="r", table="t", destination="/x/range=0001", emit_asset=False)
     assert not ranged.outlets  # a fan-out range: the validator emits the dataset's asset

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import signal
 import threading
@@ -287,6 +288,33 @@ def test_fan_out_operators_with_a_failed_range_retried_alone(
     ).execute({})
     assert summary["rows"] == ROWS and summary["partitions"] == 3
     assert dataset_rows(out_dir) == all_rows(admin, events_table)
+    assert (out_dir / "_SUCCESS").exists()
+
+    # A cleared mapped range runs again: the dataset is not proven complete while it does.
+    seen: list[tuple[bool, str]] = []
+
+    first_run = manifest_of(Path(ranges[0]["destination"]))["run_id"]
+
+    def watch() -> None:  # once the range's new run has its manifest (before any chunk of it)
+        def started() -> bool:
+            try:
+                return manifest_of(Path(ranges[0]["destination"]))["run_id"] != first_run
+            except (OSError, ValueError):
+                return False
+
+        wait_until(started, 60, 0.005)
+        record = json.loads((out_dir / "_dataset_manifest.json").read_text())
+        seen.append(((out_dir / "_SUCCESS").exists(), record["status"]))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    extract(ranges[0], resume=False, where="pg_sleep(0.0002) IS NOT NULL")
+    watcher.join(30)
+    assert seen == [(False, "running")]
+    assert not (out_dir / "_SUCCESS").exists()  # until the validator proves it again
+    PostgresPartitionValidateOperator(task_id="v", destination=str(out_dir)).execute({})
+    assert (out_dir / "_SUCCESS").exists()
+    assert json.loads((out_dir / "_dataset_manifest.json").read_text())["status"] == "complete"
 
 
 def test_fan_out_example_dag(orders_db_for_fanout: Path, admin: psycopg.Connection) -> None:

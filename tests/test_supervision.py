@@ -256,6 +256,64 @@ def test_a_sigkilled_task_process_leaves_no_backend_and_no_worker(
             )
 
 
+def test_the_reaper_ends_the_backends_with_the_password_renewed_last(
+    pg: PgInfo, admin: psycopg.Connection, table: str, tmp_path: Path
+) -> None:
+    """An IAM token rotates mid-run, then the task process is SIGKILLed while a streamed read waits on
+    a lock (no thread of the worker runs then, and no server-side liveness check helps): the reaper
+    must log in with the renewed token to end the backend; the first one no longer logs in."""
+    role = f"reap_{uuid.uuid4().hex[:6]}"
+    first, renewed = uuid.uuid4().hex, uuid.uuid4().hex
+    admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{first}'")
+    admin.execute(f"GRANT USAGE ON SCHEMA {table.split('.')[0]} TO {role}")
+    admin.execute(f"GRANT SELECT ON {table} TO {role}")
+    tokens = tmp_path / "token"
+    tokens.write_text(f"{role} {first} {pg.port}")
+    # Once per chunk (InitPlans): wait for the lock while the test holds it, then take 2 s.
+    gate_then_slow = (
+        f"(SELECT pg_advisory_xact_lock_shared({LOCK_KEY})) IS NOT NULL AND (SELECT pg_sleep(2)) IS NOT NULL"
+    )
+    with psycopg.connect(pg.dsn, autocommit=True) as holder:
+        task = TaskProcess(
+            pg.airflow_conn_json(login=role, password="", extra={"iam": True}),
+            tmp_path / "log.jsonl",
+            env={"CXPG_TEST_NO_LIVENESS": "1", "CXPG_TEST_TOKEN_FILE": str(tokens)},
+            table=table,
+            destination=str(tmp_path / "out"),
+            where=gate_then_slow,
+            chunk_rows=100,
+            stream_rows=50,
+            query_timeout=300,
+            worker_settings={**FAST, "credentials_refresh_interval": 0.5},
+        )
+        try:
+            started = lambda: [e for e in events(task.log_path) if e["event"] == "query.start"]  # noqa: E731
+            assert wait_until(lambda: len(started()) >= 1, 60, 0.05), task.output()
+            admin.execute(f"ALTER ROLE {role} PASSWORD '{renewed}'")  # the first token stops logging in
+            tokens.write_text(f"{role} {renewed} {pg.port}")
+            holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))  # granted when chunk 0 ends; chunk 1 waits
+            run_id = task.run_id()
+            assert run_id is not None
+            assert wait_until(lambda: len(started()) >= 2, 60, 0.05), task.output()  # chunk 1: a new token
+            assert wait_until(lambda: any(b[3] == "Lock" for b in _run_backends(admin, run_id)), 60, 0.05)
+            time.sleep(0.5)
+            os.kill(task.process.pid, signal.SIGKILL)
+            task.process.wait(timeout=10)
+            assert wait_until(lambda: not _run_backends(admin, run_id), 15, 0.1), _run_backends(admin, run_id)
+            assert wait_until(lambda: not worker_pids(0), 15, 0.1), worker_pids(0)
+        finally:
+            if task.process.poll() is None:
+                task.process.kill()
+            holder.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+            for statement in (
+                f"REVOKE ALL ON {table} FROM {role}",
+                f"REVOKE USAGE ON SCHEMA {table.split('.')[0]} FROM {role}",
+            ):
+                admin.execute(statement)
+    assert wait_until(lambda: not backends_of(admin, f"%cxpg-{run_id}%"), 10, 0.1)
+    admin.execute(f"DROP ROLE {role}")
+
+
 def test_a_task_process_sigkilled_while_its_worker_writes_to_a_frozen_store_leaves_no_worker(
     pg: PgInfo, admin: psycopg.Connection, table: str, tmp_path: Path, s3: S3Server
 ) -> None:
@@ -565,7 +623,8 @@ def test_pgssl_environment_reaches_the_worker_uri() -> None:
 
 
 def test_a_frozen_worker_whose_pipe_is_full_cannot_hold_the_parent(pg: PgInfo, tmp_path: Path) -> None:
-    """A request too big for the pipe, to a SIGSTOPped worker: the send itself has a deadline."""
+    """Requests too big for the pipe, to a SIGSTOPped worker: sending returns at once (a thread
+    writes), the missing heartbeats end the wait, and the blocked write ends with the worker."""
     import pyarrow as pa
 
     from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
@@ -584,19 +643,26 @@ def test_a_frozen_worker_whose_pipe_is_full_cannot_hold_the_parent(pg: PgInfo, t
         application_name=app,
         redactor=Redactor(endpoint.secrets()),
     )
-    with pytest.raises(HeartbeatLostError, match="pipe is full"), session:
+    with pytest.raises(HeartbeatLostError), session:
         os.kill(session.pid, signal.SIGSTOP)
-        big = ReadChunk(
-            query_id=session.next_query_id(),
-            chunk_index=0,
-            sql="SELECT 1 AS x -- " + "x" * 400_000,
-            sink=IpcSink(str(tmp_path / "a.arrow")),
-            schema=pa.schema([("x", pa.int32())]),
-        )
         started = time.monotonic()
-        session.submit(big)
+        requests = [
+            ReadChunk(
+                query_id=session.next_query_id(),
+                chunk_index=index,
+                sql="SELECT 1 AS x -- " + "x" * 400_000,
+                sink=IpcSink(str(tmp_path / f"{index}.arrow")),
+                schema=pa.schema([("x", pa.int32())]),
+            )
+            for index in range(3)
+        ]
+        for request in requests:  # 1.2 MB: far more than a pipe holds
+            session.submit(request)
+        assert time.monotonic() - started < 1.0  # nothing waited on the pipe
+        session.wait_read(requests[0].query_id)
     assert time.monotonic() - started < 3.0 + GRACE
     assert wait_until(lambda: not worker_pids(), 10, 0.05)
+    assert wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("cxpg-sender")], 10, 0.05)
 
 
 def test_no_control_statement_starts_after_an_abort() -> None:

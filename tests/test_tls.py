@@ -109,8 +109,7 @@ def tls_pg() -> Iterator[tuple[PgInfo, dict[str, Path]]]:
             conn.execute("SELECT pg_reload_conf()")
             conn.execute("CREATE TABLE public.secure AS SELECT g AS id FROM generate_series(1, 300) g")
             conn.execute("ALTER TABLE public.secure ADD PRIMARY KEY (id)")
-        info = PgInfo(server.dsn(), server.host, server.port, server.user, server.password, server.database, server)
-        yield info, certs
+        yield PgInfo.of(server), certs
     finally:
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)

@@ -36,7 +36,7 @@ from tests.helpers import PgInfo, assert_nothing_left, manifest_of, read_output
 pytestmark = pytest.mark.integration
 
 #: The session settings every provider connection uses (see conninfo.SESSION_SETTINGS).
-SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=1"
+SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3"
 
 
 @dataclass(frozen=True)

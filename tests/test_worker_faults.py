@@ -629,11 +629,20 @@ def test_a_worker_silent_while_its_query_waits_on_a_lock_is_not_declared_dead(
 def test_a_stopped_worker_is_declared_dead_even_while_its_query_waits(
     conn_id: str, pg: PgInfo, admin: psycopg.Connection, schema: str, table: str, out_dir: Path
 ) -> None:
-    frozen: list[int] = []
-    after_worker_starts(lambda pid: (time.sleep(1.0), os.kill(pid, signal.SIGSTOP), frozen.append(pid)))
-    started = time.monotonic()
+    frozen: list[float] = []
+
+    def freeze_once_waiting(pid: int) -> None:
+        # Once its query waits on the lock (the worker is past its start, heartbeats run): a worker
+        # frozen before it reports ready is start_timeout's case, not this one.
+        with psycopg.connect(pg.dsn, autocommit=True) as watcher:
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'cxpg%%' AND wait_event_type = 'Lock'"
+            wait_until(lambda: watcher.execute(waiting).fetchone()[0] > 0, 60, 0.05)
+        os.kill(pid, signal.SIGSTOP)
+        frozen.append(time.monotonic())
+
+    after_worker_starts(freeze_once_waiting)
     with pytest.raises(HeartbeatLostError):
         _streamed_read_waiting_on_a_lock(
-            conn_id, pg, admin, schema, table, out_dir, query_timeout=60.0, max_worker_restarts=0
+            conn_id, pg, admin, schema, table, out_dir, query_timeout=90.0, max_worker_restarts=0
         )
-    assert frozen and time.monotonic() - started < 1.0 + 1.5 + GRACE
+    assert frozen and time.monotonic() - frozen[0] < 1.5 + GRACE

@@ -4,10 +4,12 @@ A destination is usually templated (``s3://lake/raw/orders/{{ run_id }}``), so t
 writes to is known only when it runs. Emitting that directory as the asset would make a new asset
 every run (and, on Airflow 3, two warnings from Airflow for each: "AssetModel ... not found",
 "Emitting event for inactive AssetModel"). The target is the destination's *static* part instead:
-everything before the first template expression, up to the last ``/``
-(``s3://lake/raw/orders``). It is known when the DAG is parsed, so it is an ordinary outlet that
-Airflow registers with the DAG, on Airflow 2.11 and 3.x alike; each event carries the run's own
-prefix (``prefix``) and its counts as extra. A fanned-out dataset is one asset too, emitted by the
+everything before the first template expression, without a trailing ``/``
+(``s3://lake/raw/orders``; ``s3://lake/raw/orders_{{ ds }}`` gives ``s3://lake/raw/orders_``, and a
+Hive-style ``s3://lake/raw/orders/dt={{ ds }}`` gives ``s3://lake/raw/orders``).
+It is known when the DAG is parsed, so it is an ordinary outlet that Airflow registers with the
+DAG, on Airflow 2.11 and 3.x alike; each event carries the run's own prefix (``prefix``) and its
+counts as extra. A fanned-out dataset is one asset too, emitted by the
 validator once the dataset is proven complete; its ranges emit none.
 """
 
@@ -30,12 +32,20 @@ def asset_uri(destination: str) -> str:
 
 def _static_part(destination: Any) -> str | None:
     text = destination if isinstance(destination, str) else str(destination)
-    if "{{" not in text and "{%" not in text:
+    starts = [i for i in (text.find("{{"), text.find("{%"), text.find("{#")) if i >= 0]
+    if not starts:
         return text
-    cut = min(i for i in (text.find("{{"), text.find("{%")) if i >= 0)
-    head = text[:cut]
-    head = head[: head.rfind("/")] if "/" in head else ""
-    return head if head and not head.endswith("://") else None
+    head = text[: min(starts)]
+    slash = head.rfind("/")
+    scheme = text.find("://")
+    if scheme >= 0 and slash <= scheme + 2:  # a template in the bucket or host: no static target
+        return None
+    partial = head[slash + 1 :]
+    # "raw/orders_{{ ds }}" and "raw/items_{{ ds }}" are two targets: keep the partial segment. A
+    # Hive-style "raw/orders/dt={{ ds }}" is a folder of the target "raw/orders".
+    static = head[:slash] if not partial or partial.endswith("=") else head
+    static = static.rstrip("/")
+    return static or None
 
 
 def stable_asset(destination: Any) -> Any | None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.common.compat.sdk import BaseOperator
 
-from airflow_provider_cxpg.destination import DEFAULT_STORAGE_TIMEOUT
+from airflow_provider_cxpg.destination import DEFAULT_STORAGE_TIMEOUT, Destination
 from airflow_provider_cxpg.durations import as_seconds
 from airflow_provider_cxpg.exceptions import InvalidInputError
 from airflow_provider_cxpg.extract import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, Extraction, ExtractResult
@@ -106,7 +106,8 @@ class PostgresExtractOperator(BaseOperator):
         holding it then are read; rows written later with the same value are the next run's.
     :param watermark_lag: re-read this much before the start, for writers whose commits arrive late
         (seconds or a ``timedelta`` for date/timestamp columns, a number otherwise): at-least-once.
-    :param watermark_window: a window fixed elsewhere (the partition planner's), read exactly.
+    :param watermark_window: a window fixed elsewhere, read exactly: the partition planner's
+        reference to the window in its dataset manifest (set by ``expand_kwargs``), or a window.
     :param watermark_state_key: the Airflow Variable that keeps this task's windows (default
         ``cxpg_watermark.<dag_id>.<task_id>[.<map_index>]``).
     :param column_casts: ``{column: sql_type}`` to read a column as another type (e.g. ``text``).
@@ -287,6 +288,13 @@ class PostgresExtractOperator(BaseOperator):
         self._watermark_state = None
         if self.watermark_window:
             window = dict(self.watermark_window)
+            if "dataset" in window and "end_mode" not in window:  # the planner's reference to its record
+                from airflow_provider_cxpg.parallel import recorded_window
+
+                dataset = self._location(window["dataset"])
+                window = recorded_window(
+                    Destination(dataset, self.storage_options, timeout=self.storage_timeout), window
+                )
             self.log.info("incremental window fixed by the planner: %s", describe_window(window))
             return WatermarkSpec.again(window)
         if not self.watermark_column:
@@ -315,19 +323,19 @@ class PostgresExtractOperator(BaseOperator):
 
     def _source_identity(self) -> str:
         return source_identity(
-            table=self.table,
-            sql=" ".join(str(self.sql).split()) if self.sql else None,
-            where=self.where,
-            key_columns=self.key_columns,
-            column=self.watermark_column,
+            table=self.table, sql=self.sql, where=self.where, key_columns=self.key_columns, column=self.watermark_column
         )
 
     def _destination(self) -> Any:
+        return self._location(self.destination)
+
+    def _location(self, url: Any) -> Any:
+        """``url`` with ``destination_conn_id``'s credentials, when one is set."""
         if self.destination_conn_id:
             from airflow.providers.common.compat.sdk import ObjectStoragePath
 
-            return ObjectStoragePath(str(self.destination), conn_id=self.destination_conn_id)
-        return self.destination
+            return ObjectStoragePath(str(url), conn_id=self.destination_conn_id)
+        return url
 
     # -- execution ---------------------------------------------------------------------------------
 

@@ -38,7 +38,13 @@ from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.incremental import WatermarkSpec
 from airflow_provider_cxpg.manifest import SUCCESS_MARKER
 from airflow_provider_cxpg.operators.assets import record_asset_event, stable_asset
-from airflow_provider_cxpg.parallel import DATASET_MANIFEST, plan_or_reuse_ranges, validate_dataset
+from airflow_provider_cxpg.parallel import (
+    DATASET_MANIFEST,
+    changed_ranges,
+    plan_or_reuse_ranges,
+    validate_dataset,
+    window_reference,
+)
 from airflow_provider_cxpg.watermark_state import WatermarkState, source_identity, spec_for_run
 
 if TYPE_CHECKING:
@@ -153,11 +159,10 @@ class PostgresPartitionPlanOperator(BaseOperator):
     def _source_identity(self) -> str:
         return source_identity(
             table=self.table,
-            sql=" ".join(str(self.sql).split()) if self.sql else None,
+            sql=self.sql,
             where=self.where,
             key_columns=self.key_columns,
             column=self.watermark_column,
-            partitions=self.partitions,
         )
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
@@ -191,7 +196,11 @@ class PostgresPartitionPlanOperator(BaseOperator):
                 "source": self._source_identity(),
             }
             destination.write_json(DATASET_MANIFEST, record)
-            extra = {"watermark_window": window, "watermark_start": window["start"], "watermark_end": window["end"]}
+            extra = {
+                "watermark_window": window_reference(record, destination.url),  # the window lives in the record
+                "watermark_start": window["start"],
+                "watermark_end": window["end"],
+            }
         base = destination.url
         return [
             {
@@ -299,6 +308,15 @@ class PostgresPartitionValidateOperator(BaseOperator):
             record.pop("error")
         destination.write_json(DATASET_MANIFEST, record)
         destination.write_marker(SUCCESS_MARKER)  # the dataset is proven complete: readers may go
+        changed = changed_ranges(destination, totals["partitions"])
+        if changed:  # a range started again meanwhile (a cleared mapped task): not complete after all
+            destination.remove(SUCCESS_MARKER)
+            record["status"] = "running"
+            destination.write_json(DATASET_MANIFEST, record)
+            raise DataIntegrityError(
+                f"{', '.join(changed)} started again while the dataset was validated: validate once it is done",
+                ranges=changed,
+            )
         state = record.get("watermark_state") or {}
         if window is not None and state.get("key"):
             WatermarkState(state["key"]).commit(window, state.get("dag_run_id"), state.get("source"))

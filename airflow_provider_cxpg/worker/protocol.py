@@ -23,10 +23,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import select
+import queue
 import struct
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -47,9 +46,11 @@ __all__ = [
     "Message",
     "ParquetSink",
     "QueryStarted",
+    "QueuedSender",
     "ReadChunk",
     "Ready",
     "Shutdown",
+    "encode_frame",
 ]
 
 _HEADER = struct.Struct(">I")
@@ -72,6 +73,9 @@ class Configure:
     :param storage_timeout: seconds each storage call may take (None: no limit).
     :param run_application_name: the run's ``application_name``: when the parent dies, the worker
         terminates the run's backends (its own, and the parent's ``<name>-...`` ones) before exiting.
+    :param task_pid: the parent's pid, as the parent saw it (a parent that died while the worker
+        started is still recognised: ``os.getppid()`` would already be 1).
+    :param task_started: the parent's start time (``/proc/<pid>/stat``), telling a reused pid apart.
     """
 
     endpoint: PostgresEndpoint
@@ -81,6 +85,8 @@ class Configure:
     pre_execution: tuple[str, ...] = ()
     storage_timeout: float | None = None
     run_application_name: str | None = None
+    task_pid: int | None = None
+    task_started: str | None = None
 
 
 @dataclass(frozen=True)
@@ -254,6 +260,12 @@ Message = (
 # -- framing ----------------------------------------------------------------------------------------
 
 
+def encode_frame(message: object) -> bytes:
+    """A message as one frame: its length, then its pickle."""
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(payload)) + payload
+
+
 class FrameWriter:
     """Write pickled frames to a file descriptor; safe to share between threads.
 
@@ -267,35 +279,18 @@ class FrameWriter:
         self._closed = False
         self._lock = threading.Lock()
 
-    def send(self, message: object, *, timeout: float | None = None) -> None:
-        """Send one frame.
+    def send(self, message: object) -> None:
+        """Send one frame (blocks while the pipe is full: the parent sends through :class:`QueuedSender`)."""
+        self.write_frame(encode_frame(message))
 
-        :param timeout: give up (``TimeoutError``) when the reader has not taken the frame within
-            this many seconds: a full pipe whose reader is frozen must not hold the writer forever.
-            The descriptor is then switched to non-blocking writes.
-        """
-        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        data = _HEADER.pack(len(payload)) + payload
+    def write_frame(self, data: bytes) -> None:
+        """Write one frame :func:`encode_frame` made."""
         with self._lock:
             if self._closed:
                 raise BrokenPipeError("the channel is closed")
             view = memoryview(data)
-            if timeout is None:
-                while view:
-                    view = view[os.write(self._fd, view) :]
-                return
-            os.set_blocking(self._fd, False)
-            deadline = time.monotonic() + timeout
             while view:
-                try:
-                    view = view[os.write(self._fd, view) :]
-                    continue
-                except BlockingIOError:
-                    pass
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"the reader took no data for {timeout}s (its pipe is full)")
-                select.select([], [self._fd], [], min(remaining, 0.25))
+                view = view[os.write(self._fd, view) :]
 
     def close(self) -> None:
         with self._lock:
@@ -305,6 +300,72 @@ class FrameWriter:
             if self._owns_fd:
                 with contextlib.suppress(OSError):
                     os.close(self._fd)
+
+
+class QueuedSender:
+    """The parent's side of the request pipe: sends never block the caller.
+
+    A worker that stops reading (SIGSTOPped, or stuck) fills its pipe; a blocking write would then
+    hold the parent's main thread, outside every deadline and with the frame lock held, so that even
+    ``on_kill``'s signal handler could not send its stop. Here one thread does every write, in
+    order, and may block; the caller only queues. The frozen worker is found by its missing
+    heartbeats, killed, and the blocked write ends with EPIPE. A write that failed makes every later
+    :meth:`send` raise its error.
+
+    :param writer: a writer that owns its descriptor (a ``dup`` of the pipe's): the thread closes it.
+    """
+
+    _CLOSE = object()
+
+    def __init__(self, writer: FrameWriter, name: str = "cxpg-sender") -> None:
+        self._writer = writer
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._error: OSError | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def error(self) -> OSError | None:
+        """The error the last write ended with (the worker is gone), or None."""
+        return self._error
+
+    def send(self, message: object) -> None:
+        """Queue ``message``; raises the earlier write's ``OSError`` if the pipe is broken.
+
+        The message is pickled here, on the caller's thread: one that cannot be pickled fails its
+        sender, not the writing thread.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise BrokenPipeError("the channel is closed")
+        self._queue.put(encode_frame(message))
+
+    def _run(self) -> None:
+        try:
+            while True:
+                data = self._queue.get()
+                if data is self._CLOSE:
+                    return
+                assert isinstance(data, bytes)
+                self._writer.write_frame(data)
+        except OSError as exc:
+            self._error = exc
+        except BaseException as exc:  # noqa: BLE001  never a silent death: later sends must fail
+            self._error = BrokenPipeError(f"the sender thread failed: {type(exc).__name__}: {exc}")
+        finally:
+            # Only this thread closes the descriptor: closed under a blocked write, its number
+            # could be reused and the write's next part land in another file.
+            self._writer.close()
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop after what is queued: wait ``timeout`` seconds at most (the worker may not read)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(self._CLOSE)
+        self._thread.join(timeout)
 
 
 class FrameReader:

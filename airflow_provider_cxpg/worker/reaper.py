@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+import struct
 import sys
 import threading
 import time
 
 from airflow_provider_cxpg.worker.protocol import Configure
 
-__all__ = ["start_reaper", "terminate_run_backends"]
+__all__ = ["Reaper", "process_identity", "start_reaper", "terminate_run_backends"]
 
 _POLL_SECONDS = 0.5
 
@@ -58,34 +60,130 @@ def terminate_run_backends(config: Configure, timeout: float = 10.0) -> None:
     done.wait(timeout)
 
 
-def _started(pid: int) -> str | None:
-    """The process's start time (``/proc/<pid>/stat`` field 22), or None when it is gone or a zombie."""
+_PROCFS = os.path.exists("/proc/self/stat")
+
+
+def process_identity(pid: int) -> str | None:
+    """Who runs as ``pid``: its start time (``/proc/<pid>/stat`` field 22), None when it is gone.
+
+    The start time tells a reused pid apart. Without a procfs (not Linux) it is only whether the
+    pid exists: "cannot read /proc" must never read as "the task process is gone".
+    """
+    if not _PROCFS:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "alive"
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
             fields = handle.read().rsplit(")", 1)[1].split()
-    except OSError:
+    except FileNotFoundError:
         return None
+    except OSError:  # unreadable but there (a hardened procfs): alive, as far as we can tell
+        return "alive"
     return None if fields[0] in {"Z", "X"} else fields[19]
 
 
-def start_reaper(config: Configure, task_pid: int, channel_fds: tuple[int, ...]) -> bool:
-    """Fork the reaper (see the module docstring); return whether it runs."""
+class Reaper:
+    """The worker's handle on its reaper: :meth:`renewed` passes on a renewed password.
+
+    An IAM token expires: a reaper holding only the first one could not log in to end the backends
+    by the time the task process dies. The worker writes each renewed password into a pipe the
+    reaper reads (non-blocking on the worker's side: the reaper must never hold it up).
+    """
+
+    def __init__(self, pid: int, fd: int) -> None:
+        self.pid = pid
+        self._fd: int | None = fd
+
+    def renewed(self, password: str) -> None:
+        if self._fd is None:
+            return
+        data = password.encode("utf-8")
+        frame = memoryview(_LENGTH.pack(len(data)) + data)
+        deadline = time.monotonic() + 1.0
+        try:
+            while frame:  # a token beyond PIPE_BUF may go in parts; the reaper reads every 0.5 s
+                try:
+                    frame = frame[os.write(self._fd, frame) :]
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise
+                    select.select([], [self._fd], [], 0.1)
+        except OSError:  # a gone reaper (EPIPE), or one not reading: close, never half a frame
+            os.close(self._fd)
+            self._fd = None
+
+
+_LENGTH = struct.Struct("!I")
+
+
+def start_reaper(config: Configure, task_pid: int, channel_fds: tuple[int, ...]) -> Reaper | None:
+    """Fork the reaper (see the module docstring); return its handle, or None when it does not run."""
     if not config.run_application_name:
-        return False
-    task_started = _started(task_pid)
+        return None
+    task_started = config.task_started if config.task_pid == task_pid else process_identity(task_pid)
+    try:
+        read_fd, write_fd = os.pipe()
+    except OSError:
+        return None
     try:
         pid = os.fork()
     except OSError:
-        return False
+        os.close(read_fd)
+        os.close(write_fd)
+        return None
     if pid:
-        return True
+        os.close(read_fd)
+        os.set_blocking(write_fd, False)
+        return Reaper(pid, write_fd)
     try:  # the reaper from here on: never return into the worker's code
-        _watch(config, task_pid, task_started, channel_fds)
+        os.close(write_fd)
+        _watch(config, task_pid, task_started, (*channel_fds,), read_fd)
     finally:
         os._exit(0)
 
 
-def _watch(config: Configure, task_pid: int, task_started: str | None, channel_fds: tuple[int, ...]) -> None:
+class _Passwords:
+    """Reads the renewed passwords the worker sends; keeps the last."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+        self.buffer = b""
+        self.latest: str | None = None
+
+    def wait(self, seconds: float) -> None:
+        """Sleep ``seconds``, taking in whatever the worker sends meanwhile."""
+        if self.fd is None:
+            time.sleep(seconds)
+            return
+        readable, _, _ = select.select([self.fd], [], [], seconds)
+        if not readable:
+            return
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:
+            data = b""
+        if not data:  # the worker closed its end: nothing more will come (a partial frame is dropped)
+            os.close(self.fd)
+            self.fd = None
+            self.buffer = b""
+            return
+        self.buffer += data
+        while len(self.buffer) >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(self.buffer)
+            if len(self.buffer) < _LENGTH.size + size:
+                break
+            self.latest = self.buffer[_LENGTH.size : _LENGTH.size + size].decode("utf-8", errors="replace")
+            self.buffer = self.buffer[_LENGTH.size + size :]
+
+
+def _watch(
+    config: Configure, task_pid: int, task_started: str | None, channel_fds: tuple[int, ...], passwords_fd: int
+) -> None:
     worker = os.getppid()
     for fd in channel_fds:  # the parent's pipes: EOF must follow the worker, not the reaper
         with contextlib.suppress(OSError):
@@ -95,12 +193,16 @@ def _watch(config: Configure, task_pid: int, task_started: str | None, channel_f
         os.dup2(devnull, fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    while True:
-        time.sleep(_POLL_SECONDS)
-        if _started(task_pid) != task_started:  # the task process is gone (or its pid reused)
-            terminate_run_backends(config)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker, signal.SIGKILL)
-            return
+    passwords = _Passwords(passwords_fd)
+    # A task process already gone when the reaper started (task_started None) is acted on at once.
+    while task_started is not None and process_identity(task_pid) in (task_started, "alive"):
         if os.getppid() != worker:  # the worker ended while its parent lives: nothing to do
             return
+        passwords.wait(_POLL_SECONDS)
+    # The task process is gone (or its pid reused).
+    if passwords.latest is not None:
+        config = Configure(**{**config.__dict__, "endpoint": config.endpoint.with_password(passwords.latest)})
+    terminate_run_backends(config)
+    if os.getppid() == worker:  # still our worker: a pid that ended meanwhile may be someone else's now
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)

@@ -48,7 +48,7 @@ from airflow_provider_cxpg.worker.protocol import (  # noqa: E402
     Ready,
     Shutdown,
 )
-from airflow_provider_cxpg.worker.reaper import start_reaper, terminate_run_backends  # noqa: E402
+from airflow_provider_cxpg.worker.reaper import Reaper, start_reaper, terminate_run_backends  # noqa: E402
 from airflow_provider_cxpg.worker.sinks import STORAGE, set_storage_timeout  # noqa: E402
 
 __all__ = ["main"]
@@ -85,13 +85,23 @@ def _heartbeat_loop(writer: FrameWriter, state: ChunkState, config: Configure, p
 
 
 def _parent_gone(config: Configure, code: int) -> None:
-    """Exit: the reaper ends the run's backends (or, when it could not be forked, do it here first)."""
-    if not _REAPER[0]:
-        terminate_run_backends(config)
+    """Exit: the reaper ends the run's backends (or, when it could not be forked, do it here first).
+
+    ``config`` may be the one the caller started with: the current one (a renewed password) is used.
+    """
+    if _RUN.reaper is None:
+        terminate_run_backends(_RUN.config or config)
     os._exit(code)
 
 
-_REAPER = [False]
+class _Run:
+    """What the worker's threads share about its run: the current configuration and the reaper."""
+
+    config: Configure | None = None
+    reaper: Reaper | None = None
+
+
+_RUN = _Run()
 
 
 def _warm_imports() -> None:
@@ -149,7 +159,11 @@ def main() -> None:
     if not isinstance(config, Configure):
         os._exit(EXIT_PROTOCOL_ERROR)
     # Fork the reaper now: one thread, no connectorx read yet (see reaper.py).
-    _REAPER[0] = start_reaper(config, parent_pid, (0, channel))
+    # The parent as it saw itself: a parent that died while this worker imported has left it to
+    # init already, and os.getppid() above would be pid 1.
+    parent_pid = config.task_pid or parent_pid
+    _RUN.config = config
+    _RUN.reaper = start_reaper(config, parent_pid, (0, channel))
     # Parquet and compute kernels load in the background while the parent sends its first request
     # (the first chunk would otherwise pay ~80 ms for them).
     threading.Thread(target=_warm_imports, name="cxpg-warm", daemon=True).start()
@@ -176,6 +190,9 @@ def main() -> None:
             break
         if isinstance(message, Credentials):  # connections opened from now on use the new password
             config = Configure(**{**config.__dict__, "endpoint": config.endpoint.with_password(message.password)})
+            _RUN.config = config  # for a clean-up from the heartbeat thread
+            if _RUN.reaper is not None:
+                _RUN.reaper.renewed(message.password)  # and for the reaper's
             redact = Redactor([*redact.secrets, message.password])
             background.redact = redact
             uri = config.endpoint.connectorx_uri()
