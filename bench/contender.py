@@ -45,14 +45,23 @@ class Run:
     page_rows: int
     uri: str
     parallelism: int = 1
+    key: str = "id"
     t0: float | None = None
+    cpu0: float | None = None
     rss_at_start: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
     def start(self) -> None:
         """Mark the start of the work; remember what the process holds now (interpreter + imports)."""
         self.rss_at_start = _self_rss()
+        self.cpu0 = _client_cpu()
         self.t0 = time.perf_counter()
+
+
+def _client_cpu() -> float:
+    """User + system CPU of this process and of the children it reaped (the provider's workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _self_rss() -> int | None:
@@ -167,7 +176,7 @@ def provider_iter(run: Run) -> dict[str, Any]:
         rows += table.num_rows
         nbytes += table.nbytes
         chunks += 1
-        id_sum += pc.sum(table.column("id")).as_py() or 0  # touches one column of the mapped chunk
+        id_sum += pc.sum(table.column(run.key)).as_py() or 0  # touches one column of the mapped chunk
         del table  # drop the mapping before the next chunk arrives
     end = time.perf_counter()
     details = _provider_details(log_path)
@@ -262,7 +271,7 @@ def cx_partitioned(run: Run) -> dict[str, Any]:
         run.uri,
         f"SELECT * FROM public.{run.table}",
         return_type="arrow",
-        partition_on="id",
+        partition_on=run.key,
         partition_num=run.partitions,
     )
     end = time.perf_counter()
@@ -298,7 +307,7 @@ def cx_offset_parquet(run: Run) -> dict[str, Any]:
         t = time.perf_counter()
         table = cx.read_sql(
             run.uri,
-            f"SELECT * FROM public.{run.table} ORDER BY id LIMIT {run.page_rows} OFFSET {offset}",
+            f"SELECT * FROM public.{run.table} ORDER BY {run.key} LIMIT {run.page_rows} OFFSET {offset}",
             return_type="arrow",
         )
         if table.num_rows:
@@ -399,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=100_000)
     parser.add_argument("--page-rows", type=int, default=1_000_000)
     parser.add_argument("--parallelism", type=int, default=1, help="provider_parallel: workers")
+    parser.add_argument("--key", default="id", help="the table's key column (its values are 1..rows)")
     args = parser.parse_args(argv)
     _watch_parent()
     started = time.perf_counter()
@@ -412,15 +422,20 @@ def main(argv: list[str] | None = None) -> int:
         page_rows=args.page_rows,
         uri=os.environ["BENCH_PG_URI"],
         parallelism=args.parallelism,
+        key=args.key,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     outcome = CONTENDERS[args.name](run)
     assert run.t0 is not None, "the contender never called run.start()"
     end = float(outcome.pop("end"))
+    work_cpu = _client_cpu() - (run.cpu0 or 0.0)  # the workers are reaped by now
     result: dict[str, Any] = {
         "name": args.name,
         "setup_s": round(run.t0 - started, 4),
         "work_s": round(end - run.t0, 4),
+        # From just before the first query to the end: the parent, and every worker it spawned and
+        # reaped in that time (a worker's own imports included: a run pays them).
+        "work_cpu_s": round(work_cpu, 4),
         "rss_at_start_bytes": run.rss_at_start,
         "rows": outcome.pop("rows"),
         "arrow_bytes": outcome.pop("arrow_bytes", None),

@@ -59,6 +59,8 @@ class JobRun:
     work_s: float | None = None
     process_s: float | None = None
     cpu_s: float | None = None
+    work_cpu_s: float | None = None
+    server_cpu_s: float | None = None
     setup_s: float | None = None
     peak_rss: int | None = None
     root_peak_rss: int | None = None
@@ -91,6 +93,10 @@ class Summary:
     work_max: float | None = None
     process_median: float | None = None
     cpu_median: float | None = None
+    work_cpu_median: float | None = None
+    work_cpu_min: float | None = None
+    work_cpu_max: float | None = None
+    server_cpu_median: float | None = None
     setup_median: float | None = None
     peak_rss_median: int | None = None
     peak_rss_max: int | None = None
@@ -127,6 +133,12 @@ def summarise(job: Job, runs: Sequence[JobRun], *, rows: int, data_bytes: int | 
     summary.process_median = statistics.median(procs) if procs else None
     cpus = [r.cpu_s for r in good if r.cpu_s is not None]
     summary.cpu_median = statistics.median(cpus) if cpus else None
+    work_cpus = [r.work_cpu_s for r in good if r.work_cpu_s is not None]
+    if work_cpus:
+        summary.work_cpu_median = statistics.median(work_cpus)
+        summary.work_cpu_min, summary.work_cpu_max = min(work_cpus), max(work_cpus)
+    server_cpus = [r.server_cpu_s for r in good if r.server_cpu_s is not None]
+    summary.server_cpu_median = statistics.median(server_cpus) if server_cpus else None
     setups = [r.setup_s for r in good if r.setup_s is not None]
     summary.setup_median = statistics.median(setups) if setups else None
     peaks = [r.peak_rss for r in good if r.peak_rss]
@@ -187,6 +199,16 @@ def compute_overhead(jobs: Sequence[Job], runs: Sequence[JobRun], rows: int) -> 
 
 
 # -- formatting ------------------------------------------------------------------------------------
+
+
+def _shape(table: dict[str, Any]) -> str:
+    if table.get("dataset") == "pgbench":
+        return "4 columns (pgbench_accounts as `pgbench -i` creates it: integer PK, 2 integers, char(84) filler)"
+    return "8 columns (bigint PK, int, double, text ~20 chars, timestamptz, numeric(12,2), boolean, uuid)"
+
+
+def _columns(table: dict[str, Any]) -> str:
+    return "4 columns (pgbench_accounts)" if table.get("dataset") == "pgbench" else "8 columns"
 
 
 def _s(value: float | None, digits: int = 2) -> str:
@@ -257,9 +279,9 @@ def _package_row(meta: dict[str, Any]) -> str:
 
 def _results_md(summaries: Sequence[Summary], basis: str) -> list[str]:
     lines = [
-        "| contender | output | work s median (min–max) | process s | CPU s | rows/s | MB/s "
-        "| peak RSS MiB median (max) | worker peak MiB | growth MiB | × provider | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| contender | output | work s median (min–max) | process s | CPU s | work CPU s (min–max) | server CPU s "
+        "| rows/s | MB/s | peak RSS MiB median (max) | worker peak MiB | growth MiB | × provider | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         if s.ok_runs:
@@ -273,6 +295,7 @@ def _results_md(summaries: Sequence[Summary], basis: str) -> list[str]:
         label = f"**{s.job.label}**" if s.job.provider else s.job.label
         lines.append(
             f"| {label} | {s.job.sink} | {work} | {_s(s.process_median)} | {_s(s.cpu_median)} | "
+            f"{_s(s.work_cpu_median)} ({_s(s.work_cpu_min)}–{_s(s.work_cpu_max)}) | {_s(s.server_cpu_median)} | "
             f"{_rate(s.rows_per_s)} | {_s(s.mb_per_s, 0)} | {_mib(s.peak_rss_median)} ({_mib(s.peak_rss_max)}) | "
             f"{_mib(s.descendants_peak_median)} | {_mib(s.work_rss_median)} | {_s(s.ratio_to_provider)} | {status} |"
         )
@@ -422,8 +445,8 @@ def write_main(
         "",
         "## Data",
         "",
-        f"`{table['qualified']}`: {table['rows']:,} rows × 8 columns (bigint PK, int, double, text ~20 chars, "
-        f"timestamptz, numeric(12,2), boolean, uuid); heap {table['heap_bytes'] / MIB:,.0f} MiB on disk "
+        f"`{table['qualified']}`: {table['rows']:,} rows × {_shape(table)}; "
+        f"heap {table['heap_bytes'] / MIB:,.0f} MiB on disk "
         f"({table['total_bytes'] / MIB:,.0f} MiB with the index); Arrow size as connectorx returns it "
         f"{_mib(meta.get('arrow_bytes'))} MiB.",
         "",
@@ -440,7 +463,10 @@ def write_main(
         "`provider_parallel*`), without the parent that imports Airflow; — where the contender has no child "
         "process. *CPU s*: user + system CPU "
         "of the contender process and its worker over the whole process (imports included; the server's CPU is "
-        "not). *× provider*: median work "
+        "not). *work CPU s*: the same from just before the first query to the end of the work (the client's "
+        "cost of the work: parent + every worker it spawned then, a worker's imports included). *server CPU s*: "
+        "the PostgreSQL server's processes over the contender's run (every backend, the postmaster's reaped "
+        "children, background processes; — when the server is not local). *× provider*: median work "
         "time divided by that of "
         f"`{meta['reference_label']}`. Bold rows are the provider.",
         "",
@@ -553,7 +579,7 @@ def _plot_main(path: Path, summaries: Sequence[Summary], meta: dict[str, Any]) -
         ax.grid(axis="x", alpha=0.3)
     rows = meta["table"]["rows"]
     fig.suptitle(
-        f"{_count(rows)} rows × 8 columns, {meta['rounds']} round(s) — orange: the provider; "
+        f"{_count(rows)} rows × {_columns(meta['table'])}, {meta['rounds']} round(s) — orange: the provider; "
         f"{meta['machine']['logical_cores']} cores, PostgreSQL {meta.get('server', {}).get('server_version')}",
         fontsize=10,
     )

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-__all__ = ["TreeSample", "TreeSampler", "tree_pids"]
+__all__ = ["TreeSample", "TreeSampler", "tree_cpu_seconds", "tree_pids"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _HAVE_CHILDREN_FILES = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
@@ -56,6 +56,24 @@ def tree_pids(root: int) -> list[int]:
         found.append(pid)
         todo.extend(_children(pid))
     return found
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU of ``root`` and its live descendants, and of the children they reaped.
+
+    A process's exited children move into its ``cutime``/``cstime`` when it reaps them, so summing
+    every live process's own and reaped-children CPU counts each once.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+    return total / tick
 
 
 def _rss(pid: int) -> int:

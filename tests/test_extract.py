@@ -52,9 +52,12 @@ def output_rows(directory: Path) -> list[tuple[Any, ...]]:
 def test_full_extract_is_exact_and_the_manifest_records_every_chunk(
     conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path, stream_rows: int
 ) -> None:
+    before = set(worker_pids(0))
     result = ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
         destination=str(out_dir), table=orders, chunk_rows=3_000, stream_rows=stream_rows, **FAST
     )
+    # At once, not after a poll: neither the worker nor its forked reaper outlives a finished run.
+    assert set(worker_pids(0)) - before == set()
     assert output_rows(out_dir) == source_rows(admin, orders)
     manifest = manifest_of(out_dir)
     assert manifest["status"] == "complete" and manifest["rows"] == ROWS == result.rows

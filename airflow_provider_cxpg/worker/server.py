@@ -199,6 +199,8 @@ def main() -> None:
         elif isinstance(message, ReadChunk):
             _serve(message, uri, config, state, writer, background, redact)
     background.wait()
+    if _RUN.reaper is not None:
+        _RUN.reaper.stop()
     writer.close()
     # os._exit: skip interpreter teardown; connectorx's native threads have nothing left to do.
     os._exit(0)
