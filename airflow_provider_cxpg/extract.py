@@ -181,6 +181,8 @@ class Extraction:
     :param chunk_bytes: target Arrow bytes per chunk; sizes chunks from the measured row width.
     :param compression: Parquet codec (``zstd`` default).
     :param row_group_rows: Parquet row-group size.
+    :param parquet_dictionary: ``"auto"`` (default): dictionary-encode only the columns whose first
+        row group of each file is repetitive (at most half distinct values); True/False: all or none.
     :param max_worker_restarts: replace a dead worker this many times before failing.
     :param extra_filters: SQL conditions added to every chunk (incremental windows).
     :param lower: exclusive lower key bound; ``upper``: inclusive upper key bound (partitions).
@@ -214,6 +216,7 @@ class Extraction:
         chunk_bytes: int | None = None,
         compression: str = "zstd",
         row_group_rows: int = 65_536,
+        parquet_dictionary: bool | str = "auto",
         max_worker_restarts: int = 2,
         extra_filters: Sequence[str] = (),
         lower: Sequence[Any] | None = None,
@@ -250,6 +253,9 @@ class Extraction:
         if not isinstance(row_group_rows, int) or row_group_rows <= 0:
             raise InvalidInputError(f"row_group_rows must be a positive integer, got {row_group_rows!r}")
         self.row_group_rows = row_group_rows
+        if not (parquet_dictionary == "auto" or isinstance(parquet_dictionary, bool)):
+            raise InvalidInputError(f"parquet_dictionary must be 'auto', True or False, got {parquet_dictionary!r}")
+        self.parquet_dictionary = parquet_dictionary
         if not isinstance(max_worker_restarts, int) or max_worker_restarts < 0:
             raise InvalidInputError(f"max_worker_restarts must be >= 0, got {max_worker_restarts!r}")
         self.max_worker_restarts = max_worker_restarts
@@ -308,6 +314,7 @@ class Extraction:
             storage_options=options,
             compression=self.compression,
             row_group_rows=self.row_group_rows,
+            dictionary=self.parquet_dictionary,
             metadata={FOOTER_RUN_ID: manifest.run_id, FOOTER_CHUNK: str(index)},
         )
 

@@ -156,6 +156,11 @@ def provider_parquet(run: Run) -> dict[str, Any]:
     return _extract_to_parquet(run)
 
 
+@contender("provider_parquet_dict")
+def provider_parquet_dict(run: Run) -> dict[str, Any]:
+    return _extract_to_parquet(run, parquet_dictionary=True)  # every column dictionary-encoded: pyarrow's default
+
+
 @contender("provider_parquet_stream")
 def provider_parquet_stream(run: Run) -> dict[str, Any]:
     return _extract_to_parquet(run, stream_rows=65_536)  # each chunk streamed, written as batches arrive

@@ -255,6 +255,8 @@ def test_null_key_in_a_query_source_is_a_clear_error(conn_id: str, orders: str, 
         ({"columns": ["id", "nope"]}, "nope"),
         ({"key_columns": ["note"]}, "not unique|tie"),
         ({"compression": "bogus"}, "compression"),
+        ({"parquet_dictionary": "yes"}, "parquet_dictionary"),
+        ({"parquet_dictionary": 1}, "parquet_dictionary"),
         ({"where": "no_such_column > 1"}, "not valid"),
         ({"column_casts": {"note": "no_such_type"}}, "not a known type"),
         ({"table": 'x"; DROP TABLE y; --'}, "cannot parse"),
@@ -331,3 +333,33 @@ def test_exact_multiple_of_chunk_rows_writes_no_empty_trailing_file(
         destination=str(out_dir), table=orders, chunk_rows=5_000, stream_rows=stream_rows, **FAST
     )
     assert result.chunks == 4 and all(c["rows"] == 5_000 for c in manifest_of(out_dir)["chunks"])
+
+
+def _dictionary_encoded(path: Path) -> dict[str, bool]:
+    metadata = pq.ParquetFile(path).metadata
+    group = metadata.row_group(0)
+    return {
+        group.column(i).path_in_schema: any("DICTIONARY" in e for e in group.column(i).encodings)
+        for i in range(group.num_columns)
+    }
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ("auto", {"id": False, "customer": True, "note": False, "amount": False, "at": False}),
+        (True, {"id": True, "customer": True, "note": True, "amount": True, "at": True}),
+        (False, {"id": False, "customer": False, "note": False, "amount": False, "at": False}),
+    ],
+)
+def test_dictionary_encoding_only_where_values_repeat(
+    conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path, policy: Any, expected: dict[str, bool]
+) -> None:
+    """``auto``: the unique key, hashes, amounts and times go plain; ``customer`` (97 values) keeps
+    its dictionary. The rows are the same whatever the encoding."""
+    ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+        destination=str(out_dir), table=orders, chunk_rows=10_000, parquet_dictionary=policy, **FAST
+    )
+    for chunk in manifest_of(out_dir)["chunks"]:
+        assert _dictionary_encoded(out_dir / chunk["file"]) == expected
+    assert output_rows(out_dir) == source_rows(admin, orders)

@@ -311,6 +311,7 @@ class ConnectorXPostgresHook(PostgresHook):
         chunk_bytes: int | None = None,
         storage_options: dict[str, Any] | None = None,
         compression: str = "zstd",
+        parquet_dictionary: bool | str = "auto",
         query_timeout: float | None = 3600.0,
         job_timeout: float | None = None,
         heartbeat_interval: float = 1.0,
@@ -344,6 +345,7 @@ class ConnectorXPostgresHook(PostgresHook):
         :param chunk_bytes: size chunks to about this many Arrow bytes instead.
         :param storage_options: fsspec options for the destination.
         :param compression: Parquet codec.
+        :param parquet_dictionary: ``"auto"``: dictionary-encode only repetitive columns; True/False.
         :param query_timeout: seconds per query (server ``statement_timeout`` too); None: no limit.
         :param job_timeout: seconds for the whole extraction; None: no limit.
         :param heartbeat_interval: seconds between worker heartbeats.
@@ -392,6 +394,7 @@ class ConnectorXPostgresHook(PostgresHook):
             chunk_rows=chunk_rows,
             chunk_bytes=chunk_bytes,
             compression=compression,
+            parquet_dictionary=parquet_dictionary,
             max_worker_restarts=max_worker_restarts,
             extra_filters=extra_filters,
             lower=lower,

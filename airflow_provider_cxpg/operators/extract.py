@@ -89,6 +89,9 @@ class PostgresExtractOperator(BaseOperator):
     :param storage_options: fsspec options for the destination (sent to the worker over its pipe).
     :param file_format: ``parquet``.
     :param compression: Parquet codec (``zstd`` default).
+    :param parquet_dictionary: ``"auto"`` (default) dictionary-encodes only the columns whose first
+        row group in each file is repetitive (dictionaries of near-unique values cost more CPU and
+        bytes than they save); True or False: every column or none.
     :param query_timeout: limit per chunk query (seconds or a ``timedelta``), enforced by the parent
         and as server ``statement_timeout``; None for no limit.
     :param job_timeout: limit for the whole extraction; None for no limit.
@@ -167,6 +170,7 @@ class PostgresExtractOperator(BaseOperator):
         storage_options: dict[str, Any] | None = None,
         file_format: str = "parquet",
         compression: str = "zstd",
+        parquet_dictionary: bool | str = "auto",
         query_timeout: float | dt.timedelta | None = 3600.0,
         job_timeout: float | dt.timedelta | None = None,
         storage_timeout: float | dt.timedelta | None = DEFAULT_STORAGE_TIMEOUT,
@@ -207,6 +211,7 @@ class PostgresExtractOperator(BaseOperator):
         self.storage_options = storage_options
         self.file_format = file_format
         self.compression = compression
+        self.parquet_dictionary = parquet_dictionary
         self.query_timeout = query_timeout
         self.job_timeout = job_timeout
         self.storage_timeout = storage_timeout
@@ -354,6 +359,7 @@ class PostgresExtractOperator(BaseOperator):
             "chunk_bytes": self.chunk_bytes,
             "storage_options": self.storage_options,
             "compression": self.compression,
+            "parquet_dictionary": self.parquet_dictionary,
             "query_timeout": self.query_timeout,
             "job_timeout": self.job_timeout,
             "storage_timeout": self.storage_timeout,

@@ -104,6 +104,8 @@ class ParquetSink:
     :param storage_options: fsspec options for remote URLs (credentials travel here, over the pipe).
     :param compression: Parquet codec.
     :param row_group_rows: rows buffered before a row group is written.
+    :param dictionary: ``"auto"``: dictionary-encode only the columns whose first row group is
+        repetitive; True/False: every column or none.
     :param metadata: key-value pairs for the file's footer (the run id and chunk number, which the
         output check compares with the manifest: a file from another run or chunk is foreign).
     """
@@ -113,6 +115,7 @@ class ParquetSink:
     compression: str = "zstd"
     compression_level: int | None = None
     row_group_rows: int = 65_536
+    dictionary: bool | str = "auto"
     metadata: dict[str, str] = field(default_factory=dict)
 
 

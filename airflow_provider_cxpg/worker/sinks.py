@@ -61,21 +61,67 @@ def _local_path(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 
 
+#: A column is dictionary-encoded when its sample holds at most this share of distinct values.
+DICTIONARY_MAX_DISTINCT_SHARE = 0.5
+#: Rows of a file's first row group that decide (hashing them costs ~1 ms per column; a whole
+#: 65,536-row group costs five times that per column, more than its dictionary would save).
+DICTIONARY_SAMPLE_ROWS = 16_384
+
+
+def dictionary_columns(table: pa.Table, sample_rows: int = DICTIONARY_SAMPLE_ROWS) -> list[str]:
+    """The columns worth dictionary-encoding, judged on the first ``sample_rows`` rows.
+
+    Parquet keeps one dictionary per column chunk (row group). For a column of mostly distinct
+    values (keys, uuids, measurements, free text) the dictionary is as large as the data, the
+    indices come on top and, past the dictionary page limit, the writer falls back to plain
+    encoding anyway: building it is the most expensive part of encoding such a column (measured in
+    bench/README.md). Repetitive columns (codes, states, padding) keep it: there it pays. A sample
+    shows fewer repeats than the whole row group, so a column that repeats only moderately may go
+    without one: a slightly larger file (zstd takes back most of it), never a slower one.
+    """
+    import pyarrow.compute as pc
+
+    sample = table.slice(0, sample_rows)
+    chosen = []
+    for field, column in zip(sample.schema, sample.columns, strict=True):
+        values = len(column) - column.null_count
+        try:
+            distinct = pc.count_distinct(column, mode="only_valid").as_py()
+        except (pa.ArrowNotImplementedError, pa.ArrowTypeError):  # nested types: the writer's default
+            chosen.append(field.name)
+            continue
+        if distinct <= DICTIONARY_MAX_DISTINCT_SHARE * values:
+            chosen.append(field.name)
+    return chosen
+
+
 class _ParquetWriter:
-    """Write tables to a Parquet file object or path in row groups of ``row_group_rows``."""
+    """Write tables to a Parquet file object or path in row groups of ``row_group_rows``.
+
+    The file is opened with the first row group, whose rows decide which columns are
+    dictionary-encoded (``dictionary="auto"``, see :func:`dictionary_columns`).
+    """
 
     def __init__(self, schema: pa.Schema, sink: ParquetSink, target: Any) -> None:
-        import pyarrow.parquet as pq
-
         self._sink = sink
-        options: dict[str, Any] = {"compression": sink.compression}
-        if sink.compression_level is not None:
-            options["compression_level"] = sink.compression_level
+        self._target = target
         if sink.metadata:  # the footer's key-value metadata: who wrote this file, for the output check
             schema = schema.with_metadata({**(schema.metadata or {}), **sink.metadata})
-        self._writer = pq.ParquetWriter(target, schema, **options)
+        self._schema = schema
+        self._writer: Any = None
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
+
+    def _open(self, first: pa.Table | None) -> Any:
+        import pyarrow.parquet as pq
+
+        dictionary: bool | list[str] = self._sink.dictionary if isinstance(self._sink.dictionary, bool) else True
+        if self._sink.dictionary == "auto" and first is not None:
+            dictionary = dictionary_columns(first)
+        options: dict[str, Any] = {"compression": self._sink.compression, "use_dictionary": dictionary}
+        if self._sink.compression_level is not None:
+            options["compression_level"] = self._sink.compression_level
+        return pq.ParquetWriter(self._target, self._schema, **options)
 
     def write_table(self, table: pa.Table) -> None:
         """Buffer streamed batches into whole row groups (small row groups make slow Parquet)."""
@@ -89,11 +135,15 @@ class _ParquetWriter:
     def _flush(self) -> None:
         if self._pending:
             table = pa.concat_tables(self._pending) if len(self._pending) > 1 else self._pending[0]
+            if self._writer is None:
+                self._writer = self._open(table)
             self._writer.write_table(table, row_group_size=self._sink.row_group_rows)
             self._pending, self._pending_rows = [], 0
 
     def close(self) -> None:
         self._flush()
+        if self._writer is None:  # no rows: an empty file with the schema
+            self._writer = self._open(None)
         self._writer.close()
 
 
