@@ -161,6 +161,13 @@ def provider_parquet_dict(run: Run) -> dict[str, Any]:
     return _extract_to_parquet(run, parquet_dictionary=True)  # every column dictionary-encoded: pyarrow's default
 
 
+@contender("provider_pages")
+def provider_pages(run: Run) -> dict[str, Any]:
+    # Heap page ranges (TID range scans: sequential reads) inside one exported snapshot, instead of
+    # keyset index scans: the server-CPU lever of issue 13, opt-in today.
+    return _extract_to_parquet(run, key_columns=["ctid"], snapshot=True)
+
+
 @contender("provider_parquet_stream")
 def provider_parquet_stream(run: Run) -> dict[str, Any]:
     return _extract_to_parquet(run, stream_rows=65_536)  # each chunk streamed, written as batches arrive

@@ -68,6 +68,7 @@ APP_NAME = "cxpg-bench"
 ALL_CONTENDERS = (
     "provider_parquet",
     "provider_parquet_dict",
+    "provider_pages",
     "provider_parquet_stream",
     "provider_iter",
     "provider_parallel",
@@ -519,6 +520,7 @@ def main_jobs(args: argparse.Namespace, rows: int) -> list[Job]:
     provider_paths = (
         ("provider_parquet", "ConnectorXPostgresHook.extract (the operator's path)"),
         ("provider_parquet_dict", "the same with parquet_dictionary=True (every column; the default before issue 13)"),
+        ("provider_pages", "the same with key_columns=['ctid'], snapshot=True: page ranges in one snapshot"),
         ("provider_parquet_stream", "the same with stream_rows=65536: each chunk streamed in batches"),
     )
     for name, description in provider_paths:
