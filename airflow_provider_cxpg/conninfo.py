@@ -11,9 +11,10 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 from urllib.parse import quote, quote_plus
 
-from airflow_provider_cxpg.exceptions import ConnectionConfigError
+from airflow_provider_cxpg.exceptions import ConnectionConfigError, ServerConnectionError
 
 __all__ = [
     "FORWARDED_PARAMS",
@@ -22,6 +23,7 @@ __all__ = [
     "SESSION_SETTINGS",
     "PostgresEndpoint",
     "Redactor",
+    "connect",
     "liveness_settings",
 ]
 
@@ -317,3 +319,51 @@ class Redactor:
         if self._pattern is None or not text:
             return text
         return self._pattern.sub(REDACTED, text)
+
+
+#: Client-side liveness for the parent's connections over TCP (libpq parameters; the user's win): a
+#: network that drops packets (no RST) fails a statement within seconds, not the kernel's ~15 minutes.
+_CLIENT_SOCKET = {
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "10000",
+}
+
+
+def connect(
+    endpoint: PostgresEndpoint,
+    *,
+    connect_timeout: float = 10.0,
+    statement_timeout_ms: int = 10_000,
+    settings: dict[str, str] | None = None,
+) -> Any:
+    """Open an autocommit psycopg connection with deadlines on connecting, the socket and every statement.
+
+    :param settings: more session settings, set once connected.
+    :raises ServerConnectionError: the server cannot be reached or refuses the login (no secret in
+        the message).
+    """
+    import psycopg
+
+    kwargs: dict[str, Any] = endpoint.libpq_kwargs()
+    kwargs["connect_timeout"] = max(1, round(connect_timeout))
+    if not endpoint.is_unix_socket:
+        for name, value in _CLIENT_SOCKET.items():
+            kwargs.setdefault(name, value)
+    own = f"-c statement_timeout={int(statement_timeout_ms)} -c lock_timeout={int(statement_timeout_ms)}"
+    kwargs["options"] = f"{kwargs['options']} {own}" if kwargs.get("options") else own
+    try:
+        conn = psycopg.connect(autocommit=True, **kwargs)
+    except psycopg.Error as exc:
+        redact = Redactor(endpoint.secrets())
+        detail = redact(str(exc).strip()) or type(exc).__name__
+        raise ServerConnectionError(
+            f"cannot connect to {endpoint.redacted_uri()}: {detail}", endpoint=endpoint.redacted_uri()
+        ) from None
+    wanted = {**liveness_settings(conn.info.server_version), **(settings or {})}
+    if wanted:
+        assignments = ", ".join("set_config(%s, %s, false)" for _ in wanted)
+        conn.execute(f"SELECT {assignments}", [v for pair in wanted.items() for v in pair])
+    return conn

@@ -204,7 +204,7 @@ def provider_parallel(run: Run) -> dict[str, Any]:
     worker reads one exported snapshot, held by one more connection for the run).
     """
     from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
-    from airflow_provider_cxpg.parallel import DATASET_MANIFEST
+    from airflow_provider_cxpg.run.parallel import DATASET_MANIFEST
 
     log_path = run.out.parent / f"{run.out.name}.querylog.jsonl"
     dest = run.out / "parquet"

@@ -1,6 +1,6 @@
 """The planner's own cost, in a fresh process: ``python -m bench.planner --table ... --result FILE``.
 
-Times :func:`airflow_provider_cxpg.partition.plan_key_ranges` — what ``parallelism=N`` and
+Times :func:`airflow_provider_cxpg.planning.key_ranges.plan_key_ranges` — what ``parallelism=N`` and
 ``PostgresPartitionPlanOperator`` run before any data moves — for each method and partition count,
 ``--repeats`` times (the median is reported), on the benchmark table:
 
@@ -34,7 +34,7 @@ STATEMENT_TIMEOUT_MS = 600_000
 
 
 def _range_counts(conn: Any, plan: Any, ranges: list[Any], *, pages: bool) -> list[int]:
-    from airflow_provider_cxpg.plan import SOURCE_ALIAS
+    from airflow_provider_cxpg.planning.plan import SOURCE_ALIAS
 
     counts: list[int] = []
     for r in ranges:
@@ -55,10 +55,10 @@ def _range_counts(conn: Any, plan: Any, ranges: list[Any], *, pages: bool) -> li
 
 def measure(table: str, partitions: list[int], methods: list[str], repeats: int) -> dict[str, Any]:
     """Plan the table's ranges by every method and partition count; return timings and spreads."""
+    from airflow_provider_cxpg.conninfo import connect
     from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
-    from airflow_provider_cxpg.monitor import connect
-    from airflow_provider_cxpg.partition import plan_key_ranges
-    from airflow_provider_cxpg.plan import SourceSpec, build_plan
+    from airflow_provider_cxpg.planning.key_ranges import plan_key_ranges
+    from airflow_provider_cxpg.planning.plan import SourceSpec, build_plan
 
     hook = ConnectorXPostgresHook(postgres_conn_id=CONN_ID)
     endpoint = hook.get_endpoint().with_session(application_name="cxpg-bench-planner")

@@ -85,9 +85,8 @@ def measure(name: str, fn: Callable[[], Any], repeats: int, server: bool = False
 def main() -> None:
     import connectorx as cx
 
-    from airflow_provider_cxpg.conninfo import PostgresEndpoint
-    from airflow_provider_cxpg.monitor import connect
-    from airflow_provider_cxpg.plan import SourceSpec, build_plan
+    from airflow_provider_cxpg.conninfo import PostgresEndpoint, connect
+    from airflow_provider_cxpg.planning.plan import SourceSpec, build_plan
     from airflow_provider_cxpg.worker.chunk import _cast, _check
     from airflow_provider_cxpg.worker.sinks import dictionary_columns
 

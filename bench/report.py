@@ -375,7 +375,8 @@ def _planner_md(planner: dict[str, Any] | None, heading: str = "##") -> list[str
         return [*lines, f"FAILED: {planner['error']}", ""]
     build = planner.get("build_plan_s", {})
     lines += [
-        f"`airflow_provider_cxpg.partition.plan_key_ranges(conn, plan, partitions, method)` on `{planner['table']}`, "
+        "`airflow_provider_cxpg.planning.key_ranges.plan_key_ranges(conn, plan, partitions, method)` "
+        f"on `{planner['table']}`, "
         f"median of {planner['repeats']} calls each, in a fresh process over one autocommit connection (what "
         "`parallelism=N` and `PostgresPartitionPlanOperator` run before any data moves). `histogram`, `sample` and "
         '`ntile` plan the primary key; `ctid` plans the same table with `key_columns=["ctid"]` (heap page ranges). '

@@ -45,7 +45,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlparse, urlunparse
 import psutil
 import psycopg
 
-from airflow_provider_cxpg.embedded_postgres import interrupt_on_termination
+from airflow_provider_cxpg.demo.embedded_postgres import interrupt_on_termination
 from bench.data import TableInfo, machine_info, package_state, prepare_table, server_info
 from bench.report import (
     Job,
@@ -451,7 +451,7 @@ def rounds_order(jobs: Sequence[Job], rounds: int) -> Iterator[tuple[int, list[J
 
 def measure_worker_startup(runs: int) -> dict[str, Any]:
     """Spawn ``python -P -m airflow_provider_cxpg.worker`` as the supervisor does; time it to Ready."""
-    from airflow_provider_cxpg.supervisor import worker_environment
+    from airflow_provider_cxpg.supervisor.session import worker_environment
     from airflow_provider_cxpg.worker.protocol import FrameReader, Ready
 
     env = worker_environment()
@@ -992,7 +992,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dsn:
             server = Server.from_uri(args.dsn, "given by --dsn")
         else:
-            from airflow_provider_cxpg.embedded_postgres import EmbeddedPostgres
+            from airflow_provider_cxpg.demo.embedded_postgres import EmbeddedPostgres
 
             print("starting an embedded PostgreSQL...", flush=True)
             embedded = EmbeddedPostgres().start()

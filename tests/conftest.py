@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlparse  # noqa: E402
 import psycopg  # noqa: E402
 import pytest  # noqa: E402
 
-from airflow_provider_cxpg.embedded_postgres import EmbeddedPostgres, interrupt_on_termination  # noqa: E402
+from airflow_provider_cxpg.demo.embedded_postgres import EmbeddedPostgres, interrupt_on_termination  # noqa: E402
 from tests.helpers import PgInfo, system_bindir  # noqa: E402
 
 

@@ -16,7 +16,7 @@ import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from airflow_provider_cxpg.embedded_postgres import EmbeddedPostgres
+from airflow_provider_cxpg.demo.embedded_postgres import EmbeddedPostgres
 
 WORKER_MODULE = "airflow_provider_cxpg.worker"
 

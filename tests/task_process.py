@@ -26,10 +26,9 @@ def main() -> None:
     timeout = arguments.pop("execution_timeout", None)
     if os.environ.get("CXPG_TEST_NO_LIVENESS") == "1":
         import airflow_provider_cxpg.conninfo as conninfo
-        import airflow_provider_cxpg.monitor as monitor
-        import airflow_provider_cxpg.supervisor as supervisor
+        import airflow_provider_cxpg.supervisor.session as supervisor
 
-        for module in (conninfo, monitor, supervisor):
+        for module in (conninfo, supervisor):  # conninfo.connect and the worker's session settings
             module.liveness_settings = lambda version: {}  # type: ignore[attr-defined]
 
     token_file = os.environ.get("CXPG_TEST_TOKEN_FILE")

@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from airflow_provider_cxpg.destination import Destination
 from airflow_provider_cxpg.exceptions import (
     DataIntegrityError,
     DestinationConflictError,
@@ -29,9 +28,10 @@ from airflow_provider_cxpg.exceptions import (
     StorageError,
 )
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
-from airflow_provider_cxpg.incremental import WatermarkSpec
 from airflow_provider_cxpg.operators.partition import PostgresPartitionPlanOperator, PostgresPartitionValidateOperator
-from airflow_provider_cxpg.parallel import recorded_window
+from airflow_provider_cxpg.output.destination import Destination
+from airflow_provider_cxpg.planning.incremental import WatermarkSpec
+from airflow_provider_cxpg.run.parallel import recorded_window
 from tests.helpers import PgInfo, assert_nothing_left, manifest_of, read_output, wait_until
 from tests.netproxy import running_proxy
 
@@ -237,9 +237,9 @@ def test_a_chunk_file_shortened_during_the_run_fails_it_naming_the_file_and_the_
 def test_the_single_extraction_check_fails_for_a_damaged_file(
     conn_id: str, admin: psycopg.Connection, schema: str, tmp_path: Path, damage: str
 ) -> None:
-    from airflow_provider_cxpg.destination import Destination
-    from airflow_provider_cxpg.manifest import Manifest
-    from airflow_provider_cxpg.verify import check_output
+    from airflow_provider_cxpg.output.destination import Destination
+    from airflow_provider_cxpg.output.manifest import Manifest
+    from airflow_provider_cxpg.output.verify import check_output
 
     table = _slow_table(admin, schema, rows=300)
     out, other = tmp_path / "out", tmp_path / "other"

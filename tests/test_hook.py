@@ -246,7 +246,7 @@ def test_refused_port_fails_fast(pg: PgInfo, monkeypatch: pytest.MonkeyPatch) ->
 def test_embedded_server_helper_stops_its_server_on_a_plain_kill(tmp_path: Path) -> None:
     """``kill`` (SIGTERM) of the helper must not leave an orphaned PostgreSQL behind."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "airflow_provider_cxpg.embedded_postgres"],
+        [sys.executable, "-m", "airflow_provider_cxpg.demo.embedded_postgres"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

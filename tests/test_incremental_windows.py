@@ -19,10 +19,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from airflow_provider_cxpg.incremental import END_KEYS_MAX
 from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
 from airflow_provider_cxpg.operators.partition import PostgresPartitionPlanOperator, PostgresPartitionValidateOperator
-from airflow_provider_cxpg.watermark_state import WatermarkState, default_state_key, spec_for_run
+from airflow_provider_cxpg.planning.incremental import END_KEYS_MAX
+from airflow_provider_cxpg.planning.watermark_state import WatermarkState, default_state_key, spec_for_run
 from tests.helpers import read_output, register_dag
 from tests.test_operator_dags import run_dag, xcom_return
 
@@ -480,7 +480,7 @@ def test_a_task_whose_source_changed_does_not_continue_the_old_sources_windows(
 def _window_runs(conn_id: str, tmp_path: Path, **kwargs: Any) -> Iterator[tuple[list[dict[str, Any]], Any]]:
     """Consecutive windows of one source through the hook, each starting after the last."""
     from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
-    from airflow_provider_cxpg.incremental import WatermarkSpec
+    from airflow_provider_cxpg.planning.incremental import WatermarkSpec
 
     hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
     last: dict[str, Any] | None = None
@@ -548,7 +548,7 @@ def test_a_partitioned_table_with_a_foreign_partition_loses_no_update_at_its_end
         assert sorted((r["id"], r["note"]) for r in rows) == [(150, "changed"), (151, "a")]
         from airflow_provider_cxpg.exceptions import InvalidInputError
         from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
-        from airflow_provider_cxpg.incremental import WatermarkSpec
+        from airflow_provider_cxpg.planning.incremental import WatermarkSpec
 
         with pytest.raises(InvalidInputError, match="xmin 0"):  # no xmin window would select those rows
             ConnectorXPostgresHook(postgres_conn_id=system_conn_id).extract(

@@ -2,7 +2,7 @@
 
 Each keyed table holds awkward key values plus ``rn``, the row's rank in the server's own
 ``ORDER BY key``. With ``chunk_rows=3`` nearly every value is the last key of some chunk, so it is
-rendered by :func:`airflow_provider_cxpg.sql.literal` and sent back to the server as the next lower
+rendered by :func:`airflow_provider_cxpg.planning.sql.literal` and sent back to the server as the next lower
 bound. The output's ``rn`` column must then read exactly 1..n in chunk order (ascending, nothing
 repeated, nothing missing) and every key value must equal what psycopg reads.
 """
@@ -32,7 +32,7 @@ from airflow_provider_cxpg.exceptions import (
     SourceNotFoundError,
 )
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
-from airflow_provider_cxpg.sql import literal
+from airflow_provider_cxpg.planning.sql import literal
 from tests.helpers import PgInfo, assert_nothing_left, manifest_of, read_output
 
 pytestmark = pytest.mark.integration

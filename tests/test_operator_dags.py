@@ -300,8 +300,8 @@ def test_taskflow_iter_chunks_example_dag(orders_db: Path, admin: psycopg.Connec
 )
 def test_xmin_window_filter_is_exact_across_wraparound(admin: psycopg.Connection, start: int, end: int) -> None:
     """Evaluate the generated condition on synthetic 32-bit xids against the 64-bit truth."""
-    from airflow_provider_cxpg.incremental import WatermarkSpec, _xmin_window
-    from airflow_provider_cxpg.plan import ExtractPlan, SourceSpec
+    from airflow_provider_cxpg.planning.incremental import WatermarkSpec, _xmin_window
+    from airflow_provider_cxpg.planning.plan import ExtractPlan, SourceSpec
 
     class _Table:
         kind = "table"
@@ -330,8 +330,8 @@ def test_xmin_window_filter_is_exact_across_wraparound(admin: psycopg.Connection
 
 
 def test_xmin_window_wider_than_half_the_xid_space_reads_everything(admin: psycopg.Connection) -> None:
-    from airflow_provider_cxpg.incremental import WatermarkSpec, _xmin_window
-    from airflow_provider_cxpg.plan import ExtractPlan, SourceSpec
+    from airflow_provider_cxpg.planning.incremental import WatermarkSpec, _xmin_window
+    from airflow_provider_cxpg.planning.plan import ExtractPlan, SourceSpec
 
     class _Table:
         kind = "table"

@@ -18,13 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from airflow_provider_cxpg.conninfo import connect
 from airflow_provider_cxpg.exceptions import CxpgError, StorageError, WorkerCrashedError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
-from airflow_provider_cxpg.monitor import connect
 from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
 from airflow_provider_cxpg.operators.partition import PostgresPartitionPlanOperator, PostgresPartitionValidateOperator
-from airflow_provider_cxpg.partition import plan_key_ranges
-from airflow_provider_cxpg.plan import SourceSpec, build_plan
+from airflow_provider_cxpg.planning.key_ranges import plan_key_ranges
+from airflow_provider_cxpg.planning.plan import SourceSpec, build_plan
 from tests.helpers import PgInfo, assert_nothing_left, manifest_of, wait_until, worker_pids
 
 pytestmark = pytest.mark.integration

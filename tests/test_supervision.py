@@ -22,7 +22,6 @@ from typing import Any
 import psycopg
 import pytest
 
-from airflow_provider_cxpg.destination import Destination
 from airflow_provider_cxpg.exceptions import (
     ConnectionConfigError,
     ExtractionAborted,
@@ -30,8 +29,9 @@ from airflow_provider_cxpg.exceptions import (
     StorageError,
 )
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
-from airflow_provider_cxpg.manifest import Manifest
-from airflow_provider_cxpg.supervisor import worker_environment
+from airflow_provider_cxpg.output.destination import Destination
+from airflow_provider_cxpg.output.manifest import Manifest
+from airflow_provider_cxpg.supervisor.session import worker_environment
 from tests.helpers import PgInfo, assert_nothing_left, cxpg_backends, read_output, wait_until, worker_pids
 from tests.netproxy import running_proxy
 from tests.s3_server import S3Server, s3_process
@@ -575,7 +575,7 @@ def test_ambient_aws_credentials_are_resolved_in_the_parent_and_sent_over_the_pi
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Whatever botocore's chain finds in the parent (here: the environment) reaches the worker as options."""
-    from airflow_provider_cxpg.storage_env import WorkerStorage
+    from airflow_provider_cxpg.output.storage_env import WorkerStorage
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPARENTKEY")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "parent-secret")
@@ -630,7 +630,7 @@ def test_a_frozen_worker_whose_pipe_is_full_cannot_hold_the_parent(pg: PgInfo, t
     from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
     from airflow_provider_cxpg.exceptions import HeartbeatLostError
     from airflow_provider_cxpg.querylog import QueryLog
-    from airflow_provider_cxpg.supervisor import WorkerSession, WorkerSettings
+    from airflow_provider_cxpg.supervisor.session import WorkerSession, WorkerSettings
     from airflow_provider_cxpg.worker.protocol import IpcSink, ReadChunk
 
     endpoint = PostgresEndpoint(host=pg.host, port=pg.port, dbname=pg.dbname, user=pg.user, password=pg.password)
@@ -666,7 +666,7 @@ def test_a_frozen_worker_whose_pipe_is_full_cannot_hold_the_parent(pg: PgInfo, t
 
 
 def test_no_control_statement_starts_after_an_abort() -> None:
-    from airflow_provider_cxpg.extract import _AbortChecked
+    from airflow_provider_cxpg.run.extraction import _AbortChecked
 
     ran: list[str] = []
 

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from airflow_provider_cxpg.conninfo import PostgresEndpoint
-from airflow_provider_cxpg.embedded_postgres import EmbeddedPostgres
+from airflow_provider_cxpg.demo.embedded_postgres import EmbeddedPostgres
 from airflow_provider_cxpg.exceptions import ServerConnectionError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from tests.helpers import PgInfo, read_output, system_bindir

@@ -10,20 +10,20 @@ import pyarrow as pa
 from airflow.providers.postgres.hooks.postgres import PostgresHook
 
 from airflow_provider_cxpg.conninfo import FORWARDED_PARAMS, PostgresEndpoint
-from airflow_provider_cxpg.destination import Destination
 from airflow_provider_cxpg.exceptions import ConnectionConfigError
-from airflow_provider_cxpg.extract import (
+from airflow_provider_cxpg.output.destination import Destination
+from airflow_provider_cxpg.planning.incremental import WatermarkSpec
+from airflow_provider_cxpg.planning.plan import SourceSpec
+from airflow_provider_cxpg.querylog import QueryLog
+from airflow_provider_cxpg.run.extraction import (
     DEFAULT_CHUNK_ROWS,
     DEFAULT_STREAM_ROWS,
     Extraction,
     ExtractResult,
     new_run_id,
 )
-from airflow_provider_cxpg.incremental import WatermarkSpec
-from airflow_provider_cxpg.plan import SourceSpec
-from airflow_provider_cxpg.querylog import QueryLog
-from airflow_provider_cxpg.reads import iter_chunk_tables, read_query_table
-from airflow_provider_cxpg.supervisor import WorkerSettings
+from airflow_provider_cxpg.run.reads import iter_chunk_tables, read_query_table
+from airflow_provider_cxpg.supervisor.session import WorkerSettings
 
 __all__ = ["ConnectorXPostgresHook"]
 
@@ -354,7 +354,7 @@ class ConnectorXPostgresHook(PostgresHook):
         :param extra_filters: SQL conditions added to every chunk.
         :param lower: exclusive lower key bound (pages: first page).
         :param upper: inclusive upper key bound (pages: end page, exclusive).
-        :param watermark: incremental window (see :mod:`airflow_provider_cxpg.incremental`).
+        :param watermark: incremental window (see :mod:`airflow_provider_cxpg.planning.incremental`).
         :param resume: continue an unfinished extraction at the destination.
         :param snapshot: True: read every chunk from one exported snapshot; a string: import that id.
         :param read_ahead: with ``stream_rows=0``: read the next chunk while this one is written.
@@ -366,7 +366,7 @@ class ConnectorXPostgresHook(PostgresHook):
         :param worker_index: labels this extraction's events in a parallel run.
         :param owner: who runs it (``dag_id.task_id``): it may replace its own earlier output at the
             destination; another source's output there is never taken over.
-        :param settings: further :class:`~airflow_provider_cxpg.supervisor.WorkerSettings` fields.
+        :param settings: further :class:`~airflow_provider_cxpg.supervisor.session.WorkerSettings` fields.
         """
         spec = SourceSpec(
             table=table,

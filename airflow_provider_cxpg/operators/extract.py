@@ -9,14 +9,19 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.common.compat.sdk import BaseOperator
 
-from airflow_provider_cxpg.destination import DEFAULT_STORAGE_TIMEOUT, Destination
 from airflow_provider_cxpg.durations import as_seconds
 from airflow_provider_cxpg.exceptions import InvalidInputError
-from airflow_provider_cxpg.extract import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, Extraction, ExtractResult
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
-from airflow_provider_cxpg.incremental import WatermarkSpec
 from airflow_provider_cxpg.operators.assets import asset_uri, record_asset_event, stable_asset
-from airflow_provider_cxpg.watermark_state import WatermarkState, describe_window, source_identity, spec_for_run
+from airflow_provider_cxpg.output.destination import DEFAULT_STORAGE_TIMEOUT, Destination
+from airflow_provider_cxpg.planning.incremental import WatermarkSpec
+from airflow_provider_cxpg.planning.watermark_state import (
+    WatermarkState,
+    describe_window,
+    source_identity,
+    spec_for_run,
+)
+from airflow_provider_cxpg.run.extraction import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, Extraction, ExtractResult
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -104,7 +109,7 @@ class PostgresExtractOperator(BaseOperator):
         once across runs; ``"xmin"`` uses transaction ids (see the README, "Incremental runs").
     :param watermark_start: exclusive lower bound (templated), for a one-off window; default: where
         the last successful run ended (state the provider keeps, see
-        :mod:`~airflow_provider_cxpg.watermark_state`), or a full copy on the first run.
+        :mod:`~airflow_provider_cxpg.planning.watermark_state`), or a full copy on the first run.
     :param watermark_end: upper bound (templated); default: ``max(column)`` when the run starts. Rows
         holding it then are read; rows written later with the same value are the next run's.
     :param watermark_lag: re-read this much before the start, for writers whose commits arrive late
@@ -128,7 +133,7 @@ class PostgresExtractOperator(BaseOperator):
         growing with ``chunk_rows`` (slower: choose it for very large chunks).
     :param resume: continue an unfinished extraction found at the destination (default True).
     :param query_log_path: also write the structured query log as JSON lines to this file.
-    :param worker_settings: further :class:`~airflow_provider_cxpg.supervisor.WorkerSettings` fields.
+    :param worker_settings: further :class:`~airflow_provider_cxpg.supervisor.session.WorkerSettings` fields.
     :param emit_asset: emit the destination's stable asset (its static part; the run's prefix is in
         the event's extra). The partition planner turns it off for its ranges: the validator emits
         the dataset's.
@@ -294,7 +299,7 @@ class PostgresExtractOperator(BaseOperator):
         if self.watermark_window:
             window = dict(self.watermark_window)
             if "dataset" in window and "end_mode" not in window:  # the planner's reference to its record
-                from airflow_provider_cxpg.parallel import recorded_window
+                from airflow_provider_cxpg.run.parallel import recorded_window
 
                 dataset = self._location(window["dataset"])
                 window = recorded_window(
@@ -377,7 +382,7 @@ class PostgresExtractOperator(BaseOperator):
             **settings,
         }
         if self.parallelism > 1:
-            from airflow_provider_cxpg.parallel import ParallelExtraction
+            from airflow_provider_cxpg.run.parallel import ParallelExtraction
 
             self._extraction = ParallelExtraction(
                 self.hook,
@@ -422,7 +427,7 @@ class PostgresExtractOperator(BaseOperator):
         endpoint = self.hook.get_endpoint()
         inputs = []
         if self.table:
-            from airflow_provider_cxpg.sql import parse_qualified_name
+            from airflow_provider_cxpg.planning.sql import parse_qualified_name
 
             schema, name = parse_qualified_name(self.table)
             inputs.append(

@@ -17,7 +17,7 @@ For incremental runs the planner fixes the window once and hands it to every ran
 (``watermark_window``, with the keys at its edges), so every range reads exactly that window, also
 on the first run and on retries; no range looks for a start of its own. The validator checks that
 every range read it, and only then commits it as the planner's state (see
-:mod:`~airflow_provider_cxpg.watermark_state`): the next run's window starts after a dataset that
+:mod:`~airflow_provider_cxpg.planning.watermark_state`): the next run's window starts after a dataset that
 was validated complete, never after one that failed.
 """
 
@@ -31,21 +31,21 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import BaseOperator
 
-from airflow_provider_cxpg.destination import DEFAULT_STORAGE_TIMEOUT, Destination
 from airflow_provider_cxpg.durations import as_seconds
 from airflow_provider_cxpg.exceptions import DataIntegrityError, InvalidInputError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
-from airflow_provider_cxpg.incremental import WatermarkSpec
-from airflow_provider_cxpg.manifest import SUCCESS_MARKER
 from airflow_provider_cxpg.operators.assets import record_asset_event, stable_asset
-from airflow_provider_cxpg.parallel import (
+from airflow_provider_cxpg.output.destination import DEFAULT_STORAGE_TIMEOUT, Destination
+from airflow_provider_cxpg.output.manifest import SUCCESS_MARKER
+from airflow_provider_cxpg.planning.incremental import WatermarkSpec
+from airflow_provider_cxpg.planning.watermark_state import WatermarkState, source_identity, spec_for_run
+from airflow_provider_cxpg.run.parallel import (
     DATASET_MANIFEST,
     changed_ranges,
     plan_or_reuse_ranges,
     validate_dataset,
     window_reference,
 )
-from airflow_provider_cxpg.watermark_state import WatermarkState, source_identity, spec_for_run
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context

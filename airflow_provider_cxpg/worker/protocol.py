@@ -34,6 +34,7 @@ import pyarrow as pa
 from airflow_provider_cxpg.conninfo import PostgresEndpoint
 
 __all__ = [
+    "OBJECT_STORES",
     "ChunkDone",
     "ChunkRead",
     "Configure",
@@ -94,6 +95,11 @@ class Credentials:
     """A new password (a refreshed IAM token, a rotated secret) for the connections opened from now on."""
 
     password: str = field(repr=False)
+
+
+#: fsspec protocols whose objects appear only when an upload completes (atomic by themselves): the
+#: worker uploads chunk files straight to their key there, the parent writes manifests the same way.
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2"})
 
 
 @dataclass(frozen=True)

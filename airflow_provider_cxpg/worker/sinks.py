@@ -8,7 +8,7 @@ A chunk file appears under its final name only when complete:
 * other fsspec filesystems: write a temporary name, then move it.
 
 Every storage call (open, each write, commit, abort) runs on the worker's storage thread under the
-run's ``storage_timeout`` (see :mod:`..bounded`): a store that stops answering, or a hung mount,
+run's ``storage_timeout`` (see :mod:`~airflow_provider_cxpg.bounded`): a store that stops answering, or a hung mount,
 fails the chunk with a :class:`StorageError` that names the file and the operation, instead of
 holding the worker. The thread reports what it is doing in every heartbeat, so the parent can also
 tell a wedged write from a slow one.
@@ -25,9 +25,8 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
-from airflow_provider_cxpg.destination import OBJECT_STORES
 from airflow_provider_cxpg.exceptions import StorageError
-from airflow_provider_cxpg.worker.protocol import IpcSink, ParquetSink
+from airflow_provider_cxpg.worker.protocol import OBJECT_STORES, IpcSink, ParquetSink
 
 __all__ = ["STORAGE", "ChunkWriter", "open_writer", "set_storage_timeout"]
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from airflow_provider_cxpg.exceptions import DataIntegrityError, InvalidInputError
-from airflow_provider_cxpg.plan import ExtractPlan
-from airflow_provider_cxpg.supervisor import WorkerSession
+from airflow_provider_cxpg.planning.plan import ExtractPlan
+from airflow_provider_cxpg.supervisor.session import WorkerSession
 from airflow_provider_cxpg.worker.protocol import ChunkDone, ChunkRead, IpcSink, ParquetSink, ReadChunk
 
 __all__ = ["ChunkQuery", "ChunkSizer", "KeysetChunks", "PageChunks", "chunks_for", "pipelined"]

@@ -1,8 +1,8 @@
 """Chunked extraction under supervision: plan, read, commit, resume.
 
 :class:`Extraction` copies a source (or one key range of it) to Parquet files with a manifest. The
-chunking itself lives in :mod:`.chunking`; in-process reads (``iter_chunks``, ``read_arrow``) in
-:mod:`.reads`.
+chunking itself lives in :mod:`~airflow_provider_cxpg.run.chunking`; in-process reads
+(``iter_chunks``, ``read_arrow``) in :mod:`~airflow_provider_cxpg.run.reads`.
 
 A dead worker (crash, kill, heartbeat loss) is replaced up to ``max_worker_restarts`` times; the new
 worker continues after the last committed chunk. Query errors and deadlines are not retried here:
@@ -20,11 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
-from airflow_provider_cxpg.catalog import classify_control_error, describe_query
-from airflow_provider_cxpg.chunking import ChunkSizer, chunks_for, pipelined
-from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
-from airflow_provider_cxpg.credentials import CredentialSource, is_authentication_failure
-from airflow_provider_cxpg.destination import Destination
+from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, connect
 from airflow_provider_cxpg.exceptions import (
     CxpgError,
     DestinationConflictError,
@@ -34,8 +30,8 @@ from airflow_provider_cxpg.exceptions import (
     StorageError,
     WorkerError,
 )
-from airflow_provider_cxpg.incremental import WatermarkSpec, Window, check_watermark, resolve_window
-from airflow_provider_cxpg.manifest import (
+from airflow_provider_cxpg.output.destination import Destination
+from airflow_provider_cxpg.output.manifest import (
     DATASET_MANIFEST,
     SUCCESS_MARKER,
     ChunkEntry,
@@ -47,14 +43,18 @@ from airflow_provider_cxpg.manifest import (
     range_dir,
     source_id,
 )
-from airflow_provider_cxpg.monitor import ActivitySampler, ControlCancels, ServerMonitor, connect
-from airflow_provider_cxpg.plan import ExtractPlan, SourceSpec, build_plan, key_to_json
-from airflow_provider_cxpg.progress import Progress, estimate_rows
+from airflow_provider_cxpg.output.storage_env import WorkerStorage
+from airflow_provider_cxpg.output.verify import FOOTER_CHUNK, FOOTER_RUN_ID, check_output, output_problems
+from airflow_provider_cxpg.planning.catalog import classify_control_error, describe_query
+from airflow_provider_cxpg.planning.incremental import WatermarkSpec, Window, check_watermark, resolve_window
+from airflow_provider_cxpg.planning.plan import ExtractPlan, SourceSpec, build_plan, key_to_json
+from airflow_provider_cxpg.planning.snapshot import ExportedSnapshot, import_statements
 from airflow_provider_cxpg.querylog import QueryLog
-from airflow_provider_cxpg.snapshot import ExportedSnapshot, import_statements
-from airflow_provider_cxpg.storage_env import WorkerStorage
-from airflow_provider_cxpg.supervisor import WorkerSession, WorkerSettings
-from airflow_provider_cxpg.verify import FOOTER_CHUNK, FOOTER_RUN_ID, check_output, output_problems
+from airflow_provider_cxpg.run.chunking import ChunkSizer, chunks_for, pipelined
+from airflow_provider_cxpg.run.progress import Progress, estimate_rows
+from airflow_provider_cxpg.supervisor.credentials import CredentialSource, is_authentication_failure
+from airflow_provider_cxpg.supervisor.monitor import ActivitySampler, ControlCancels, ServerMonitor
+from airflow_provider_cxpg.supervisor.session import WorkerSession, WorkerSettings
 from airflow_provider_cxpg.worker.protocol import ParquetSink
 
 __all__ = [
@@ -186,11 +186,13 @@ class Extraction:
     :param max_worker_restarts: replace a dead worker this many times before failing.
     :param extra_filters: SQL conditions added to every chunk (incremental windows).
     :param lower: exclusive lower key bound; ``upper``: inclusive upper key bound (partitions).
-    :param watermark: read only an incremental window (see :mod:`.incremental`); a resumed run
+    :param watermark: read only an incremental window (see
+        :mod:`~airflow_provider_cxpg.planning.incremental`); a resumed run
         reuses the window its manifest recorded.
     :param resume: continue a matching unfinished manifest at the destination (default True).
     :param snapshot: read every chunk from one exported snapshot (a point-in-time copy, see
-        :mod:`.snapshot`): True exports one for this run; a string imports an existing snapshot id
+        :mod:`~airflow_provider_cxpg.planning.snapshot`): True exports one for this run; a string
+        imports an existing snapshot id
         (parallel workers share their parent's).
     :param read_ahead: with ``stream_rows=0``: read chunk *k+1* while chunk *k* is written (the
         worker holds two chunks); False holds one.
@@ -200,7 +202,7 @@ class Extraction:
     :param querylog: event sink; a default one is created.
     :param application_name_prefix: kept in front of the run's unique application name.
     :param owner: who runs this extraction (``dag_id.task_id``): it may replace its own earlier output
-        at the destination even when the source differs (see :mod:`.manifest`).
+        at the destination even when the source differs (see :mod:`~airflow_provider_cxpg.output.manifest`).
     :param refresh_credentials: returns a freshly resolved endpoint (a new IAM token); used when the
         password is older than ``settings.credentials_refresh_interval`` and once after a refused login.
     """

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from airflow_provider_cxpg.exceptions import InvalidInputError
-from airflow_provider_cxpg.incremental import WatermarkSpec
+from airflow_provider_cxpg.planning.incremental import WatermarkSpec
 
 __all__ = [
     "AirflowVariables",

@@ -1,6 +1,7 @@
 """What the server's catalog says about a source: columns, types, keys.
 
-Runs in the parent on the psycopg control connection (see :mod:`.monitor`), before any data moves.
+Runs in the parent on the psycopg control connection (see
+:mod:`~airflow_provider_cxpg.supervisor.monitor`), before any data moves.
 Every name reaches the server as a bind parameter or a quoted identifier, never spliced raw.
 """
 
@@ -15,8 +16,8 @@ from airflow_provider_cxpg.exceptions import (
     ServerConnectionError,
     SourceNotFoundError,
 )
-from airflow_provider_cxpg.pgtypes import PgType
-from airflow_provider_cxpg.sql import qualified, quote_ident
+from airflow_provider_cxpg.planning.pgtypes import PgType
+from airflow_provider_cxpg.planning.sql import qualified, quote_ident
 
 __all__ = [
     "SourceColumn",

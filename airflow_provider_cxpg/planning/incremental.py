@@ -60,8 +60,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from airflow_provider_cxpg.exceptions import InvalidInputError, SourceNotFoundError
-from airflow_provider_cxpg.plan import SOURCE_ALIAS, ExtractPlan
-from airflow_provider_cxpg.sql import literal, quote_ident, text_form
+from airflow_provider_cxpg.planning.plan import SOURCE_ALIAS, ExtractPlan
+from airflow_provider_cxpg.planning.sql import literal, quote_ident, text_form
 
 __all__ = [
     "AT_LEAST_ONCE",

@@ -3,7 +3,7 @@
 connectorx takes no bind parameters, so every value we put in a query (the last key of a chunk, a
 watermark bound) is rendered here as a literal with an explicit cast: ``'<text form>'::<type>``. The
 text form is PostgreSQL's own input syntax for that type, so the server parses back exactly the value
-it sent us. Connections use ``standard_conforming_strings=on`` (see :mod:`.conninfo`), so doubling
+it sent us. Connections use ``standard_conforming_strings=on`` (see :mod:`~airflow_provider_cxpg.conninfo`), so doubling
 single quotes is the complete escape for string literals.
 """
 

@@ -6,7 +6,8 @@
     <destination>/range=0000/_manifest.json  one ordinary extraction per range (own worker, own resume)
     <destination>/range=0000/part-000000.parquet ...
 
-The ranges come from :mod:`.partition` and are recorded before any data moves; a retried task reuses
+The ranges come from :mod:`~airflow_provider_cxpg.planning.key_ranges` and are recorded before any
+data moves; a retried task reuses
 them, so every range resumes from its own manifest. Each range runs in a thread of this process
 driving its own worker (own deadlines, heartbeats, application name and log events with
 ``worker=i``). When one fails, the others are aborted (their server queries cancelled, their workers
@@ -14,7 +15,7 @@ stopped) and the first error is raised. The main thread only waits, so Airflow's
 ``AirflowTaskTimeout`` and ``KeyboardInterrupt`` reach it and stop everything.
 
 Consistency: by default (``snapshot=True``) every range reads from one exported snapshot, so the
-dataset is one point-in-time copy even while rows change (see :mod:`.snapshot`).
+dataset is one point-in-time copy even while rows change (see :mod:`~airflow_provider_cxpg.planning.snapshot`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import threading
 import time
 from typing import Any
 
-from airflow_provider_cxpg.destination import Destination
 from airflow_provider_cxpg.exceptions import (
     CxpgError,
     DestinationConflictError,
@@ -33,9 +33,8 @@ from airflow_provider_cxpg.exceptions import (
     InvalidInputError,
     StorageError,
 )
-from airflow_provider_cxpg.extract import Extraction, ExtractResult, new_run_id
-from airflow_provider_cxpg.incremental import WatermarkSpec, check_watermark
-from airflow_provider_cxpg.manifest import (
+from airflow_provider_cxpg.output.destination import Destination
+from airflow_provider_cxpg.output.manifest import (
     DATASET_MANIFEST,
     MANIFEST_NAME,
     SUCCESS_MARKER,
@@ -44,9 +43,11 @@ from airflow_provider_cxpg.manifest import (
     is_range_dir,
     range_dir,
 )
-from airflow_provider_cxpg.partition import plan_key_ranges
-from airflow_provider_cxpg.snapshot import ExportedSnapshot
-from airflow_provider_cxpg.verify import output_problems
+from airflow_provider_cxpg.output.verify import output_problems
+from airflow_provider_cxpg.planning.incremental import WatermarkSpec, check_watermark
+from airflow_provider_cxpg.planning.key_ranges import plan_key_ranges
+from airflow_provider_cxpg.planning.snapshot import ExportedSnapshot
+from airflow_provider_cxpg.run.extraction import Extraction, ExtractResult, new_run_id
 
 __all__ = [
     "DATASET_MANIFEST",
@@ -84,7 +85,7 @@ def validate_dataset(
     Checks that every range's extraction is complete with the planned bounds and ``window``, that the
     ranges tile the key space, that no ``range=NNNN/`` folder outside the plan remains, and (with
     ``check_files``) that every file each manifest lists is there, whole, and its own (see
-    :mod:`.verify`).
+    :mod:`~airflow_provider_cxpg.output.verify`).
 
     :raises StorageError: naming every problem found.
     """
@@ -278,7 +279,7 @@ class ParallelExtraction:
 
     :param hook: the :class:`~airflow_provider_cxpg.hooks.connectorx.ConnectorXPostgresHook`.
     :param parallelism: workers (and ranges).
-    :param partition_method: see :mod:`.partition` (``auto`` default).
+    :param partition_method: see :mod:`~airflow_provider_cxpg.planning.key_ranges` (``auto`` default).
     :param snapshot: all ranges read one exported snapshot (default True).
     :param kwargs: everything else :meth:`ConnectorXPostgresHook.prepare_extraction` takes.
     """

@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.dsn:
                 dsn = args.dsn
             else:
-                from airflow_provider_cxpg.embedded_postgres import EmbeddedPostgres, interrupt_on_termination
+                from airflow_provider_cxpg.demo.embedded_postgres import EmbeddedPostgres, interrupt_on_termination
 
                 interrupt_on_termination()  # a plain kill of the demo still stops its server
                 print("starting an embedded PostgreSQL ...", flush=True)
@@ -241,7 +240,3 @@ def main(argv: list[str] | None = None) -> int:
             for item in home.iterdir():
                 if item.name != "query-log.jsonl":
                     shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

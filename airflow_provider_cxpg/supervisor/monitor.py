@@ -10,7 +10,7 @@ Nothing here may stall the parent's deadlines, whatever the network does:
   route fails in seconds, not after the kernel's ~15 minutes of retries), and a server-side
   ``statement_timeout``;
 * every statement runs on a helper thread under a client-side deadline (``call_timeout``), so a
-  gateway that accepts packets but answers nothing is given up on too (see :mod:`.bounded`); after
+  gateway that accepts packets but answers nothing is given up on too (see :mod:`~airflow_provider_cxpg.bounded`); after
   a timeout the monitor reports "unknown" at once for a while instead of waiting again;
 * sampling runs in its own thread (:class:`ActivitySampler`); the deadline loop only reads the
   latest sample.
@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
-from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, liveness_settings
+from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, connect
 from airflow_provider_cxpg.exceptions import ServerConnectionError
 
-__all__ = ["ActivitySampler", "BackendInfo", "Blocker", "ControlCancels", "ServerMonitor", "connect"]
+__all__ = ["ActivitySampler", "BackendInfo", "Blocker", "ControlCancels", "ServerMonitor"]
 
 _ACTIVITY_SQL = """
 SELECT a.pid, a.state, a.wait_event_type, a.wait_event,
@@ -53,14 +53,6 @@ WHERE a.application_name = %s AND a.pid <> pg_backend_pid()
 ORDER BY a.pid
 """
 
-#: Client-side liveness for control connections over TCP (libpq parameters; the user's win).
-_CLIENT_SOCKET = {
-    "keepalives": "1",
-    "keepalives_idle": "5",
-    "keepalives_interval": "2",
-    "keepalives_count": "3",
-    "tcp_user_timeout": "10000",
-}
 _STRING_LITERAL = re.compile(r"'(?:[^']|'')*'")
 
 
@@ -105,43 +97,6 @@ class BackendInfo:
         secs = f" for {self.query_seconds:.1f}s" if self.query_seconds is not None else ""
         held = f", blocked by {'; '.join(b.describe() for b in self.blockers)}" if self.blockers else ""
         return f"backend {self.pid} {self.state or 'unknown'}{wait}{secs}{held}"
-
-
-def connect(
-    endpoint: PostgresEndpoint,
-    *,
-    connect_timeout: float = 10.0,
-    statement_timeout_ms: int = 10_000,
-    settings: dict[str, str] | None = None,
-) -> Any:
-    """Open an autocommit psycopg connection with deadlines on connecting, the socket and every statement.
-
-    :param settings: more session settings, set once connected.
-    :raises ServerConnectionError: the server cannot be reached or refuses the login (no secret in
-        the message).
-    """
-    import psycopg
-
-    kwargs: dict[str, Any] = endpoint.libpq_kwargs()
-    kwargs["connect_timeout"] = max(1, round(connect_timeout))
-    if not endpoint.is_unix_socket:
-        for name, value in _CLIENT_SOCKET.items():
-            kwargs.setdefault(name, value)
-    own = f"-c statement_timeout={int(statement_timeout_ms)} -c lock_timeout={int(statement_timeout_ms)}"
-    kwargs["options"] = f"{kwargs['options']} {own}" if kwargs.get("options") else own
-    try:
-        conn = psycopg.connect(autocommit=True, **kwargs)
-    except psycopg.Error as exc:
-        redact = Redactor(endpoint.secrets())
-        detail = redact(str(exc).strip()) or type(exc).__name__
-        raise ServerConnectionError(
-            f"cannot connect to {endpoint.redacted_uri()}: {detail}", endpoint=endpoint.redacted_uri()
-        ) from None
-    wanted = {**liveness_settings(conn.info.server_version), **(settings or {})}
-    if wanted:
-        assignments = ", ".join("set_config(%s, %s, false)" for _ in wanted)
-        conn.execute(f"SELECT {assignments}", [v for pair in wanted.items() for v in pair])
-    return conn
 
 
 class ServerMonitor:

@@ -1,6 +1,7 @@
 """Object-storage access for the worker, as the parent has it, without a secret in its environment.
 
-The worker's environment is an allowlist (see :mod:`.supervisor`), so the ambient credentials of an
+The worker's environment is an allowlist (see :mod:`~airflow_provider_cxpg.supervisor.session`), so
+the ambient credentials of an
 Airflow host would not reach the process that uploads chunk files, and an Airflow connection's
 filesystem (``destination_conn_id``: s3fs with an aiobotocore session) cannot be pickled to it. So,
 for the destination's protocol:

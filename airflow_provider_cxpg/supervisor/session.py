@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, liveness_settings
-from airflow_provider_cxpg.credentials import CredentialSource, is_authentication_failure
 from airflow_provider_cxpg.durations import as_seconds
 from airflow_provider_cxpg.exceptions import (
     ExtractionAborted,
@@ -52,8 +51,9 @@ from airflow_provider_cxpg.exceptions import (
     WorkerCrashedError,
     WorkerStartError,
 )
-from airflow_provider_cxpg.monitor import ActivitySampler, BackendInfo, ServerMonitor
 from airflow_provider_cxpg.querylog import QueryLog
+from airflow_provider_cxpg.supervisor.credentials import CredentialSource, is_authentication_failure
+from airflow_provider_cxpg.supervisor.monitor import ActivitySampler, BackendInfo, ServerMonitor
 from airflow_provider_cxpg.worker.protocol import (
     ChunkDone,
     ChunkRead,

@@ -1,12 +1,13 @@
 """The parent's view of an output location: a local directory or an fsspec URL prefix.
 
-The worker writes chunk files (see :mod:`.worker.sinks`); the parent writes the manifest, lists and
+The worker writes chunk files (see :mod:`~airflow_provider_cxpg.worker.sinks`); the parent writes
+the manifest, lists and
 removes files. Both resolve the same URL with the same ``storage_options``, so object storage works
 through one code path whether the user gave ``s3://...`` or an Airflow ``ObjectStoragePath``.
 
 Every operation here has a deadline, ``timeout`` (the run's ``storage_timeout``): a store that stops
 answering raises :class:`StorageError` naming the destination and the operation, instead of holding
-the task (see :mod:`.bounded`). Operations run one at a time, in order.
+the task (see :mod:`~airflow_provider_cxpg.bounded`). Operations run one at a time, in order.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 
 from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
 from airflow_provider_cxpg.exceptions import InvalidInputError, StorageError
+from airflow_provider_cxpg.worker.protocol import OBJECT_STORES
 
 __all__ = ["DEFAULT_STORAGE_TIMEOUT", "OBJECT_STORES", "Destination"]
 
@@ -28,9 +30,6 @@ T = TypeVar("T")
 
 #: Seconds one storage operation may take (a chunk's upload and commit, a manifest write, a listing).
 DEFAULT_STORAGE_TIMEOUT = 300.0
-
-#: fsspec protocols whose objects appear only when an upload completes (atomic by themselves).
-OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2"})
 
 
 def _split_object_storage_path(path: Any) -> tuple[str, dict[str, Any]]:

@@ -16,9 +16,9 @@ range.
 
 from __future__ import annotations
 
-from airflow_provider_cxpg.destination import Destination
 from airflow_provider_cxpg.exceptions import StorageError
-from airflow_provider_cxpg.manifest import Manifest
+from airflow_provider_cxpg.output.destination import Destination
+from airflow_provider_cxpg.output.manifest import Manifest
 
 __all__ = ["FOOTER_CHUNK", "FOOTER_RUN_ID", "check_output", "output_problems"]
 

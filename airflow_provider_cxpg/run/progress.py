@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any
 
-from airflow_provider_cxpg.plan import ExtractPlan
+from airflow_provider_cxpg.planning.plan import ExtractPlan
 from airflow_provider_cxpg.querylog import QueryLog
 
 __all__ = ["Progress", "estimate_rows"]

@@ -24,8 +24,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from airflow_provider_cxpg.destination import Destination
 from airflow_provider_cxpg.exceptions import StorageError
+from airflow_provider_cxpg.output.destination import Destination
 
 __all__ = [
     "DATASET_MANIFEST",
@@ -46,7 +46,8 @@ MANIFEST_NAME = "_manifest.json"
 SUCCESS_MARKER = "_SUCCESS"
 FORMAT = "cxpg-manifest/1"
 _CHUNK_FILE = re.compile(r"^part-(\d{6,})\.parquet$")
-#: A fanned-out dataset's record, on top of its ``range=NNNN/`` folders (see :mod:`.parallel`).
+#: A fanned-out dataset's record, on top of its ``range=NNNN/`` folders (see
+#: :mod:`~airflow_provider_cxpg.run.parallel`).
 DATASET_MANIFEST = "_dataset_manifest.json"
 _RANGE_DIR = re.compile(r"^range=\d{4,}$")
 

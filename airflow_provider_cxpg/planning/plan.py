@@ -34,7 +34,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from airflow_provider_cxpg.catalog import (
+from airflow_provider_cxpg.exceptions import InvalidInputError, InvalidKeyError, SourceNotFoundError
+from airflow_provider_cxpg.planning.catalog import (
     SourceColumn,
     TableInfo,
     UniqueIndex,
@@ -43,9 +44,8 @@ from airflow_provider_cxpg.catalog import (
     query_column_collation,
     resolve_type,
 )
-from airflow_provider_cxpg.exceptions import InvalidInputError, InvalidKeyError, SourceNotFoundError
-from airflow_provider_cxpg.pgtypes import KEY_TYPES, ColumnRead, PgType, plan_column
-from airflow_provider_cxpg.sql import literal, parse_qualified_name, quote_ident, row_comparison, text_form
+from airflow_provider_cxpg.planning.pgtypes import KEY_TYPES, ColumnRead, PgType, plan_column
+from airflow_provider_cxpg.planning.sql import literal, parse_qualified_name, quote_ident, row_comparison, text_form
 
 __all__ = [
     "ExtractPlan",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from airflow_provider_cxpg.exceptions import InvalidInputError
-from airflow_provider_cxpg.plan import ExtractPlan
+from airflow_provider_cxpg.planning.plan import ExtractPlan
 
 __all__ = ["METHODS", "KeyRange", "plan_key_ranges", "ranges_to_kwargs"]
 

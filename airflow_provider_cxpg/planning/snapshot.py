@@ -17,10 +17,9 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from airflow_provider_cxpg.conninfo import PostgresEndpoint
+from airflow_provider_cxpg.conninfo import PostgresEndpoint, connect
 from airflow_provider_cxpg.exceptions import ServerConnectionError
-from airflow_provider_cxpg.monitor import connect
-from airflow_provider_cxpg.sql import quote_string
+from airflow_provider_cxpg.planning.sql import quote_string
 
 __all__ = ["ExportedSnapshot", "import_statements"]
 

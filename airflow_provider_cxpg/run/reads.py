@@ -18,15 +18,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from airflow_provider_cxpg.chunking import chunks_for, pipelined
 from airflow_provider_cxpg.conninfo import PostgresEndpoint
-from airflow_provider_cxpg.credentials import is_authentication_failure
-from airflow_provider_cxpg.destination import Destination
 from airflow_provider_cxpg.exceptions import ServerConnectionError, WorkerError
-from airflow_provider_cxpg.extract import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, Extraction
-from airflow_provider_cxpg.plan import SourceSpec, build_read_plan
+from airflow_provider_cxpg.output.destination import Destination
+from airflow_provider_cxpg.planning.plan import SourceSpec, build_read_plan
 from airflow_provider_cxpg.querylog import QueryLog
-from airflow_provider_cxpg.supervisor import WorkerSettings
+from airflow_provider_cxpg.run.chunking import chunks_for, pipelined
+from airflow_provider_cxpg.run.extraction import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, Extraction
+from airflow_provider_cxpg.supervisor.credentials import is_authentication_failure
+from airflow_provider_cxpg.supervisor.session import WorkerSettings
 from airflow_provider_cxpg.worker.protocol import IpcSink, ReadChunk
 
 __all__ = ["iter_chunk_tables", "map_ipc", "read_query_table"]
@@ -75,7 +75,7 @@ def iter_chunk_tables(
     to ``max_worker_restarts``) and continues after the last chunk yielded. Closing the generator
     early stops the worker and cancels its query.
     """
-    from airflow_provider_cxpg.snapshot import ExportedSnapshot
+    from airflow_provider_cxpg.planning.snapshot import ExportedSnapshot
 
     extraction = _extraction(
         endpoint,

@@ -1,0 +1,9 @@
+"""Driving an extraction: the loop that turns a plan into committed chunks.
+
+``extraction`` (one extraction: plan, worker, chunks, manifest, resume), ``chunking`` (keyset and
+page chunks, the read-ahead pipeline), ``reads`` (``iter_chunks`` and ``read_arrow`` into the
+caller), ``parallel`` (key ranges read by several extractions) and ``progress`` (the progress line).
+
+May import: ``planning``, ``supervisor``, ``output``, ``worker.protocol`` and the shared leaves;
+never ``hooks`` or ``operators`` (those import this).
+"""
