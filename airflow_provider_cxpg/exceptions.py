@@ -66,18 +66,31 @@ def _rebuild(cls: type[CxpgError], message: str, details: dict[str, Any]) -> Cxp
     return cls(message, **details)
 
 
+def _declared(cls: type) -> set[str]:
+    """The attributes ``cls`` and its bases declare (their annotations)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        names.update(vars(klass).get("__annotations__", {}))
+    return names - {"message", "details"}
+
+
 class CxpgError(Exception):
     """Base of every error this provider raises.
 
     :param message: what happened, for a human; never contains a secret.
-    :param details: structured facts (limit that fired, server state, pid...) kept as attributes.
+    :param details: structured facts, each one an attribute the class declares (the limit that
+        fired, the server's state, the worker's pid...); an undeclared name is a ``TypeError``.
+        Undeclared facts read as None.
     """
 
-    #: Whether running the same step again may succeed (a dead worker: yes; bad input: no).
-    retryable: bool = False
+    #: The server's SQLSTATE, when the server said why.
+    sqlstate: str | None = None
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
+        unknown = sorted(set(details) - _declared(type(self)))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no attribute {', '.join(unknown)}")
         self.message = message
         self.details = details
         for key, value in details.items():
@@ -105,9 +118,14 @@ class RemoteTraceback(Exception):
 class InvalidInputError(CxpgError, ValueError):
     """Bad input: raised before any data moves."""
 
+    #: The destination concerned, when the input is about it.
+    destination: str | None = None
+
 
 class ConnectionConfigError(InvalidInputError):
     """The Airflow connection is missing, of another type, or incomplete."""
+
+    conn_id: str | None = None
 
 
 class InvalidIdentifierError(InvalidInputError):
@@ -116,6 +134,9 @@ class InvalidIdentifierError(InvalidInputError):
 
 class SourceNotFoundError(InvalidInputError):
     """The table, schema or a column does not exist (or is not visible to the login)."""
+
+    #: The missing column, when a column is missing.
+    column: str | None = None
 
 
 class InvalidKeyError(InvalidInputError):
@@ -129,15 +150,24 @@ class UnsupportedTypeError(InvalidInputError):
 class DestinationConflictError(InvalidInputError):
     """The destination already holds output of a different extraction."""
 
+    #: What the output already there was extracted from (its manifest's ``source``).
+    existing_source: Any = None
+
 
 class ExtractionError(CxpgError):
     """A failure while data moves."""
+
+    #: The chunk being read or written, when one was.
+    chunk: int | None = None
+    #: The setting whose deadline fired (``query_timeout``, ``storage_timeout``, ...), if one did.
+    limit: str | None = None
 
 
 class WorkerError(ExtractionError):
     """The worker process failed."""
 
-    retryable = True
+    #: The worker's process id.
+    pid: int | None = None
 
 
 class WorkerStartError(WorkerError):
@@ -145,7 +175,10 @@ class WorkerStartError(WorkerError):
 
 
 class WorkerCrashedError(WorkerError):
-    """The worker process died; ``exitcode`` holds its status (negative: the signal number)."""
+    """The worker process died."""
+
+    #: Its exit status; negative: the signal that ended it.
+    exitcode: int | None = None
 
 
 class HeartbeatLostError(WorkerError):
@@ -155,7 +188,8 @@ class HeartbeatLostError(WorkerError):
 class DeadlineExceededError(ExtractionError, TimeoutError):
     """A deadline fired."""
 
-    retryable = True
+    #: What the run's backend was doing when it fired, as ``pg_stat_activity`` showed it.
+    server_activity: str | None = None
 
 
 class QueryTimeoutError(DeadlineExceededError):
@@ -169,17 +203,19 @@ class JobTimeoutError(DeadlineExceededError):
 class QueryError(ExtractionError):
     """The server or connectorx rejected a query."""
 
+    #: Why, in one word, when known (``statement_timeout``, ``authentication``, ``terminated``...).
+    reason: str | None = None
+
 
 class QueryCancelledError(QueryError):
     """The server cancelled the query (``statement_timeout`` or ``pg_cancel_backend``)."""
-
-    retryable = True
 
 
 class ServerConnectionError(QueryError):
     """The connection failed, or the server terminated the backend."""
 
-    retryable = True
+    #: The server, as a URI without its password.
+    endpoint: str | None = None
 
 
 class ReadPanicError(ExtractionError):
@@ -189,15 +225,35 @@ class ReadPanicError(ExtractionError):
 class DataIntegrityError(ExtractionError):
     """The data broke a promise the extraction relies on (NULL or duplicate key, ±infinity)."""
 
+    #: The column at fault (a NULL key, ±infinity).
+    column: str | None = None
+    #: The key columns, when the key is at fault (not unique).
+    key: list[str] | None = None
+    #: The guard column whose check failed (a window edge, a tie).
+    guard: str | None = None
+    #: Rows the output holds, and rows the source holds, when they differ.
+    rows: int | None = None
+    source_rows: int | None = None
+    #: The key ranges that changed while the dataset was validated.
+    ranges: list[Any] | None = None
+
 
 class StorageError(ExtractionError):
     """Writing a chunk file or the manifest failed."""
 
-    retryable = True
+    #: The file or URL concerned.
+    destination: str | None = None
+    #: The operation that failed or hung (``writing``, ``committing``, ``listing``, ...).
+    operation: str | None = None
+    #: What the output check found wrong, one line per problem.
+    problems: list[str] | None = None
 
 
 class ExtractionAborted(CxpgError):
     """The extraction was stopped on request (``on_kill``, KeyboardInterrupt, task timeout)."""
+
+    #: Who asked (``on_kill``, ``KeyboardInterrupt``, ...).
+    reason: str | None = None
 
     @classmethod
     def because(cls, reason: str) -> ExtractionAborted:

@@ -43,13 +43,10 @@ EVENTS: frozenset[str] = frozenset(
         "worker.restart",
         "worker.stderr",
         "query.start",
-        "query.progress",
         "query.done",
         "query.failed",
         "query.timeout",
-        "query.cancel",
         "server.waiting",
-        "server.backend",
         "server.terminate",
         "chunk.commit",
     }
@@ -64,7 +61,6 @@ _WARNING_EVENTS = frozenset(
         "worker.restart",
         "query.failed",
         "query.timeout",
-        "query.cancel",
         "server.waiting",
         "server.terminate",
     }

@@ -600,7 +600,7 @@ class WorkerSession:
 
     def _query_failure(self, request: ReadChunk, failed: Failed, backend_pid: int | None) -> BaseException:
         error = failed.error
-        if isinstance(error, QueryCancelledError) and getattr(error, "reason", None) == "statement_timeout":
+        if isinstance(error, QueryCancelledError) and error.reason == "statement_timeout":
             activity = "; ".join(b.describe() for b in self.sampler.last_active()) or "no backend activity sampled"
             error = QueryTimeoutError(
                 f"chunk {request.chunk_index}: query ran past query_timeout={self.settings.query_timeout}s "
