@@ -2,8 +2,9 @@
 
 ``execution_timeout`` and sensors' ``timeout`` take a ``datetime.timedelta``; so does every duration
 of this provider (``query_timeout``, ``job_timeout``, ``storage_timeout``, the heartbeat settings,
-``watermark_lag`` for time columns, every :class:`~.supervisor.WorkerSettings` field). Internally
-they are seconds (float).
+``watermark_lag`` for time columns, every :class:`~airflow_provider_cxpg.supervisor.settings.WorkerSettings`
+field). Internally they are seconds (float). The defaults of the durations users set are declared
+here, once; every signature names them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,22 @@ from typing import Any
 
 from airflow_provider_cxpg.exceptions import InvalidInputError
 
-__all__ = ["as_seconds"]
+__all__ = [
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "DEFAULT_HEARTBEAT_TIMEOUT",
+    "DEFAULT_QUERY_TIMEOUT",
+    "DEFAULT_STORAGE_TIMEOUT",
+    "as_seconds",
+]
+
+#: Seconds between the worker's heartbeats.
+DEFAULT_HEARTBEAT_INTERVAL = 1.0
+#: Seconds without any message from the worker before it is declared dead.
+DEFAULT_HEARTBEAT_TIMEOUT = 20.0
+#: Seconds one chunk query may run (also the server's ``statement_timeout``).
+DEFAULT_QUERY_TIMEOUT = 3600.0
+#: Seconds one storage operation may take (a chunk's upload and commit, a manifest write, a listing).
+DEFAULT_STORAGE_TIMEOUT = 300.0
 
 
 def as_seconds(name: str, value: Any, *, allow_none: bool = False, allow_zero: bool = False) -> float | None:

@@ -22,7 +22,7 @@ from airflow_provider_cxpg.exceptions import InvalidInputError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
 from airflow_provider_cxpg.run.extraction import SUMMARY_FILES_MAX
-from airflow_provider_cxpg.supervisor.session import WorkerSettings
+from airflow_provider_cxpg.supervisor.settings import WorkerSettings
 from tests.helpers import PgInfo, manifest_of, read_output, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

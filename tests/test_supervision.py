@@ -630,7 +630,8 @@ def test_a_frozen_worker_whose_pipe_is_full_cannot_hold_the_parent(pg: PgInfo, t
     from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
     from airflow_provider_cxpg.exceptions import HeartbeatLostError
     from airflow_provider_cxpg.querylog import QueryLog
-    from airflow_provider_cxpg.supervisor.session import WorkerSession, WorkerSettings
+    from airflow_provider_cxpg.supervisor.session import WorkerSession
+    from airflow_provider_cxpg.supervisor.settings import WorkerSettings
     from airflow_provider_cxpg.worker.protocol import IpcSink, ReadChunk
 
     endpoint = PostgresEndpoint(host=pg.host, port=pg.port, dbname=pg.dbname, user=pg.user, password=pg.password)

@@ -10,6 +10,7 @@ import pyarrow as pa
 from airflow.providers.postgres.hooks.postgres import PostgresHook
 
 from airflow_provider_cxpg.conninfo import FORWARDED_PARAMS, PostgresEndpoint
+from airflow_provider_cxpg.durations import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_QUERY_TIMEOUT
 from airflow_provider_cxpg.exceptions import ConnectionConfigError
 from airflow_provider_cxpg.output.destination import Destination
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec
@@ -23,7 +24,7 @@ from airflow_provider_cxpg.run.extraction import (
     new_run_id,
 )
 from airflow_provider_cxpg.run.reads import iter_chunk_tables, read_query_table
-from airflow_provider_cxpg.supervisor.session import WorkerSettings
+from airflow_provider_cxpg.supervisor.settings import WorkerSettings
 
 __all__ = ["ConnectorXPostgresHook"]
 
@@ -161,10 +162,10 @@ class ConnectorXPostgresHook(PostgresHook):
     def worker_settings(
         self,
         *,
-        query_timeout: float | None = 3600.0,
+        query_timeout: float | None = DEFAULT_QUERY_TIMEOUT,
         job_timeout: float | None = None,
-        heartbeat_interval: float = 1.0,
-        heartbeat_timeout: float = 20.0,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         **more: Any,
     ) -> WorkerSettings:
         """Build :class:`WorkerSettings` from keyword arguments (validated).
@@ -194,10 +195,10 @@ class ConnectorXPostgresHook(PostgresHook):
         column_casts: Mapping[str, str] | None = None,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         chunk_bytes: int | None = None,
-        query_timeout: float | None = 3600.0,
+        query_timeout: float | None = DEFAULT_QUERY_TIMEOUT,
         job_timeout: float | None = None,
-        heartbeat_interval: float = 1.0,
-        heartbeat_timeout: float = 20.0,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         max_worker_restarts: int = 2,
         snapshot: bool = False,
         read_ahead: bool = True,
@@ -265,7 +266,7 @@ class ConnectorXPostgresHook(PostgresHook):
         sql: str,
         *,
         column_casts: Mapping[str, str] | None = None,
-        query_timeout: float | None = 3600.0,
+        query_timeout: float | None = DEFAULT_QUERY_TIMEOUT,
         query_log_path: str | None = None,
         **settings: Any,
     ) -> pa.Table:
@@ -312,10 +313,10 @@ class ConnectorXPostgresHook(PostgresHook):
         storage_options: dict[str, Any] | None = None,
         compression: str = "zstd",
         parquet_dictionary: bool | str = "auto",
-        query_timeout: float | None = 3600.0,
+        query_timeout: float | None = DEFAULT_QUERY_TIMEOUT,
         job_timeout: float | None = None,
-        heartbeat_interval: float = 1.0,
-        heartbeat_timeout: float = 20.0,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         max_worker_restarts: int = 2,
         extra_filters: Sequence[str] = (),
         lower: Sequence[Any] | None = None,
@@ -366,7 +367,7 @@ class ConnectorXPostgresHook(PostgresHook):
         :param worker_index: labels this extraction's events in a parallel run.
         :param owner: who runs it (``dag_id.task_id``): it may replace its own earlier output at the
             destination; another source's output there is never taken over.
-        :param settings: further :class:`~airflow_provider_cxpg.supervisor.session.WorkerSettings` fields.
+        :param settings: further :class:`~airflow_provider_cxpg.supervisor.settings.WorkerSettings` fields.
         """
         spec = SourceSpec(
             table=table,

@@ -9,11 +9,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.common.compat.sdk import BaseOperator
 
-from airflow_provider_cxpg.durations import as_seconds
+from airflow_provider_cxpg.durations import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_QUERY_TIMEOUT,
+    DEFAULT_STORAGE_TIMEOUT,
+    as_seconds,
+)
 from airflow_provider_cxpg.exceptions import InvalidInputError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.assets import asset_uri, record_asset_event, stable_asset
-from airflow_provider_cxpg.output.destination import DEFAULT_STORAGE_TIMEOUT, Destination
+from airflow_provider_cxpg.output.destination import Destination
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec
 from airflow_provider_cxpg.planning.watermark_state import (
     WatermarkState,
@@ -133,7 +139,7 @@ class PostgresExtractOperator(BaseOperator):
         growing with ``chunk_rows`` (slower: choose it for very large chunks).
     :param resume: continue an unfinished extraction found at the destination (default True).
     :param query_log_path: also write the structured query log as JSON lines to this file.
-    :param worker_settings: further :class:`~airflow_provider_cxpg.supervisor.session.WorkerSettings` fields.
+    :param worker_settings: further :class:`~airflow_provider_cxpg.supervisor.settings.WorkerSettings` fields.
     :param emit_asset: emit the destination's stable asset (its static part; the run's prefix is in
         the event's extra). The partition planner turns it off for its ranges: the validator emits
         the dataset's.
@@ -176,11 +182,11 @@ class PostgresExtractOperator(BaseOperator):
         file_format: str = "parquet",
         compression: str = "zstd",
         parquet_dictionary: bool | str = "auto",
-        query_timeout: float | dt.timedelta | None = 3600.0,
+        query_timeout: float | dt.timedelta | None = DEFAULT_QUERY_TIMEOUT,
         job_timeout: float | dt.timedelta | None = None,
         storage_timeout: float | dt.timedelta | None = DEFAULT_STORAGE_TIMEOUT,
-        heartbeat_interval: float | dt.timedelta = 1.0,
-        heartbeat_timeout: float | dt.timedelta = 20.0,
+        heartbeat_interval: float | dt.timedelta = DEFAULT_HEARTBEAT_INTERVAL,
+        heartbeat_timeout: float | dt.timedelta = DEFAULT_HEARTBEAT_TIMEOUT,
         max_worker_restarts: int = 2,
         watermark_column: str | None = None,
         watermark_start: Any = None,

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import BaseOperator
 
-from airflow_provider_cxpg.durations import as_seconds
+from airflow_provider_cxpg.durations import DEFAULT_QUERY_TIMEOUT, DEFAULT_STORAGE_TIMEOUT, as_seconds
 from airflow_provider_cxpg.exceptions import DataIntegrityError, InvalidInputError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.assets import record_asset_event, stable_asset
-from airflow_provider_cxpg.output.destination import DEFAULT_STORAGE_TIMEOUT, Destination
+from airflow_provider_cxpg.output.destination import Destination
 from airflow_provider_cxpg.output.manifest import SUCCESS_MARKER
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec
 from airflow_provider_cxpg.planning.watermark_state import WatermarkState, source_identity, spec_for_run
@@ -111,7 +111,7 @@ class PostgresPartitionPlanOperator(BaseOperator):
         watermark_lag: Any = None,
         watermark_state_key: str | None = None,
         storage_options: dict[str, Any] | None = None,
-        query_timeout: float | dt.timedelta | None = 3600.0,
+        query_timeout: float | dt.timedelta | None = DEFAULT_QUERY_TIMEOUT,
         storage_timeout: float | dt.timedelta | None = DEFAULT_STORAGE_TIMEOUT,
         **kwargs: Any,
     ) -> None:

@@ -21,15 +21,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
+from airflow_provider_cxpg.durations import DEFAULT_STORAGE_TIMEOUT
 from airflow_provider_cxpg.exceptions import InvalidInputError, StorageError
 from airflow_provider_cxpg.worker.protocol import OBJECT_STORES
 
-__all__ = ["DEFAULT_STORAGE_TIMEOUT", "OBJECT_STORES", "Destination"]
+__all__ = ["Destination"]
 
 T = TypeVar("T")
-
-#: Seconds one storage operation may take (a chunk's upload and commit, a manifest write, a listing).
-DEFAULT_STORAGE_TIMEOUT = 300.0
 
 
 def _split_object_storage_path(path: Any) -> tuple[str, dict[str, Any]]:

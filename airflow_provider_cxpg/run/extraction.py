@@ -54,7 +54,8 @@ from airflow_provider_cxpg.run.chunking import ChunkSizer, chunks_for, pipelined
 from airflow_provider_cxpg.run.progress import Progress, estimate_rows
 from airflow_provider_cxpg.supervisor.credentials import CredentialSource, is_authentication_failure
 from airflow_provider_cxpg.supervisor.monitor import ActivitySampler, ControlCancels, ServerMonitor
-from airflow_provider_cxpg.supervisor.session import WorkerSession, WorkerSettings
+from airflow_provider_cxpg.supervisor.session import WorkerSession
+from airflow_provider_cxpg.supervisor.settings import WorkerSettings
 from airflow_provider_cxpg.worker.protocol import ParquetSink
 
 __all__ = [

@@ -26,7 +26,7 @@ from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.run.chunking import chunks_for, pipelined
 from airflow_provider_cxpg.run.extraction import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, Extraction
 from airflow_provider_cxpg.supervisor.credentials import is_authentication_failure
-from airflow_provider_cxpg.supervisor.session import WorkerSettings
+from airflow_provider_cxpg.supervisor.settings import WorkerSettings
 from airflow_provider_cxpg.worker.protocol import IpcSink, ReadChunk
 
 __all__ = ["iter_chunk_tables", "map_ipc", "read_query_table"]
