@@ -5,6 +5,6 @@ an allowlisted environment, the request/reply session, deadlines, heartbeats, st
 ``monitor`` (the server-side view of the worker's backend: lock waits and their blockers, cancel,
 terminate) and ``credentials`` (IAM token renewal).
 
-May import: ``worker.protocol`` (the messages) and the shared leaves; never ``planning``, ``run``,
-``output``, ``hooks`` or ``operators``.
+May import: ``worker.protocol`` (the messages), ``worker.reaper`` (process identity) and the shared
+leaves; never ``planning``, ``run``, ``output``, ``hooks`` or ``operators``.
 """
