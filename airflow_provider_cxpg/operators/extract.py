@@ -25,7 +25,7 @@ from airflow_provider_cxpg.planning.watermark_state import (
     WatermarkState,
     describe_window,
     source_identity,
-    spec_for_run,
+    spec_for_task,
 )
 from airflow_provider_cxpg.run.extraction import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, Extraction, ExtractResult
 
@@ -315,20 +315,18 @@ class PostgresExtractOperator(BaseOperator):
             return WatermarkSpec.again(window)
         if not self.watermark_column:
             return None
-        if self.watermark_start not in (None, ""):  # a one-off window: the state is neither read nor moved
-            return WatermarkSpec(self.watermark_column, self.watermark_start, self.watermark_end, self.watermark_lag)
-        state = WatermarkState.for_task(context, self.task_id, self.watermark_state_key)
-        self._watermark_state = state
-        dag_run = context.get("dag_run")
-        return spec_for_run(
-            state,
+        spec, self._watermark_state = spec_for_task(
+            context,
+            self.task_id,
             self.watermark_column,
-            dag_run_id=getattr(dag_run, "run_id", None),
+            start=self.watermark_start,
             end=self.watermark_end,
             lag=self.watermark_lag,
-            log=self.log,
+            state_key=self.watermark_state_key,
             source=self._source_identity(),
+            log=self.log,
         )
+        return spec
 
     def _owner(self, context: Context) -> str:
         """``dag_id.task_id`` (``[map index]`` for a mapped instance): who may replace its own output."""

@@ -38,7 +38,7 @@ from airflow_provider_cxpg.operators.assets import record_asset_event, stable_as
 from airflow_provider_cxpg.output.destination import Destination
 from airflow_provider_cxpg.output.manifest import SUCCESS_MARKER
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec
-from airflow_provider_cxpg.planning.watermark_state import WatermarkState, source_identity, spec_for_run
+from airflow_provider_cxpg.planning.watermark_state import WatermarkState, source_identity, spec_for_task
 from airflow_provider_cxpg.run.parallel import (
     DATASET_MANIFEST,
     changed_ranges,
@@ -140,21 +140,17 @@ class PostgresPartitionPlanOperator(BaseOperator):
     def _watermark(self, context: Context) -> tuple[WatermarkSpec | None, WatermarkState | None]:
         if not self.watermark_column:
             return None, None
-        if self.watermark_start not in (None, ""):  # a one-off window: the state is neither read nor moved
-            spec = WatermarkSpec(self.watermark_column, self.watermark_start, self.watermark_end, self.watermark_lag)
-            return spec, None
-        state = WatermarkState.for_task(context, self.task_id, self.watermark_state_key)
-        dag_run = context.get("dag_run")
-        spec = spec_for_run(
-            state,
+        return spec_for_task(
+            context,
+            self.task_id,
             self.watermark_column,
-            dag_run_id=getattr(dag_run, "run_id", None),
+            start=self.watermark_start,
             end=self.watermark_end,
             lag=self.watermark_lag,
-            log=self.log,
+            state_key=self.watermark_state_key,
             source=self._source_identity(),
+            log=self.log,
         )
-        return spec, state
 
     def _source_identity(self) -> str:
         return source_identity(

@@ -36,6 +36,7 @@ __all__ = [
     "describe_window",
     "source_identity",
     "spec_for_run",
+    "spec_for_task",
 ]
 
 FORMAT = "cxpg-watermark-state/1"
@@ -175,6 +176,32 @@ def source_identity(*, sql: str | None = None, **parts: Any) -> str:
     parts["sql"] = " ".join(str(sql).split()) if sql else None
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def spec_for_task(
+    context: Any,
+    task_id: str,
+    column: str,
+    *,
+    start: Any = None,
+    end: Any = None,
+    lag: Any = None,
+    state_key: str | None = None,
+    source: str | None = None,
+    log: Any = None,
+) -> tuple[WatermarkSpec, WatermarkState | None]:
+    """The window a task's run reads, and the state its success moves (None for a one-off window).
+
+    An explicit ``start`` is a one-off window: the state is neither read nor moved.
+    """
+    if start not in (None, ""):
+        return WatermarkSpec(column, start, end, lag), None
+    state = WatermarkState.for_task(context, task_id, state_key)
+    dag_run = context.get("dag_run")
+    spec = spec_for_run(
+        state, column, dag_run_id=getattr(dag_run, "run_id", None), end=end, lag=lag, log=log, source=source
+    )
+    return spec, state
 
 
 def spec_for_run(
