@@ -153,10 +153,11 @@ def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """Cast only the columns whose type differs (``Table.cast`` visits every one: measurably slower)."""
     if table.schema.names != schema.names:
         return table.cast(schema, safe=True)  # names differ: let Arrow say which
-    columns = [
-        column if column.type == field.type else column.cast(field.type, safe=True)
-        for column, field in zip(table.columns, schema, strict=True)
-    ]
+    columns = []
+    for column, field in zip(table.columns, schema, strict=True):
+        if not field.nullable and column.null_count:  # as Table.cast refuses it
+            raise ValueError(f"column {field.name!r} is declared non-nullable but contains nulls")
+        columns.append(column if column.type == field.type else column.cast(field.type, safe=True))
     return pa.Table.from_arrays(columns, schema=schema)
 
 

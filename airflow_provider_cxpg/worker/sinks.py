@@ -68,7 +68,11 @@ DICTIONARY_SAMPLE_ROWS = 16_384
 
 
 def dictionary_columns(table: pa.Table, sample_rows: int = DICTIONARY_SAMPLE_ROWS) -> list[str]:
-    """The columns worth dictionary-encoding, judged on the first ``sample_rows`` rows.
+    """The column paths worth dictionary-encoding, judged on the first ``sample_rows`` rows.
+
+    Paths as ``ParquetWriter(use_dictionary=[...])`` takes them: a top-level column by its name, an
+    array column (list) by its values' path ``name.list.element``, judged on its values. Other
+    nested columns (the provider plans none) go plain.
 
     Parquet keeps one dictionary per column chunk (row group). For a column of mostly distinct
     values (keys, uuids, measurements, free text) the dictionary is as large as the data, the
@@ -83,14 +87,16 @@ def dictionary_columns(table: pa.Table, sample_rows: int = DICTIONARY_SAMPLE_ROW
     sample = table.slice(0, sample_rows)
     chosen = []
     for field, column in zip(sample.schema, sample.columns, strict=True):
+        path = field.name
+        if pa.types.is_list(field.type) or pa.types.is_large_list(field.type):
+            column, path = pc.list_flatten(column), f"{field.name}.list.element"  # compliant nested names
         values = len(column) - column.null_count
         try:
             distinct = pc.count_distinct(column, mode="only_valid").as_py()
-        except (pa.ArrowNotImplementedError, pa.ArrowTypeError):  # nested types: the writer's default
-            chosen.append(field.name)
+        except (pa.ArrowNotImplementedError, pa.ArrowTypeError):  # other nested types: plain
             continue
         if distinct <= DICTIONARY_MAX_DISTINCT_SHARE * values:
-            chosen.append(field.name)
+            chosen.append(path)
     return chosen
 
 
@@ -101,9 +107,10 @@ class _ParquetWriter:
     dictionary-encoded (``dictionary="auto"``, see :func:`dictionary_columns`).
     """
 
-    def __init__(self, schema: pa.Schema, sink: ParquetSink, target: Any) -> None:
+    def __init__(self, schema: pa.Schema, sink: ParquetSink, target: Any, *, owns_target: bool = False) -> None:
         self._sink = sink
         self._target = target
+        self._owns_target = owns_target
         if sink.metadata:  # the footer's key-value metadata: who wrote this file, for the output check
             schema = schema.with_metadata({**(schema.metadata or {}), **sink.metadata})
         self._schema = schema
@@ -140,10 +147,14 @@ class _ParquetWriter:
             self._pending, self._pending_rows = [], 0
 
     def close(self) -> None:
-        self._flush()
-        if self._writer is None:  # no rows: an empty file with the schema
-            self._writer = self._open(None)
-        self._writer.close()
+        try:
+            self._flush()
+            if self._writer is None:  # no rows: an empty file with the schema
+                self._writer = self._open(None)
+            self._writer.close()
+        finally:
+            if self._owns_target and not self._target.closed:
+                self._target.close()
 
 
 class _LocalFile:
@@ -176,7 +187,12 @@ class LocalParquetChunk(_LocalFile):
     """Parquet to a local temporary file, renamed into place on commit."""
 
     def __init__(self, schema: pa.Schema, sink: ParquetSink) -> None:
-        super().__init__(_local_path(sink.url), lambda path: _ParquetWriter(schema, sink, path))
+        def open_file(path: str) -> _ParquetWriter:
+            # Created now, under "opening" (a read-only mount fails here); a native file, so
+            # encoding writes without taking the GIL. The Parquet writer starts on the first rows.
+            return _ParquetWriter(schema, sink, pa.OSFile(path, "wb"), owns_target=True)
+
+        super().__init__(_local_path(sink.url), open_file)
 
 
 class RemoteParquetChunk:
