@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-__all__ = ["EmbeddedPostgres", "find_postgres_bindir"]
+__all__ = ["EmbeddedPostgres", "find_postgres_bindir", "interrupt_on_termination"]
 
 #: Settings for a disposable server: durability is irrelevant, speed and observability matter.
 _SERVER_SETTINGS: dict[str, str] = {

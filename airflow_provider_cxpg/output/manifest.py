@@ -8,7 +8,7 @@ A manifest is *resumable* by a later attempt when its status is ``running`` or `
 ``fingerprint`` (source, columns, key, bounds, chunking) matches: the new attempt continues after
 ``chunks[-1].last_key``. A ``complete`` manifest, or one of a different extraction *of the same
 source* (another window, other columns, a re-run), is replaced. A destination that holds the output
-of a *different source* is not taken over: :class:`~.exceptions.DestinationConflictError`.
+of a *different source* is not taken over: :class:`~airflow_provider_cxpg.exceptions.DestinationConflictError`.
 
 A source is "the same" when it is the same table (schema and name as the catalog resolves them), the
 same query text, or was written by the same task (``owner``: ``dag_id.task_id``, so a task whose

@@ -8,3 +8,10 @@ terminate) and ``credentials`` (IAM token renewal).
 May import: ``worker.protocol`` (the messages), ``worker.reaper`` (process identity) and the shared
 leaves; never ``planning``, ``run``, ``output``, ``hooks`` or ``operators``.
 """
+
+from __future__ import annotations
+
+# The path the README gave before the layout moved (``airflow_provider_cxpg.supervisor.WorkerSettings``).
+from airflow_provider_cxpg.supervisor.settings import WorkerSettings
+
+__all__ = ["WorkerSettings"]

@@ -6,7 +6,7 @@ connections for every chunk, so a token resolved once when the task starts break
 it expires. The parent therefore keeps the current password here: it asks the hook for a fresh one
 when the old one is older than ``refresh_interval`` (and once when a connection is refused for
 authentication), hands it to the worker for the connections it opens next
-(:class:`~.worker.protocol.Credentials`), uses it for its own control connections, and teaches it
+(:class:`~airflow_provider_cxpg.worker.protocol.Credentials`), uses it for its own control connections, and teaches it
 to every redactor and to Airflow's log masker.
 """
 

@@ -16,7 +16,7 @@ Nothing here may stall the parent's deadlines, whatever the network does:
   latest sample.
 
 Every connection the provider opens also asks the server to notice a vanished client
-(:func:`~.conninfo.liveness_settings`), so a backend never outlives a killed task for long.
+(:func:`~airflow_provider_cxpg.conninfo.liveness_settings`), so a backend never outlives a killed task for long.
 
 A role may always signal and see its own backends, so the worker's login needs no extra privilege.
 """

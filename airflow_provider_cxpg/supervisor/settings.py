@@ -63,7 +63,7 @@ class WorkerSettings:
         again every ``report_wait_every`` seconds while it waits.
     :param protocol: connectorx protocol, ``binary`` (default) or ``cursor``.
     :param worker_env: extra environment variables for the worker (explicit: nothing is inherited
-        beyond :data:`ENV_ALLOWLIST`).
+        beyond :data:`~airflow_provider_cxpg.supervisor.session.ENV_ALLOWLIST`).
     :param storage_timeout: seconds each operation on the destination may take: a chunk's open,
         write and commit in the worker, and the parent's manifest writes, listings and removals;
         None for no limit.
