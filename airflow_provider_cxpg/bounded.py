@@ -9,7 +9,9 @@ with the process.
 
 Calls through one :class:`SerialCalls` run one at a time, in order, on one thread: a manifest write
 that timed out can never land after a later one. Once a call has timed out, the ones after it fail at
-once instead of queueing behind it.
+once instead of queueing behind it. An idle thread ends after a few seconds (a new one starts with
+the next call), so a process that runs many extractions (``dag.test()``, a test suite, a long-lived
+worker) does not collect one parked thread per destination.
 
 Shared by the parent (destination operations) and the worker (chunk writes); imports nothing else.
 """
@@ -26,6 +28,9 @@ from typing import Any, TypeVar
 __all__ = ["CallTimedOut", "SerialCalls"]
 
 T = TypeVar("T")
+
+#: Seconds an idle helper thread waits for another call before it ends.
+IDLE_SECONDS = 5.0
 
 
 class CallTimedOut(TimeoutError):
@@ -56,7 +61,15 @@ class SerialCalls:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:  # call() puts under this lock: nothing can arrive unseen
+                    if self._queue.empty():
+                        if self._thread is threading.current_thread():
+                            self._thread = None
+                        return
+                continue
             if item is None:
                 return
             fn, future, operation = item
@@ -81,14 +94,14 @@ class SerialCalls:
         ``timeout=None`` waits as long as it takes (still on the helper thread, so a later call with
         a deadline is not stuck behind an unbounded one).
         """
+        future: Future[T] = Future()
         with self._lock:
             if self._stuck is not None:
                 raise CallTimedOut(operation, timeout, earlier=self._stuck)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"cxpg-io-{self._name}", daemon=True)
                 self._thread.start()
-        future: Future[T] = Future()
-        self._queue.put((fn, future, operation))
+            self._queue.put((fn, future, operation))  # under the lock: an idle thread cannot end past it
         try:
             return future.result(timeout=timeout)
         except TimeoutError:

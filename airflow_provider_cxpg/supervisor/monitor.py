@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
+from airflow_provider_cxpg.bounded import IDLE_SECONDS, CallTimedOut, SerialCalls
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, connect
 from airflow_provider_cxpg.exceptions import ServerConnectionError
 
@@ -355,21 +355,25 @@ class ControlCancels:
     cancel request opens a new connection to the server and can block on a dead network, so it never
     runs on the interrupted thread: :meth:`cancel_all_soon` (safe in a signal handler: it only sets
     an event) wakes a helper thread that sends them; :meth:`cancel` waits for one at most ``timeout``.
+    The helper ends once nothing is registered for :data:`IDLE_SECONDS` (a process running many
+    extractions keeps no parked thread per run); the next registration starts another.
     """
 
     def __init__(self) -> None:
         self._handles: dict[int, Any] = {}
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # never taken by cancel_all_soon (signal handlers)
 
     def register(self, conn: Any) -> int:
         """Remember ``conn``'s cancel handle; return the key to cancel or forget it by."""
         key = id(conn)
-        with contextlib.suppress(Exception):
-            self._handles[key] = conn.pgconn.get_cancel()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="cxpg-canceller", daemon=True)
-            self._thread.start()
+        with self._lock:  # the helper ends only under this lock, with nothing registered
+            with contextlib.suppress(Exception):
+                self._handles[key] = conn.pgconn.get_cancel()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="cxpg-canceller", daemon=True)
+                self._thread.start()
         return key
 
     def unregister(self, key: int) -> None:
@@ -377,7 +381,12 @@ class ControlCancels:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait()
+            if not self._wake.wait(IDLE_SECONDS):
+                with self._lock:
+                    if not self._handles and not self._wake.is_set():
+                        self._thread = None
+                        return
+                continue
             self._wake.clear()
             for handle in list(self._handles.values()):
                 with contextlib.suppress(Exception):

@@ -1,0 +1,84 @@
+"""Deadline calls on a helper thread (pure units): ordering, deadlines, and no parked threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from airflow_provider_cxpg import bounded
+from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
+
+
+def _helpers(name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"cxpg-io-{name}"]
+
+
+def test_an_idle_helper_thread_ends_and_the_next_call_starts_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bounded, "IDLE_SECONDS", 0.05)
+    calls = SerialCalls("idle-test")
+    assert calls.call("first", lambda: 1, 5) == 1
+    assert _helpers("idle-test")
+    deadline = time.monotonic() + 5
+    while _helpers("idle-test") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _helpers("idle-test"), "an idle helper thread stayed parked"
+    assert calls.call("second", lambda: 2, 5) == 2
+
+
+def test_calls_racing_the_idle_exit_are_never_stranded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call put just as the idle thread gives up must still run (not wait out its deadline)."""
+    monkeypatch.setattr(bounded, "IDLE_SECONDS", 0.001)
+    calls = SerialCalls("race-test")
+    started = time.monotonic()
+    for index in range(300):
+        assert calls.call(f"call {index}", lambda i=index: i, 5) == index
+        time.sleep(0.001 if index % 2 else 0)
+    assert time.monotonic() - started < 10
+
+
+def test_a_call_past_its_deadline_raises_and_later_calls_fail_at_once() -> None:
+    calls = SerialCalls("stuck-test")
+    release = threading.Event()
+    with pytest.raises(CallTimedOut, match="did not return within 0.1s"):
+        calls.call("hanging write", release.wait, 0.1)
+    started = time.monotonic()
+    with pytest.raises(CallTimedOut, match="hanging write"):
+        calls.call("next write", lambda: None, 5)
+    assert time.monotonic() - started < 0.5
+    release.set()
+
+
+def test_the_canceller_thread_ends_when_nothing_is_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_provider_cxpg.supervisor import monitor
+
+    monkeypatch.setattr(monitor, "IDLE_SECONDS", 0.05)
+    cancelled: list[str] = []
+
+    class Handle:
+        def cancel(self) -> None:
+            cancelled.append("sent")
+
+    class Conn:
+        class pgconn:
+            @staticmethod
+            def get_cancel() -> Handle:
+                return Handle()
+
+    cancels = monitor.ControlCancels()
+    key = cancels.register(Conn())
+    time.sleep(0.2)
+    assert [t for t in threading.enumerate() if t.name == "cxpg-canceller"], "ended while a query was registered"
+    cancels.cancel_all_soon()
+    deadline = time.monotonic() + 5
+    while not cancelled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cancelled == ["sent"]
+    cancels.unregister(key)
+    while [t for t in threading.enumerate() if t.name == "cxpg-canceller"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not [t for t in threading.enumerate() if t.name == "cxpg-canceller"], "an idle canceller stayed parked"
+    again = cancels.register(Conn())  # a later registration starts a new one
+    assert [t for t in threading.enumerate() if t.name == "cxpg-canceller"]
+    cancels.unregister(again)
