@@ -192,6 +192,10 @@ class TaskProcess:
         return started[0]["extraction_id"] if started else None
 
     def output(self, timeout: float = 60) -> str:
+        """What the task process printed, for a failure message: a task still running is killed first
+        (waiting for it would turn the assertion into a timeout that shows nothing)."""
+        if self.process.poll() is None:
+            self.process.kill()
         out, _ = self.process.communicate(timeout=timeout)
         return out
 
@@ -289,11 +293,18 @@ def test_the_reaper_ends_the_backends_with_the_password_renewed_last(
         try:
             started = lambda: [e for e in events(task.log_path) if e["event"] == "query.start"]  # noqa: E731
             assert wait_until(lambda: len(started()) >= 1, 60, 0.05), task.output()
+            assert wait_until(lambda: task.run_id() is not None, 30, 0.05), task.output()
+            run_id = task.run_id()
+            # Chunk 0's backend holds the shared lock (its login used the first token) before the
+            # token turns and the test asks for the lock: otherwise chunk 0 itself would queue behind it.
+            shared_held = (
+                "SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' "
+                "AND l.granted AND l.mode = 'ShareLock' AND a.application_name LIKE %s"
+            )
+            assert wait_until(lambda: bool(admin.execute(shared_held, (f"%cxpg-{run_id}%",)).fetchall()), 60, 0.05)
             admin.execute(f"ALTER ROLE {role} PASSWORD '{renewed}'")  # the first token stops logging in
             tokens.write_text(f"{role} {renewed} {pg.port}")
             holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))  # granted when chunk 0 ends; chunk 1 waits
-            run_id = task.run_id()
-            assert run_id is not None
             assert wait_until(lambda: len(started()) >= 2, 60, 0.05), task.output()  # chunk 1: a new token
             assert wait_until(lambda: any(b[3] == "Lock" for b in _run_backends(admin, run_id)), 60, 0.05)
             time.sleep(0.5)
@@ -414,8 +425,19 @@ def test_a_frozen_network_path_still_fires_query_timeout(
         monkeypatch.setenv("AIRFLOW_CONN_VIA_PROXY", pg.airflow_conn_json(host="127.0.0.1", port=proxy.port))
         hook = ConnectorXPostgresHook(postgres_conn_id="via_proxy")
 
+        def chunk_query_running() -> bool:
+            # The worker's chunk query, not one of the parent's planning or control statements
+            # (freezing then would test a refused connection, not a stalled query).
+            return bool(
+                admin.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'cxpg-%%' "
+                    "AND application_name NOT LIKE '%%-plan' AND application_name NOT LIKE '%%-ctl' "
+                    "AND state = 'active' AND query LIKE '%%pg_sleep(30)%%' AND pid <> pg_backend_pid()"
+                ).fetchall()
+            )
+
         def freeze_when_reading() -> None:
-            if wait_until(lambda: any(b[2] == "active" for b in backends_of(admin)), 30, 0.05):
+            if wait_until(chunk_query_running, 30, 0.05):
                 proxy.freeze()
 
         threading.Thread(target=freeze_when_reading, daemon=True).start()
