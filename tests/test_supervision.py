@@ -192,12 +192,16 @@ class TaskProcess:
         return started[0]["extraction_id"] if started else None
 
     def output(self, timeout: float = 60) -> str:
-        """What the task process printed, for a failure message: a task still running is killed first
-        (waiting for it would turn the assertion into a timeout that shows nothing)."""
-        if self.process.poll() is None:
-            self.process.kill()
+        """What the task process printed, once it has ended (waits up to ``timeout``)."""
         out, _ = self.process.communicate(timeout=timeout)
         return out
+
+    def failure_output(self) -> str:
+        """For a failure message: a task still running is killed first (waiting for it would turn the
+        assertion into a timeout that shows nothing)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        return self.output(timeout=10)
 
 
 def _run_backends(admin: psycopg.Connection, run_id: str) -> list[tuple[Any, ...]]:
@@ -236,7 +240,7 @@ def test_a_sigkilled_task_process_leaves_no_backend_and_no_worker(
             stream_rows=100 if phase == "streaming" else 0,
         )
         try:
-            assert wait_until(lambda: task.run_id() is not None, 60, 0.05), task.output()
+            assert wait_until(lambda: task.run_id() is not None, 60, 0.05), task.failure_output()
             run_id = task.run_id()
             assert run_id is not None
             assert wait_until(
@@ -292,8 +296,8 @@ def test_the_reaper_ends_the_backends_with_the_password_renewed_last(
         )
         try:
             started = lambda: [e for e in events(task.log_path) if e["event"] == "query.start"]  # noqa: E731
-            assert wait_until(lambda: len(started()) >= 1, 60, 0.05), task.output()
-            assert wait_until(lambda: task.run_id() is not None, 30, 0.05), task.output()
+            assert wait_until(lambda: len(started()) >= 1, 60, 0.05), task.failure_output()
+            assert wait_until(lambda: task.run_id() is not None, 30, 0.05), task.failure_output()
             run_id = task.run_id()
             # Chunk 0's backend holds the shared lock (its login used the first token) before the
             # token turns and the test asks for the lock: otherwise chunk 0 itself would queue behind it.
@@ -305,7 +309,7 @@ def test_the_reaper_ends_the_backends_with_the_password_renewed_last(
             admin.execute(f"ALTER ROLE {role} PASSWORD '{renewed}'")  # the first token stops logging in
             tokens.write_text(f"{role} {renewed} {pg.port}")
             holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))  # granted when chunk 0 ends; chunk 1 waits
-            assert wait_until(lambda: len(started()) >= 2, 60, 0.05), task.output()  # chunk 1: a new token
+            assert wait_until(lambda: len(started()) >= 2, 60, 0.05), task.failure_output()  # chunk 1: a new token
             assert wait_until(lambda: any(b[3] == "Lock" for b in _run_backends(admin, run_id)), 60, 0.05)
             time.sleep(0.5)
             os.kill(task.process.pid, signal.SIGKILL)
@@ -370,7 +374,7 @@ def test_sigterm_to_the_task_process_group_ends_cleanly_with_the_query_cancelled
                 where=WAITS_ON_ADVISORY_LOCK,
                 query_timeout=300,
             )
-            assert wait_until(lambda: task.run_id() is not None, 60, 0.05), task.output()
+            assert wait_until(lambda: task.run_id() is not None, 60, 0.05), task.failure_output()
             run_id = task.run_id()
             assert wait_until(lambda: any(b[3] == "Lock" for b in _run_backends(admin, run_id)), 60, 0.05)
             os.killpg(task.process.pid, signal.SIGTERM)
