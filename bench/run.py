@@ -414,6 +414,11 @@ class Runner:
             return 0
 
 
+def _without_password(argument: str) -> str:
+    """A ``--dsn`` URI as the report may show it: the password replaced by ``***``."""
+    return re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@", r"\1***@", argument)
+
+
 def _kill_all(procs: Any) -> int:
     """SIGKILL every process still alive (``psutil.Process`` checks the pid was not reused)."""
     killed = 0
@@ -982,7 +987,8 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {
         "_t0": time.monotonic(),
         "started_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": "python -m bench "
+        + " ".join(shlex.quote(_without_password(a)) for a in (argv if argv is not None else sys.argv[1:])),
         "rounds": args.rounds,
         "sample_interval_ms": args.sample_ms,
         "machine": machine_info(),
