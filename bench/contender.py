@@ -342,6 +342,84 @@ def cx_offset_parquet(run: Run) -> dict[str, Any]:
     }
 
 
+@contender("cx_keyset_pipeline")
+def cx_keyset_pipeline(run: Run) -> dict[str, Any]:
+    """The provider's data path bare, in one process: the ceiling of reading beside writing.
+
+    Keyset chunks of ``chunk_rows`` read one after another, each handed to a writer thread (Parquet
+    zstd, 65,536-row groups, dictionaries chosen as the worker chooses them) while the next reads:
+    no worker process, planning, casts, checks, events or manifest. With ``partitions`` > 1 each
+    chunk is read as that many concurrent reads of consecutive key ranges, their boundaries probed
+    with ``OFFSET`` first: "more than one read in flight" with the chunk's memory unchanged.
+    """
+    import queue
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import pairwise
+
+    import connectorx as cx
+    import psycopg
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from airflow_provider_cxpg.worker.sinks import dictionary_columns
+
+    source, key, slices = f"public.{run.table}", run.key, max(1, run.partitions)
+    pending: queue.Queue[tuple[int, pa.Table] | None] = queue.Queue(maxsize=1)  # one written, one read
+
+    def write() -> None:
+        while (item := pending.get()) is not None:
+            index, chunk = item
+            pq.write_table(
+                chunk,
+                run.out / f"part-{index:06d}.parquet",
+                compression="zstd",
+                use_dictionary=dictionary_columns(chunk),
+                row_group_size=65_536,
+            )
+
+    def where(low: Any, high: Any = None) -> str:
+        conditions = [f"{key} > {low}"] if low is not None else []
+        conditions += [f"{key} <= {high}"] if high is not None else []
+        return " WHERE " + " AND ".join(conditions) if conditions else ""
+
+    def read(sql: str) -> pa.Table:
+        return cx.read_sql(run.uri, sql, return_type="arrow")
+
+    writer = threading.Thread(target=write)
+    rows = index = 0
+    run.start()
+    writer.start()
+    with ThreadPoolExecutor(slices) as pool, psycopg.connect(run.uri, autocommit=True) as probe:
+        last = None
+        while True:
+            step = run.chunk_rows // slices
+            bounds = [last]
+            for _ in range(slices - 1):
+                found = probe.execute(
+                    f"SELECT {key} FROM {source}{where(bounds[-1])} ORDER BY {key} OFFSET {step - 1} LIMIT 1"
+                ).fetchone()
+                if found is None:
+                    break
+                bounds.append(found[0])
+            statements = [f"SELECT * FROM {source}{where(low, high)} ORDER BY {key}" for low, high in pairwise(bounds)]
+            rest = run.chunk_rows - step * (len(bounds) - 1)
+            statements.append(f"SELECT * FROM {source}{where(bounds[-1])} ORDER BY {key} LIMIT {rest}")
+            chunk = pa.concat_tables(list(pool.map(read, statements)))
+            rows += chunk.num_rows
+            pending.put((index, chunk))
+            index += 1
+            if chunk.num_rows < run.chunk_rows:
+                break
+            last = chunk.column(key)[-1].as_py()
+            del chunk
+    pending.put(None)
+    writer.join()
+    end = time.perf_counter()
+    files, size = _files(run.out)
+    return {"rows": rows, "files": files, "file_bytes": size, "end": end, "details": {"chunks": index}}
+
+
 # -- other readers ---------------------------------------------------------------------------------
 
 

@@ -78,6 +78,8 @@ ALL_CONTENDERS = (
     "cx_partition_4",
     "cx_stream_100k",
     "cx_offset_parquet",
+    "cx_keyset_pipeline",
+    "cx_keyset_pipeline_2",
     "adbc_stream",
     "airflow_get_df",
     "psycopg_copy",
@@ -522,23 +524,56 @@ def main_jobs(args: argparse.Namespace, rows: int) -> list[Job]:
         )
         wanted.discard("airflow_get_df")
     jobs: list[Job] = []
-    provider_paths = (
-        ("provider_parquet", "ConnectorXPostgresHook.extract (the operator's path)"),
-        ("provider_parquet_dict", "the same with parquet_dictionary=True (every column; the default before issue 13)"),
-        ("provider_pages", "the same with key_columns=['ctid'], snapshot=True: page ranges in one snapshot"),
-        ("provider_parquet_stream", "the same with stream_rows=65536: each chunk streamed in batches"),
+    # One job per chunk size: (name, contender, its extra arguments, one of the provider's paths?)
+    per_chunk: tuple[tuple[str, str, tuple[str, ...], bool, str], ...] = (
+        ("provider_parquet", "provider_parquet", (), True, "ConnectorXPostgresHook.extract (the operator's path)"),
+        (
+            "provider_parquet_dict",
+            "provider_parquet_dict",
+            (),
+            True,
+            "the same with parquet_dictionary=True (every column; the default before issue 13)",
+        ),
+        (
+            "provider_pages",
+            "provider_pages",
+            (),
+            True,
+            "the same with key_columns=['ctid'], snapshot=True: page ranges in one snapshot",
+        ),
+        (
+            "provider_parquet_stream",
+            "provider_parquet_stream",
+            (),
+            True,
+            "the same with stream_rows=65536: each chunk streamed in batches",
+        ),
+        (
+            "cx_keyset_pipeline",
+            "cx_keyset_pipeline",
+            ("--partitions", "1"),
+            False,
+            "the provider's data path bare: keyset chunks, a writer thread beside",
+        ),
+        (
+            "cx_keyset_pipeline_2",
+            "cx_keyset_pipeline",
+            ("--partitions", "2"),
+            False,
+            "the same, each chunk read as 2 concurrent key-range reads",
+        ),
     )
-    for name, description in provider_paths:
+    for name, contender_name, extra, provider, description in per_chunk:
         if name not in wanted:
             continue
         for chunk in args.chunk_rows:
             jobs.append(
                 Job(
                     f"{name}@{short(chunk)}",
-                    name,
-                    ("--chunk-rows", str(chunk)),
+                    contender_name,
+                    ("--chunk-rows", str(chunk), *extra),
                     sink="Parquet zstd",
-                    provider=True,
+                    provider=provider,
                     table_rows=rows,
                     chunk_rows=chunk,
                     description=description,
