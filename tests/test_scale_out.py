@@ -31,6 +31,12 @@ pytestmark = pytest.mark.integration
 
 FAST = {"heartbeat_interval": 0.2, "heartbeat_timeout": 5.0, "cancel_grace": 2.0, "kill_grace": 2.0}
 ROWS = 40_000
+# Slows every row a worker reads (pg_sleep waits at least 1 ms a call), but not the parent's key-range
+# sample on its "-partition" control connection: with 40k rows that sample reads the whole table, and
+# slowed it took ~60 s (a CI run: the fault came after the test had stopped waiting for the workers).
+SLOW_READS = (
+    "pg_sleep(CASE WHEN current_setting('application_name') LIKE '%-partition' THEN 0 ELSE 0.00005 END) IS NOT NULL"
+)
 
 
 @pytest.fixture
@@ -132,20 +138,29 @@ def test_parallel_stops_every_worker_when_one_dies_and_a_retry_resumes(
         "destination": str(out_dir),
         "parallelism": 2,
         "chunk_rows": 1_000,
-        "where": "pg_sleep(0.00005) IS NOT NULL",
+        "where": SLOW_READS,
         "max_worker_restarts": 0,
         "worker_settings": FAST,
     }
 
+    killed: list[int] = []
+
     def kill_one() -> None:
-        if wait_until(lambda: len(worker_pids()) == 2, 60, 0.01):
+        if wait_until(lambda: len(worker_pids()) == 2, 120, 0.01):
             time.sleep(0.8)
             with contextlib.suppress(ProcessLookupError, IndexError):
-                os.kill(worker_pids()[0], signal.SIGKILL)
+                pid = worker_pids()[0]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
 
-    threading.Thread(target=kill_one, daemon=True).start()
+    killer = threading.Thread(target=kill_one, daemon=True)
+    killer.start()
     with pytest.raises(CxpgError) as failure:
-        PostgresExtractOperator(**arguments).execute({})
+        try:
+            PostgresExtractOperator(**arguments).execute({})
+        finally:
+            killer.join(timeout=5)
+            assert killed, "the test did not kill a worker while both ran (the run ended first)"
     assert isinstance(failure.value, (WorkerCrashedError, CxpgError))
     assert_nothing_left(admin)  # the surviving worker was stopped too
 
@@ -190,7 +205,7 @@ def test_snapshot_gives_a_point_in_time_copy_while_rows_change(
             destination=str(out_dir),
             parallelism=2,
             chunk_rows=2_000,
-            where="pg_sleep(0.00005) IS NOT NULL",
+            where=SLOW_READS,
             worker_settings=FAST,
         ).execute({})
     finally:
