@@ -31,7 +31,7 @@ from airflow_provider_cxpg.exceptions import (
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.output.destination import Destination
 from airflow_provider_cxpg.output.manifest import Manifest
-from airflow_provider_cxpg.supervisor.session import worker_environment
+from airflow_provider_cxpg.supervisor.process import worker_environment
 from tests.helpers import PgInfo, assert_nothing_left, cxpg_backends, read_output, wait_until, worker_pids
 from tests.netproxy import running_proxy
 from tests.s3_server import S3Server, s3_process

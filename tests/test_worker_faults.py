@@ -36,7 +36,8 @@ from airflow_provider_cxpg.exceptions import (
 )
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.querylog import QueryLog
-from airflow_provider_cxpg.supervisor.session import WorkerSession, worker_environment
+from airflow_provider_cxpg.supervisor.process import worker_environment
+from airflow_provider_cxpg.supervisor.session import WorkerSession
 from airflow_provider_cxpg.supervisor.settings import WorkerSettings
 from airflow_provider_cxpg.worker.protocol import IpcSink, ReadChunk
 from tests.helpers import PgInfo, assert_nothing_left, cxpg_backends, read_output, wait_until, worker_pids

@@ -56,6 +56,7 @@ from airflow_provider_cxpg.supervisor.credentials import CredentialSource, is_au
 from airflow_provider_cxpg.supervisor.monitor import ActivitySampler, ControlCancels, ServerMonitor
 from airflow_provider_cxpg.supervisor.session import WorkerSession
 from airflow_provider_cxpg.supervisor.settings import WorkerSettings
+from airflow_provider_cxpg.supervisor.watchdog import lock_wait_fields
 from airflow_provider_cxpg.worker.protocol import ParquetSink
 
 __all__ = [
@@ -361,16 +362,7 @@ class Extraction:
         key = self._cancels.register(conn)
         sampler = ActivitySampler(
             ServerMonitor(self.credentials.current(), app, self.redactor, call_timeout=self.settings.control_timeout),
-            lambda b: self.log.emit(
-                "server.waiting",
-                phase=purpose,
-                backend_pid=b.pid,
-                state=b.state,
-                wait_event=f"{b.wait_event_type}:{b.wait_event}",
-                seconds=b.query_seconds,
-                sql=b.query,
-                blocked_by=[x.describe() for x in b.blockers] or None,
-            ),
+            lambda b: self.log.emit("server.waiting", phase=purpose, sql=b.query, **lock_wait_fields(b)),
             interval=self.settings.monitor_interval,
             after=self.settings.report_wait_after,
             every=self.settings.report_wait_every,

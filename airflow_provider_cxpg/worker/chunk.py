@@ -264,7 +264,7 @@ def stream_chunk(
 
     Caveat (measured): while it waits for the first batch, iterating the stream holds the GIL, so the
     heartbeat thread is silent during a long server-side wait; the parent then checks the server
-    (see :meth:`WorkerSession._silence_is_a_server_wait`).
+    (see ``supervisor.watchdog.Watchdog.silence_is_a_server_wait``).
     """
     import connectorx as cx
 
