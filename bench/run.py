@@ -37,7 +37,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlparse, urlunparse
@@ -47,67 +47,15 @@ import psycopg
 
 from airflow_provider_cxpg.demo.embedded_postgres import interrupt_on_termination
 from bench.data import TableInfo, machine_info, package_state, prepare_table, server_info
-from bench.report import (
-    Job,
-    JobRun,
-    Summary,
-    compute_overhead,
-    summarise,
-    write_flatness,
-    write_main,
-    write_planner,
-)
+from bench.matrix import ALL_CONTENDERS, main_jobs, parse_count, parse_counts, rounds_order, short
+from bench.report import write_flatness, write_main, write_planner
 from bench.sampler import TreeSampler, tree_cpu_seconds, tree_pids
+from bench.stats import Job, JobRun, compute_overhead, summarise
+from bench.targets import target_checks
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 APP_NAME = "cxpg-bench"
-
-#: Every contender of the main run, in display order (provider rows are added per chunk size;
-#: ``provider_parallel`` once per ``--parallelism`` value, at the first chunk size).
-ALL_CONTENDERS = (
-    "provider_parquet",
-    "provider_parquet_dict",
-    "provider_pages",
-    "provider_parquet_stream",
-    "provider_iter",
-    "provider_parallel",
-    "cx_single_parquet",
-    "cx_single_read",
-    "cx_partition_2",
-    "cx_partition_4",
-    "cx_stream_100k",
-    "cx_offset_parquet",
-    "cx_keyset_pipeline",
-    "cx_keyset_pipeline_2",
-    "adbc_stream",
-    "airflow_get_df",
-    "psycopg_copy",
-)
-
-
-def parse_count(text: str) -> int:
-    """``1M``, ``5m``, ``200k``, ``1_000_000`` or ``1000000`` -> int."""
-    match = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([kKmM]?)\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a row count: {text!r} (use e.g. 1M, 5M, 20M, 250k or 1000000)")
-    number, unit = float(match.group(1).replace("_", "")), match.group(2).lower()
-    value = round(number * {"": 1, "k": 1_000, "m": 1_000_000}[unit])
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"row count must be positive: {text!r}")
-    return value
-
-
-def parse_counts(text: str) -> list[int]:
-    return [parse_count(part) for part in text.split(",") if part.strip()]
-
-
-def short(n: int) -> str:
-    if n % 1_000_000 == 0:
-        return f"{n // 1_000_000}M"
-    if n % 1_000 == 0:
-        return f"{n // 1_000}k"
-    return str(n)
 
 
 # -- server and environment ------------------------------------------------------------------------
@@ -439,20 +387,6 @@ def _tail(path: Path, limit: int = 600) -> str:
     return "(none)"
 
 
-def rounds_order(jobs: Sequence[Job], rounds: int) -> Iterator[tuple[int, list[Job]]]:
-    """Each round runs every job once, in an order rotated each round and reversed every other one.
-
-    So no job always goes first, and no job always runs right after the same neighbour (whose page
-    cache, CPU frequency or leftover server work it would inherit).
-    """
-    n = len(jobs)
-    step = max(1, n // max(1, rounds))
-    for r in range(rounds):
-        shift = (r * step) % n if n else 0
-        order = list(jobs[shift:]) + list(jobs[:shift])
-        yield r + 1, order[::-1] if r % 2 else order
-
-
 # -- worker start-up -------------------------------------------------------------------------------
 
 
@@ -509,147 +443,6 @@ def measure_worker_startup(runs: int) -> dict[str, Any]:
 
 
 # -- the two modes ---------------------------------------------------------------------------------
-
-
-def main_jobs(args: argparse.Namespace, rows: int) -> list[Job]:
-    wanted = set(args.contenders.split(",")) if args.contenders else set(ALL_CONTENDERS)
-    wanted -= set(filter(None, (args.skip or "").split(",")))
-    unknown = wanted - set(ALL_CONTENDERS)
-    if unknown:
-        raise SystemExit(f"unknown contender(s): {', '.join(sorted(unknown))}; known: {', '.join(ALL_CONTENDERS)}")
-    if "airflow_get_df" in wanted and rows > args.max_pandas_rows and not args.contenders:
-        print(
-            f"skipping airflow_get_df at {rows:,} rows (> --max-pandas-rows {args.max_pandas_rows:,}: "
-            "it needs ~1 GB of RAM per million rows); name it in --contenders to force it"
-        )
-        wanted.discard("airflow_get_df")
-    jobs: list[Job] = []
-    # One job per chunk size: (name, contender, its extra arguments, one of the provider's paths?)
-    per_chunk: tuple[tuple[str, str, tuple[str, ...], bool, str], ...] = (
-        ("provider_parquet", "provider_parquet", (), True, "ConnectorXPostgresHook.extract (the operator's path)"),
-        (
-            "provider_parquet_dict",
-            "provider_parquet_dict",
-            (),
-            True,
-            "the same with parquet_dictionary=True (every column; the default before issue 13)",
-        ),
-        (
-            "provider_pages",
-            "provider_pages",
-            (),
-            True,
-            "the same with key_columns=['ctid'], snapshot=True: page ranges in one snapshot",
-        ),
-        (
-            "provider_parquet_stream",
-            "provider_parquet_stream",
-            (),
-            True,
-            "the same with stream_rows=65536: each chunk streamed in batches",
-        ),
-        (
-            "cx_keyset_pipeline",
-            "cx_keyset_pipeline",
-            ("--partitions", "1"),
-            False,
-            "the provider's data path bare: keyset chunks, a writer thread beside",
-        ),
-        (
-            "cx_keyset_pipeline_2",
-            "cx_keyset_pipeline",
-            ("--partitions", "2"),
-            False,
-            "the same, each chunk read as 2 concurrent key-range reads",
-        ),
-    )
-    for name, contender_name, extra, provider, description in per_chunk:
-        if name not in wanted:
-            continue
-        for chunk in args.chunk_rows:
-            jobs.append(
-                Job(
-                    f"{name}@{short(chunk)}",
-                    contender_name,
-                    ("--chunk-rows", str(chunk), *extra),
-                    sink="Parquet zstd",
-                    provider=provider,
-                    table_rows=rows,
-                    chunk_rows=chunk,
-                    description=description,
-                )
-            )
-    for chunk in args.chunk_rows:
-        if "provider_iter" in wanted:
-            jobs.append(
-                Job(
-                    f"provider_iter@{short(chunk)}",
-                    "provider_iter",
-                    ("--chunk-rows", str(chunk)),
-                    sink="Arrow in caller",
-                    provider=True,
-                    table_rows=rows,
-                    chunk_rows=chunk,
-                    description="ConnectorXPostgresHook.iter_chunks, chunks consumed",
-                )
-            )
-    if "provider_parallel" in wanted:
-        chunk = args.chunk_rows[0]
-        for workers in args.parallelism:
-            jobs.append(
-                Job(
-                    f"provider_parallel{workers}@{short(chunk)}",
-                    "provider_parallel",
-                    ("--chunk-rows", str(chunk), "--parallelism", str(workers)),
-                    sink="Parquet zstd",
-                    provider=True,
-                    table_rows=rows,
-                    chunk_rows=chunk,
-                    description=f"PostgresExtractOperator(parallelism={workers}).execute "
-                    "(partition_method=auto, snapshot=True: the defaults)",
-                )
-            )
-    simple: dict[str, tuple[str, tuple[str, ...], str, str]] = {
-        "cx_single_parquet": ("cx_single_parquet", (), "Parquet zstd", "read_sql arrow + write_table"),
-        "cx_single_read": ("cx_single_read", (), "Arrow (read only)", "read_sql arrow, no write"),
-        "cx_partition_2": ("cx_partitioned", ("--partitions", "2"), "Arrow (read only)", "partition_on=id, 2"),
-        "cx_partition_4": ("cx_partitioned", ("--partitions", "4"), "Arrow (read only)", "partition_on=id, 4"),
-        "cx_stream_100k": (
-            "cx_stream",
-            ("--batch-size", str(args.stream_batch)),
-            "batches (read only)",
-            f"arrow_stream batch_size={args.stream_batch}",
-        ),
-        "cx_offset_parquet": (
-            "cx_offset_parquet",
-            ("--page-rows", str(args.offset_page_rows)),
-            "Parquet zstd",
-            f"OFFSET/LIMIT pages of {args.offset_page_rows:,}",
-        ),
-        "adbc_stream": ("adbc_stream", (), "batches (read only)", "ADBC fetch_record_batch"),
-        "airflow_get_df": ("airflow_get_df", (), "pandas (read only)", "PostgresHook.get_df"),
-        "psycopg_copy": ("psycopg_copy", (), "bytes to nowhere", "COPY binary, the ceiling"),
-    }
-    for name in ALL_CONTENDERS:
-        if name in simple and name in wanted:
-            contender, cargs, sink, description = simple[name]
-            jobs.append(Job(name, contender, cargs, sink=sink, table_rows=rows, description=description))
-    if not args.no_overhead and "provider_parquet" in wanted:
-        for chunk in args.overhead_chunks:
-            jobs.append(
-                Job(
-                    f"overhead_parquet@{short(chunk)}",
-                    "provider_parquet",
-                    ("--chunk-rows", str(chunk)),
-                    sink="Parquet zstd",
-                    section="overhead",
-                    provider=True,
-                    table_rows=rows,
-                    chunk_rows=chunk,
-                    description="per-chunk overhead probe",
-                )
-            )
-    return jobs
 
 
 def measure_planner(args: argparse.Namespace, runner: Runner, table: TableInfo) -> dict[str, Any]:
@@ -731,7 +524,7 @@ def run_main(args: argparse.Namespace, server: Server, runner: Runner, meta: dic
         [r.setup_s for r in runner.runs if r.ok and r.label.split("@")[0] in {"provider_parquet", "airflow_get_df"}]
     )
     overhead = compute_overhead(jobs, runner.runs, rows) if not args.no_overhead else None
-    checks = target_checks(main_summaries, args)
+    checks = target_checks(main_summaries, f"provider_parquet@{short(args.chunk_rows[0])}")
     meta["duration_s"] = time.monotonic() - meta.pop("_t0")
     meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     meta["package_at_end"] = package_state(str(REPO_ROOT))
@@ -769,102 +562,6 @@ def run_planner_only(args: argparse.Namespace, server: Server, runner: Runner, m
     print(paths[1].read_text())
     print("written: " + ", ".join(str(p) for p in paths))
     return 0 if "error" not in planner and not any("error" in e for e in planner["entries"]) else 1
-
-
-def target_checks(summaries: Sequence[Summary], args: argparse.Namespace) -> list[dict[str, Any]]:
-    by = {s.job.label: s for s in summaries}
-    main_label = f"provider_parquet@{short(args.chunk_rows[0])}"
-    prov, single, offset = by.get(main_label), by.get("cx_single_parquet"), by.get("cx_offset_parquet")
-    low = by.get("provider_parquet@250k")
-    checks: list[dict[str, Any]] = []
-
-    def add(name: str, measured: str, target: str, ok: bool | None) -> None:
-        checks.append(
-            {
-                "name": name,
-                "measured": measured,
-                "target": target,
-                "result": "n/a" if ok is None else "PASS" if ok else "FAIL",
-            }
-        )
-
-    if prov and single and prov.work_median and single.work_median:
-        ratio = prov.work_median / single.work_median
-        noise = (
-            f" (min–max {prov.work_min:.2f}–{prov.work_max:.2f} / {single.work_min:.2f}–{single.work_max:.2f})"
-            if prov.work_min is not None and single.work_min is not None
-            else ""
-        )
-        measured = f"{prov.work_median:.2f} s / {single.work_median:.2f} s = {ratio:.2f}×{noise}"
-        add(f"{main_label} vs cx_single_parquet (time)", measured, "≤ 1.15×", ratio <= 1.15)
-        add(f"{main_label} vs cx_single_parquet (time, issue 13)", measured, "≤ 0.85×", ratio <= 0.85)
-    else:
-        add(f"{main_label} vs cx_single_parquet (time)", "not measured", "≤ 1.15×", None)
-    if prov and single and prov.work_cpu_median and single.work_cpu_median:
-        ratio = prov.work_cpu_median / single.work_cpu_median
-        add(
-            f"{main_label} vs cx_single_parquet (client CPU in the work, issue 13)",
-            f"{prov.work_cpu_median:.2f} s / {single.work_cpu_median:.2f} s = {ratio:.2f}× (min–max "
-            f"{prov.work_cpu_min:.2f}–{prov.work_cpu_max:.2f} / {single.work_cpu_min:.2f}–{single.work_cpu_max:.2f})",
-            "≤ 1.00×",
-            ratio <= 1.0,
-        )
-    if prov and single and prov.server_cpu_median and single.server_cpu_median:
-        ratio = prov.server_cpu_median / single.server_cpu_median
-        add(
-            f"{main_label} vs cx_single_parquet (server CPU, reported)",
-            f"{prov.server_cpu_median:.2f} s / {single.server_cpu_median:.2f} s = {ratio:.2f}×",
-            "—",
-            None,
-        )
-    if prov and offset and prov.work_median and offset.work_median:
-        add(
-            f"{main_label} vs cx_offset_parquet (time)",
-            f"{prov.work_median:.2f} s vs {offset.work_median:.2f} s",
-            "provider faster",
-            prov.work_median < offset.work_median,
-        )
-    else:
-        add(f"{main_label} vs cx_offset_parquet (time)", "not measured", "provider faster", None)
-    if low and single and low.peak_rss_median and single.peak_rss_median:
-        frac = low.peak_rss_median / single.peak_rss_median
-        add(
-            "provider_parquet@250k peak RSS (whole tree) vs cx_single_parquet",
-            f"{low.peak_rss_median / 2**20:,.0f} MiB / {single.peak_rss_median / 2**20:,.0f} MiB = {frac:.2f}",
-            "≤ 0.33",
-            frac <= 1 / 3,
-        )
-    else:
-        add("provider_parquet@250k peak RSS (whole tree) vs cx_single_parquet", "not measured", "≤ 0.33", None)
-    if low and single and low.descendants_peak_median and single.peak_rss_median:
-        frac = low.descendants_peak_median / single.peak_rss_median
-        add(
-            "provider_parquet@250k worker-only peak RSS vs cx_single_parquet",
-            f"{low.descendants_peak_median / 2**20:,.0f} MiB / {single.peak_rss_median / 2**20:,.0f} MiB = {frac:.2f}",
-            "≤ 0.33",
-            frac <= 1 / 3,
-        )
-    else:
-        add("provider_parquet@250k worker-only peak RSS vs cx_single_parquet", "not measured", "≤ 0.33", None)
-    read_only = by.get("cx_single_read")
-    if low and read_only and low.descendants_peak_median and read_only.peak_rss_median:
-        frac = low.descendants_peak_median / read_only.peak_rss_median
-        add(
-            "provider_parquet@250k worker-only peak RSS vs cx_single_read (the read alone)",
-            f"{low.descendants_peak_median / 2**20:,.0f} MiB / {read_only.peak_rss_median / 2**20:,.0f} MiB"
-            f" = {frac:.2f}",
-            "≤ 0.33",
-            frac <= 1 / 3,
-        )
-    if low and single and low.work_rss_median and single.work_rss_median:
-        frac = low.work_rss_median / single.work_rss_median
-        add(
-            "(supplementary) the same with growth during the work (imports excluded)",
-            f"{low.work_rss_median / 2**20:,.0f} MiB / {single.work_rss_median / 2**20:,.0f} MiB = {frac:.2f}",
-            "≤ 0.33",
-            frac <= 1 / 3,
-        )
-    return checks
 
 
 def run_flatness(args: argparse.Namespace, server: Server, runner: Runner, meta: dict[str, Any]) -> int:

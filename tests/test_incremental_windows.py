@@ -22,7 +22,7 @@ import pytest
 from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
 from airflow_provider_cxpg.operators.partition import PostgresPartitionPlanOperator, PostgresPartitionValidateOperator
 from airflow_provider_cxpg.planning.incremental import END_KEYS_MAX
-from airflow_provider_cxpg.planning.watermark_state import WatermarkState, default_state_key, spec_for_run
+from airflow_provider_cxpg.planning.watermark_state import WatermarkState, default_state_key
 from tests.helpers import read_output, register_dag
 from tests.test_operator_dags import run_dag, xcom_return
 
@@ -78,11 +78,6 @@ class MetadataVariables:
             return Variable.get(key)
         except KeyError:
             return None
-
-
-class MemoryStore(dict):
-    def set(self, key: str, value: str, description: str) -> None:
-        self[key] = value
 
 
 def state(dag_id: str, task_id: str = "extract", map_index: int | None = None) -> WatermarkState:
@@ -242,19 +237,6 @@ def test_mapped_incremental_tasks_keep_their_own_windows(
         out = tmp_path / name / second.run_id
         assert sorted(r["id"] for r in read_output(out).to_pylist()) == expected
     assert {state(dag_id, map_index=i).last_window()["high_watermark"] for i in (0, 1)} == {"25", "1023"}
-
-
-def test_state_reads_a_dag_runs_own_window_again_and_never_moves_back() -> None:
-    kept = WatermarkState("cxpg_watermark.test.t", store=MemoryStore())
-    first = {"column": "v", "start": None, "high_watermark": "10", "boundary_keys": [[10]], "end": "10"}
-    second = {"column": "v", "start": "10", "high_watermark": "20", "boundary_keys": [[20]], "end": "20"}
-    kept.commit(first, "run-1")
-    kept.commit(second, "run-2")
-    assert spec_for_run(kept, "v", dag_run_id="run-1").recorded == first  # a re-run of run-1
-    following = spec_for_run(kept, "v", dag_run_id="run-3")
-    assert (following.start, following.start_inclusive, following.start_keys) == ("20", True, ((20,),))
-    kept.commit(first, "run-1")  # run-1 re-run and committed again: the next start stays at 20
-    assert kept.last_window()["high_watermark"] == "20"
 
 
 def test_an_explicit_start_is_a_one_off_window_that_leaves_the_state_alone(

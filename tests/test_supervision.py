@@ -24,14 +24,12 @@ import pytest
 
 from airflow_provider_cxpg.exceptions import (
     ConnectionConfigError,
-    ExtractionAborted,
     QueryTimeoutError,
     StorageError,
 )
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.output.destination import Destination
 from airflow_provider_cxpg.output.manifest import Manifest
-from airflow_provider_cxpg.supervisor.process import worker_environment
 from tests.helpers import PgInfo, assert_nothing_left, cxpg_backends, read_output, wait_until, worker_pids
 from tests.netproxy import running_proxy
 from tests.s3_server import S3Server, s3_process
@@ -585,37 +583,6 @@ def test_destination_conn_id_for_s3_reaches_the_worker(
     assert_nothing_left(admin)
 
 
-def test_the_worker_environment_carries_proxies_and_ca_bundles_and_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
-    monkeypatch.setenv("no_proxy", "169.254.169.254,.internal")
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/corp.pem")
-    monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", "pod-identity-token")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
-    env = worker_environment()
-    assert env["HTTPS_PROXY"] == "http://proxy.internal:3128" and env["no_proxy"].endswith(".internal")
-    assert env["REQUESTS_CA_BUNDLE"] == "/etc/ssl/corp.pem"
-    assert "pod-identity-token" not in json.dumps(env) and "aws-secret" not in json.dumps(env)
-
-
-def test_ambient_aws_credentials_are_resolved_in_the_parent_and_sent_over_the_pipe(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Whatever botocore's chain finds in the parent (here: the environment) reaches the worker as options."""
-    from airflow_provider_cxpg.output.storage_env import WorkerStorage
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPARENTKEY")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "parent-secret")
-    monkeypatch.setenv("AWS_SESSION_TOKEN", "parent-token")
-    monkeypatch.setenv("AWS_REGION", "eu-west-1")
-    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
-    storage = WorkerStorage("s3://b/p", {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}})
-    options = storage.options()
-    assert (options["key"], options["secret"], options["token"]) == ("AKIAPARENTKEY", "parent-secret", "parent-token")
-    assert storage.env == {"AWS_REGION": "eu-west-1"}  # no secret in the environment
-    with pytest.raises(Exception, match="cannot be sent to the worker"):
-        WorkerStorage("s3://b/p", {"key": "k", "secret": "s", "opener": threading.Lock()})
-
-
 # -- TLS parity --------------------------------------------------------------------------------------------
 
 
@@ -631,18 +598,6 @@ def test_verify_full_is_refused_before_any_data_moves(
         env.setenv("PGSSLMODE", "verify-full")  # the parent's libpq environment counts too
         with pytest.raises(ConnectionConfigError, match="verify-full"):
             ConnectorXPostgresHook(postgres_conn_id="tls_plain").extract(destination=str(tmp_path / "out"), table=table)
-
-
-def test_pgssl_environment_reaches_the_worker_uri() -> None:
-    from airflow_provider_cxpg.conninfo import PostgresEndpoint
-
-    endpoint = PostgresEndpoint(host="db", user="u").with_ssl_environment(
-        {"PGSSLMODE": "verify-ca", "PGSSLROOTCERT": "/etc/ca.pem", "PGSSLCERT": "/c.pem", "PGSSLKEY": "/k.pem"}
-    )
-    uri = endpoint.connectorx_uri()
-    assert "sslmode=require" in uri and "sslrootcert=%2Fetc%2Fca.pem" in uri  # connectorx: require + root = verify-ca
-    assert "sslcert=%2Fc.pem" in uri and "sslkey=%2Fk.pem" in uri
-    assert endpoint.libpq_kwargs()["sslmode"] == "verify-ca"  # the parent keeps libpq's own meaning
 
 
 # -- a worker that does not read -------------------------------------------------------------------------
@@ -690,22 +645,3 @@ def test_a_frozen_worker_whose_pipe_is_full_cannot_hold_the_parent(pg: PgInfo, t
     assert time.monotonic() - started < 3.0 + GRACE
     assert wait_until(lambda: not worker_pids(), 10, 0.05)
     assert wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("cxpg-sender")], 10, 0.05)
-
-
-def test_no_control_statement_starts_after_an_abort() -> None:
-    from airflow_provider_cxpg.run.extraction import _AbortChecked
-
-    ran: list[str] = []
-
-    class _Conn:
-        def execute(self, sql: str) -> str:
-            ran.append(sql)
-            return sql
-
-    reason: list[str | None] = [None]
-    conn = _AbortChecked(_Conn(), lambda: reason[0])
-    conn.execute("SELECT 1")
-    reason[0] = "on_kill"
-    with pytest.raises(ExtractionAborted, match="on_kill"):
-        conn.execute("SELECT max(updated_at) FROM big")
-    assert ran == ["SELECT 1"]

@@ -36,7 +36,6 @@ from airflow_provider_cxpg.exceptions import (
 )
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.querylog import QueryLog
-from airflow_provider_cxpg.supervisor.process import worker_environment
 from airflow_provider_cxpg.supervisor.session import WorkerSession
 from airflow_provider_cxpg.supervisor.settings import WorkerSettings
 from airflow_provider_cxpg.worker.protocol import IpcSink, ReadChunk
@@ -550,14 +549,6 @@ def test_worker_has_no_secret_in_argv_or_environment(
     names = {kv.split(b"=", 1)[0].decode() for kv in seen["environ"].split(b"\0") if kv}
     assert not any(n.startswith("AIRFLOW") for n in names), names
     assert b"airflow_provider_cxpg.worker" in seen["cmdline"]
-
-
-def test_worker_environment_prefers_jemalloc_unless_worker_env_names_a_pool(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "mimalloc")  # the host's choice is not inherited
-    monkeypatch.setenv("AIRFLOW_CONN_SECRET", "postgresql://u:p@h/db")
-    env = worker_environment()
-    assert env["ARROW_DEFAULT_MEMORY_POOL"] == "jemalloc" and "AIRFLOW_CONN_SECRET" not in env
-    assert worker_environment({"ARROW_DEFAULT_MEMORY_POOL": "system"})["ARROW_DEFAULT_MEMORY_POOL"] == "system"
 
 
 def test_worker_modules_do_not_import_airflow() -> None:

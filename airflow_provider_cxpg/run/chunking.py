@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from airflow_provider_cxpg.exceptions import DataIntegrityError, InvalidInputError
+from airflow_provider_cxpg.exceptions import DataIntegrityError
 from airflow_provider_cxpg.planning.plan import ExtractPlan
 from airflow_provider_cxpg.supervisor.session import WorkerSession
 from airflow_provider_cxpg.worker.protocol import ChunkDone, ChunkRead, IpcSink, ParquetSink, ReadChunk
@@ -36,20 +36,14 @@ class ChunkSizer:
 
     :param chunk_rows: rows per chunk (the maximum when ``chunk_bytes`` is set).
     :param chunk_bytes: target in-memory Arrow bytes per chunk; the first chunk probes the width.
+
+    Both come validated from :class:`~airflow_provider_cxpg.run.options.ExtractOptions`.
     """
 
     chunk_rows: int
     chunk_bytes: int | None = None
     _rows: int = 0
     _bytes: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, int) or self.chunk_rows <= 0:
-            raise InvalidInputError(f"chunk_rows must be a positive integer, got {self.chunk_rows!r}")
-        if self.chunk_bytes is not None and (
-            isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) or self.chunk_bytes <= 0
-        ):
-            raise InvalidInputError(f"chunk_bytes must be a positive integer or None, got {self.chunk_bytes!r}")
 
     def observe(self, rows: int, arrow_bytes: int) -> None:
         self._rows += rows

@@ -25,7 +25,6 @@ from airflow_provider_cxpg.exceptions import (
     CxpgError,
     DestinationConflictError,
     ExtractionAborted,
-    InvalidInputError,
     ServerConnectionError,
     StorageError,
     WorkerError,
@@ -51,6 +50,7 @@ from airflow_provider_cxpg.planning.plan import ExtractPlan, SourceSpec, build_p
 from airflow_provider_cxpg.planning.snapshot import ExportedSnapshot, import_statements
 from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.run.chunking import ChunkSizer, chunks_for, pipelined
+from airflow_provider_cxpg.run.options import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, ExtractOptions, ParquetOptions
 from airflow_provider_cxpg.run.progress import Progress, estimate_rows
 from airflow_provider_cxpg.supervisor.credentials import CredentialSource, is_authentication_failure
 from airflow_provider_cxpg.supervisor.monitor import ActivitySampler, ControlCancels, ServerMonitor
@@ -69,14 +69,11 @@ __all__ = [
     "run_application_name",
 ]
 
-DEFAULT_CHUNK_ROWS = 500_000
 #: The XCom summary names every file up to this many; past it, ``files`` is None and
 #: ``file_count`` and ``manifest`` (which lists them all) say where they are.
 SUMMARY_FILES_MAX = 100
 #: How long recording a failure in the manifest may take (the store may be what failed).
 _FAILURE_WRITE_SECONDS = 5.0
-DEFAULT_STREAM_ROWS = 0
-_COMPRESSIONS = {"zstd", "snappy", "gzip", "brotli", "lz4", "none"}
 
 
 def new_run_id() -> str:
@@ -207,6 +204,8 @@ class Extraction:
         at the destination even when the source differs (see :mod:`~airflow_provider_cxpg.output.manifest`).
     :param refresh_credentials: returns a freshly resolved endpoint (a new IAM token); used when the
         password is older than ``settings.credentials_refresh_interval`` and once after a refused login.
+    :param options: the chunking, restart and Parquet arguments above as one validated object; when
+        given, those keyword arguments are not read.
     """
 
     def __init__(
@@ -236,6 +235,7 @@ class Extraction:
         worker_index: int = 0,
         owner: str | None = None,
         refresh_credentials: Callable[[], PostgresEndpoint] | None = None,
+        options: ExtractOptions | None = None,
     ) -> None:
         endpoint.check_worker_tls()  # before any data moves: the worker must verify what libpq verifies
         self.endpoint = endpoint
@@ -250,19 +250,16 @@ class Extraction:
             self._storage = WorkerStorage(destination.url, destination.storage_options)
             env = {**self._storage.env, **self.settings.worker_env}
             self.settings = dataclasses.replace(self.settings, worker_env=env)
-        self.sizer = ChunkSizer(chunk_rows, chunk_bytes)
-        if compression not in _COMPRESSIONS:
-            raise InvalidInputError(f"compression must be one of {sorted(_COMPRESSIONS)}, got {compression!r}")
-        self.compression = compression
-        if not isinstance(row_group_rows, int) or row_group_rows <= 0:
-            raise InvalidInputError(f"row_group_rows must be a positive integer, got {row_group_rows!r}")
-        self.row_group_rows = row_group_rows
-        if not (parquet_dictionary == "auto" or isinstance(parquet_dictionary, bool)):
-            raise InvalidInputError(f"parquet_dictionary must be 'auto', True or False, got {parquet_dictionary!r}")
-        self.parquet_dictionary = parquet_dictionary
-        if not isinstance(max_worker_restarts, int) or max_worker_restarts < 0:
-            raise InvalidInputError(f"max_worker_restarts must be >= 0, got {max_worker_restarts!r}")
-        self.max_worker_restarts = max_worker_restarts
+        #: Validated once, here (run/options.py): every door into an extraction passes through it.
+        self.options = options or ExtractOptions(
+            chunk_rows=chunk_rows,
+            chunk_bytes=chunk_bytes,
+            stream_rows=stream_rows,
+            read_ahead=read_ahead,
+            max_worker_restarts=max_worker_restarts,
+            parquet=ParquetOptions(compression, row_group_rows, parquet_dictionary),
+        )
+        self.sizer = ChunkSizer(self.options.chunk_rows, self.options.chunk_bytes)
         self.extra_filters = tuple(extra_filters)
         self.lower = list(lower) if lower is not None else None
         self.upper = list(upper) if upper is not None else None
@@ -270,10 +267,6 @@ class Extraction:
         self.window: Window | None = None
         self.resume = resume
         self.snapshot = snapshot
-        self.read_ahead = read_ahead
-        if isinstance(stream_rows, bool) or not isinstance(stream_rows, int) or stream_rows < 0:
-            raise InvalidInputError(f"stream_rows must be an integer >= 0, got {stream_rows!r}")
-        self.stream_rows = stream_rows
         self.snapshot_id: str | None = snapshot if isinstance(snapshot, str) else None
         self.run_id = run_id or new_run_id()
         self.redactor = Redactor([*endpoint.secrets(), *self._storage_secrets(self.sink_options())])
@@ -316,9 +309,9 @@ class Extraction:
         return ParquetSink(
             url=self.destination.child_url(chunk_file_name(index)),
             storage_options=options,
-            compression=self.compression,
-            row_group_rows=self.row_group_rows,
-            dictionary=self.parquet_dictionary,
+            compression=self.options.parquet.compression,
+            row_group_rows=self.options.parquet.row_group_rows,
+            dictionary=self.options.parquet.dictionary,
             metadata={FOOTER_RUN_ID: manifest.run_id, FOOTER_CHUNK: str(index)},
         )
 
@@ -454,7 +447,7 @@ class Extraction:
                 "schema": plan.describe_schema(),
                 "lower": key_to_json(self.lower),
                 "upper": key_to_json(self.upper),
-                "compression": self.compression,
+                "compression": self.options.parquet.compression,
                 "filters": list(self.extra_filters),
                 "watermark": self.watermark.identity() if self.watermark else None,
             }
@@ -528,13 +521,13 @@ class Extraction:
             except WorkerError as exc:
                 if self._aborted:
                     raise ExtractionAborted.because(self._aborted) from exc
-                if restarts >= self.max_worker_restarts:
+                if restarts >= self.options.max_worker_restarts:
                     raise
                 restarts += 1
                 self.log.emit(
                     "worker.restart",
                     attempt=restarts,
-                    max_worker_restarts=self.max_worker_restarts,
+                    max_worker_restarts=self.options.max_worker_restarts,
                     after_chunk=manifest.chunks[-1].index if manifest.chunks else None,
                     error=f"{type(exc).__name__}: {exc}",
                 )
@@ -762,8 +755,8 @@ class Extraction:
                     sizer=self.sizer,
                     sink_for=lambda index: self._sink(manifest, index),
                     write_empty_first=not manifest.chunks,
-                    read_ahead=self.read_ahead,
-                    stream_rows=self.stream_rows,
+                    read_ahead=self.options.read_ahead,
+                    stream_rows=self.options.stream_rows,
                 ):
                     if not done.location:
                         continue  # an empty page after a full one: nothing to commit

@@ -48,6 +48,7 @@ from airflow_provider_cxpg.planning.incremental import WatermarkSpec, check_wate
 from airflow_provider_cxpg.planning.key_ranges import plan_key_ranges
 from airflow_provider_cxpg.planning.snapshot import ExportedSnapshot
 from airflow_provider_cxpg.run.extraction import Extraction, ExtractResult, new_run_id
+from airflow_provider_cxpg.run.options import positive_int
 
 __all__ = [
     "DATASET_MANIFEST",
@@ -296,8 +297,7 @@ class ParallelExtraction:
         upper: Any = None,
         **kwargs: Any,
     ) -> None:
-        if isinstance(parallelism, bool) or not isinstance(parallelism, int) or parallelism < 1:
-            raise InvalidInputError(f"parallelism must be a positive integer, got {parallelism!r}")
+        parallelism = positive_int("parallelism", parallelism)
         if lower is not None or upper is not None:
             raise InvalidInputError("parallelism > 1 plans its own key ranges: do not combine it with lower/upper_key")
         self.hook = hook

@@ -24,7 +24,8 @@ from airflow_provider_cxpg.output.destination import Destination
 from airflow_provider_cxpg.planning.plan import SourceSpec, build_read_plan
 from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.run.chunking import chunks_for, pipelined
-from airflow_provider_cxpg.run.extraction import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, Extraction
+from airflow_provider_cxpg.run.extraction import Extraction
+from airflow_provider_cxpg.run.options import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS
 from airflow_provider_cxpg.supervisor.credentials import is_authentication_failure
 from airflow_provider_cxpg.supervisor.settings import WorkerSettings
 from airflow_provider_cxpg.worker.protocol import IpcSink, ReadChunk
@@ -104,7 +105,9 @@ def iter_chunk_tables(
                     ExportedSnapshot(extraction.credentials.current(), f"{extraction.application_name}-snap")
                 )
                 extraction.snapshot_id = holder.id
-            yield from _iterate(extraction, spec, lower, upper, spool, job_deadline, max_worker_restarts, started)
+            yield from _iterate(
+                extraction, spec, lower, upper, spool, job_deadline, extraction.options.max_worker_restarts, started
+            )
     finally:
         shutil.rmtree(spool, ignore_errors=True)
 
@@ -137,8 +140,8 @@ def _iterate(
                     sizer=extraction.sizer,
                     sink_for=lambda i: IpcSink(os.path.join(spool, f"chunk-{i:06d}-{secrets.token_hex(3)}.arrow")),
                     write_empty_first=index == 0,
-                    read_ahead=extraction.read_ahead,
-                    stream_rows=extraction.stream_rows,
+                    read_ahead=extraction.options.read_ahead,
+                    stream_rows=extraction.options.stream_rows,
                 ):
                     index = read.chunk_index + 1
                     after = query.end if plan.pages is not None else (read.last_key or after)
@@ -206,7 +209,7 @@ def read_query_table(
                     chunk_index=0,
                     sql=plan.chunk_sql(None, None),
                     sink=IpcSink(os.path.join(spool, "result.arrow")),
-                    stream_rows=extraction.stream_rows,
+                    stream_rows=extraction.options.stream_rows,
                     **plan.request_fields(),
                 )
             )

@@ -139,6 +139,7 @@ class WorkerProcess:
     def spawn(self) -> None:
         """Start the process and its reader threads; return without waiting for it to import."""
         cmd = [sys.executable, "-P", "-m", "airflow_provider_cxpg.worker"]
+        env = worker_environment(self.env_extra)
         self.spawned_at = time.monotonic()
         try:
             self.proc = subprocess.Popen(
@@ -146,7 +147,7 @@ class WorkerProcess:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=worker_environment(self.env_extra),
+                env=env,
                 cwd="/",
                 start_new_session=True,  # a terminal's Ctrl+C reaches the parent, which stops the worker
                 close_fds=True,

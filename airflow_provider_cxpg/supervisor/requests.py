@@ -58,16 +58,16 @@ class RequestBook:
 
     @property
     def running_chunk(self) -> int | None:
-        return self.running.chunk if self.running is not None else None
+        running = self.running  # read once: another thread may clear it
+        return running.chunk if running is not None else None
 
     def forget_running(self) -> None:
         """The worker is gone: no query of it is running any more."""
         self.running = None
 
-    def note_backend(self, backend_pid: int) -> None:
-        """A backend seen at work for the running query (from a lock-wait report)."""
-        if self.running is not None:
-            self._backends.setdefault(self.running.query_id, backend_pid)
+    def note_backend(self, query_id: int, backend_pid: int) -> None:
+        """A backend seen at work for ``query_id`` (from a lock-wait report, on the sampler's thread)."""
+        self._backends.setdefault(query_id, backend_pid)
 
     # -- replies -----------------------------------------------------------------------------------
 

@@ -87,8 +87,10 @@ class Watchdog:
 
     def report_wait(self, backend: BackendInfo) -> None:
         """From the sampler's thread: a backend of the run has waited on a lock for a while."""
-        self._book.note_backend(backend.pid)
-        self._emit("server.waiting", chunk=self._book.running_chunk, **lock_wait_fields(backend))
+        running = self._book.running  # read once: the pump may end the query meanwhile
+        if running is not None:
+            self._book.note_backend(running.query_id, backend.pid)
+        self._emit("server.waiting", chunk=running.chunk if running else None, **lock_wait_fields(backend))
 
     # -- the rules ---------------------------------------------------------------------------------
 
