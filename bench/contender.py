@@ -156,6 +156,59 @@ def provider_parquet(run: Run) -> dict[str, Any]:
     return _extract_to_parquet(run)
 
 
+def _extract_to_table(run: Run, table_format: str, write_mode: str = "append") -> dict[str, Any]:
+    """The operator's path into a new table; ``merge`` first loads the same rows (outside the clock)."""
+    from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+
+    hook = ConnectorXPostgresHook(postgres_conn_id=CONN_ID)
+    log_path = run.out.parent / f"{run.out.name}.querylog.jsonl"
+    arguments: dict[str, Any] = {"table": f"public.{run.table}", "chunk_rows": run.chunk_rows}
+    if table_format == "iceberg":
+        (run.out / "warehouse").mkdir(parents=True, exist_ok=True)
+        arguments.update(
+            destination="bench.rows",
+            iceberg_catalog="bench",
+            iceberg_catalog_properties={
+                "type": "sql",
+                "uri": f"sqlite:///{run.out}/catalog.db",
+                "warehouse": f"file://{run.out}/warehouse",
+            },
+        )
+    else:
+        arguments["destination"] = str(run.out / "delta")
+    if write_mode == "merge":  # the worst case of a merge: every row of the run matches one in the table
+        hook.extract(table_format=table_format, **arguments)
+    run.start()
+    result = hook.extract(table_format=table_format, write_mode=write_mode, query_log_path=str(log_path), **arguments)
+    end = time.perf_counter()
+    files, size = _files(run.out)
+    details = _provider_details(log_path)
+    details.update(
+        {
+            "extract_seconds": round(result.seconds, 4),
+            "chunks": result.chunks,
+            "commit_seconds": result.extra.get("commit_seconds"),
+            "table_version": result.extra.get("table_version"),
+        }
+    )
+    return {"rows": result.rows, "files": files, "file_bytes": size, "end": end, "details": details}
+
+
+@contender("provider_delta")
+def provider_delta(run: Run) -> dict[str, Any]:
+    return _extract_to_table(run, "delta")
+
+
+@contender("provider_delta_merge")
+def provider_delta_merge(run: Run) -> dict[str, Any]:
+    return _extract_to_table(run, "delta", "merge")
+
+
+@contender("provider_iceberg")
+def provider_iceberg(run: Run) -> dict[str, Any]:
+    return _extract_to_table(run, "iceberg")
+
+
 @contender("provider_parquet_dict")
 def provider_parquet_dict(run: Run) -> dict[str, Any]:
     return _extract_to_parquet(run, parquet_dictionary=True)  # every column dictionary-encoded: pyarrow's default

@@ -186,6 +186,35 @@ def _planner_md(planner: dict[str, Any] | None, heading: str = "##") -> list[str
     return lines
 
 
+def _commits_md(summaries: Sequence[Summary], runs: Sequence[JobRun]) -> list[str]:
+    """The table formats' commit per run: the commit alone, from the provider's own clock."""
+    rows = []
+    for summary in summaries:
+        mine = [r for r in runs if r.label == summary.job.label and r.details.get("commit_seconds") is not None]
+        if not mine:
+            continue
+        seconds = sorted(float(r.details["commit_seconds"]) for r in mine)
+        median = statistics.median(seconds)
+        share = f"{median / summary.work_median * 100:.1f} %" if summary.work_median else "—"
+        rows.append(
+            f"| {summary.job.label} | {median:.2f} ({seconds[0]:.2f}–{seconds[-1]:.2f}) | {share} | "
+            f"{_s(summary.work_median)} |"
+        )
+    if not rows:
+        return []
+    return [
+        "## Table commits",
+        "",
+        "The commit of a run to its table (after every chunk is staged and checked), as the provider times it; "
+        "median (min–max) over the runs, and its share of the run's work time.",
+        "",
+        "| contender | commit s | share of work | work s |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def write_main(
     path_stem: Path,
     *,
@@ -254,6 +283,7 @@ def write_main(
         *_results_md(summaries, meta["mb_basis"]),
         "",
         *_scale_out_md(summaries, runs, meta.get("reference_label")),
+        *_commits_md(summaries, runs),
         *_planner_md(planner),
     ]
     if startup:

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from airflow_provider_cxpg.demo.embedded_postgres import EmbeddedPostgres
+from airflow_provider_cxpg.version_compat import AIRFLOW_V_3_0_PLUS
 
 WORKER_MODULE = "airflow_provider_cxpg.worker"
 
@@ -144,10 +145,10 @@ def register_dag(dag: Any) -> Any:
     Airflow 3.3's ``dag.test()`` runs only DAGs its bundles hold in the metadata database, so a DAG
     defined in a test module is written there first (Airflow 2 runs any DAG object as it is).
     """
-    try:
-        from airflow.dag_processing.bundles.manager import DagBundlesManager
-    except ImportError:  # Airflow 2
+    if not AIRFLOW_V_3_0_PLUS:
         return dag
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+
     try:
         from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
     except ImportError:  # Airflow 3.0 / 3.1 keep them in models

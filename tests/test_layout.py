@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "airflow_provider_cxpg"
-LEAVES = frozenset({"exceptions", "conninfo", "querylog", "bounded", "durations", "get_provider_info"})
+LEAVES = frozenset(
+    {"exceptions", "conninfo", "querylog", "bounded", "durations", "get_provider_info", "version_compat"}
+)
 
 #: Parts with an allow-list: the only first-party modules they may import (a part: every module
 #: under it; ``worker.protocol``: that module only). Their ``__init__`` docstrings say the same.

@@ -17,6 +17,7 @@ import pytest
 from airflow_provider_cxpg.demo import create_orders
 from airflow_provider_cxpg.exceptions import InvalidInputError
 from airflow_provider_cxpg.operators.extract import SUMMARY_KEYS, PostgresExtractOperator
+from airflow_provider_cxpg.version_compat import AIRFLOW_V_3_0_PLUS
 from tests.helpers import PgInfo, assert_nothing_left, manifest_of, read_output, register_dag
 
 DAGS = Path(__file__).resolve().parent.parent / "dags"
@@ -32,12 +33,11 @@ def load_dag(name: str) -> Any:
 
 
 def xcom_return(dag_run: Any, task_id: str) -> Any:
-    try:  # Airflow 3
-        from airflow.models.xcom import XComModel
-    except ImportError:  # Airflow 2
+    if not AIRFLOW_V_3_0_PLUS:
         from airflow.models.xcom import XCom
 
         return XCom.get_one(run_id=dag_run.run_id, dag_id=dag_run.dag_id, task_id=task_id, key="return_value")
+    from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
@@ -55,11 +55,8 @@ def run_dag(dag: Any, hours_later: int = 0) -> Any:
     API has none (``{{ ds }}`` and ``{{ ts_nodash }}`` are then undefined); Airflow 2 gives every run
     one (``execution_date``).
     """
-    import inspect
-
     when = dt.datetime.now(dt.UTC) + dt.timedelta(hours=hours_later)
-    parameters = inspect.signature(dag.test).parameters
-    if "run_after" in parameters:  # Airflow 3
+    if AIRFLOW_V_3_0_PLUS:
         return dag.test(logical_date=None, run_after=when)
     return dag.test(execution_date=when)
 
@@ -103,9 +100,9 @@ def test_providers_manager_lists_the_package() -> None:
 def test_dagbag_loads_every_example_without_errors(airflow_db: Path) -> None:
     import inspect
 
-    try:
-        from airflow.dag_processing.dagbag import DagBag  # Airflow 3
-    except ImportError:  # Airflow 2
+    if AIRFLOW_V_3_0_PLUS:
+        from airflow.dag_processing.dagbag import DagBag
+    else:
         from airflow.models.dagbag import DagBag  # type: ignore[no-redef]
 
     kwargs = {"include_examples": False} if "include_examples" in inspect.signature(DagBag).parameters else {}
@@ -116,6 +113,8 @@ def test_dagbag_loads_every_example_without_errors(airflow_db: Path) -> None:
         "example_incremental_updated_at",
         "example_xmin_replica",
         "example_taskflow_iter_chunks",
+        "example_delta_merge",
+        "example_iceberg_snapshot",
     } <= set(bag.dag_ids)
 
 
@@ -141,6 +140,8 @@ def test_operator_conventions() -> None:
         "watermark_column",
         "watermark_start",
         "watermark_end",
+        "table_format",
+        "write_mode",
     }
     assert contract <= keyword_only
     assert {"sql", "where", "destination", "watermark_start", "watermark_end"} <= set(
@@ -196,6 +197,57 @@ def test_full_table_example_dag(orders_db: Path, admin: psycopg.Connection) -> N
     assert destination.parent == orders_db / "orders"
     assert output_by_id(destination) == orders_by_id(admin)
     assert_nothing_left(admin)
+
+
+def test_delta_merge_example_dag_keeps_the_table_equal_to_the_source(
+    orders_db: Path, admin: psycopg.Connection
+) -> None:
+    deltalake = pytest.importorskip("deltalake")
+    dag = load_dag("example_delta_merge")
+    table = orders_db / "lake" / "orders"
+
+    def table_by_id() -> dict[int, tuple[Any, ...]]:
+        rows = deltalake.DeltaTable(str(table)).to_pyarrow_table(columns=["id", "status", "amount", "updated_at"])
+        return {r["id"]: (r["status"], r["amount"], r["updated_at"]) for r in rows.to_pylist()}
+
+    first = xcom_return(run_dag(dag), "orders_table")
+    assert (first["rows"], first["table_version"], first["write_mode"]) == (ORDERS, 0, "merge")
+    assert table_by_id() == orders_by_id(admin)
+    admin.execute(
+        "UPDATE public.orders SET status = 'refunded', updated_at = now() + interval '1 day' WHERE id % 300 = 0"
+    )
+    admin.execute(
+        "INSERT INTO public.orders SELECT id + 1000000, customer_id, 'new', amount, is_priority, ref, note, "
+        "now(), now() + interval '1 day' FROM public.orders WHERE id <= 40"
+    )
+    second = xcom_return(run_dag(dag, 1), "orders_table")
+    assert (second["rows"], second["table_version"]) == (100 + 40, 1)
+    assert table_by_id() == orders_by_id(admin)  # row for row, after each run
+    assert deltalake.DeltaTable(str(table)).history(1)[0]["operation"] == "MERGE"
+
+
+def test_iceberg_snapshot_example_dag_commits_once_per_night(orders_db: Path, admin: psycopg.Connection) -> None:
+    pytest.importorskip("pyiceberg")
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    if int(sqlalchemy.__version__.split(".")[0]) < 2:
+        pytest.skip("pyiceberg's SQL catalog needs SQLAlchemy 2 (Airflow 3 has it)")
+    from pyiceberg.catalog import load_catalog
+
+    dag = load_dag("example_iceberg_snapshot")
+    properties = dag.get_task("orders_snapshot").iceberg_catalog_properties
+
+    def table_by_id() -> dict[int, tuple[Any, ...]]:
+        table = load_catalog("examples", **properties).load_table("lake.orders")
+        rows = table.scan(selected_fields=("id", "status", "amount", "updated_at")).to_arrow().to_pylist()
+        return {r["id"]: (r["status"], r["amount"], r["updated_at"]) for r in rows}
+
+    first = xcom_return(run_dag(dag), "orders_snapshot")
+    assert (first["rows"], first["table_format"], first["write_mode"]) == (ORDERS, "iceberg", "overwrite")
+    assert table_by_id() == orders_by_id(admin)
+    admin.execute("DELETE FROM public.orders WHERE id % 2 = 0")
+    second = xcom_return(run_dag(dag, 24), "orders_snapshot")
+    assert second["rows"] == ORDERS // 2 and second["table_version"] != first["table_version"]
+    assert table_by_id() == orders_by_id(admin)  # the night's table, not a mix
 
 
 def test_incremental_updated_at_example_dag(orders_db: Path, admin: psycopg.Connection) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -16,14 +17,10 @@ from airflow_provider_cxpg.output.destination import Destination
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec
 from airflow_provider_cxpg.planning.plan import SourceSpec
 from airflow_provider_cxpg.querylog import QueryLog
-from airflow_provider_cxpg.run.extraction import (
-    DEFAULT_CHUNK_ROWS,
-    DEFAULT_STREAM_ROWS,
-    Extraction,
-    ExtractResult,
-    new_run_id,
-)
+from airflow_provider_cxpg.run.extraction import Extraction, ExtractResult, new_run_id
+from airflow_provider_cxpg.run.options import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, ExtractOptions, ParquetOptions
 from airflow_provider_cxpg.run.reads import iter_chunk_tables, read_query_table
+from airflow_provider_cxpg.run.tables import TableExtraction, check_table_arguments
 from airflow_provider_cxpg.supervisor.settings import WorkerSettings
 
 __all__ = ["ConnectorXPostgresHook"]
@@ -173,9 +170,7 @@ class ConnectorXPostgresHook(PostgresHook):
         IAM connections renew their token every :data:`IAM_TOKEN_REFRESH_SECONDS` unless
         ``credentials_refresh_interval`` says otherwise.
         """
-        if "credentials_refresh_interval" not in more and self.uses_iam:
-            more["credentials_refresh_interval"] = IAM_TOKEN_REFRESH_SECONDS
-        return WorkerSettings(
+        settings = WorkerSettings(  # validated before the connection is looked up
             query_timeout=query_timeout,
             job_timeout=job_timeout,
             heartbeat_interval=heartbeat_interval,
@@ -183,6 +178,9 @@ class ConnectorXPostgresHook(PostgresHook):
             protocol=self.protocol,
             **more,
         )
+        if "credentials_refresh_interval" not in more and self.uses_iam:
+            settings = dataclasses.replace(settings, credentials_refresh_interval=IAM_TOKEN_REFRESH_SECONDS)
+        return settings
 
     def iter_chunks(
         self,
@@ -291,12 +289,72 @@ class ConnectorXPostgresHook(PostgresHook):
             refresh_credentials=self.fresh_endpoint,
         )
 
-    def extract(self, **kwargs: Any) -> ExtractResult:
-        """Extract to Parquet files plus a manifest at ``destination`` and return the result.
+    def extract(
+        self,
+        *,
+        table_format: str = "parquet",
+        write_mode: str | None = None,
+        run_key: str | None = None,
+        iceberg_catalog: str | None = None,
+        iceberg_catalog_properties: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> ExtractResult:
+        """Extract to Parquet files plus a manifest at ``destination`` (or to a table) and return the result.
 
         Takes the keyword arguments of :meth:`prepare_extraction`; this is the operator's path.
+
+        :param table_format: ``parquet`` (default): files and a manifest; ``delta``: one Delta Lake
+            version per run at ``destination`` (the ``[delta]`` extra); ``iceberg``: one Iceberg
+            commit per run to the table ``destination`` (``namespace.table``; the ``[iceberg]`` extra).
+        :param write_mode: for a table: ``append`` (default), ``overwrite`` or ``merge`` (upsert by the key).
+        :param run_key: for a table: names the run across retries, so a retry resumes it and never
+            commits twice (the operator passes its DAG run and task); default: a new key per call.
+        :param iceberg_catalog: the catalog's name in pyiceberg's configuration (``default``).
+        :param iceberg_catalog_properties: more catalog properties (``uri``, ``warehouse``, ...).
         """
-        return self.prepare_extraction(**kwargs).run()
+        return self.prepare_table_extraction(
+            table_format=table_format,
+            write_mode=write_mode,
+            run_key=run_key,
+            iceberg_catalog=iceberg_catalog,
+            iceberg_catalog_properties=iceberg_catalog_properties,
+            **kwargs,
+        ).run()
+
+    def prepare_table_extraction(
+        self,
+        *,
+        table_format: str = "parquet",
+        write_mode: str | None = None,
+        run_key: str | None = None,
+        iceberg_catalog: str | None = None,
+        iceberg_catalog_properties: Mapping[str, Any] | None = None,
+        destination: Any,
+        storage_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Extraction | TableExtraction:
+        """Build the run :meth:`extract` performs: an :class:`Extraction`, or one committed to a table."""
+        mode = check_table_arguments(
+            table_format,
+            write_mode,
+            key_range=kwargs.get("lower") is not None or kwargs.get("upper") is not None,
+            incremental=kwargs.get("watermark") is not None,
+        )
+        if mode is None:
+            return self.prepare_extraction(destination=destination, storage_options=storage_options, **kwargs)
+        extraction = TableExtraction(
+            lambda **where: self.prepare_extraction(**{**kwargs, **where}),
+            table=destination,
+            table_format=table_format,
+            write_mode=mode,
+            run_key=run_key or new_run_id(),
+            storage_options=storage_options,
+            catalog=iceberg_catalog,
+            catalog_properties=iceberg_catalog_properties,
+        )
+        for secret in extraction.extraction.redactor.secrets:  # the catalog's credentials too
+            _mask(secret)
+        return extraction
 
     def prepare_extraction(
         self,
@@ -377,6 +435,15 @@ class ConnectorXPostgresHook(PostgresHook):
             key_columns=tuple(key_columns) if key_columns else None,
             column_casts=dict(column_casts or {}),
         )
+        # Validated before the connection is even looked up (run/options.py is the one place).
+        options = ExtractOptions(
+            chunk_rows=chunk_rows,
+            chunk_bytes=chunk_bytes,
+            stream_rows=stream_rows,
+            read_ahead=read_ahead,
+            max_worker_restarts=max_worker_restarts,
+            parquet=ParquetOptions(compression=compression, dictionary=parquet_dictionary),
+        )
         worker_settings = self.worker_settings(
             query_timeout=query_timeout,
             job_timeout=job_timeout,
@@ -392,19 +459,13 @@ class ConnectorXPostgresHook(PostgresHook):
             spec=spec,
             destination=Destination(destination, storage_options),
             settings=worker_settings,
-            chunk_rows=chunk_rows,
-            chunk_bytes=chunk_bytes,
-            compression=compression,
-            parquet_dictionary=parquet_dictionary,
-            max_worker_restarts=max_worker_restarts,
+            options=options,
             extra_filters=extra_filters,
             lower=lower,
             upper=upper,
             watermark=watermark,
             resume=resume,
             snapshot=snapshot,
-            read_ahead=read_ahead,
-            stream_rows=stream_rows,
             run_id=run_id,
             querylog=log,
             application_name_prefix=endpoint.application_name,

@@ -19,6 +19,8 @@ import os
 from typing import Any
 from urllib.parse import quote
 
+from airflow_provider_cxpg.version_compat import AIRFLOW_V_3_0_PLUS
+
 __all__ = ["asset_uri", "record_asset_event", "stable_asset"]
 
 
@@ -48,6 +50,11 @@ def _static_part(destination: Any) -> str | None:
     return static or None
 
 
+def _asset(asset_class: Any, uri: str) -> Any:
+    # Airflow 3's Asset has a name (the URI, so the UI shows where the data is); Airflow 2's Dataset has none.
+    return asset_class(uri=uri, name=uri) if AIRFLOW_V_3_0_PLUS else asset_class(uri=uri)
+
+
 def stable_asset(destination: Any) -> Any | None:
     """The asset of a destination (template): its static part, or None when there is none."""
     static = _static_part(destination)
@@ -56,10 +63,7 @@ def stable_asset(destination: Any) -> Any | None:
     from airflow.providers.common.compat.sdk import Asset
 
     uri = asset_uri(static)
-    try:
-        return Asset(uri=uri, name=uri)
-    except TypeError:  # Airflow 2's Dataset has no name
-        return Asset(uri=uri)
+    return _asset(Asset, uri)
 
 
 def record_asset_event(context: Any, outlets: list[Any], prefix: str, extra: dict[str, Any], log: Any) -> None:
@@ -73,11 +77,7 @@ def record_asset_event(context: Any, outlets: list[Any], prefix: str, extra: dic
     for outlet in outlets or []:
         try:
             if isinstance(outlet, AssetAlias):  # an alias the user chose: the run's own prefix
-                uri = asset_uri(prefix)
-                try:
-                    events[outlet].add(Asset(uri=uri, name=uri), extra=payload)
-                except TypeError:
-                    events[outlet].add(Asset(uri=uri), extra=payload)
+                events[outlet].add(_asset(Asset, asset_uri(prefix)), extra=payload)
             elif isinstance(outlet, Asset):
                 events[outlet].extra.update(payload)
         except Exception as exc:  # noqa: BLE001  lineage must never fail an extraction

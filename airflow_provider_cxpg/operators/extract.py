@@ -27,7 +27,9 @@ from airflow_provider_cxpg.planning.watermark_state import (
     source_identity,
     spec_for_task,
 )
-from airflow_provider_cxpg.run.extraction import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, Extraction, ExtractResult
+from airflow_provider_cxpg.run.extraction import Extraction, ExtractResult, new_run_id
+from airflow_provider_cxpg.run.options import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, positive_int
+from airflow_provider_cxpg.run.tables import check_table_arguments
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -47,21 +49,6 @@ SUMMARY_KEYS = (
     "seconds",
     "run_id",
 )
-
-
-def _positive(name: str, value: Any, *, allow_none: bool = False, integer: bool = False) -> Any:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, str):
-        try:
-            value = int(value) if integer else float(value)
-        except ValueError:
-            raise InvalidInputError(f"{name} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise InvalidInputError(f"{name} must be a positive number, got {value!r}")
-    if integer and int(value) != value:
-        raise InvalidInputError(f"{name} must be an integer, got {value!r}")
-    return int(value) if integer else value
 
 
 def _names(name: str, value: Any) -> tuple[str, ...] | None:
@@ -99,6 +86,15 @@ class PostgresExtractOperator(BaseOperator):
         ``ObjectStoragePath``).
     :param storage_options: fsspec options for the destination (sent to the worker over its pipe).
     :param file_format: ``parquet``.
+    :param table_format: ``parquet`` (default): chunk files plus a manifest at ``destination``;
+        ``delta``: ``destination`` is a Delta Lake table and every run commits one version (the
+        ``[delta]`` extra); ``iceberg``: ``destination`` is an Iceberg table ``namespace.table`` in
+        ``iceberg_catalog`` and every run is one catalog commit (the ``[iceberg]`` extra). See the
+        README's "Lakehouse tables".
+    :param write_mode: for ``delta``: ``append`` (default), ``overwrite`` (the run replaces the
+        table's rows in one commit) or ``merge`` (upsert by the key). Not for ``parquet``.
+    :param iceberg_catalog: the Iceberg catalog's name in pyiceberg's configuration (``default``).
+    :param iceberg_catalog_properties: more catalog properties (``uri``, ``warehouse``, credentials).
     :param compression: Parquet codec (``zstd`` default).
     :param parquet_dictionary: ``"auto"`` (default) dictionary-encodes only the columns whose first
         row group in each file is repetitive (dictionaries of near-unique values cost more CPU and
@@ -180,6 +176,10 @@ class PostgresExtractOperator(BaseOperator):
         destination_conn_id: str | None = None,
         storage_options: dict[str, Any] | None = None,
         file_format: str = "parquet",
+        table_format: str = "parquet",
+        write_mode: str | None = None,
+        iceberg_catalog: str | None = None,
+        iceberg_catalog_properties: Mapping[str, Any] | None = None,
         compression: str = "zstd",
         parquet_dictionary: bool | str = "auto",
         query_timeout: float | dt.timedelta | None = DEFAULT_QUERY_TIMEOUT,
@@ -221,6 +221,10 @@ class PostgresExtractOperator(BaseOperator):
         self.destination_conn_id = destination_conn_id
         self.storage_options = storage_options
         self.file_format = file_format
+        self.table_format = table_format
+        self.write_mode = write_mode
+        self.iceberg_catalog = iceberg_catalog
+        self.iceberg_catalog_properties = iceberg_catalog_properties
         self.compression = compression
         self.parquet_dictionary = parquet_dictionary
         self.query_timeout = query_timeout
@@ -252,7 +256,8 @@ class PostgresExtractOperator(BaseOperator):
         self.emit_asset = emit_asset
         if not kwargs.get("outlets") and emit_asset:
             # One stable asset per target: the destination's static part (see operators/assets.py).
-            asset = stable_asset(destination)
+            target = self._asset_target()
+            asset = stable_asset(target) if target is not None else None
             if asset is not None:
                 self.outlets = [asset]
 
@@ -267,20 +272,23 @@ class PostgresExtractOperator(BaseOperator):
             raise InvalidInputError(f"{self.task_id}: give exactly one of `table` or `sql`")
         if self.file_format not in _FILE_FORMATS:
             raise InvalidInputError(f"file_format must be one of {list(_FILE_FORMATS)}, got {self.file_format!r}")
-        self.chunk_rows = _positive("chunk_rows", self.chunk_rows, integer=True)
-        self.chunk_bytes = _positive("chunk_bytes", self.chunk_bytes, allow_none=True, integer=True)
-        self.query_timeout = as_seconds("query_timeout", self.query_timeout, allow_none=True)
-        self.job_timeout = as_seconds("job_timeout", self.job_timeout, allow_none=True)
+        # Chunking, restarts and Parquet options are checked by ExtractOptions and the deadlines by
+        # WorkerSettings, both built before any data moves; here only what the operator itself uses.
         self.storage_timeout = as_seconds("storage_timeout", self.storage_timeout, allow_none=True)
-        self.heartbeat_interval = as_seconds("heartbeat_interval", self.heartbeat_interval)
-        self.heartbeat_timeout = as_seconds("heartbeat_timeout", self.heartbeat_timeout)
-        self.parallelism = _positive("parallelism", self.parallelism, integer=True)
-        if (
-            isinstance(self.max_worker_restarts, bool)
-            or not isinstance(self.max_worker_restarts, int)
-            or self.max_worker_restarts < 0
-        ):
-            raise InvalidInputError(f"max_worker_restarts must be an integer >= 0, got {self.max_worker_restarts!r}")
+        self.parallelism = positive_int("parallelism", self.parallelism)
+        if self.table_format == "iceberg" and self.destination_conn_id:
+            raise InvalidInputError(
+                "destination_conn_id does not apply to table_format='iceberg' (the destination is a table in "
+                "iceberg_catalog): give the warehouse's credentials in iceberg_catalog_properties and storage_options"
+            )
+        check_table_arguments(
+            self.table_format,
+            self.write_mode,
+            parallelism=self.parallelism,
+            key_range=self.lower_key is not None or self.upper_key is not None,
+            incremental=self.watermark_column is not None or self.watermark_window is not None,
+            planned_window=self.watermark_window is not None,
+        )
         self.columns = _names("columns", self.columns)
         self.key_columns = _names("key_columns", self.key_columns)
         if self.watermark_window is not None:
@@ -334,6 +342,26 @@ class PostgresExtractOperator(BaseOperator):
         map_index = getattr(ti, "map_index", None) if ti is not None else None
         suffix = f"[{map_index}]" if map_index is not None and map_index >= 0 else ""
         return f"{getattr(self, 'dag_id', None) or '_'}.{self.task_id}{suffix}"
+
+    def _asset_target(self) -> Any:
+        """What the asset names: the destination, or an Iceberg table as ``iceberg://<catalog>/<table>``."""
+        if self.table_format == "iceberg":
+            if any(mark in str(self.destination) for mark in ("{{", "{%", "{#")):
+                return None  # a templated table name: no one static asset names it
+            return f"iceberg://{self.iceberg_catalog or 'default'}/{self.destination}"
+        return self.destination
+
+    def _run_key(self, context: Context) -> str:
+        """Names this task's run across its tries (a table commit is made once per key).
+
+        A cleared task is the same run: when its commit landed, clearing it commits nothing again
+        (an append would add its rows twice); a new DAG run extracts and commits anew.
+        """
+        dag_run = context.get("dag_run")
+        run_id = getattr(dag_run, "run_id", None)
+        if not run_id:  # outside a DAG run (a bare execute): every call is a run of its own
+            return f"{self._owner(context)}@{new_run_id()}"
+        return f"{self._owner(context)}@{run_id}"
 
     def _source_identity(self) -> str:
         return source_identity(
@@ -395,6 +423,16 @@ class PostgresExtractOperator(BaseOperator):
                 snapshot=True if self.snapshot is None else bool(self.snapshot),
                 **common,
             )
+        elif self.table_format != "parquet":
+            self._extraction = self.hook.prepare_table_extraction(
+                table_format=self.table_format,
+                write_mode=self.write_mode,
+                run_key=self._run_key(context),
+                iceberg_catalog=self.iceberg_catalog,
+                iceberg_catalog_properties=self.iceberg_catalog_properties,
+                snapshot=bool(self.snapshot),
+                **common,
+            )
         else:
             self._extraction = self.hook.prepare_extraction(snapshot=bool(self.snapshot), **common)
         result: ExtractResult = self._extraction.run()
@@ -416,7 +454,7 @@ class PostgresExtractOperator(BaseOperator):
     # -- lineage -----------------------------------------------------------------------------------
 
     def _emit_asset(self, context: Context, summary: dict[str, Any]) -> None:
-        extra = {k: summary.get(k) for k in ("rows", "chunks", "run_id", "high_watermark")}
+        extra = {k: summary.get(k) for k in ("rows", "chunks", "run_id", "high_watermark", "table_version")}
         record_asset_event(context, list(self.outlets or []), summary["destination"], extra, self.log)
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:

@@ -122,6 +122,8 @@ class Manifest:
     format: str = FORMAT
     source_id: str | None = None
     owner: str | None = None
+    #: For a table format: the commit of this run's files (``format``, ``uri``, ``version``, ``write_mode``).
+    table: dict[str, Any] | None = None
 
     # -- derived -----------------------------------------------------------------------------------
 

@@ -1,0 +1,408 @@
+"""Delta Lake: one table version per run, from the chunk files the worker already wrote, exactly once.
+
+The worker writes a run's chunk files as for Parquet output, into ``<table>/cxpg-<run key>/`` beside
+the table's ``_delta_log`` (a staging directory with its own manifest, so a retried try resumes it).
+When every chunk is committed and checked, the parent commits them in one Delta transaction:
+
+* ``append`` / ``overwrite``: the files are *added* as they are (no rewrite); ``overwrite`` removes
+  every earlier file in the same commit, so a reader sees the old table or the new one.
+* ``merge``: the staged files are the source of one ``MERGE`` by the key (update matched rows,
+  insert new ones); delta-rs writes the merged files, and the staged ones are removed afterwards.
+
+Exactly once: every commit carries a Delta *app transaction* ``(app_id, 1)`` whose ``app_id`` names
+the run (``cxpg:<run key>``), and custom metadata with the same id. Before extracting and again
+before committing, :meth:`DeltaTarget.committed` asks the table for that transaction: a retry of a
+run whose commit landed (the task died after the commit, before it could report) finds it and
+commits nothing (delta-rs refuses only a *concurrent* commit of the same transaction, not a later
+one, so the check is ours).
+
+Schema: the planned Arrow schema becomes the table's. :meth:`DeltaTarget.check_schema` runs before
+any data moves: a column Delta cannot store (``time``, unsigned integers), a column the table has
+that the source lost, or a changed type is refused naming the columns; a new source column is added
+to the table (Delta allows adding a nullable column) in a metadata commit just before the data
+commit (a reader of that version sees no new rows, only the new, empty column).
+
+Every call on the table runs under ``storage_timeout`` on a helper thread (a stalled store cannot
+hold the task); a commit that timed out may still land, and the transaction check on retry finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
+from airflow_provider_cxpg.exceptions import CxpgError, InvalidInputError, StorageError
+
+__all__ = [
+    "APP_PREFIX",
+    "UNKNOWN_VERSION",
+    "WRITE_MODES",
+    "DeltaTarget",
+    "StagedFile",
+    "delta_storage_options",
+    "has_unsigned_integers",
+    "require_deltalake",
+]
+
+APP_PREFIX = "cxpg:"
+WRITE_MODES = ("append", "overwrite", "merge")
+_METADATA_APP_ID = "cxpg.app_id"
+_SECRET_OPTIONS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+#: ``committed()`` of a run whose transaction is in the table but whose commit file was cleaned up.
+UNKNOWN_VERSION = -1
+#: How many of the newest commit files are searched for a run's commit before the history.
+_LOG_SCAN = 1_000
+
+
+def require_deltalake() -> Any:
+    """Import ``deltalake``, or say which extra installs it (before any data moves)."""
+    try:
+        import deltalake
+    except ImportError as exc:
+        raise InvalidInputError(
+            "table_format='delta' needs the deltalake package: pip install 'airflow-provider-cxpg[delta]'"
+        ) from exc
+    return deltalake
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """One committed chunk file, relative to the table's root."""
+
+    path: str
+    size: int
+    rows: int
+
+
+def delta_storage_options(url: str, fsspec_options: Mapping[str, Any]) -> dict[str, str]:
+    """delta-rs (object_store) options for an S3 table from the fsspec options the worker gets.
+
+    The same credentials write the chunk files (s3fs, in the worker) and the commit (delta-rs, in
+    the parent); only the spelling differs. Local tables need none.
+    """
+    if not url.startswith(("s3://", "s3a://")):
+        return {}
+    options: dict[str, str] = {}
+    spelled = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY", "token": "AWS_SESSION_TOKEN"}
+    for name, env in spelled.items():
+        if fsspec_options.get(name):
+            options[env] = str(fsspec_options[name])
+    client = dict(fsspec_options.get("client_kwargs") or {})
+    endpoint = fsspec_options.get("endpoint_url") or client.get("endpoint_url")
+    if endpoint:
+        options["AWS_ENDPOINT_URL"] = str(endpoint)
+        if str(endpoint).startswith("http://"):
+            options["AWS_ALLOW_HTTP"] = "true"
+    region = client.get("region_name") or fsspec_options.get("region_name") or ("us-east-1" if endpoint else None)
+    if region:
+        options["AWS_REGION"] = str(region)
+    if fsspec_options.get("anon"):
+        options["AWS_SKIP_SIGNATURE"] = "true"
+    if fsspec_options.get("profile"):
+        options["AWS_PROFILE"] = str(fsspec_options["profile"])
+    # S3 has no atomic rename; delta-rs commits with a conditional put (S3 and most S3-compatible
+    # stores support it), so no locking provider is needed.
+    options.setdefault("AWS_CONDITIONAL_PUT", "etag")
+    return options
+
+
+class DeltaTarget:
+    """A Delta table that runs are committed to.
+
+    :param uri: the table's root (local path or ``s3://bucket/prefix``).
+    :param storage_options: delta-rs options (see :func:`delta_storage_options`), or a function that
+        returns them: called before each call on the table, so credentials that expire (STS, IRSA,
+        instance profiles) are the current ones when the run commits, hours after it started.
+    :param timeout: seconds each call on the table may take (``storage_timeout``); None: no limit.
+    :param commit_timeout: seconds a MERGE may take (it reads the run and rewrites files); default ``timeout``.
+    :param compression: the codec of the files a MERGE writes (the run's Parquet codec).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        storage_options: Mapping[str, str] | Callable[[], Mapping[str, str]] | None = None,
+        *,
+        timeout: float | None,
+        commit_timeout: float | None = None,
+        compression: str = "zstd",
+    ) -> None:
+        self.uri = uri.rstrip("/")
+        self._options = storage_options if callable(storage_options) else (lambda: dict(storage_options or {}))
+        self.storage_options: dict[str, str] = {}
+        self.timeout = timeout
+        self.commit_timeout = commit_timeout or timeout
+        self.compression = compression
+        self._calls = SerialCalls("delta")
+        self._deltalake = require_deltalake()
+
+    # -- bounded calls -----------------------------------------------------------------------------
+
+    def _call(self, operation: str, fn: Any, timeout: float | None = None) -> Any:
+        try:
+            return self._calls.call(f"{operation} {self.uri}", fn, timeout or self.timeout)
+        except CallTimedOut as exc:
+            raise StorageError(
+                f"{exc}: the store is not answering", operation=operation, limit="storage_timeout"
+            ) from None
+        except CxpgError:
+            raise
+        except Exception as exc:  # noqa: BLE001  re-raised as StorageError, scrubbed
+            message = f"{type(exc).__name__}: {exc}"
+        # Raised outside the except block: a store's error may quote a request (an access key id in
+        # a signature mismatch), so the message is scrubbed and the original is not kept.
+        for name in _SECRET_OPTIONS:
+            if self.storage_options.get(name):
+                message = message.replace(self.storage_options[name], "***")
+        raise StorageError(f"{operation} {self.uri} failed: {message}", operation=operation)
+
+    def _open(self) -> Any | None:
+        deltalake = self._deltalake
+        self.storage_options = dict(self._options())  # renewed credentials, before each table
+
+        def load() -> Any | None:
+            try:
+                return deltalake.DeltaTable(self.uri, storage_options=self.storage_options or None)
+            except deltalake.exceptions.TableNotFoundError:
+                return None
+
+        return self._call("opening the Delta table", load)
+
+    # -- before data moves -------------------------------------------------------------------------
+
+    def committed(self, app_id: str) -> int | None:
+        """The table version that committed ``app_id``'s run, or None when none did."""
+        table = self._open()
+        if table is None or self._call("reading the Delta log", lambda: table.transaction_version(app_id)) is None:
+            return None
+        return self._call("finding the commit in the Delta log", lambda: self._version_of(table, app_id))
+
+    def _version_of(self, table: Any, app_id: str) -> int:
+        # The commit files themselves, newest first: reading known keys works on every store (a
+        # history() listing hangs on some S3-compatible servers), and the run's commit is nearly
+        # always the newest one.
+        filesystem, root = _filesystem(self.uri, self.storage_options)
+        latest = int(table.version())
+        for version in range(latest, max(-1, latest - _LOG_SCAN), -1):
+            try:
+                with filesystem.open_input_stream(f"{root}/_delta_log/{version:020d}.json") as handle:
+                    lines = handle.read().decode("utf-8").splitlines()
+            except FileNotFoundError:  # cleaned up after a checkpoint
+                break
+            for line in lines:
+                action = json.loads(line) if line.strip() else {}
+                if action.get("txn", {}).get("appId") == app_id:
+                    return version
+        for entry in table.history():  # older than the scan: the commit info names the run too
+            if entry.get(_METADATA_APP_ID) == app_id:
+                return int(entry["version"])
+        # Committed, but the log was cleaned up past it (a month-old run cleared): committed all the
+        # same, at a version the log no longer says.
+        return UNKNOWN_VERSION
+
+    def check_schema(self, schema: pa.Schema, *, write_mode: str, key: Sequence[str]) -> list[str]:
+        """Refuse what the table cannot take; return the source columns the table will gain."""
+        deltalake = self._deltalake
+        unstorable = []
+        for field in schema:
+            try:
+                # delta-rs maps unsigned integers (oid, xid) to signed ones its readers then refuse
+                # values of (measured: uint32 3000000000), so they are refused here
+                if has_unsigned_integers(field.type):
+                    raise TypeError(field.type)
+                deltalake.Schema.from_arrow(pa.schema([field]))
+            except Exception:  # noqa: BLE001  delta-rs says only "unsupported type"
+                unstorable.append(f"{field.name} ({field.type})")
+        if unstorable:
+            raise InvalidInputError(
+                f"Delta Lake cannot store column(s) {', '.join(unstorable)}: read them as another type "
+                "with column_casts (e.g. {'col': 'text'} or {'col': 'bigint'})"
+            )
+        missing_key = [k for k in key if k not in schema.names]
+        if write_mode == "merge" and missing_key:
+            raise InvalidInputError(f"write_mode='merge' needs the key column(s) {missing_key} in the output")
+        table = self._open()
+        if table is None:
+            return []
+        existing = self._call("reading the Delta schema", lambda: table.schema().to_arrow())
+        existing = pa.schema(existing)
+        theirs = {f.name: f.type for f in existing}
+        ours = {f.name: _delta_type(deltalake, f) for f in schema}
+        lost = [name for name in theirs if name not in ours]
+        changed = [f"{n} ({theirs[n]} -> {ours[n]})" for n in ours if n in theirs and not _same(theirs[n], ours[n])]
+        if lost or changed:
+            problems = []
+            if lost:
+                problems.append(f"the table has column(s) the source no longer returns: {', '.join(lost)}")
+            if changed:
+                problems.append(f"column type(s) changed: {', '.join(changed)}")
+            raise InvalidInputError(
+                f"the source's schema no longer fits the Delta table {self.uri}: {'; '.join(problems)}. "
+                "Only new nullable columns can be added; write to a new table (or alter this one) first"
+            )
+        return [name for name in ours if name not in theirs]
+
+    # -- the commit --------------------------------------------------------------------------------
+
+    def commit(
+        self,
+        files: Sequence[StagedFile],
+        schema: pa.Schema,
+        *,
+        write_mode: str,
+        key: Sequence[str],
+        app_id: str,
+        metadata: Mapping[str, Any],
+    ) -> tuple[int, bool]:
+        """Commit the run's files as one version (after adding new columns).
+
+        :returns: the version, and whether the table references the staged files (False after a
+            MERGE, which writes files of its own: the staged ones may then be removed).
+        """
+        deltalake = self._deltalake
+        from deltalake.transaction import CommitProperties, Transaction, create_table_with_add_actions
+
+        properties = CommitProperties(
+            app_transactions=[Transaction(app_id, 1)],
+            custom_metadata={_METADATA_APP_ID: app_id, **{k: str(v) for k, v in metadata.items()}},
+        )
+        actions = [self._add_action(f) for f in files if f.rows > 0]
+        delta_schema = deltalake.Schema.from_arrow(schema)
+        table = self._open()
+        merged = False
+        if table is None:  # a first run, whatever the mode: the files become the table
+            self._call(
+                "creating the Delta table",
+                lambda: create_table_with_add_actions(
+                    self.uri,
+                    delta_schema,
+                    actions,
+                    mode="error",
+                    storage_options=self.storage_options or None,
+                    commit_properties=properties,
+                ),
+            )
+        else:
+            new_columns = self.check_schema(schema, write_mode=write_mode, key=key)
+            if new_columns:
+                fields = [f for f in delta_schema.fields if f.name in new_columns]
+                self._call("adding columns to the Delta table", lambda: table.alter.add_columns(fields))
+                table = self._open()
+                assert table is not None
+            if write_mode == "merge" and any(f.rows for f in files):
+                self._merge(table, files, key, properties)
+                merged = True
+            elif write_mode == "merge":  # nothing changed: a version of no files, so a retry sees it done
+                table_schema = self._call("reading the Delta schema", lambda: table.schema())
+                self._call(
+                    "committing to the Delta table",
+                    lambda: table.create_write_transaction([], "append", table_schema, commit_properties=properties),
+                )
+            else:
+                table_schema = self._call("reading the Delta schema", lambda: table.schema())
+                self._call(
+                    "committing to the Delta table",
+                    lambda: table.create_write_transaction(
+                        actions, write_mode, table_schema, commit_properties=properties
+                    ),
+                )
+        version = self.committed(app_id)
+        if version is None:
+            raise StorageError(f"the Delta commit of {app_id} to {self.uri} is not in the table's log")
+        return version, not merged
+
+    def _add_action(self, staged: StagedFile) -> Any:
+        from deltalake.transaction import AddAction
+
+        # Readers skip nothing without min/max, but numRecords lets them count without opening files.
+        return AddAction(
+            staged.path, staged.size, {}, int(time.time() * 1000), True, json.dumps({"numRecords": staged.rows})
+        )
+
+    def _merge(self, table: Any, files: Sequence[StagedFile], key: Sequence[str], properties: Any) -> None:
+        import pyarrow.dataset as ds
+
+        paths = [f"{self.uri}/{f.path}" for f in files if f.rows > 0]
+        if not paths:
+            return
+        filesystem, root = _filesystem(self.uri, self.storage_options)
+        source = ds.dataset([p.replace(self.uri, root, 1) for p in paths], format="parquet", filesystem=filesystem)
+        predicate = " AND ".join(f"t.{_quote(k)} = s.{_quote(k)}" for k in key)
+
+        def merge() -> Any:
+            from deltalake import WriterProperties
+
+            codec = "UNCOMPRESSED" if self.compression == "none" else self.compression.upper()
+            return (
+                table.merge(
+                    source=source.scanner().to_reader(),
+                    predicate=predicate,
+                    source_alias="s",
+                    target_alias="t",
+                    writer_properties=WriterProperties(compression=codec),  # type: ignore[arg-type]
+                    commit_properties=properties,
+                )
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute()
+            )
+
+        self._call("merging into the Delta table", merge, self.commit_timeout)
+
+    def close(self) -> None:
+        self._calls.close()
+
+
+def has_unsigned_integers(dtype: pa.DataType) -> bool:
+    """Whether a column type is, or holds, an unsigned integer (``oid``, ``xid``): no table format has them."""
+    if pa.types.is_unsigned_integer(dtype):
+        return True
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        return has_unsigned_integers(dtype.value_type)
+    return False
+
+
+def _quote(name: str) -> str:
+    # delta-rs parses predicates as SQL (DataFusion): double quotes keep case and odd characters.
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _delta_type(deltalake: Any, field: pa.Field) -> pa.DataType:
+    """The Arrow type a column reads back as once stored in Delta (e.g. large_string -> string)."""
+    stored = pa.schema(deltalake.Schema.from_arrow(pa.schema([field])).to_arrow())
+    return stored.field(0).type
+
+
+def _same(a: pa.DataType, b: pa.DataType) -> bool:
+    def normal(t: pa.DataType) -> pa.DataType:
+        if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+            return pa.string()
+        if pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+            return pa.binary()
+        return t
+
+    return normal(a) == normal(b)
+
+
+def _filesystem(uri: str, storage_options: Mapping[str, str]) -> tuple[Any, str]:
+    """A pyarrow filesystem for the staged files, and the table root in its terms."""
+    from pyarrow import fs
+
+    if uri.startswith(("s3://", "s3a://")):
+        endpoint = storage_options.get("AWS_ENDPOINT_URL")
+        s3 = fs.S3FileSystem(
+            access_key=storage_options.get("AWS_ACCESS_KEY_ID"),
+            secret_key=storage_options.get("AWS_SECRET_ACCESS_KEY"),
+            session_token=storage_options.get("AWS_SESSION_TOKEN"),
+            region=storage_options.get("AWS_REGION"),
+            endpoint_override=endpoint,
+            scheme="http" if endpoint and endpoint.startswith("http://") else "https",
+        )
+        return s3, uri.split("://", 1)[1]
+    return fs.LocalFileSystem(), uri.removeprefix("file://")

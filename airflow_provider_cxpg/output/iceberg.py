@@ -1,0 +1,315 @@
+"""Apache Iceberg: one catalog commit per run, from the chunk files the worker already wrote, exactly once.
+
+The table lives in a catalog named by the user (``pyiceberg.catalog.load_catalog``: a SQL catalog on
+SQLite or PostgreSQL, REST, Glue, Hive, configured in pyiceberg's own ``.pyiceberg.yaml`` /
+``PYICEBERG_CATALOG__*`` variables or by the properties passed here). The worker writes the run's
+chunk files into ``<table location>/data/cxpg-<run key>/``; the parent then commits them:
+
+* ``append``: ``add_files`` registers the files as they are (their footers give the statistics);
+* ``overwrite``: one transaction deletes every row and adds the files (one catalog commit, which
+  Iceberg records as a delete snapshot and an append snapshot: no reader sees the one without the
+  other);
+* ``merge``: ``upsert`` by the key, with the staged run as the source (held in memory: an
+  incremental window, not a whole table).
+
+Exactly once: every snapshot of the run carries ``cxpg.app_id`` in its summary; before extracting
+and again before committing, :meth:`IcebergTarget.committed` looks for it, so a retry of a run whose
+commit landed commits nothing. Schema: the planned Arrow schema is the table's; a column the table
+has and the source lost, or a changed type, fails before data moves naming the columns; a new source
+column is added (``union_by_name``, then an empty snapshot in the new schema) just before the data
+commit. A run that changes nothing (no rows; an upsert whose rows are all unchanged) still commits
+one empty snapshot carrying ``cxpg.app_id``, so its retry sees it done. A first run
+creates the table (empty) before its data moves, so its files can be staged in the table's location.
+Every catalog and file-system call runs under ``storage_timeout`` on a helper thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pyarrow as pa
+
+from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
+from airflow_provider_cxpg.conninfo import Redactor
+from airflow_provider_cxpg.exceptions import CxpgError, InvalidInputError, StorageError
+from airflow_provider_cxpg.output.delta import StagedFile, has_unsigned_integers
+
+__all__ = ["IcebergTarget", "require_pyiceberg"]
+
+_APP_ID = "cxpg.app_id"
+_SCHEMA_OF = "cxpg.schema_change_of"
+
+
+def require_pyiceberg() -> Any:
+    """Import ``pyiceberg``, or say which extra installs it (before any data moves)."""
+    try:
+        import pyiceberg.catalog
+    except ImportError as exc:
+        raise InvalidInputError(
+            "table_format='iceberg' needs the pyiceberg package: pip install 'airflow-provider-cxpg[iceberg]'"
+        ) from exc
+    return pyiceberg.catalog
+
+
+def _identifier(table: str) -> tuple[str, str]:
+    namespace, _, name = str(table).strip().rpartition(".")
+    if not namespace or not name:
+        raise InvalidInputError(
+            f"for table_format='iceberg' the destination is the table's identifier 'namespace.table', got {table!r}"
+        )
+    return namespace, name
+
+
+class IcebergTarget:
+    """An Iceberg table in a catalog that runs are committed to.
+
+    :param table: ``namespace.table`` (a nested namespace as ``a.b.table``).
+    :param catalog: the catalog's name in pyiceberg's configuration.
+    :param catalog_properties: more catalog properties (``uri``, ``warehouse``, credentials, ...).
+    :param timeout: seconds each call may take (``storage_timeout``); None: no limit.
+    :param commit_timeout: seconds the commit itself may take (an upsert reads the run and rewrites
+        files: ``job_timeout`` when it is longer); default ``timeout``.
+    """
+
+    def __init__(
+        self,
+        table: str,
+        *,
+        catalog: str | None,
+        catalog_properties: Mapping[str, Any] | None = None,
+        timeout: float | None,
+        commit_timeout: float | None = None,
+    ) -> None:
+        self.namespace, self.name = _identifier(table)
+        self.commit_timeout = commit_timeout or timeout
+        self.identifier = f"{self.namespace}.{self.name}"
+        self.catalog_name = catalog or "default"
+        self.catalog_properties = {k: str(v) for k, v in (catalog_properties or {}).items()}
+        self.timeout = timeout
+        self._calls = SerialCalls("iceberg")
+        self._catalogs = require_pyiceberg()
+        self._catalog: Any = None
+
+    @property
+    def uri(self) -> str:
+        return f"iceberg://{self.catalog_name}/{self.identifier}"
+
+    def secrets(self) -> list[str]:
+        """Catalog property values that are credentials (for the run's redactor)."""
+        marks = ("password", "secret", "token", "credential", "key")
+        found = [v for k, v in self.catalog_properties.items() if any(m in k.lower() for m in marks) and v]
+        for name, value in self.catalog_properties.items():
+            if "://" not in value:
+                continue
+            try:
+                password = urlsplit(value).password  # a PostgreSQL catalog's scheme://user:pw@host/db
+            except ValueError:
+                password = None
+            if password:
+                found += [password, unquote(password)]
+            elif "@" in value and name == "uri":  # unparseable: everything between '//user:' and the last '@'
+                found.append(value.split("://", 1)[1].rsplit("@", 1)[0].partition(":")[2])
+        return [f for f in dict.fromkeys(found) if f]
+
+    # -- bounded calls -----------------------------------------------------------------------------
+
+    def _call(self, operation: str, fn: Any, timeout: float | None = None) -> Any:
+        try:
+            return self._calls.call(f"{operation} {self.identifier}", fn, timeout or self.timeout)
+        except CallTimedOut as exc:
+            raise StorageError(
+                f"{exc}: the catalog or its store is not answering", operation=operation, limit="storage_timeout"
+            ) from None
+        except CxpgError:
+            raise
+        except Exception as exc:  # noqa: BLE001  re-raised as StorageError, scrubbed
+            message = f"{type(exc).__name__}: {exc}"
+        # Raised outside the except block: a catalog's error may quote its URI or properties (a
+        # password in a PostgreSQL catalog's URI), so the message is scrubbed and the original is
+        # neither chained nor kept as the context.
+        message = Redactor(self.secrets())(message)  # raw and URL-encoded forms
+        raise StorageError(f"{operation} {self.identifier} failed: {message}", operation=operation)
+
+    def _load_catalog(self) -> Any:
+        if self._catalog is None:
+            self._catalog = self._call(
+                "opening the Iceberg catalog",
+                lambda: self._catalogs.load_catalog(self.catalog_name, **self.catalog_properties),
+            )
+        return self._catalog
+
+    def _table(self) -> Any | None:
+        catalog = self._load_catalog()
+        from pyiceberg.exceptions import NoSuchTableError
+
+        def load() -> Any | None:
+            try:
+                return catalog.load_table(self.identifier)
+            except NoSuchTableError:
+                return None
+
+        return self._call("loading the Iceberg table", load)
+
+    # -- before data moves -------------------------------------------------------------------------
+
+    def committed(self, app_id: str) -> int | None:
+        """The snapshot id that ends ``app_id``'s run, or None when no snapshot names it."""
+        table = self._table()
+        if table is None:
+            return None
+        ours = [s for s in table.snapshots() if (s.summary or {}).get(_APP_ID) == app_id]
+        if not ours:
+            return None
+        # The run's last snapshot is the one no other of its snapshots has as parent (format-v1
+        # tables give every snapshot sequence number 0).
+        parents = {s.parent_snapshot_id for s in ours}
+        last = [s for s in ours if s.snapshot_id not in parents] or ours
+        return max(last, key=lambda s: s.timestamp_ms).snapshot_id
+
+    def check_schema(self, schema: pa.Schema, *, write_mode: str, key: Sequence[str]) -> list[str]:
+        """Refuse what the table cannot take; return the source columns the table will gain."""
+        # pyiceberg's own Arrow-to-Iceberg conversion, as create_table uses it (private in 0.12)
+        from pyiceberg.io.pyarrow import _pyarrow_to_schema_without_ids
+
+        unstorable = []
+        for field in schema:
+            try:
+                if has_unsigned_integers(field.type):  # oid, xid: Iceberg has no unsigned integers
+                    raise TypeError(field.type)
+                _pyarrow_to_schema_without_ids(pa.schema([field]))
+            except Exception:  # noqa: BLE001
+                unstorable.append(f"{field.name} ({field.type})")
+        if unstorable:
+            raise InvalidInputError(
+                f"Iceberg cannot store column(s) {', '.join(unstorable)}: read them as another type with "
+                "column_casts (e.g. {'col': 'bigint'})"
+            )
+        if write_mode == "merge" and (not key or [k for k in key if k not in schema.names]):
+            raise InvalidInputError(f"write_mode='merge' needs the key column(s) {list(key)} in the output")
+        table = self._table()
+        if table is None:
+            return []
+        required = [f.name for f in table.schema().fields if f.required]
+        if required:
+            raise InvalidInputError(
+                f"the Iceberg table {self.identifier} has required column(s) {', '.join(required)}: the provider "
+                "writes nullable columns; make them optional or write to a new table"
+            )
+        theirs = {f.name: f.type for f in table.schema().as_arrow()}
+        ours = {f.name: f.type for f in _pyarrow_to_schema_without_ids(schema).as_arrow()}
+        lost = [n for n in theirs if n not in ours]
+        changed = [f"{n} ({theirs[n]} -> {ours[n]})" for n in ours if n in theirs and theirs[n] != ours[n]]
+        if lost or changed:
+            problems = []
+            if lost:
+                problems.append(f"the table has column(s) the source no longer returns: {', '.join(lost)}")
+            if changed:
+                problems.append(f"column type(s) changed: {', '.join(changed)}")
+            raise InvalidInputError(
+                f"the source's schema no longer fits the Iceberg table {self.identifier}: {'; '.join(problems)}. "
+                "Only new columns can be added; write to a new table (or alter this one) first"
+            )
+        return [n for n in ours if n not in theirs]
+
+    def staging_root(self, schema: pa.Schema) -> str:
+        """Where the run's files go: the table's data directory (a first run creates the table, empty)."""
+        table = self._table()
+        if table is None:
+            catalog = self._load_catalog()
+
+            def create() -> Any:
+                catalog.create_namespace_if_not_exists(self.namespace)
+                return catalog.create_table_if_not_exists(self.identifier, schema=schema)
+
+            table = self._call("creating the Iceberg table", create)
+        return f"{table.location().rstrip('/')}/data"
+
+    # -- the commit --------------------------------------------------------------------------------
+
+    def commit(
+        self,
+        files: Sequence[StagedFile],
+        schema: pa.Schema,
+        *,
+        write_mode: str,
+        key: Sequence[str],
+        app_id: str,
+        metadata: Mapping[str, Any],
+        root: str,
+    ) -> tuple[int, bool]:
+        """Commit the run's files (after adding new columns).
+
+        :returns: the run's (last) snapshot id, and whether the table references the staged files
+            (False after an upsert, which writes files of its own).
+        """
+        properties = {_APP_ID: app_id, **{k: str(v) for k, v in metadata.items()}}
+        table = self._table()
+        assert table is not None, "staging_root() created it"
+        new_columns = self.check_schema(schema, write_mode=write_mode, key=key)
+        if new_columns:
+
+            def evolve() -> None:
+                with table.update_schema() as update:
+                    update.union_by_name(schema)
+                # An empty snapshot in the new schema: pyiceberg's upsert scans the table in the
+                # schema of its newest snapshot (measured, 0.12: "field names are not matching"
+                # right after union_by_name). No rows; not marked as the run's.
+                evolved = self._load_catalog().load_table(self.identifier)
+                evolved.append(evolved.schema().as_arrow().empty_table(), snapshot_properties={_SCHEMA_OF: app_id})
+
+            self._call("adding columns to the Iceberg table", evolve)
+            table = self._table()
+        paths = [f"{root}/{f.path}" for f in files if f.rows > 0]
+        upserted = False
+        if write_mode == "merge" and table.current_snapshot() is not None and paths:
+            import pyarrow.parquet as pq
+
+            def upsert() -> None:
+                # In the table's column order and types (a column added by union_by_name is last
+                # there, wherever the source has it); upsert casts to the table's schema.
+                target = table.schema().as_arrow()
+                data = pa.concat_tables([_read(table, p, pq) for p in paths]).select(target.names).cast(target)
+                with table.transaction() as tx:
+                    outcome = tx.upsert(data, join_cols=list(key), snapshot_properties=properties)
+                    if not outcome.rows_updated and not outcome.rows_inserted:  # nothing changed: mark the run
+                        tx.append(target.empty_table(), snapshot_properties=properties)
+
+            self._call("merging into the Iceberg table", upsert, self.commit_timeout)
+            upserted = True
+        elif write_mode == "overwrite":
+            from pyiceberg.expressions import AlwaysTrue
+
+            def overwrite() -> None:
+                with table.transaction() as tx:
+                    if table.current_snapshot() is not None:  # an empty table has nothing to delete
+                        tx.delete(AlwaysTrue(), snapshot_properties=properties)
+                    if paths:
+                        tx.add_files(paths, snapshot_properties=properties)
+
+            self._call("overwriting the Iceberg table", overwrite, self.commit_timeout)
+        elif paths:  # append, or a first merge: the files become the table
+            self._call(
+                "committing to the Iceberg table",
+                lambda: table.add_files(paths, snapshot_properties=properties),
+                self.commit_timeout,
+            )
+        if self.committed(app_id) is None:
+            # The run wrote no snapshot (no rows, or an overwrite of an empty table): an empty append
+            # names it, so a retry sees it done and the run is still one snapshot.
+            empty = table.schema().as_arrow().empty_table()
+            self._call("committing to the Iceberg table", lambda: table.append(empty, snapshot_properties=properties))
+        snapshot = self.committed(app_id)
+        if snapshot is None:
+            raise StorageError(f"the Iceberg commit of {app_id} to {self.identifier} is not in the table's snapshots")
+        return snapshot, not upserted
+
+    def close(self) -> None:
+        self._calls.close()
+
+
+def _read(table: Any, path: str, pq: Any) -> pa.Table:
+    # Through the table's own FileIO (the catalog's credentials), as the table's readers will.
+    with table.io.new_input(path).open() as handle:
+        return pq.read_table(handle)

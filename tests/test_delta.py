@@ -1,0 +1,321 @@
+"""Delta Lake output: one table version per run, exactly once across failures, merged by key, schema checked.
+
+Against the real PostgreSQL and, for object storage, the suite's S3 server; every table is read
+back with delta-rs's own reader and compared with the source row for row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from airflow_provider_cxpg.exceptions import CxpgError, InvalidInputError
+from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+from tests.helpers import assert_nothing_left, manifest_of, wait_until, worker_pids
+from tests.s3_server import S3Server, start_s3_server
+
+deltalake = pytest.importorskip("deltalake")
+
+pytestmark = pytest.mark.integration
+
+FAST = {"heartbeat_interval": 0.2, "heartbeat_timeout": 5.0, "cancel_grace": 2.0, "kill_grace": 2.0}
+ROWS = 3_000
+
+
+@pytest.fixture
+def hook(conn_id: str) -> ConnectorXPostgresHook:
+    return ConnectorXPostgresHook(postgres_conn_id=conn_id)
+
+
+@pytest.fixture
+def items(admin: psycopg.Connection, schema: str) -> str:
+    admin.execute(
+        f'CREATE TABLE "{schema}".items (id bigint PRIMARY KEY, name text, amount numeric(12,2), '
+        "changed_at timestamptz NOT NULL)"
+    )
+    admin.execute(
+        f"""INSERT INTO "{schema}".items SELECT g, CASE WHEN g % 7 = 0 THEN NULL ELSE 'item ' || g END,
+            g * 1.25, '2024-01-01'::timestamptz + g * interval '1 minute' FROM generate_series(1, {ROWS}) g"""
+    )
+    return f"{schema}.items"
+
+
+def source_rows(admin: psycopg.Connection, table: str, columns: str = "id, name, amount") -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in admin.execute(f"SELECT {columns} FROM {table} ORDER BY id").fetchall()]
+
+
+def table_rows(uri: str, columns: tuple[str, ...] = ("id", "name", "amount"), **options: Any) -> list[tuple[Any, ...]]:
+    data = deltalake.DeltaTable(uri, **options).to_pyarrow_table(columns=list(columns)).to_pylist()
+    return sorted(tuple(r[c] for c in columns) for r in data)
+
+
+def history(uri: str, **options: Any) -> list[dict[str, Any]]:
+    return deltalake.DeltaTable(uri, **options).history()
+
+
+def test_append_and_overwrite_commit_one_version_each_from_the_staged_files(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, items: str, out_dir: Path
+) -> None:
+    uri = str(out_dir / "items_delta")
+    first = hook.extract(destination=uri, table=items, table_format="delta", chunk_rows=700, **FAST)
+    assert first.extra["table_version"] == 0 and first.rows == ROWS and first.chunks == 5
+    assert table_rows(uri) == source_rows(admin, items)
+    files = deltalake.DeltaTable(uri).file_uris()
+    assert len(files) == 5 and all(Path(f).parent.name.startswith("cxpg-") for f in files)  # added, not rewritten
+
+    second = hook.extract(destination=uri, table=items, table_format="delta", write_mode="append", **FAST)
+    assert second.extra["table_version"] == 1
+    assert table_rows(uri) == sorted(source_rows(admin, items) * 2)  # append adds the run's rows
+
+    admin.execute(f"DELETE FROM {items} WHERE id > 2000")
+    third = hook.extract(destination=uri, table=items, table_format="delta", write_mode="overwrite", **FAST)
+    assert third.extra["table_version"] == 2
+    assert table_rows(uri) == source_rows(admin, items)  # exactly the source, in one commit
+    assert [h["operation"] for h in history(uri)[:3]] == ["WRITE", "WRITE", "CREATE TABLE"]
+    assert_nothing_left(admin)
+
+
+def test_merge_upserts_by_the_key_so_the_table_equals_the_source_after_each_run(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, items: str, out_dir: Path
+) -> None:
+    uri = str(out_dir / "merged")
+    hook.extract(destination=uri, table=items, table_format="delta", write_mode="merge", chunk_rows=1_000, **FAST)
+    assert table_rows(uri) == source_rows(admin, items)
+    # A day of changes: updates (one to NULL), inserts; the incremental run reads only changed rows.
+    admin.execute(f"UPDATE {items} SET name = 'renamed', changed_at = '2030-01-01' WHERE id % 100 = 0")
+    admin.execute(f"UPDATE {items} SET name = NULL, changed_at = '2030-01-01' WHERE id = 1")
+    admin.execute(
+        f"INSERT INTO {items} SELECT g, 'new ' || g, g, '2030-01-01' FROM generate_series({ROWS + 1}, {ROWS + 50}) g"
+    )
+    run = hook.extract(
+        destination=uri,
+        table=items,
+        where="changed_at >= '2030-01-01'",
+        table_format="delta",
+        write_mode="merge",
+        **FAST,
+    )
+    assert run.rows == 30 + 1 + 50 and run.extra["table_version"] == 1
+    assert table_rows(uri) == source_rows(admin, items)
+    assert history(uri)[0]["operation"] == "MERGE"
+    staged = manifest_of(Path(uri) / run.files[0].rsplit("/", 2)[-2]) if run.files else None
+    assert staged is None or staged["table"]["version"] == 1
+    assert_nothing_left(admin)
+
+
+def test_a_killed_worker_and_a_retried_task_give_one_version_without_duplicates(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, items: str, out_dir: Path
+) -> None:
+    uri = str(out_dir / "retried")
+    arguments: dict[str, Any] = {
+        "destination": uri,
+        "table": items,
+        "table_format": "delta",
+        "run_key": "dag.task@scheduled__2026-12-02",  # what the operator derives from its DAG run
+        "chunk_rows": 300,
+        "where": "pg_sleep(0.0005) IS NOT NULL",
+        "max_worker_restarts": 0,
+        **FAST,
+    }
+    killed: list[int] = []
+
+    def kill_worker_mid_run() -> None:
+        if wait_until(lambda: bool(worker_pids()), 60, 0.01):
+            time.sleep(1.5)
+            with contextlib.suppress(ProcessLookupError, IndexError):
+                pid = worker_pids()[0]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    killer = threading.Thread(target=kill_worker_mid_run, daemon=True)
+    killer.start()
+    with pytest.raises(CxpgError):
+        hook.extract(**arguments)
+    killer.join(timeout=5)
+    assert killed, "the worker finished before it could be killed"
+    assert not (Path(uri) / "_delta_log").exists()  # nothing committed: readers see no table at all
+
+    retried = hook.extract(**arguments)  # the task's retry: resumes the staged chunks
+    assert retried.resumed_from_chunk is not None and retried.resumed_from_chunk > 0
+    assert retried.extra["table_version"] == 0
+    assert table_rows(uri) == source_rows(admin, items)  # every row once
+
+    again = hook.extract(**arguments)  # a retry after the commit landed (the task died reporting it)
+    assert again.extra["table_version"] == 0 and len(history(uri)) == 1  # nothing committed twice
+    assert table_rows(uri) == source_rows(admin, items)
+    assert_nothing_left(admin)
+
+
+def test_a_new_nullable_column_evolves_the_table_and_a_lost_or_changed_one_fails_before_data_moves(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, items: str, out_dir: Path
+) -> None:
+    uri = str(out_dir / "evolving")
+    hook.extract(destination=uri, table=items, table_format="delta", **FAST)
+    admin.execute(f"ALTER TABLE {items} ADD COLUMN note text")
+    admin.execute(f"UPDATE {items} SET note = 'n' || id WHERE id <= 10")
+    run = hook.extract(destination=uri, table=items, table_format="delta", write_mode="overwrite", **FAST)
+    assert table_rows(uri, ("id", "note"))[:11] == [(i, f"n{i}") for i in range(1, 11)] + [(11, None)]
+    assert run.extra["table_version"] == 2  # 1: the new column, 2: the data
+
+    before = len(history(uri))
+    admin.execute(f"ALTER TABLE {items} DROP COLUMN amount")
+    with pytest.raises(InvalidInputError, match="amount"):
+        hook.extract(destination=uri, table=items, table_format="delta", **FAST)
+    admin.execute(f"ALTER TABLE {items} ADD COLUMN amount text")
+    with pytest.raises(InvalidInputError, match=r"amount \(decimal"):
+        hook.extract(destination=uri, table=items, table_format="delta", **FAST)
+    assert len(history(uri)) == before
+    staged = [p for p in Path(uri).glob("cxpg-*/part-*.parquet")]
+    assert len({p.parent for p in staged}) == 2  # the refused runs staged nothing
+    assert_nothing_left(admin)
+
+
+def test_columns_delta_cannot_store_and_bad_arguments_are_refused_before_anything_is_written(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    admin.execute(f'CREATE TABLE "{schema}".clock (id int PRIMARY KEY, at time, n int)')
+    admin.execute(f"INSERT INTO \"{schema}\".clock VALUES (1, '12:30', 1)")
+    uri = out_dir / "clock"
+    with pytest.raises(InvalidInputError, match=r"at \(time64"):
+        hook.extract(destination=str(uri), table=f"{schema}.clock", table_format="delta", **FAST)
+    assert not uri.exists() or not any(uri.rglob("*.parquet"))
+    hook.extract(
+        destination=str(uri), table=f"{schema}.clock", table_format="delta", column_casts={"at": "text"}, **FAST
+    )
+    assert deltalake.DeltaTable(str(uri)).to_pyarrow_table().to_pylist() == [{"id": 1, "at": "12:30:00", "n": 1}]
+    for kwargs, message in [
+        ({"table_format": "iceberg"}, "namespace.table"),
+        ({"table_format": "orc"}, "table_format"),
+        ({"table_format": "delta", "write_mode": "upsert"}, "write_mode"),
+        ({"write_mode": "merge"}, "table formats"),
+    ]:
+        with pytest.raises(InvalidInputError, match=message):
+            hook.extract(destination=str(out_dir / "never"), table=f"{schema}.clock", **kwargs, **FAST)
+    with pytest.raises(InvalidInputError, match="parallelism"):
+        PostgresExtractOperator(
+            task_id="t",
+            table=f"{schema}.clock",
+            destination=str(out_dir / "never"),
+            table_format="delta",
+            parallelism=2,
+        ).execute({})
+    assert not (out_dir / "never").exists()
+
+
+def test_the_operator_commits_once_per_dag_run_and_reports_the_version(
+    conn_id: str, admin: psycopg.Connection, items: str, out_dir: Path
+) -> None:
+    class _DagRun:
+        run_id = "manual__2026-12-02T10:00:00"
+
+    uri = str(out_dir / "by_operator")
+    operator = PostgresExtractOperator(
+        task_id="to_delta",
+        postgres_conn_id=conn_id,
+        table=items,
+        destination=uri,
+        table_format="delta",
+        write_mode="merge",
+        worker_settings=FAST,
+    )
+    summary = operator.execute({"dag_run": _DagRun()})
+    assert summary["table_version"] == 0 and summary["rows"] == ROWS and summary["destination"] == uri
+    assert operator.execute({"dag_run": _DagRun()})["table_version"] == 0  # the same DAG run: not again
+    assert len(history(uri)) == 1
+    _DagRun.run_id = "manual__2026-12-03T10:00:00"
+    assert operator.execute({"dag_run": _DagRun()})["table_version"] == 1  # the next DAG run merges
+    assert table_rows(uri) == source_rows(admin, items)
+    assert [o.uri for o in operator.outlets] == ["file://" + uri]  # the asset names the table
+
+
+def test_a_delta_table_on_object_storage(hook: ConnectorXPostgresHook, admin: psycopg.Connection, items: str) -> None:
+    with start_s3_server() as s3:
+        bucket = s3.create_bucket()
+        uri = f"s3://{bucket}/lake/items"
+        options = s3.storage_options()
+        first = hook.extract(destination=uri, table=items, table_format="delta", storage_options=options, **FAST)
+        admin.execute(f"UPDATE {items} SET name = 'changed' WHERE id <= 5")
+        merged = hook.extract(
+            destination=uri,
+            table=items,
+            where="id <= 5",
+            table_format="delta",
+            write_mode="merge",
+            storage_options=options,
+            **FAST,
+        )
+        assert (first.extra["table_version"], merged.extra["table_version"]) == (0, 1)
+        assert table_rows(uri, storage_options=_delta_options(s3)) == source_rows(admin, items)
+    assert_nothing_left(admin)
+
+
+def _delta_options(s3: S3Server) -> dict[str, str]:
+    from airflow_provider_cxpg.output.delta import delta_storage_options
+
+    return delta_storage_options("s3://x", s3.storage_options())
+
+
+def test_an_empty_merge_is_a_version_and_a_staged_run_commits_without_reading_again(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, items: str, out_dir: Path
+) -> None:
+    from airflow_provider_cxpg.querylog import QueryLog
+
+    uri = str(out_dir / "quiet")
+    hook.extract(destination=uri, table=items, table_format="delta", write_mode="merge", **FAST)
+    quiet = {"destination": uri, "table": items, "where": "false", "table_format": "delta", "write_mode": "merge"}
+    empty = hook.extract(run_key="hourly@nothing-changed", **quiet, **FAST)
+    assert (empty.rows, empty.extra["table_version"]) == (0, 1)  # an hour with no change still commits
+    assert hook.extract(run_key="hourly@nothing-changed", **quiet, **FAST).extra["table_version"] == 1
+    assert table_rows(uri) == source_rows(admin, items)
+
+    # A run whose chunks were all staged but whose commit never landed: the retry commits them.
+    admin.execute(f"UPDATE {items} SET name = 'staged' WHERE id <= 3")
+    staged = hook.prepare_table_extraction(
+        destination=uri, table=items, where="id <= 3", table_format="delta", write_mode="merge", run_key="r@1", **FAST
+    )
+    staged.extraction.run()  # the extraction, without its commit (the task died in between)
+    log = QueryLog("retry")
+    retried = hook.extract(
+        destination=uri,
+        table=items,
+        where="id <= 3",
+        table_format="delta",
+        write_mode="merge",
+        run_key="r@1",
+        querylog=log,
+        **FAST,
+    )
+    assert retried.rows == 3 and retried.extra["table_version"] == 2
+    assert not [e for e in log.events if e["event"] == "query.start"]  # no chunk read again
+    assert table_rows(uri) == source_rows(admin, items)
+    assert_nothing_left(admin)
+
+
+def test_runs_that_cannot_be_one_faithful_version_are_refused(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, items: str, out_dir: Path
+) -> None:
+    admin.execute(f'CREATE TABLE "{schema}".objects (id int PRIMARY KEY, o oid)')
+    admin.execute(f'INSERT INTO "{schema}".objects VALUES (1, 3000000000)')
+    with pytest.raises(InvalidInputError, match=r"o \(uint32"):  # delta-rs would store it as a signed int
+        hook.extract(destination=str(out_dir / "objects"), table=f"{schema}.objects", table_format="delta", **FAST)
+    for arguments, message in [
+        ({"watermark_column": "changed_at", "write_mode": "overwrite"}, "incremental"),
+        ({"lower_key": [10], "upper_key": [20]}, "fan-out"),
+        ({"parallelism": 2}, "parallelism"),
+    ]:
+        with pytest.raises(InvalidInputError, match=message):
+            PostgresExtractOperator(
+                task_id="t", table=items, destination=str(out_dir / "never"), table_format="delta", **arguments
+            ).execute({})
+    with pytest.raises(InvalidInputError, match="S3"):
+        hook.extract(destination="memory://bucket/t", table=items, table_format="delta", **FAST)
+    assert not (out_dir / "never").exists() and not (out_dir / "objects").exists()
