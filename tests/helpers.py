@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,3 +162,29 @@ def register_dag(dag: Any) -> Any:
     bag.bag_dag(dag)
     sync_bag_to_db(bag, "dags-folder", None)
     return dag
+
+
+@contextlib.contextmanager
+def worker_killed_mid_run(after: float = 1.5, timeout: float = 60.0) -> Iterator[list[int]]:
+    """SIGKILL the run's first worker ``after`` seconds into its life, from a thread.
+
+    Yields the list the killed pid is added to; on leaving, waits for the thread and fails the test
+    when no worker was killed (the run ended first: the test would prove nothing).
+    """
+    killed: list[int] = []
+
+    def kill() -> None:
+        if wait_until(lambda: bool(worker_pids()), timeout, 0.01):
+            time.sleep(after)
+            with contextlib.suppress(ProcessLookupError, IndexError):
+                pid = worker_pids()[0]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    try:
+        yield killed
+    finally:
+        killer.join(timeout=timeout + after + 5)
+    assert killed, "the worker finished before it could be killed"

@@ -6,11 +6,6 @@ back with delta-rs's own reader and compared with the source row for row.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +15,7 @@ import pytest
 from airflow_provider_cxpg.exceptions import CxpgError, InvalidInputError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
-from tests.helpers import assert_nothing_left, manifest_of, wait_until, worker_pids
+from tests.helpers import assert_nothing_left, manifest_of, worker_killed_mid_run
 from tests.s3_server import S3Server, start_s3_server
 
 deltalake = pytest.importorskip("deltalake")
@@ -126,22 +121,8 @@ def test_a_killed_worker_and_a_retried_task_give_one_version_without_duplicates(
         "max_worker_restarts": 0,
         **FAST,
     }
-    killed: list[int] = []
-
-    def kill_worker_mid_run() -> None:
-        if wait_until(lambda: bool(worker_pids()), 60, 0.01):
-            time.sleep(1.5)
-            with contextlib.suppress(ProcessLookupError, IndexError):
-                pid = worker_pids()[0]
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-
-    killer = threading.Thread(target=kill_worker_mid_run, daemon=True)
-    killer.start()
-    with pytest.raises(CxpgError):
+    with worker_killed_mid_run(), pytest.raises(CxpgError):
         hook.extract(**arguments)
-    killer.join(timeout=5)
-    assert killed, "the worker finished before it could be killed"
     assert not (Path(uri) / "_delta_log").exists()  # nothing committed: readers see no table at all
 
     retried = hook.extract(**arguments)  # the task's retry: resumes the staged chunks

@@ -6,11 +6,6 @@ issue names as enough for tests); every table is read back with pyiceberg's own 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +15,7 @@ import pytest
 from airflow_provider_cxpg.exceptions import CxpgError, InvalidInputError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
-from tests.helpers import assert_nothing_left, wait_until, worker_pids
+from tests.helpers import assert_nothing_left, worker_killed_mid_run
 
 pytest.importorskip("pyiceberg")
 from pyiceberg.catalog import load_catalog
@@ -130,22 +125,8 @@ def test_a_killed_worker_and_retries_give_one_commit_without_duplicates(
         **catalog,
         **FAST,
     }
-    killed: list[int] = []
-
-    def kill_worker_mid_run() -> None:
-        if wait_until(lambda: bool(worker_pids()), 60, 0.01):
-            time.sleep(1.5)
-            with contextlib.suppress(ProcessLookupError, IndexError):
-                pid = worker_pids()[0]
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-
-    killer = threading.Thread(target=kill_worker_mid_run, daemon=True)
-    killer.start()
-    with pytest.raises(CxpgError):
+    with worker_killed_mid_run(), pytest.raises(CxpgError):
         hook.extract(**arguments)
-    killer.join(timeout=5)
-    assert killed, "the worker finished before it could be killed"
     assert iceberg_table(catalog, "lake.retried").current_snapshot() is None  # created, nothing committed
 
     retried = hook.extract(**arguments)

@@ -31,13 +31,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
-from airflow_provider_cxpg.exceptions import CxpgError, InvalidInputError, StorageError
+from airflow_provider_cxpg.exceptions import InvalidInputError, StorageError
+from airflow_provider_cxpg.output.table_calls import StagedFile, TableCalls, has_unsigned_integers
 
 __all__ = [
     "APP_PREFIX",
@@ -46,7 +45,6 @@ __all__ = [
     "DeltaTarget",
     "StagedFile",
     "delta_storage_options",
-    "has_unsigned_integers",
     "require_deltalake",
 ]
 
@@ -69,15 +67,6 @@ def require_deltalake() -> Any:
             "table_format='delta' needs the deltalake package: pip install 'airflow-provider-cxpg[delta]'"
         ) from exc
     return deltalake
-
-
-@dataclass(frozen=True)
-class StagedFile:
-    """One committed chunk file, relative to the table's root."""
-
-    path: str
-    size: int
-    rows: int
 
 
 def delta_storage_options(url: str, fsspec_options: Mapping[str, Any]) -> dict[str, str]:
@@ -139,28 +128,15 @@ class DeltaTarget:
         self.timeout = timeout
         self.commit_timeout = commit_timeout or timeout
         self.compression = compression
-        self._calls = SerialCalls("delta")
+        self._call = TableCalls(
+            "delta",
+            self.uri,
+            timeout=timeout,
+            secrets=lambda: [self.storage_options.get(name, "") for name in _SECRET_OPTIONS],
+        )
         self._deltalake = require_deltalake()
 
     # -- bounded calls -----------------------------------------------------------------------------
-
-    def _call(self, operation: str, fn: Any, timeout: float | None = None) -> Any:
-        try:
-            return self._calls.call(f"{operation} {self.uri}", fn, timeout or self.timeout)
-        except CallTimedOut as exc:
-            raise StorageError(
-                f"{exc}: the store is not answering", operation=operation, limit="storage_timeout"
-            ) from None
-        except CxpgError:
-            raise
-        except Exception as exc:  # noqa: BLE001  re-raised as StorageError, scrubbed
-            message = f"{type(exc).__name__}: {exc}"
-        # Raised outside the except block: a store's error may quote a request (an access key id in
-        # a signature mismatch), so the message is scrubbed and the original is not kept.
-        for name in _SECRET_OPTIONS:
-            if self.storage_options.get(name):
-                message = message.replace(self.storage_options[name], "***")
-        raise StorageError(f"{operation} {self.uri} failed: {message}", operation=operation)
 
     def _open(self) -> Any | None:
         deltalake = self._deltalake
@@ -356,16 +332,7 @@ class DeltaTarget:
         self._call("merging into the Delta table", merge, self.commit_timeout)
 
     def close(self) -> None:
-        self._calls.close()
-
-
-def has_unsigned_integers(dtype: pa.DataType) -> bool:
-    """Whether a column type is, or holds, an unsigned integer (``oid``, ``xid``): no table format has them."""
-    if pa.types.is_unsigned_integer(dtype):
-        return True
-    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
-        return has_unsigned_integers(dtype.value_type)
-    return False
+        self._call.close()
 
 
 def _quote(name: str) -> str:

@@ -31,10 +31,8 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 
-from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
-from airflow_provider_cxpg.conninfo import Redactor
-from airflow_provider_cxpg.exceptions import CxpgError, InvalidInputError, StorageError
-from airflow_provider_cxpg.output.delta import StagedFile, has_unsigned_integers
+from airflow_provider_cxpg.exceptions import InvalidInputError, StorageError
+from airflow_provider_cxpg.output.table_calls import StagedFile, TableCalls, has_unsigned_integers
 
 __all__ = ["IcebergTarget", "require_pyiceberg"]
 
@@ -88,7 +86,13 @@ class IcebergTarget:
         self.catalog_name = catalog or "default"
         self.catalog_properties = {k: str(v) for k, v in (catalog_properties or {}).items()}
         self.timeout = timeout
-        self._calls = SerialCalls("iceberg")
+        self._call = TableCalls(
+            "iceberg",
+            self.identifier,
+            timeout=timeout,
+            secrets=self.secrets,
+            unanswered="the catalog or its store is not answering",
+        )
         self._catalogs = require_pyiceberg()
         self._catalog: Any = None
 
@@ -114,23 +118,6 @@ class IcebergTarget:
         return [f for f in dict.fromkeys(found) if f]
 
     # -- bounded calls -----------------------------------------------------------------------------
-
-    def _call(self, operation: str, fn: Any, timeout: float | None = None) -> Any:
-        try:
-            return self._calls.call(f"{operation} {self.identifier}", fn, timeout or self.timeout)
-        except CallTimedOut as exc:
-            raise StorageError(
-                f"{exc}: the catalog or its store is not answering", operation=operation, limit="storage_timeout"
-            ) from None
-        except CxpgError:
-            raise
-        except Exception as exc:  # noqa: BLE001  re-raised as StorageError, scrubbed
-            message = f"{type(exc).__name__}: {exc}"
-        # Raised outside the except block: a catalog's error may quote its URI or properties (a
-        # password in a PostgreSQL catalog's URI), so the message is scrubbed and the original is
-        # neither chained nor kept as the context.
-        message = Redactor(self.secrets())(message)  # raw and URL-encoded forms
-        raise StorageError(f"{operation} {self.identifier} failed: {message}", operation=operation)
 
     def _load_catalog(self) -> Any:
         if self._catalog is None:
@@ -306,7 +293,7 @@ class IcebergTarget:
         return snapshot, not upserted
 
     def close(self) -> None:
-        self._calls.close()
+        self._call.close()
 
 
 def _read(table: Any, path: str, pq: Any) -> pa.Table:

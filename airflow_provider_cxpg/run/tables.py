@@ -22,12 +22,12 @@ from airflow_provider_cxpg.output.delta import (
     UNKNOWN_VERSION,
     WRITE_MODES,
     DeltaTarget,
-    StagedFile,
     delta_storage_options,
 )
 from airflow_provider_cxpg.output.destination import Destination
 from airflow_provider_cxpg.output.iceberg import IcebergTarget
 from airflow_provider_cxpg.output.manifest import Manifest
+from airflow_provider_cxpg.output.table_calls import StagedFile
 from airflow_provider_cxpg.output.verify import output_problems
 from airflow_provider_cxpg.run.extraction import Extraction, ExtractResult
 
