@@ -300,3 +300,27 @@ def test_runs_that_cannot_be_one_faithful_version_are_refused(
     with pytest.raises(InvalidInputError, match="S3"):
         hook.extract(destination="memory://bucket/t", table=items, table_format="delta", **FAST)
     assert not (out_dir / "never").exists() and not (out_dir / "objects").exists()
+
+
+def test_a_damaged_staged_run_is_read_again_not_committed(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, items: str, out_dir: Path
+) -> None:
+    from airflow_provider_cxpg.querylog import QueryLog
+
+    uri = str(out_dir / "damaged")
+    arguments: dict[str, Any] = {
+        "destination": uri,
+        "table": items,
+        "table_format": "delta",
+        "run_key": "r@damaged",
+        "chunk_rows": 1_000,
+    }
+    hook.prepare_table_extraction(**arguments, **FAST).extraction.run()  # staged; the commit never came
+    staged = sorted(Path(uri).glob("cxpg-*/part-*.parquet"))
+    assert len(staged) == 3
+    staged[1].write_bytes(staged[1].read_bytes()[:-100])  # a torn file: the check must refuse it
+    log = QueryLog("damaged")
+    result = hook.extract(**arguments, querylog=log, **FAST)
+    assert [e for e in log.events if e["event"] == "query.start"]  # read again, not committed as it was
+    assert result.rows == ROWS and table_rows(uri) == source_rows(admin, items)
+    assert_nothing_left(admin)
