@@ -264,3 +264,29 @@ def test_runs_that_change_nothing_are_still_one_snapshot_and_done_once(
     assert table_rows(catalog, "lake.quiet", ("id", "note"))[:6] == [(i, f"n{i}") for i in range(1, 6)] + [(6, None)]
     assert table_rows(catalog, "lake.quiet") == source_rows(admin, items)
     assert_nothing_left(admin)
+
+
+def test_incremental_windows_merged_by_key_keep_the_table_equal_to_the_source(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, items: str, catalog: dict[str, Any]
+) -> None:
+    from airflow_provider_cxpg.planning.incremental import WatermarkSpec
+
+    arguments: dict[str, Any] = {
+        "destination": "lake.incremental",
+        "table": items,
+        "table_format": "iceberg",
+        "write_mode": "merge",
+        **catalog,
+        **FAST,
+    }
+    first = hook.extract(watermark=WatermarkSpec("changed_at"), **arguments)  # the first window: everything
+    assert first.rows == ROWS and table_rows(catalog, "lake.incremental") == source_rows(admin, items)
+    admin.execute(f"UPDATE {items} SET name = 'late', changed_at = now() WHERE id % 250 = 0")
+    admin.execute(f"UPDATE {items} SET name = NULL, amount = NULL, changed_at = now() WHERE id = 2")
+    admin.execute(f"INSERT INTO {items} SELECT g, 'new', 9, now(), NULL FROM generate_series(5001, 5007) g")
+    second = hook.extract(watermark=WatermarkSpec("changed_at", start=first.high_watermark), **arguments)
+    assert second.rows == 12 + 1 + 7  # the window holds the changed rows only
+    assert table_rows(catalog, "lake.incremental") == source_rows(admin, items)  # row for row
+    third = hook.extract(watermark=WatermarkSpec("changed_at", start=second.high_watermark), **arguments)
+    assert third.rows == 0 and table_rows(catalog, "lake.incremental") == source_rows(admin, items)
+    assert_nothing_left(admin)
