@@ -36,7 +36,12 @@ from typing import Any
 import pyarrow as pa
 
 from airflow_provider_cxpg.exceptions import InvalidInputError, StorageError
-from airflow_provider_cxpg.output.table_calls import StagedFile, TableCalls, has_unsigned_integers
+from airflow_provider_cxpg.output.table_calls import (
+    StagedFile,
+    TableCalls,
+    has_unsigned_integers,
+    new_columns_or_refuse,
+)
 
 __all__ = [
     "APP_PREFIX",
@@ -210,19 +215,7 @@ class DeltaTarget:
         existing = pa.schema(existing)
         theirs = {f.name: f.type for f in existing}
         ours = {f.name: _delta_type(deltalake, f) for f in schema}
-        lost = [name for name in theirs if name not in ours]
-        changed = [f"{n} ({theirs[n]} -> {ours[n]})" for n in ours if n in theirs and not _same(theirs[n], ours[n])]
-        if lost or changed:
-            problems = []
-            if lost:
-                problems.append(f"the table has column(s) the source no longer returns: {', '.join(lost)}")
-            if changed:
-                problems.append(f"column type(s) changed: {', '.join(changed)}")
-            raise InvalidInputError(
-                f"the source's schema no longer fits the Delta table {self.uri}: {'; '.join(problems)}. "
-                "Only new nullable columns can be added; write to a new table (or alter this one) first"
-            )
-        return [name for name in ours if name not in theirs]
+        return new_columns_or_refuse(theirs, ours, f"(Delta) {self.uri}", same=_same, addable="new nullable columns")
 
     # -- the commit --------------------------------------------------------------------------------
 

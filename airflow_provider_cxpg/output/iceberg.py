@@ -32,7 +32,12 @@ from urllib.parse import unquote, urlsplit
 import pyarrow as pa
 
 from airflow_provider_cxpg.exceptions import InvalidInputError, StorageError
-from airflow_provider_cxpg.output.table_calls import StagedFile, TableCalls, has_unsigned_integers
+from airflow_provider_cxpg.output.table_calls import (
+    StagedFile,
+    TableCalls,
+    has_unsigned_integers,
+    new_columns_or_refuse,
+)
 
 __all__ = ["IcebergTarget", "require_pyiceberg"]
 
@@ -186,19 +191,7 @@ class IcebergTarget:
             )
         theirs = {f.name: f.type for f in table.schema().as_arrow()}
         ours = {f.name: f.type for f in _pyarrow_to_schema_without_ids(schema).as_arrow()}
-        lost = [n for n in theirs if n not in ours]
-        changed = [f"{n} ({theirs[n]} -> {ours[n]})" for n in ours if n in theirs and theirs[n] != ours[n]]
-        if lost or changed:
-            problems = []
-            if lost:
-                problems.append(f"the table has column(s) the source no longer returns: {', '.join(lost)}")
-            if changed:
-                problems.append(f"column type(s) changed: {', '.join(changed)}")
-            raise InvalidInputError(
-                f"the source's schema no longer fits the Iceberg table {self.identifier}: {'; '.join(problems)}. "
-                "Only new columns can be added; write to a new table (or alter this one) first"
-            )
-        return [n for n in ours if n not in theirs]
+        return new_columns_or_refuse(theirs, ours, f"(Iceberg) {self.identifier}")
 
     def staging_root(self, schema: pa.Schema) -> str:
         """Where the run's files go: the table's data directory (a first run creates the table, empty)."""

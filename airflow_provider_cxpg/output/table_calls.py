@@ -8,7 +8,7 @@ catalog URI with its password): the original is neither chained nor kept as the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -16,9 +16,9 @@ import pyarrow as pa
 
 from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
 from airflow_provider_cxpg.conninfo import Redactor
-from airflow_provider_cxpg.exceptions import CxpgError, StorageError
+from airflow_provider_cxpg.exceptions import CxpgError, InvalidInputError, StorageError
 
-__all__ = ["StagedFile", "TableCalls", "has_unsigned_integers"]
+__all__ = ["StagedFile", "TableCalls", "has_unsigned_integers", "new_columns_or_refuse"]
 
 T = TypeVar("T")
 
@@ -39,6 +39,34 @@ def has_unsigned_integers(dtype: pa.DataType) -> bool:
     if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
         return has_unsigned_integers(dtype.value_type)
     return False
+
+
+def new_columns_or_refuse(
+    theirs: Mapping[str, pa.DataType],
+    ours: Mapping[str, pa.DataType],
+    table: str,
+    *,
+    same: Callable[[pa.DataType, pa.DataType], bool] = lambda a, b: a == b,
+    addable: str = "new columns",
+) -> list[str]:
+    """The source columns the table lacks; refuse, naming them, columns the source lost or retyped.
+
+    :param theirs: the table's columns and types; ``ours``: the source's, in the table format's types.
+    :param same: whether two types are the same column type in the format.
+    """
+    lost = [name for name in theirs if name not in ours]
+    changed = [f"{n} ({theirs[n]} -> {ours[n]})" for n in ours if n in theirs and not same(theirs[n], ours[n])]
+    if lost or changed:
+        problems = []
+        if lost:
+            problems.append(f"the table has column(s) the source no longer returns: {', '.join(lost)}")
+        if changed:
+            problems.append(f"column type(s) changed: {', '.join(changed)}")
+        raise InvalidInputError(
+            f"the source's schema no longer fits the table {table}: {'; '.join(problems)}. "
+            f"Only {addable} can be added; write to a new table (or alter this one) first"
+        )
+    return [name for name in ours if name not in theirs]
 
 
 class TableCalls:
