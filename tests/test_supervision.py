@@ -338,7 +338,9 @@ def test_a_task_process_sigkilled_while_its_worker_writes_to_a_frozen_store_leav
         destination=f"s3://{bucket}/killed",
         storage_options=_options(s3),
         chunk_rows=100,
-        where="(SELECT pg_sleep(0.2)) IS NOT NULL",
+        # 0.5 s a chunk, 6 chunks: the run is still going when the store freezes after the first file
+        # (at 0.2 s a chunk a slow listing of the store let a CI run finish first)
+        where="(SELECT pg_sleep(0.5)) IS NOT NULL",
         worker_settings={**FAST, "storage_timeout": 300},
     )
     try:
@@ -346,7 +348,7 @@ def test_a_task_process_sigkilled_while_its_worker_writes_to_a_frozen_store_leav
         s3.freeze()  # the worker's next upload hangs, for up to storage_timeout=300
         time.sleep(1.0)
         run_id = task.run_id()
-        assert run_id is not None and worker_pids(0)
+        assert run_id is not None and worker_pids(0), "the run ended before the store froze: the test proves nothing"
         os.kill(task.process.pid, signal.SIGKILL)
         task.process.wait(timeout=10)
         assert wait_until(lambda: not worker_pids(0), 10, 0.1), worker_pids(0)
