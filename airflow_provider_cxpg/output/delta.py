@@ -141,7 +141,7 @@ class DeltaTarget:
         )
         self._deltalake = require_deltalake()
 
-    # -- bounded calls -----------------------------------------------------------------------------
+    # -- opening the table (every call through TableCalls: bounded, scrubbed) ------------------------
 
     def _open(self) -> Any | None:
         deltalake = self._deltalake
