@@ -392,8 +392,9 @@ def _tail(path: Path, limit: int = 600) -> str:
 
 def measure_worker_startup(runs: int) -> dict[str, Any]:
     """Spawn ``python -P -m airflow_provider_cxpg.worker`` as the supervisor does; time it to Ready."""
+    from airflow_provider_cxpg.conninfo import PostgresEndpoint
     from airflow_provider_cxpg.supervisor.session import worker_environment
-    from airflow_provider_cxpg.worker.protocol import FrameReader, Ready
+    from airflow_provider_cxpg.worker.protocol import Configure, FrameReader, FrameWriter, Ready
 
     env = worker_environment()
     cmd = [sys.executable, "-P", "-m", "airflow_provider_cxpg.worker"]
@@ -415,13 +416,15 @@ def measure_worker_startup(runs: int) -> dict[str, Any]:
         watchdog.start()
         try:
             assert proc.stdout is not None and proc.stdin is not None
+            # As WorkerSession.spawn(): Configure goes at once (no run name here, so no reaper).
+            FrameWriter(proc.stdin.fileno(), owns_fd=False).send(Configure(endpoint=PostgresEndpoint(host="127.0.0.1")))
             message = FrameReader(cast("BinaryIO", proc.stdout)).receive()
             elapsed = time.perf_counter() - t0
             if not isinstance(message, Ready):
                 raise RuntimeError(f"the worker's first frame is {message!r}, not Ready")
             times.append(elapsed)
             imports.append(message.startup_seconds)
-            proc.stdin.close()  # no Configure: the worker exits
+            proc.stdin.close()  # the channel ends without a Shutdown: the worker exits
             proc.wait(timeout=10)
         finally:
             watchdog.cancel()

@@ -4,9 +4,9 @@
 
     parent (Airflow task process)                         worker (python -P -m airflow_provider_cxpg.worker)
     ───────────────────────────────────────                ─────────────────────────────────────────────
-    WorkerSession.start()  ── spawn, allowlisted env ──▶   imports connectorx + pyarrow (no Airflow)
+    WorkerSession.start()  ── spawn, allowlisted env ──▶   boot.py: channel, reads Configure, forks its reaper
+         ── Configure(endpoint with password) ─────────▶   imports connectorx + pyarrow (no Airflow, no NumPy)
          ◀──────────────────────── Ready ───────────────   heartbeat thread ── Heartbeat every interval ──▶
-         ── Configure(endpoint with password) ─────────▶
     WorkerSession.run(ReadChunk) ── ReadChunk ─────────▶   connectorx arrow_stream ─▶ cast ─▶ Parquet/IPC
          ◀── QueryStarted, ChunkRead, ChunkDone | Failed    (rows in memory; file renamed into place)
     pump loop: deadlines (query, job, heartbeat),

@@ -27,11 +27,12 @@ import queue
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from airflow_provider_cxpg.conninfo import PostgresEndpoint
+
+if TYPE_CHECKING:  # a ReadChunk's schema unpickles into pyarrow; the worker boots before pyarrow loads
+    import pyarrow as pa
 
 __all__ = [
     "OBJECT_STORES",

@@ -2,10 +2,11 @@
 
 Process rules, each for a measured reason:
 
-* SIGINT is ignored: connectorx only sees it after a read returns, and the parent decides when the
-  worker stops. SIGTERM keeps its default action, which ends the process at once even inside a read.
-* Descriptor 1 becomes the private message channel and ``sys.stdout`` is pointed at stderr, so a
-  stray ``print`` in a library can never corrupt a frame.
+* Before this module loads, :mod:`.boot` has taken the channel (descriptor 1; ``sys.stdout`` goes
+  to stderr, so a stray ``print`` in a library can never corrupt a frame), ignored SIGINT
+  (connectorx only sees it after a read returns; the parent decides when the worker stops), read
+  :class:`Configure` and forked the reaper. SIGTERM keeps its default action, which ends the
+  process at once even inside a read.
 * A heartbeat thread sends :class:`Heartbeat` every interval. connectorx releases the GIL while it
   reads, so heartbeats keep flowing during a long query; they stop when the process is frozen
   (SIGSTOP, GIL deadlock). Each heartbeat says which storage call runs and for how long.
@@ -22,25 +23,23 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
-import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
 
-_T0 = time.perf_counter()
+import pyarrow as pa
 
-import pyarrow as pa  # noqa: E402  (imported after _T0 so start-up cost is measured)
+from airflow_provider_cxpg.conninfo import Redactor
 
-from airflow_provider_cxpg.conninfo import Redactor  # noqa: E402
-from airflow_provider_cxpg.worker.chunk import ChunkState, classify, read_chunk, stream_chunk, write_chunk  # noqa: E402
-from airflow_provider_cxpg.worker.protocol import (  # noqa: E402
+# `python -m airflow_provider_cxpg.worker` runs boot() before this module (and pyarrow) loads.
+from airflow_provider_cxpg.worker.boot import EXIT_PROTOCOL_ERROR, Boot, boot, finish_imports
+from airflow_provider_cxpg.worker.chunk import ChunkState, classify, read_chunk, stream_chunk, write_chunk
+from airflow_provider_cxpg.worker.protocol import (
     ChunkDone,
     Configure,
     Credentials,
     Failed,
-    FrameReader,
     FrameWriter,
     Heartbeat,
     QueryStarted,
@@ -48,14 +47,13 @@ from airflow_provider_cxpg.worker.protocol import (  # noqa: E402
     Ready,
     Shutdown,
 )
-from airflow_provider_cxpg.worker.reaper import Reaper, start_reaper, terminate_run_backends  # noqa: E402
-from airflow_provider_cxpg.worker.sinks import STORAGE, set_storage_timeout  # noqa: E402
+from airflow_provider_cxpg.worker.reaper import Reaper, terminate_run_backends
+from airflow_provider_cxpg.worker.sinks import STORAGE, set_storage_timeout
 
-__all__ = ["main"]
+__all__ = ["EXIT_CHANNEL_BROKEN", "EXIT_PARENT_GONE", "EXIT_PROTOCOL_ERROR", "main"]
 
 EXIT_PARENT_GONE = 70
 EXIT_CHANNEL_BROKEN = 71
-EXIT_PROTOCOL_ERROR = 72
 
 
 def _heartbeat_loop(writer: FrameWriter, state: ChunkState, config: Configure, parent_pid: int) -> None:
@@ -104,11 +102,6 @@ class _Run:
 _RUN = _Run()
 
 
-def _warm_imports() -> None:
-    import pyarrow.compute
-    import pyarrow.parquet  # noqa: F401
-
-
 class _BackgroundWriter:
     """Writes one chunk at a time in a thread, so the next chunk's read overlaps this one's write."""
 
@@ -136,37 +129,27 @@ class _BackgroundWriter:
             self._thread = None
 
 
-def main() -> None:
-    """Serve one parent until it sends :class:`Shutdown` or goes away."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent_pid = os.getppid()
-    channel = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    writer = FrameWriter(channel)
-    reader = FrameReader(sys.stdin.buffer)
+def main(started: Boot | None = None) -> None:
+    """Serve one parent until it sends :class:`Shutdown` or goes away.
 
+    :param started: what :func:`~airflow_provider_cxpg.worker.boot.boot` set up before this module
+        was imported (``python -m airflow_provider_cxpg.worker`` does that); None boots now.
+    """
+    started = started or boot()
+    config, writer, reader, parent_pid = started.config, started.writer, started.reader, started.parent_pid
+    _RUN.config = config
+    _RUN.reaper = started.reaper
     import connectorx
 
     writer.send(
         Ready(
             pid=os.getpid(),
-            startup_seconds=time.perf_counter() - _T0,
+            startup_seconds=time.perf_counter() - started.started,
             versions={"connectorx": connectorx.__version__, "pyarrow": pa.__version__},
         )
     )
-    config = reader.receive()
-    if not isinstance(config, Configure):
-        os._exit(EXIT_PROTOCOL_ERROR)
-    # Fork the reaper now: one thread, no connectorx read yet (see reaper.py).
-    # The parent as it saw itself: a parent that died while this worker imported has left it to
-    # init already, and os.getppid() above would be pid 1.
-    parent_pid = config.task_pid or parent_pid
-    _RUN.config = config
-    _RUN.reaper = start_reaper(config, parent_pid, (0, channel))
-    # Parquet and compute kernels load in the background while the parent sends its first request
-    # (the first chunk would otherwise pay ~80 ms for them).
-    threading.Thread(target=_warm_imports, name="cxpg-warm", daemon=True).start()
+    # Parquet and compute kernels load in the background while the parent sends its first request.
+    threading.Thread(target=finish_imports, name="cxpg-warm", daemon=True).start()
     redact = Redactor(config.secrets)
     set_storage_timeout(config.storage_timeout)
     uri = config.endpoint.connectorx_uri()
