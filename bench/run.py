@@ -394,7 +394,8 @@ def measure_worker_startup(runs: int) -> dict[str, Any]:
     """Spawn ``python -P -m airflow_provider_cxpg.worker`` as the supervisor does; time it to Ready."""
     from airflow_provider_cxpg.conninfo import PostgresEndpoint
     from airflow_provider_cxpg.supervisor.session import worker_environment
-    from airflow_provider_cxpg.worker.protocol import Configure, FrameReader, FrameWriter, Ready
+    from airflow_provider_cxpg.worker.protocol import Configure, FrameReader, FrameWriter, Ready, Shutdown
+    from airflow_provider_cxpg.worker.reaper import process_identity
 
     env = worker_environment()
     cmd = [sys.executable, "-P", "-m", "airflow_provider_cxpg.worker"]
@@ -416,15 +417,25 @@ def measure_worker_startup(runs: int) -> dict[str, Any]:
         watchdog.start()
         try:
             assert proc.stdout is not None and proc.stdin is not None
-            # As WorkerSession.spawn(): Configure goes at once (no run name here, so no reaper).
-            FrameWriter(proc.stdin.fileno(), owns_fd=False).send(Configure(endpoint=PostgresEndpoint(host="127.0.0.1")))
+            # As WorkerSession.spawn(): Configure goes at once, with a run name, so the worker forks
+            # its reaper as in a run (it only watches this process; Shutdown below ends it).
+            channel = FrameWriter(proc.stdin.fileno(), owns_fd=False)
+            channel.send(
+                Configure(
+                    endpoint=PostgresEndpoint(host="127.0.0.1"),
+                    run_application_name=f"{APP_NAME}-startup",
+                    task_pid=os.getpid(),
+                    task_started=process_identity(os.getpid()),
+                )
+            )
             message = FrameReader(cast("BinaryIO", proc.stdout)).receive()
             elapsed = time.perf_counter() - t0
             if not isinstance(message, Ready):
                 raise RuntimeError(f"the worker's first frame is {message!r}, not Ready")
             times.append(elapsed)
             imports.append(message.startup_seconds)
-            proc.stdin.close()  # the channel ends without a Shutdown: the worker exits
+            channel.send(Shutdown())  # the worker stops its reaper and exits
+            proc.stdin.close()
             proc.wait(timeout=10)
         finally:
             watchdog.cancel()

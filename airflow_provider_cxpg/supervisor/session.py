@@ -166,7 +166,7 @@ class WorkerSession:
         return self.book.next_query_id()
 
     def start(self) -> None:
-        """Check the server, spawn the worker, wait for Ready, send Configure."""
+        """Check the server, spawn the worker, send Configure, wait for Ready."""
         self.spawn()
         self.finish_start()
 

@@ -10,11 +10,15 @@ In this order, each for a measured reason:
 3. The reaper is forked (``reaper.py``). Forking here, with only the standard library and this
    package's protocol modules loaded, keeps it small: forked after pyarrow and connectorx it
    carried their 34 MiB of resident pages (shared with the worker, yet counted in both processes'
-   RSS, which is what container limits and memory monitors add up), forked here ~13 MiB. It is
+   RSS, which is what container limits and memory monitors add up), forked here ~11 MiB. It is
    also the cleanest moment to fork: one thread, no native library loaded.
 4. :func:`import_data_libraries` loads pyarrow and connectorx without NumPy, which the worker never
-   uses and pyarrow (>= 16) imports only when it can: 10 MiB and ~0.1 s less per worker start
-   (pyarrow.lib and pyarrow._compute each import it when it is there).
+   uses: 10 MiB and ~0.1 s less per worker start (``pyarrow.lib`` and ``pyarrow._compute`` each
+   import it when it is there). pyarrow 18 and later declare NumPy optional; an older pyarrow
+   requires it and gets it.
+5. :func:`finish_imports` loads pyarrow's compute and Parquet modules in a thread, then makes NumPy
+   importable again; the worker waits for it (:func:`wait_for_imports`) before its first read, so
+   no storage or data code of a chunk ever runs while NumPy is held back.
 
 Only then does :mod:`.server` import the data path and send :class:`Ready`.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -32,7 +37,7 @@ _T0 = time.perf_counter()
 from airflow_provider_cxpg.worker.protocol import Configure, FrameReader, FrameWriter  # noqa: E402
 from airflow_provider_cxpg.worker.reaper import Reaper, start_reaper  # noqa: E402
 
-__all__ = ["EXIT_PROTOCOL_ERROR", "Boot", "boot", "finish_imports", "import_data_libraries"]
+__all__ = ["EXIT_PROTOCOL_ERROR", "Boot", "boot", "finish_imports", "import_data_libraries", "wait_for_imports"]
 
 EXIT_PROTOCOL_ERROR = 72
 
@@ -67,7 +72,7 @@ def boot() -> Boot:
     reader = FrameReader(sys.stdin.buffer)
     try:
         config = reader.receive()
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001  a torn or foreign frame: nothing to configure from
         config = None
     if not isinstance(config, Configure):  # the parent closed the pipe, or is not our parent
         os._exit(EXIT_PROTOCOL_ERROR)
@@ -84,7 +89,7 @@ def import_data_libraries() -> None:
     NumPy stays unimportable until :func:`finish_imports` has loaded pyarrow's compute and Parquet
     modules (they import it too when they can); then it is importable again, for an fsspec plugin
     that wants it. pyarrow's NumPy interop stays off in this process: the worker does not use it.
-    A pyarrow that requires NumPy (before 17) is imported the ordinary way.
+    A pyarrow that requires NumPy (before 18) is imported the ordinary way.
     """
     if "numpy" not in sys.modules and not _pyarrow_requires_numpy():
         sys.modules["numpy"] = None  # type: ignore[assignment]  # `import numpy` raises ImportError
@@ -93,7 +98,7 @@ def import_data_libraries() -> None:
 
 
 def _pyarrow_requires_numpy() -> bool:
-    """Whether the installed pyarrow declares NumPy a requirement (16 does; 17 and later do not).
+    """Whether the installed pyarrow declares NumPy a requirement (up to 17 it does; 18 and later do not).
 
     Asked of its metadata, not found out by a failed import: an extension module cannot be
     imported twice.
@@ -110,14 +115,27 @@ def _pyarrow_requires_numpy() -> bool:
 def finish_imports() -> None:
     """Load what the first chunk needs beyond :func:`import_data_libraries`, then release NumPy.
 
-    Runs in a thread while the parent sends its first request (the first chunk would otherwise
-    pay ~80 ms for these modules).
+    Started in a thread at ``Ready``, while the parent sends its first request (the first chunk
+    would otherwise pay ~80 ms for these modules on its critical path).
     """
     try:
         import pyarrow.compute
         import pyarrow.parquet  # noqa: F401
     finally:
         _release_numpy()
+        _IMPORTED.set()
+
+
+def wait_for_imports(timeout: float = 60.0) -> None:
+    """Return once :func:`finish_imports` is done (at once after the first time).
+
+    Called before each read: NumPy must be importable again before a chunk's storage code runs
+    (an fsspec plugin may import it), and only this thread's order can promise that.
+    """
+    _IMPORTED.wait(timeout)
+
+
+_IMPORTED = threading.Event()
 
 
 def _release_numpy() -> None:

@@ -183,7 +183,11 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class Ready:
-    """The worker imported connectorx and pyarrow and waits for work."""
+    """The worker imported connectorx and pyarrow and waits for work.
+
+    :param startup_seconds: from the worker's first line of code to this message: reading
+        Configure and forking the reaper included (``worker.ready``'s ``import_seconds``).
+    """
 
     pid: int
     startup_seconds: float

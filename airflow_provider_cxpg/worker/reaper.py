@@ -141,6 +141,9 @@ def start_reaper(config: Configure, task_pid: int, channel_fds: tuple[int, ...])
         read_fd, write_fd = os.pipe()
     except OSError:
         return None
+    # Taken before the fork: a worker killed right after it (a run that fails in planning stops
+    # its worker at once) leaves the reaper's os.getppid() naming init, which must not pass for it.
+    worker = os.getpid()
     try:
         pid = os.fork()
     except OSError:
@@ -153,7 +156,7 @@ def start_reaper(config: Configure, task_pid: int, channel_fds: tuple[int, ...])
         return Reaper(pid, write_fd)
     try:  # the reaper from here on: never return into the worker's code
         os.close(write_fd)
-        _watch(config, task_pid, task_started, (*channel_fds,), read_fd)
+        _watch(config, task_pid, task_started, (*channel_fds,), read_fd, worker)
     finally:
         os._exit(0)
 
@@ -193,9 +196,13 @@ class _Passwords:
 
 
 def _watch(
-    config: Configure, task_pid: int, task_started: str | None, channel_fds: tuple[int, ...], passwords_fd: int
+    config: Configure,
+    task_pid: int,
+    task_started: str | None,
+    channel_fds: tuple[int, ...],
+    passwords_fd: int,
+    worker: int,
 ) -> None:
-    worker = os.getppid()
     for fd in channel_fds:  # the parent's pipes: EOF must follow the worker, not the reaper
         with contextlib.suppress(OSError):
             os.close(fd)

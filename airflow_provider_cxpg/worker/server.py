@@ -33,7 +33,7 @@ import pyarrow as pa
 from airflow_provider_cxpg.conninfo import Redactor
 
 # `python -m airflow_provider_cxpg.worker` runs boot() before this module (and pyarrow) loads.
-from airflow_provider_cxpg.worker.boot import EXIT_PROTOCOL_ERROR, Boot, boot, finish_imports
+from airflow_provider_cxpg.worker.boot import EXIT_PROTOCOL_ERROR, Boot, boot, finish_imports, wait_for_imports
 from airflow_provider_cxpg.worker.chunk import ChunkState, classify, read_chunk, stream_chunk, write_chunk
 from airflow_provider_cxpg.worker.protocol import (
     ChunkDone,
@@ -198,6 +198,7 @@ def _serve(
     background: _BackgroundWriter,
     redact: Redactor,
 ) -> None:
+    wait_for_imports()  # NumPy importable again before a chunk's code runs (boot.py); at once after the first
     state.query_id = request.query_id
     writer.send(QueryStarted(query_id=request.query_id, chunk_index=request.chunk_index))
     finish: Callable[[], ChunkDone]
