@@ -47,13 +47,11 @@ class Boot:
     """What the first steps set up, for :func:`airflow_provider_cxpg.worker.server.main`.
 
     :param started: ``time.perf_counter()`` when the worker's own code began (start-up is measured from it).
-    :param channel: the private descriptor the worker's frames go out on.
     :param parent_pid: the task process, as it saw itself (see :class:`Configure.task_pid`).
     :param reaper: the forked reaper's handle; None when the run has no application name or the fork failed.
     """
 
     started: float
-    channel: int
     writer: FrameWriter
     reader: FrameReader
     config: Configure
@@ -80,7 +78,7 @@ def boot() -> Boot:
     # init already, and os.getppid() above may be pid 1.
     parent_pid = config.task_pid or parent_pid
     reaper = start_reaper(config, parent_pid, (0, channel))
-    return Boot(_T0, channel, writer, reader, config, parent_pid, reaper)
+    return Boot(_T0, writer, reader, config, parent_pid, reaper)
 
 
 def import_data_libraries() -> None:
