@@ -29,7 +29,7 @@ from airflow_provider_cxpg.exceptions import (
 from airflow_provider_cxpg.worker.protocol import ChunkDone, ChunkRead, IpcSink, ReadChunk
 from airflow_provider_cxpg.worker.sinks import open_writer
 
-__all__ = ["ChunkState", "classify", "read_chunk", "stream_chunk", "write_chunk"]
+__all__ = ["ChunkState", "classify", "read_chunk", "release_as_written", "stream_chunk", "write_chunk"]
 
 # connectorx turns PostgreSQL's ±infinity into these sentinel values (measured, 0.4.6).
 _TIMESTAMP_INFINITY = {8210266876799999999: "infinity", -8334601228800000000: "-infinity"}
@@ -340,14 +340,32 @@ def stream_chunk(
     return read, finish
 
 
-def write_chunk(request: ReadChunk, table: pa.Table) -> ChunkDone:
-    """Write ``table`` to the request's sink and commit it atomically."""
+def release_as_written(table: pa.Table) -> list[pa.Table]:
+    """``table`` as one table per record batch (zero-copy), for :func:`write_chunk` to drop as it goes.
+
+    connectorx builds a chunk as record batches of 65,536 rows, each with buffers of its own: once
+    a batch is encoded, its memory can go back to the allocator while the next chunk is being read,
+    instead of the whole chunk staying alive until its file is committed.
+    """
+    return [pa.Table.from_batches([batch], schema=table.schema) for batch in table.to_batches()] or [table]
+
+
+def write_chunk(request: ReadChunk, table: pa.Table | list[pa.Table]) -> ChunkDone:
+    """Write ``table`` to the request's sink and commit it atomically.
+
+    :param table: the chunk, or its parts from :func:`release_as_written`: the list is emptied as
+        each part is written, so the caller should keep no other reference to the chunk.
+    """
     t0 = time.monotonic()
-    if table.num_rows == 0 and not request.write_empty:
+    parts = table if isinstance(table, list) else [table]
+    del table
+    rows = sum(part.num_rows for part in parts)
+    if rows == 0 and not request.write_empty:
         return ChunkDone(request.query_id, request.chunk_index, rows=0, bytes=0, write_seconds=0.0, location="")
-    writer = open_writer(table.schema, request.sink)
+    writer = open_writer(parts[0].schema, request.sink)
     try:
-        writer.write(table)
+        while parts:
+            writer.write(parts.pop(0))
         size = writer.commit()
     except BaseException as exc:
         writer.abort()
@@ -358,7 +376,7 @@ def write_chunk(request: ReadChunk, table: pa.Table) -> ChunkDone:
     return ChunkDone(
         query_id=request.query_id,
         chunk_index=request.chunk_index,
-        rows=table.num_rows,
+        rows=rows,
         bytes=size,
         write_seconds=time.monotonic() - t0,
         location=location,

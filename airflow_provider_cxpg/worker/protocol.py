@@ -12,8 +12,8 @@ for each :class:`ReadChunk`: :class:`QueryStarted`, then :class:`ChunkRead` when
 memory (the parent can send the next query: its key is known), then :class:`ChunkDone` when the file
 is committed. :class:`Failed` replaces either reply.
 
-The worker reads chunk *k+1* while a writer thread writes chunk *k*, so at most two chunks are in
-memory and reading overlaps Parquet encoding.
+The worker reads chunk *k+1* while a writer thread writes chunk *k* (freeing its record batches as
+they are encoded), so at most two chunks are in memory and reading overlaps Parquet encoding.
 
 No Airflow import here: the worker must start fast.
 """

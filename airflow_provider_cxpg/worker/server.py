@@ -34,7 +34,14 @@ from airflow_provider_cxpg.conninfo import Redactor
 
 # `python -m airflow_provider_cxpg.worker` runs boot() before this module (and pyarrow) loads.
 from airflow_provider_cxpg.worker.boot import EXIT_PROTOCOL_ERROR, Boot, boot, finish_imports, wait_for_imports
-from airflow_provider_cxpg.worker.chunk import ChunkState, classify, read_chunk, stream_chunk, write_chunk
+from airflow_provider_cxpg.worker.chunk import (
+    ChunkState,
+    classify,
+    read_chunk,
+    release_as_written,
+    stream_chunk,
+    write_chunk,
+)
 from airflow_provider_cxpg.worker.protocol import (
     ChunkDone,
     Configure,
@@ -111,7 +118,7 @@ class _BackgroundWriter:
         self._thread: threading.Thread | None = None
 
     def run(self, request: ReadChunk, finish: Callable[[], ChunkDone]) -> None:
-        self.wait()  # at most one chunk being written: memory stays at two chunks
+        self.wait()  # at most one chunk being written: memory stays under two chunks
         self._thread = threading.Thread(target=self._write, args=(request, finish), name="cxpg-writer", daemon=True)
         self._thread.start()
 
@@ -207,7 +214,8 @@ def _serve(
             read, finish = stream_chunk(request, uri, config.protocol, config.pre_execution)
         else:
             table, read = read_chunk(request, uri, config.protocol, config.pre_execution)
-            finish = functools.partial(write_chunk, request, table)
+            finish = functools.partial(write_chunk, request, release_as_written(table))
+            del table  # the writer frees each record batch once it is encoded
     except BaseException as exc:  # noqa: BLE001  PanicException is a BaseException
         error = classify(exc, redact)
         writer.send(Failed(query_id=request.query_id, error=error, traceback=redact(traceback.format_exc())))

@@ -1,16 +1,19 @@
-"""Pure units of the worker's chunk path: which columns get a Parquet dictionary, and the casts."""
+"""Pure units of the worker's chunk path: Parquet dictionaries, casts, and freeing a chunk as it is written."""
 
 from __future__ import annotations
 
 import decimal
+import itertools
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from airflow_provider_cxpg.worker.chunk import _cast
-from airflow_provider_cxpg.worker.protocol import ParquetSink
+from airflow_provider_cxpg.worker import chunk as chunk_module
+from airflow_provider_cxpg.worker.chunk import _cast, release_as_written, write_chunk
+from airflow_provider_cxpg.worker.protocol import IpcSink, ParquetSink, ReadChunk
 from airflow_provider_cxpg.worker.sinks import _ParquetWriter, dictionary_columns
 
 
@@ -91,3 +94,75 @@ def test_cast_refuses_a_lossy_value() -> None:
     raw = pa.table({"amount": pa.array([decimal.Decimal("1.555")], pa.decimal128(38, 10))})
     with pytest.raises(pa.ArrowInvalid):
         _cast(raw, pa.schema([("amount", pa.decimal128(12, 2))]))
+
+
+def _chunk_of_batches(batches: int, rows: int) -> pa.Table:
+    """A chunk as connectorx returns one: record batches with buffers of their own."""
+    return pa.Table.from_batches(
+        [pa.record_batch({"id": pa.array(range(b * rows, (b + 1) * rows), pa.int64())}) for b in range(batches)]
+    )
+
+
+def _record_memory_per_write(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make every part the chunk's writer receives note the bytes pyarrow holds as it arrives."""
+    seen: list[int] = []
+    real = chunk_module.open_writer
+
+    def open_writer(schema: pa.Schema, sink: ParquetSink | IpcSink) -> Any:
+        writer = real(schema, sink)
+        write = writer.write
+
+        def noting(table: pa.Table) -> None:
+            seen.append(pa.total_allocated_bytes())
+            write(table)
+
+        writer.write = noting
+        return writer
+
+    monkeypatch.setattr(chunk_module, "open_writer", open_writer)
+    return seen
+
+
+@pytest.mark.parametrize("caller_keeps_it", [False, True], ids=["released-as-written", "caller-keeps-the-chunk"])
+def test_a_chunk_s_batches_are_freed_as_they_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caller_keeps_it: bool
+) -> None:
+    """The next chunk is read while this one is written: its memory must shrink batch by batch.
+
+    ``caller-keeps-the-chunk`` is the worker before: its writer thread's target held the whole
+    chunk until the file was committed, so two full chunks stayed alive; that case shows the
+    measurement tells the two apart.
+    """
+    seen = _record_memory_per_write(monkeypatch)
+    table = _chunk_of_batches(batches=4, rows=65_536)  # 512 KiB per batch
+    expected = table.column("id").to_pylist()
+    request = ReadChunk(
+        query_id=1, chunk_index=0, sql="", sink=ParquetSink(url=str(tmp_path / "c.parquet")), schema=table.schema
+    )
+    parts = release_as_written(table)
+    kept = table if caller_keeps_it else None
+    del table
+    done = write_chunk(request, parts)
+    assert parts == []
+    assert done.rows == 4 * 65_536
+    assert pq.read_table(tmp_path / "c.parquet").column("id").to_pylist() == expected
+    assert len(seen) == 4
+    batch = 65_536 * 8
+    # From the second write on (the first row group sizes the writer's own buffers), each part
+    # arrives with one batch fewer alive than the one before, unless something else holds them.
+    drops = [before - after for before, after in itertools.pairwise(seen[1:])]
+    if caller_keeps_it:
+        assert all(drop < batch * 0.1 for drop in drops), seen
+        assert kept is not None and kept.num_rows == 4 * 65_536
+    else:
+        assert all(drop > batch * 0.9 for drop in drops), seen
+
+
+def test_a_chunk_written_whole_still_writes_every_row(tmp_path: Path) -> None:
+    table = _chunk_of_batches(batches=3, rows=1000)
+    request = ReadChunk(
+        query_id=1, chunk_index=0, sql="", sink=ParquetSink(url=str(tmp_path / "c.parquet")), schema=table.schema
+    )
+    assert write_chunk(request, table).rows == 3000
+    assert pq.read_table(tmp_path / "c.parquet").equals(table.combine_chunks())
+    assert release_as_written(table.schema.empty_table())[0].num_rows == 0
