@@ -382,7 +382,8 @@ def write_flatness(
         f"contender's process tree (contender + worker), sampled every {meta['sample_interval_ms']:.0f} ms, "
         "median over rounds; the same chunk size on tables of "
         + " and ".join(_count(n) for n in sizes)
-        + " rows. Flat means the larger table's peak is within 15 % of the smaller's. *growth*: the peak minus the "
+        + " rows. Flat means the larger table's peak is within 15 % of the smaller's, for the tree and for the "
+        "worker alone (its descendants: worker + reaper, without the parent's Airflow). *growth*: the peak minus the "
         "contender's RSS when the work started (Airflow and pyarrow imported), i.e. what the extraction added.",
         "",
         "## Machine",
@@ -393,8 +394,10 @@ def write_flatness(
         "",
         "| path | chunk rows | "
         + " | ".join(f"{_count(n)}: peak MiB (growth; work s)" for n in sizes)
-        + " | ratio | flat (≤ 1.15) | runs |",
-        "|---|---|" + "---|" * len(sizes) + "---|---|---|",
+        + " | ratio | flat (≤ 1.15) | worker alone: "
+        + " / ".join(f"{_count(n)} MiB" for n in sizes)
+        + " | worker ratio | worker flat | runs |",
+        "|---|---|" + "---|" * len(sizes) + "---|---|---|---|---|---|",
     ]
     for p in pairs:
         cells = [
@@ -415,10 +418,12 @@ def write_flatness(
                 for s in failed
             )
         )
+        worker = " / ".join(_mib(c.get("worker_peak_rss_median")) for c in p["cells"])
         lines.append(
             f"| {p['path']} | {p['chunk_rows']:,} | "
             + " | ".join(cells)
-            + f" | {_s(p['ratio'])} | {p['result']} | {status} |"
+            + f" | {_s(p['ratio'])} | {p['result']} | {worker} | {_s(p.get('worker_ratio'))}"
+            + f" | {p.get('worker_result', 'n/a')} | {status} |"
         )
     lines += [
         "",
