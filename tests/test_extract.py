@@ -390,3 +390,57 @@ def test_dictionary_encoding_only_where_values_repeat(
     for chunk in manifest_of(out_dir)["chunks"]:
         assert _dictionary_encoded(out_dir / chunk["file"]) == expected
     assert output_rows(out_dir) == source_rows(admin, orders)
+
+
+def test_the_writer_thread_gets_the_chunk_as_parts_it_can_free(pg: Any, tmp_path: Path) -> None:
+    """The worker's read-ahead hands the writer the chunk's record batches, not the chunk itself.
+
+    The writer thread's target used to hold the whole table until its file was committed, so two
+    full chunks stayed alive while the next one was read (bench/README.md, issue 13). Read for real
+    from PostgreSQL through the worker's own ``_serve``; the writer thread is replaced by a
+    recorder, and the chunk must reach it only as a list of parts that nothing else holds.
+    """
+    import gc
+    import sys
+    import types
+
+    import pyarrow as pa
+
+    from airflow_provider_cxpg.conninfo import Redactor
+    from airflow_provider_cxpg.worker import server
+    from airflow_provider_cxpg.worker.boot import finish_imports
+    from airflow_provider_cxpg.worker.chunk import ChunkState
+    from airflow_provider_cxpg.worker.protocol import ChunkRead, ParquetSink, ReadChunk
+
+    finish_imports()  # what the worker's warm-up thread does before its first read
+    sent: list[Any] = []
+    handed: list[Any] = []
+    request = ReadChunk(
+        query_id=1,
+        chunk_index=0,
+        sql="SELECT g::bigint AS id, repeat('x', 20) AS label FROM generate_series(1, 200000) AS g ORDER BY g",
+        sink=ParquetSink(url=str(tmp_path / "part-000000.parquet")),
+        schema=pa.schema([("id", pa.int64()), ("label", pa.string())]),
+        key_fields=("id",),
+    )
+    config = types.SimpleNamespace(protocol="binary", pre_execution=())
+    channel = types.SimpleNamespace(send=sent.append)
+    recorder = types.SimpleNamespace(run=lambda request, finish: handed.append(finish))
+    server._serve(request, pg.dsn, config, ChunkState(), channel, recorder, Redactor([]))  # type: ignore[arg-type]
+
+    assert [type(m).__name__ for m in sent] == ["QueryStarted", "ChunkRead"], sent
+    assert isinstance(sent[1], ChunkRead) and sent[1].rows == 200_000 and sent[1].last_key == (200_000,)
+    (finish,) = handed
+    assert not any(isinstance(arg, pa.Table) for arg in finish.args), "the writer holds the whole chunk"
+    (parts,) = (arg for arg in finish.args if isinstance(arg, list))
+    assert len(parts) > 1 and all(isinstance(p, pa.Table) for p in parts)
+    gc.collect()
+    others = [r for r in gc.get_referrers(parts) if r is not finish.args]
+    assert others == [], "something besides the writer's target holds the parts"
+    held = []
+    for index in range(len(parts)):  # a loop, not a comprehension: that would close over `parts`
+        held.append(sys.getrefcount(parts[index]))  # the list's reference + the call's
+    assert held == [2] * len(parts), "a part is held elsewhere"
+    done = finish()
+    assert parts == [] and done.rows == 200_000
+    assert pq.read_table(tmp_path / "part-000000.parquet").column("id").to_pylist() == list(range(1, 200_001))

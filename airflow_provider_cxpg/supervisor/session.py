@@ -7,9 +7,10 @@
     WorkerSession.start()  ── spawn, allowlisted env ──▶   boot.py: channel, reads Configure, forks its reaper
          ── Configure(endpoint with password) ─────────▶   imports connectorx + pyarrow (no Airflow, no NumPy)
          ◀──────────────────────── Ready ───────────────   heartbeat thread ── Heartbeat every interval ──▶
-    WorkerSession.run(ReadChunk) ── ReadChunk ─────────▶   connectorx read (whole chunk, or arrow_stream
-         ◀── QueryStarted, ChunkRead, ChunkDone | Failed    with stream_rows) ─▶ cast ─▶ checks; a writer
-                                                            thread: Parquet/IPC, file renamed into place
+    WorkerSession.run(ReadChunk) ── ReadChunk ─────────▶   connectorx read ─▶ cast ─▶ checks; a writer thread
+         ◀── QueryStarted, ChunkRead, ChunkDone | Failed    encodes Parquet/IPC and renames the file into place
+                                                            (stream_rows: encoded as batches arrive, committed
+                                                            by the writer thread beside the next read)
     pump loop: deadlines (query, job, heartbeat),
     crash (channel EOF), pg_stat_activity samples
     ServerMonitor (psycopg control connection) ── pg_cancel_backend / pg_terminate_backend ──▶ server

@@ -130,21 +130,33 @@ class _ParquetWriter:
         return pq.ParquetWriter(self._target, self._schema, **options)
 
     def write_table(self, table: pa.Table) -> None:
-        """Buffer streamed batches into whole row groups (small row groups make slow Parquet)."""
+        """Buffer parts (streamed batches, a chunk's record batches) into whole row groups.
+
+        Only whole row groups are written before :meth:`close`; the rows left over wait for the
+        next part. So the file has the row groups one ``write_table`` of the whole table would give
+        (small row groups make slow Parquet), whatever the parts' sizes, and each part can be freed
+        once its rows are encoded.
+        """
         if not table.num_rows:
             return
         self._pending.append(table)
         self._pending_rows += table.num_rows
         if self._pending_rows >= self._sink.row_group_rows:
-            self._flush()
+            self._flush(whole_groups_only=True)
 
-    def _flush(self) -> None:
-        if self._pending:
-            table = pa.concat_tables(self._pending) if len(self._pending) > 1 else self._pending[0]
-            if self._writer is None:
-                self._writer = self._open(table)
-            self._writer.write_table(table, row_group_size=self._sink.row_group_rows)
-            self._pending, self._pending_rows = [], 0
+    def _flush(self, *, whole_groups_only: bool = False) -> None:
+        if not self._pending:
+            return
+        table = pa.concat_tables(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._pending_rows = [], 0
+        rows = self._sink.row_group_rows
+        left = table.num_rows % rows if whole_groups_only else 0
+        if left:  # a zero-copy slice: it holds only the last part(s) it came from
+            self._pending, self._pending_rows = [table.slice(table.num_rows - left)], left
+            table = table.slice(0, table.num_rows - left)
+        if self._writer is None:
+            self._writer = self._open(table)
+        self._writer.write_table(table, row_group_size=rows)
 
     def close(self) -> None:
         try:

@@ -166,3 +166,29 @@ def test_a_chunk_written_whole_still_writes_every_row(tmp_path: Path) -> None:
     assert write_chunk(request, table).rows == 3000
     assert pq.read_table(tmp_path / "c.parquet").equals(table.combine_chunks())
     assert release_as_written(table.schema.empty_table())[0].num_rows == 0
+
+
+@pytest.mark.parametrize("row_group_rows", [65_536, 100_000, 50_000, 1_000_000, 7])
+def test_parts_give_the_row_groups_of_the_whole_table(tmp_path: Path, row_group_rows: int) -> None:
+    """Written part by part, a chunk keeps the row groups one write of the whole table gives.
+
+    A part that ends inside a row group waits for the next: flushing whatever was pending left a
+    small row group after every full one (100,000-row groups from 65,536-row batches came out as
+    100,000, 31,072, 100,000, ...).
+    """
+    rows = 5 * 65_536 + 1_000 if row_group_rows > 7 else 40
+    batch = 65_536 if row_group_rows > 7 else 3
+    table = pa.Table.from_batches(
+        [
+            pa.record_batch({"id": pa.array(range(start, min(start + batch, rows)), pa.int64())})
+            for start in range(0, rows, batch)
+        ]
+    )
+    sink = ParquetSink(url=str(tmp_path / "c.parquet"), row_group_rows=row_group_rows)
+    request = ReadChunk(query_id=1, chunk_index=0, sql="", sink=sink, schema=table.schema)
+    write_chunk(request, release_as_written(table))
+    written = pq.ParquetFile(tmp_path / "c.parquet").metadata
+    sizes = [written.row_group(i).num_rows for i in range(written.num_row_groups)]
+    whole, left = divmod(rows, row_group_rows)
+    assert sizes == [row_group_rows] * whole + ([left] if left else [])
+    assert pq.read_table(tmp_path / "c.parquet").equals(table.combine_chunks())
