@@ -248,6 +248,103 @@ def test_null_key_in_a_query_source_is_a_clear_error(conn_id: str, orders: str, 
 
 
 @pytest.mark.parametrize(
+    ("source", "key", "stream_rows"),
+    [
+        ("query", ["k"], 0),
+        ("query", ["k"], 64),
+        ("view", ["k"], 0),
+        ("matview", ["k"], 0),
+        ("left_join", ["cid", "oid"], 0),
+    ],
+)
+def test_null_keys_past_the_first_chunk_are_an_error_before_any_data_moves(
+    conn_id: str,
+    admin: psycopg.Connection,
+    schema: str,
+    orders: str,
+    out_dir: Path,
+    source: str,
+    key: list[str],
+    stream_rows: int,
+) -> None:
+    """Sources whose key the catalog cannot prove NOT NULL: ``k > last`` never matches a NULL, and NULLs
+    sort last, so after the first chunk no page returns them; the run must not end green without them."""
+    nullable = f"SELECT CASE WHEN id % 4 = 0 THEN NULL ELSE id END AS k, note FROM {orders}"
+    if source == "view":
+        admin.execute(f'CREATE VIEW "{schema}".v AS {nullable}')
+    elif source == "matview":
+        admin.execute(f'CREATE MATERIALIZED VIEW "{schema}".v AS {nullable}')
+        admin.execute(f'CREATE UNIQUE INDEX ON "{schema}".v (k)')  # a unique index allows many NULLs
+    elif source == "left_join":
+        admin.execute(f'CREATE TABLE "{schema}".customers (cid int PRIMARY KEY)')
+        admin.execute(f'INSERT INTO "{schema}".customers SELECT g FROM generate_series(0, 90) g')
+    sources = {
+        "query": {"sql": nullable},
+        "view": {"table": f"{schema}.v"},
+        "matview": {"table": f"{schema}.v"},
+        "left_join": {
+            "sql": f'SELECT c.cid, o.id AS oid FROM {orders} o LEFT JOIN "{schema}".customers c ON c.cid = o.customer'
+        },
+    }
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+    with pytest.raises(DataIntegrityError, match="NULL") as caught:
+        hook.extract(
+            destination=str(out_dir / "nulls"),
+            key_columns=key,
+            chunk_rows=500,
+            stream_rows=stream_rows,
+            **sources[source],
+            **FAST,
+        )
+    assert caught.value.column == key[0]
+    assert not (out_dir / "nulls").exists() or not list((out_dir / "nulls").glob("part-*"))
+    # The same source without the NULLs is read exactly, in many chunks: the probe refuses only NULLs.
+    not_null = " AND ".join(f"{k} IS NOT NULL" for k in key)
+    result = hook.extract(
+        destination=str(out_dir / "filtered"),
+        key_columns=key,
+        chunk_rows=500,
+        stream_rows=stream_rows,
+        where=not_null,
+        **sources[source],
+        **FAST,
+    )
+    expected = admin.execute(
+        f"SELECT count(*) FROM ({sources[source].get('sql') or 'SELECT * FROM ' + sources[source]['table']}) s "
+        f"WHERE {not_null}"
+    ).fetchone()[0]
+    assert result.rows == expected == read_output(out_dir / "filtered").num_rows and result.chunks > 3
+    assert_nothing_left(admin)
+
+
+def test_source_columns_named_like_the_hidden_fields_are_refused_before_any_data_moves(
+    conn_id: str, orders: str, out_dir: Path
+) -> None:
+    with pytest.raises(InvalidInputError, match="hidden fields"):
+        ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+            destination=str(out_dir),
+            sql=f"SELECT id AS k, note AS __cxpg_tie FROM {orders}",
+            key_columns=["k"],
+            **FAST,
+        )
+    assert not out_dir.exists() or not list(out_dir.glob("part-*"))
+
+
+def test_unquoted_non_ascii_table_names_fold_as_postgresql_folds_them(
+    conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    # PostgreSQL lowers only A-Z in unquoted UTF-8 names: Émile stays "Émile", never "émile".
+    admin.execute(f'CREATE TABLE "{schema}".Émile (id int PRIMARY KEY)')
+    admin.execute(f'INSERT INTO "{schema}".Émile SELECT generate_series(1, 3)')
+    admin.execute(f'CREATE TABLE "{schema}"."émile" (id int PRIMARY KEY)')
+    assert admin.execute(f'SELECT count(*) FROM "{schema}".Émile').fetchone()[0] == 3
+    result = ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+        destination=str(out_dir), table=f"{schema}.ÉMILE", **FAST
+    )
+    assert result.rows == 3
+
+
+@pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"chunk_rows": 0}, "chunk_rows"),

@@ -411,6 +411,28 @@ def test_nan_and_infinite_watermarks_do_not_freeze_the_windows_after_them(
         assert runs.rows(runs.run()) == [new], column  # not frozen behind NaN / infinity
 
 
+def test_a_constrained_numeric_watermark_runs_window_after_window(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path
+) -> None:
+    # numeric(10,2) cannot hold Infinity: the finite-value guard must not cast 'Infinity' to it (the
+    # statement failed on PostgreSQL 14+ with "numeric field overflow" before any row was read)
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, amount numeric(10,2))")
+    admin.execute(f"INSERT INTO {events} VALUES (1, 1.00), (2, 0.01), (3, 2.50), (4, NULL), (5, 2.5)")
+    runs = Runs(
+        make_dag(
+            _dag_id("numeric_wm"),
+            postgres_conn_id=conn_id,
+            table=events,
+            watermark_column="amount",
+            destination=str(tmp_path / "{{ run_id }}"),
+        )
+    )
+    assert sorted(runs.rows(runs.run())) == [1, 2, 3, 4, 5]
+    admin.execute(f"INSERT INTO {events} VALUES (6, 2.50), (7, 9.75)")  # 2.50 ties with the last end
+    assert sorted(runs.rows(runs.run())) == [6, 7]
+    assert runs.rows(runs.run()) == []
+
+
 def test_a_query_source_without_row_versions_defers_the_rows_at_its_end(
     conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path
 ) -> None:

@@ -247,6 +247,81 @@ def test_ctid_page_ranges_for_a_table_without_a_key(
     assert_nothing_left(admin)
 
 
+def test_ctid_page_ranges_read_one_snapshot_while_rows_move_between_pages(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """An UPDATE writes the row's new version on another page: without one snapshot, a row read on
+    an early page and updated meanwhile is read again on a later one (or missed the other way)."""
+    admin.execute(
+        f'CREATE TABLE "{schema}".heap WITH (fillfactor = 100) AS '
+        "SELECT g AS n, md5(g::text) AS s FROM generate_series(1, 30000) g"
+    )
+    admin.execute(f'ALTER TABLE "{schema}".heap SET (autovacuum_enabled = false)')
+    before = sorted(admin.execute(f'SELECT n, s FROM "{schema}".heap').fetchall())
+    stop = threading.Event()
+    updates = {"n": 0}
+
+    def committed() -> int:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return len(manifest_of(out_dir)["chunks"])
+        return 0
+
+    def move_rows() -> None:
+        # Rows of pages already read: their new versions go to the table's end (no room on a full
+        # page), which the run reads later. Each batch is rows no earlier UPDATE has moved.
+        wait_until(lambda: committed() >= 1, 60, 0.005)
+        with psycopg.connect(pg.dsn, autocommit=True) as writer:
+            for first in range(1, 1_000, 100):
+                if stop.is_set():
+                    break
+                writer.execute(f'UPDATE "{schema}".heap SET s = s WHERE n BETWEEN %s AND %s', (first, first + 99))
+                updates["n"] += 1
+                time.sleep(0.02)
+
+    mover = threading.Thread(target=move_rows, daemon=True)
+    mover.start()
+    try:
+        result = ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+            destination=str(out_dir),
+            table=f"{schema}.heap",
+            key_columns=["ctid"],
+            chunk_rows=2_000,
+            where="CASE WHEN n % 5 = 0 THEN pg_sleep(0.0002) IS NOT NULL ELSE true END",
+            **FAST,
+        )
+    finally:
+        stop.set()
+        mover.join(timeout=30)
+    assert updates["n"] == 10 and result.chunks > 5, (updates, result.chunks)
+    table = pa.concat_tables([pq.read_table(out_dir / f) for f in manifest_of(out_dir)["files"]])
+    assert sorted(zip(table.column("n").to_pylist(), table.column("s").to_pylist(), strict=True)) == before
+
+
+def test_ctid_page_ranges_without_a_snapshot_are_refused(conn_id: str, schema: str, out_dir: Path) -> None:
+    with pytest.raises(CxpgError, match="snapshot"):
+        PostgresExtractOperator(
+            task_id="p",
+            postgres_conn_id=conn_id,
+            table=f"{schema}.heap",
+            key_columns=["ctid"],
+            snapshot=False,
+            destination=str(out_dir),
+            worker_settings=FAST,
+        ).execute({})
+    with pytest.raises(CxpgError, match="snapshot"):
+        PostgresExtractOperator(
+            task_id="p",
+            postgres_conn_id=conn_id,
+            table=f"{schema}.heap",
+            key_columns=["ctid"],
+            snapshot=False,
+            parallelism=2,
+            destination=str(out_dir),
+            worker_settings=FAST,
+        ).execute({})
+    assert not list(out_dir.rglob("part-*"))
+
+
 def test_fan_out_operators_with_a_failed_range_retried_alone(
     conn_id: str, admin: psycopg.Connection, events_table: str, out_dir: Path
 ) -> None:

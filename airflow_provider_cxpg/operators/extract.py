@@ -128,7 +128,8 @@ class PostgresExtractOperator(BaseOperator):
     :param partition_method: how ``parallelism`` splits the key space: ``auto``, ``histogram``,
         ``sample``, ``ntile`` or ``ctid`` (see the README, "Scale out").
     :param snapshot: read every chunk from one exported snapshot, a point-in-time copy even while
-        rows change; default True when ``parallelism > 1``, else False.
+        rows change; default True when ``parallelism > 1`` or ``key_columns=["ctid"]`` (page ranges
+        are exact only inside one snapshot, so False is refused there), else False.
     :param read_ahead: with ``stream_rows=0``: read chunk *k+1* while chunk *k* is written.
     :param stream_rows: 0 (default) reads each chunk as one table; N > 0 streams each chunk from
         connectorx in batches of N rows, written as they arrive, so the worker's memory stops
@@ -291,6 +292,12 @@ class PostgresExtractOperator(BaseOperator):
         )
         self.columns = _names("columns", self.columns)
         self.key_columns = _names("key_columns", self.key_columns)
+        if self.key_columns is not None and list(self.key_columns) == ["ctid"] and self.snapshot is False:
+            raise InvalidInputError(
+                "key_columns=['ctid'] reads heap page ranges, which are exact only inside one snapshot (an "
+                "UPDATE moves a row to another page: read twice or missed): leave snapshot at its default "
+                "(True for ctid) or page by a key"
+            )
         if self.watermark_window is not None:
             if not isinstance(self.watermark_window, Mapping) or "column" not in self.watermark_window:
                 raise InvalidInputError(

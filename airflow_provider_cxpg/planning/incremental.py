@@ -420,11 +420,14 @@ def _finite(conn: Any, expr: str, sql_type: str, typname: str) -> str | None:
     """
     if typname in _TIME_TYPES:
         return f"isfinite({expr})"
+    # numeric(p, s) holds NaN but not ±Infinity ('Infinity'::numeric(10,2) is an overflow): the
+    # specials are unconstrained numeric literals, which compare with any numeric column.
+    special_type = "numeric" if typname == "numeric" else sql_type
     if typname in {"float4", "float8"} or (typname == "numeric" and conn.info.server_version >= 140000):
-        specials = ", ".join(literal(v, sql_type) for v in ("NaN", "Infinity", "-Infinity"))
+        specials = ", ".join(literal(v, special_type) for v in ("NaN", "Infinity", "-Infinity"))
         return f"{expr} NOT IN ({specials})"
     if typname == "numeric":  # numeric infinities arrived in PostgreSQL 14
-        return f"{expr} <> {literal('NaN', sql_type)}"
+        return f"{expr} <> {literal('NaN', special_type)}"
     return None
 
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_provider_cxpg.exceptions import InvalidInputError
+from airflow_provider_cxpg.exceptions import DataIntegrityError, InvalidInputError
 from airflow_provider_cxpg.planning.plan import ExtractPlan
 
 __all__ = ["METHODS", "KeyRange", "plan_key_ranges", "ranges_to_kwargs"]
@@ -68,6 +68,11 @@ _INTEGER_TYPES = frozenset({"int2", "int4", "int8", "oid"})
 def _typed(plan: ExtractPlan, bounds: list[list[Any]]) -> list[list[Any]]:
     """Integers back to ints (readable XCom); every other key keeps its exact text form."""
     types = [k.typname for k in plan.key]
+    if any(v is None for b in bounds for v in b):  # `k <= NULL` would hold no row: refuse, never skip
+        raise DataIntegrityError(
+            "a key range bound is NULL: the key has NULLs, which keyset ranges cannot hold. Filter them out "
+            "with `where`, or choose another key"
+        )
     return [[int(v) if types[i] in _INTEGER_TYPES else v for i, v in enumerate(b)] for b in bounds]
 
 

@@ -114,6 +114,8 @@ class KeyColumn:
     :param field: the result field the worker reads the key's values from: the column itself, or a
         hidden ``key::text`` field for types whose Python values do not round-trip.
     :param plain: ``expr`` is the bare column (so ``pg_stats`` bounds are in its order).
+    :param nullable: nothing in the catalog proves the column NOT NULL (views, materialized views,
+        queries): a NULL would sort after every key and never pass ``(k) > (last)``.
     """
 
     name: str
@@ -122,6 +124,7 @@ class KeyColumn:
     typname: str
     field: str = ""
     plain: bool = True
+    nullable: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,7 @@ _COLLATABLE = frozenset({"text", "varchar", "bpchar", "name"})
 #: A deterministic collation every server has: byte order, equality is byte equality.
 BYTE_COLLATION = '"C"'
 #: The hidden field that is true where a row's key equals the previous row's (the server's equality).
+_HIDDEN_PREFIX = "__cxpg_"
 TIE_FIELD = "__cxpg_tie"
 
 
@@ -157,6 +161,9 @@ class ExtractPlan:
         chunk peeks one row past its end to detect a duplicate key at the boundary.
     :param pages: for ``key_columns=["ctid"]``: heap pages at planning time (chunks are page ranges).
     :param rows_per_page: for page chunks: the estimate that turns ``chunk_rows`` into pages.
+    :param key_bounds: the filters of a key range (:meth:`with_key_range`), also in ``filters``.
+    :param bounded_above: the key range has an upper bound, so the rows that sort last (NULL keys)
+        belong to another range.
     """
 
     source: SourceSpec
@@ -171,6 +178,8 @@ class ExtractPlan:
     pages: int | None = None
     rows_per_page: float | None = None
     hidden: tuple[HiddenField, ...] = ()
+    key_bounds: tuple[str, ...] = ()
+    bounded_above: bool = False
 
     @property
     def schema(self) -> pa.Schema:
@@ -213,6 +222,33 @@ class ExtractPlan:
 
     def with_filters(self, *filters: str) -> ExtractPlan:
         return replace(self, filters=self.filters + tuple(f for f in filters if f))
+
+    def with_key_range(self, lower: Sequence[Any] | None, upper: Sequence[Any] | None) -> ExtractPlan:
+        """This plan restricted to keys in ``(lower, upper]`` (a partition, a parallel worker's range)."""
+        bounds = tuple(self.range_condition(lower, upper))
+        return replace(
+            self,
+            filters=self.filters + bounds,
+            key_bounds=self.key_bounds + bounds,
+            bounded_above=self.bounded_above or upper is not None,
+        )
+
+    def null_key_sql(self) -> str | None:
+        """A one-row statement that finds a row whose key is NULL, or None when none can exist here.
+
+        ``(k) > (last)`` is never true for a NULL and NULLs sort after every key, so after the first
+        chunk no page returns such rows: the worker's per-chunk check would never see them and the run
+        would end green without them. Where the catalog cannot prove the key NOT NULL, the worker runs
+        this first (the chunk's checks raise on the row it returns), under the run's deadlines and in
+        its snapshot. Ranges with an upper bound skip it: the rows that sort last are the last range's.
+        An index on the key answers ``IS NULL``; without one it is one scan of the source.
+        """
+        nullable = [k for k in self.key if k.nullable]
+        if not nullable or self.bounded_above or self.pages is not None:
+            return None
+        any_null = " OR ".join(f"{SOURCE_ALIAS}.{quote_ident(k.name)} IS NULL" for k in nullable)
+        unbounded = tuple(f for f in self.filters if f not in self.key_bounds)
+        return replace(self, filters=(*unbounded, any_null), key_bounds=()).chunk_sql(None, 1)
 
     def key_literals(self, values: Sequence[Any]) -> list[str]:
         """Literals for the first ``len(values)`` key columns (a bound may be a key prefix)."""
@@ -484,6 +520,12 @@ def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise InvalidInputError(f"the source returns duplicate column names {dupes}: alias them")
+    reserved = [n for n in names if n.startswith(_HIDDEN_PREFIX)]
+    if reserved:  # the chunk statements add fields of these names: refused now, not at chunk 0
+        raise InvalidInputError(
+            f"the source has columns named {reserved}: names starting with {_HIDDEN_PREFIX!r} are the "
+            "provider's own hidden fields; alias them"
+        )
     by_name = {c.name: c for c in source_cols}
     if spec.key_columns == (CTID,):
         return _page_plan(conn, spec, from_clause, names, table)
@@ -540,7 +582,11 @@ def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
             field_name = f"__cxpg_key{index}"
             hidden.append(HiddenField(field_name, f"({expr})::text", pa.string()))
         base = f"{SOURCE_ALIAS}.{quote_ident(name)}"
-        key.append(KeyColumn(name, expr, sql_type, col.pg.typname, field_name, plain=expr == base))
+        key.append(
+            KeyColumn(
+                name, expr, sql_type, col.pg.typname, field_name, plain=expr == base, nullable=col.not_null is not True
+            )
+        )
     if not key_unique:
         # Nothing proves the key unique: the server flags a row whose key equals the previous row's,
         # under the paging comparison itself (a tie at a chunk boundary would lose rows). The flag is

@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 _MAX_IDENTIFIER_BYTES = 63
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def quote_ident(name: str) -> str:
@@ -87,7 +88,7 @@ def parse_qualified_name(text: str) -> tuple[str | None, str]:
             raw = text[i:j]
             if not raw or raw != raw.strip() or '"' in raw:
                 raise InvalidIdentifierError(f"cannot parse table name {text!r}")
-            parts.append(raw.lower())
+            parts.append(raw.translate(_ASCII_LOWER))  # PostgreSQL folds only A-Z in UTF-8 names
             i = j
         if i < n:
             if text[i] != ".":

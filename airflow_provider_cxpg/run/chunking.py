@@ -5,9 +5,9 @@ Two ways to cut a source into chunks:
 * :class:`KeysetChunks` (the default): ``WHERE key > <last key> ORDER BY key LIMIT n``. Chunk *k+1*
   is known as soon as chunk *k*'s last key is, never by ``OFFSET``.
 * :class:`PageChunks` (``key_columns=["ctid"]``, for tables with no usable key): heap page ranges,
-  ``ctid >= '(a,0)' AND ctid < '(b,0)'``, read by TID range scans (PostgreSQL 14+). Exact while the
-  table is not updated during the run (an UPDATE moves a row to another page); use
-  ``snapshot=True`` for a point-in-time copy.
+  ``ctid >= '(a,0)' AND ctid < '(b,0)'``, read by TID range scans (PostgreSQL 14+). Exact only
+  inside one snapshot (an UPDATE moves a row to another page), so a page-range run always reads
+  from one (:class:`~airflow_provider_cxpg.run.extraction.Extraction` exports it).
 
 :func:`pipelined` submits chunk *k+1* to the worker as soon as chunk *k*'s rows are in (its key is
 then known), so the server reads the next page while the worker encodes the previous one.
@@ -192,6 +192,20 @@ def pipelined(
         session.submit(request)
         return request.query_id
 
+    null_keys = plan.null_key_sql()
+    if null_keys is not None:
+        # Rows with a NULL key would never be paged to (see ExtractPlan.null_key_sql): one row of them
+        # fails this probe in the worker's checks, before any data moves; none writes nothing.
+        session.run(
+            ReadChunk(
+                query_id=session.next_query_id(),
+                chunk_index=first_index,
+                sql=null_keys,
+                sink=sink_for(first_index),
+                write_empty=False,
+                **plan.request_fields(),
+            )
+        )
     index, query = first_index, chunks.first()
     query_id = submit(index, query, write_empty_first)
     while True:

@@ -46,7 +46,7 @@ from airflow_provider_cxpg.output.storage_env import WorkerStorage
 from airflow_provider_cxpg.output.verify import FOOTER_CHUNK, FOOTER_RUN_ID, check_output, output_problems
 from airflow_provider_cxpg.planning.catalog import classify_control_error, describe_query
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec, Window, check_watermark, resolve_window
-from airflow_provider_cxpg.planning.plan import ExtractPlan, SourceSpec, build_plan, key_to_json
+from airflow_provider_cxpg.planning.plan import CTID, ExtractPlan, SourceSpec, build_plan, key_to_json
 from airflow_provider_cxpg.planning.snapshot import ExportedSnapshot, import_statements
 from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.run.chunking import ChunkSizer, chunks_for, pipelined
@@ -192,7 +192,8 @@ class Extraction:
     :param snapshot: read every chunk from one exported snapshot (a point-in-time copy, see
         :mod:`~airflow_provider_cxpg.planning.snapshot`): True exports one for this run; a string
         imports an existing snapshot id
-        (parallel workers share their parent's).
+        (parallel workers share their parent's). Page ranges (``key_columns=["ctid"]``) always read
+        from one: they are exact only inside a snapshot.
     :param read_ahead: with ``stream_rows=0``: read chunk *k+1* while chunk *k* is written (the
         worker holds two chunks); False holds one.
     :param stream_rows: 0 (default) reads each chunk as one table; N > 0 streams each chunk from
@@ -409,7 +410,7 @@ class Extraction:
         with self.control_connection("plan") as conn:
             plan = build_plan(conn, self.spec).with_filters(*self.extra_filters)
             if plan.pages is None and (self.lower is not None or self.upper is not None):
-                plan = plan.with_filters(*plan.range_condition(self.lower, self.upper))
+                plan = plan.with_key_range(self.lower, self.upper)
         for note in plan.notes:
             self.log.emit("job.plan", note=note)
         self.plan = plan
@@ -473,7 +474,9 @@ class Extraction:
         self._manifest: Manifest | None = None
         try:
             with contextlib.ExitStack() as stack:
-                if self.snapshot is True:
+                # Page ranges are exact only inside one snapshot: an UPDATE moves a row to another
+                # page, onto one not yet read (read twice) or one already read (missed).
+                if self.snapshot is True or (self.snapshot is False and self.spec.key_columns == (CTID,)):
                     holder = stack.enter_context(
                         ExportedSnapshot(self.credentials.current(), f"{self.application_name}-snap")
                     )

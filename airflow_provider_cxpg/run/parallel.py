@@ -46,6 +46,7 @@ from airflow_provider_cxpg.output.manifest import (
 from airflow_provider_cxpg.output.verify import output_problems
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec, check_watermark
 from airflow_provider_cxpg.planning.key_ranges import plan_key_ranges
+from airflow_provider_cxpg.planning.plan import CTID
 from airflow_provider_cxpg.planning.snapshot import ExportedSnapshot
 from airflow_provider_cxpg.run.extraction import Extraction, ExtractResult, new_run_id
 from airflow_provider_cxpg.run.options import positive_int
@@ -307,6 +308,11 @@ class ParallelExtraction:
         self.kwargs = kwargs
         self.run_id = kwargs.pop("run_id", None) or new_run_id()
         self.coordinator: Extraction = hook.prepare_extraction(destination=destination, run_id=self.run_id, **kwargs)
+        if not snapshot and self.coordinator.spec.key_columns == (CTID,):
+            raise InvalidInputError(
+                "page ranges (key_columns=['ctid']) in parallel need snapshot=True: without one snapshot an "
+                "UPDATE moves a row between ranges (read twice or missed)"
+            )
         self.destination = self.coordinator.destination  # with the run's storage_timeout
         self.children: list[Extraction] = []
         self._aborted: str | None = None
