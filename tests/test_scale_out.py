@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from airflow_provider_cxpg.conninfo import connect
-from airflow_provider_cxpg.exceptions import CxpgError, StorageError, WorkerCrashedError
+from airflow_provider_cxpg.exceptions import CxpgError, DataIntegrityError, StorageError, WorkerCrashedError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
 from airflow_provider_cxpg.operators.partition import PostgresPartitionPlanOperator, PostgresPartitionValidateOperator
@@ -320,6 +320,70 @@ def test_ctid_page_ranges_without_a_snapshot_are_refused(conn_id: str, schema: s
             worker_settings=FAST,
         ).execute({})
     assert not list(out_dir.rglob("part-*"))
+
+
+@pytest.fixture
+def null_key_view(admin: psycopg.Connection, schema: str) -> str:
+    # A unique index allows NULLs; a view (materialized here: TABLESAMPLE needs a heap) has no NOT NULL
+    # on its key. Keyset predicates never select a NULL key, so these rows would be lost silently.
+    admin.execute(
+        f"""CREATE MATERIALIZED VIEW "{schema}".v AS
+            SELECT CASE WHEN g % 4 = 0 THEN NULL ELSE g END AS k, md5(g::text) AS s
+            FROM generate_series(1, 20000) g"""
+    )
+    admin.execute(f'CREATE UNIQUE INDEX ON "{schema}".v (k)')
+    admin.execute(f'ANALYZE "{schema}".v')
+    return f"{schema}.v"
+
+
+@pytest.mark.parametrize("method", ["sample", "ntile"])
+def test_parallel_ranges_over_a_null_key_fail_before_any_loss(
+    conn_id: str, null_key_view: str, out_dir: Path, method: str
+) -> None:
+    with pytest.raises(DataIntegrityError, match="NULL"):
+        PostgresExtractOperator(
+            task_id="p",
+            postgres_conn_id=conn_id,
+            table=null_key_view,
+            key_columns=["k"],
+            parallelism=2,
+            partition_method=method,
+            destination=str(out_dir),
+            worker_settings=FAST,
+        ).execute({})
+    assert not (out_dir / "_SUCCESS").exists()
+
+
+def test_fan_out_over_a_null_key_fails_in_the_open_range(conn_id: str, null_key_view: str, out_dir: Path) -> None:
+    ranges = PostgresPartitionPlanOperator(
+        task_id="plan",
+        postgres_conn_id=conn_id,
+        table=null_key_view,
+        key_columns=["k"],
+        partitions=3,
+        method="ntile",
+        destination=str(out_dir),
+    ).execute({})
+    assert ranges[-1]["upper_key"] is None
+
+    def extract(kwargs: dict[str, Any]) -> dict[str, Any]:
+        return PostgresExtractOperator(
+            task_id="e",
+            postgres_conn_id=conn_id,
+            table=null_key_view,
+            key_columns=["k"],
+            worker_settings=FAST,
+            **kwargs,
+        ).execute({})
+
+    # Ranges bounded above cannot hold a NULL key (NULL sorts last), so they run without the probe.
+    for bounded in ranges[:-1]:
+        assert extract(bounded)["rows"] > 0
+    with pytest.raises(DataIntegrityError, match="NULL"):
+        extract(ranges[-1])
+    with pytest.raises(StorageError, match="not complete"):
+        PostgresPartitionValidateOperator(task_id="v", destination=str(out_dir)).execute({})
+    assert not (out_dir / "_SUCCESS").exists()
 
 
 def test_fan_out_operators_with_a_failed_range_retried_alone(
