@@ -228,7 +228,9 @@ def test_a_sigkilled_task_process_leaves_no_backend_and_no_worker(
             holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
             where = WAITS_ON_ADVISORY_LOCK
         task = TaskProcess(
-            pg.airflow_conn_json(),
+            # connect_timeout in the extra, as many connections have it: the reaper's own login sets
+            # one too and once failed on the duplicate (a TypeError it swallowed, ending nothing).
+            pg.airflow_conn_json(extra={"connect_timeout": "7"}),
             tmp_path / "log.jsonl",
             env=env,
             table=table,

@@ -40,10 +40,12 @@ def terminate_run_backends(config: Configure, timeout: float = 10.0) -> None:
 
     def terminate() -> None:
         try:
-            import psycopg
+            # conninfo.connect, not psycopg.connect(connect_timeout=5, **kwargs): a connection whose
+            # extra sets connect_timeout would make that a TypeError, and no backend would be ended.
+            from airflow_provider_cxpg.conninfo import connect
 
-            kwargs = config.endpoint.with_session(application_name=f"{name}-reaper").libpq_kwargs()
-            with psycopg.connect(autocommit=True, connect_timeout=5, **kwargs) as conn:
+            endpoint = config.endpoint.with_session(application_name=f"{name}-reaper")
+            with connect(endpoint, connect_timeout=5, statement_timeout_ms=int(timeout * 1000)) as conn:
                 conn.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                     "WHERE (application_name = %s OR starts_with(application_name, %s)) "
