@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -469,6 +470,46 @@ def test_fan_out_operators_with_a_failed_range_retried_alone(
     PostgresPartitionValidateOperator(task_id="v", destination=str(out_dir)).execute({})
     assert (out_dir / "_SUCCESS").exists()
     assert json.loads((out_dir / "_dataset_manifest.json").read_text())["status"] == "complete"
+
+
+def test_the_validator_refuses_a_range_read_from_another_source_filter_or_schema(
+    conn_id: str, admin: psycopg.Connection, schema: str, events_table: str, out_dir: Path
+) -> None:
+    """Bounds, window and files can all be right while a mapped range read the wrong rows."""
+    admin.execute(f'CREATE TABLE "{schema}".copy (LIKE {events_table} INCLUDING ALL)')
+    admin.execute(f'INSERT INTO "{schema}".copy SELECT * FROM {events_table}')
+    ranges = PostgresPartitionPlanOperator(
+        task_id="plan",
+        postgres_conn_id=conn_id,
+        table=events_table,
+        partitions=2,
+        method="ntile",
+        destination=str(out_dir),
+    ).execute({})
+
+    def extract(kwargs: dict[str, Any], **more: Any) -> None:
+        PostgresExtractOperator(
+            task_id="e", postgres_conn_id=conn_id, worker_settings=FAST, **{"table": events_table, **kwargs, **more}
+        ).execute({})
+
+    def validate() -> dict[str, Any]:
+        return PostgresPartitionValidateOperator(task_id="v", destination=str(out_dir)).execute({})
+
+    extract(ranges[0])
+    second = Path(ranges[1]["destination"])
+    for wrong, problem in (
+        ({"table": f"{schema}.copy"}, "the plan is of"),
+        ({"where": "seq % 2 = 0"}, "where="),
+        ({"columns": ["tenant", "seq", "kind"]}, "schema"),
+    ):
+        extract(ranges[1], **wrong)
+        with pytest.raises(StorageError, match=problem):
+            validate()
+        assert not (out_dir / "_SUCCESS").exists()
+        shutil.rmtree(second)
+    extract(ranges[1])
+    assert validate()["rows"] == ROWS
+    assert dataset_rows(out_dir) == all_rows(admin, events_table)
 
 
 def test_fan_out_example_dag(orders_db_for_fanout: Path, admin: psycopg.Connection) -> None:

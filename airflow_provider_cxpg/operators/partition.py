@@ -279,7 +279,7 @@ class PostgresPartitionValidateOperator(BaseOperator):
                 )
         window = record.get("window")
         try:
-            totals = validate_dataset(destination, record["ranges"], window=window)
+            totals = validate_dataset(destination, record["ranges"], window=window, planned=record)
             if self.verify_count:
                 expected = self._count_source(source, window)
                 if expected != totals["rows"]:

@@ -80,6 +80,7 @@ def validate_dataset(
     ranges: list[dict[str, Any]],
     *,
     window: dict[str, Any] | None = None,
+    planned: dict[str, Any] | None = None,
     check_files: bool = True,
 ) -> dict[str, Any]:
     """Check that the dataset is complete and return its totals.
@@ -87,14 +88,17 @@ def validate_dataset(
     Checks that every range's extraction is complete with the planned bounds and ``window``, that the
     ranges tile the key space, that no ``range=NNNN/`` folder outside the plan remains, and (with
     ``check_files``) that every file each manifest lists is there, whole, and its own (see
-    :mod:`~airflow_provider_cxpg.output.verify`).
+    :mod:`~airflow_provider_cxpg.output.verify`). With ``planned`` (the dataset manifest's record),
+    also that every range read the planned source, ``where`` and key, and that all ranges wrote one
+    schema: a mapped range given another table or filter would otherwise pass with the wrong rows.
 
     :raises StorageError: naming every problem found.
     """
     problems: list[str] = []
     partitions: list[dict[str, Any]] = []
-    planned = {entry.get("path") or range_dir(entry["index"]) for entry in ranges}
-    stale = sorted(d for d in destination.list_dirs() if is_range_dir(d) and d not in planned)
+    schema: list[dict[str, str]] | None = None
+    in_plan = {entry.get("path") or range_dir(entry["index"]) for entry in ranges}
+    stale = sorted(d for d in destination.list_dirs() if is_range_dir(d) and d not in in_plan)
     if stale:
         problems.append(f"folders outside the plan remain: {', '.join(stale)} (an earlier plan's ranges?)")
     for position, entry in enumerate(ranges):
@@ -115,6 +119,12 @@ def validate_dataset(
                 f"range {position}: read the window {_window_text(manifest.window)}, the plan fixed "
                 f"{_window_text(window)}"
             )
+        if planned is not None:
+            problems.extend(f"range {position}: {p}" for p in _source_problems(manifest, planned))
+        if schema is None:
+            schema = manifest.schema
+        elif manifest.schema != schema:
+            problems.append(f"range {position}: its schema {_schema_text(manifest.schema)} is not range 0's")
         if check_files:
             problems.extend(f"range {position}: {p}" for p in output_problems(sub, manifest))
         partitions.append(
@@ -140,6 +150,29 @@ def validate_dataset(
         "bytes": sum(p["bytes"] for p in partitions),
         "files": [f for p in partitions for f in p["files"]],
     }
+
+
+def _source_problems(manifest: Manifest, planned: dict[str, Any]) -> list[str]:
+    """How a range's extraction differs from the plan in what decides its rows (source, where, key)."""
+    problems = []
+    sid, got_sid = planned.get("source_id"), manifest.source_id
+    if sid and got_sid and got_sid != sid:
+        problems.append(f"it read {got_sid}, the plan is of {sid}")
+    where = (planned.get("source") or {}).get("where") or None
+    got_where = (manifest.source or {}).get("where") or None
+    if got_where != where:
+        problems.append(
+            f"it read where={got_where!r}, the plan's is where={where!r} (pass the planner's to every range)"
+        )
+    keys = planned.get("key_columns")
+    got_keys = manifest.key_columns or ["ctid"]  # page ranges record no key column
+    if keys and got_keys != keys:
+        problems.append(f"it paged by {got_keys}, the ranges are of {keys}")
+    return problems
+
+
+def _schema_text(schema: list[dict[str, Any]]) -> str:
+    return "(" + ", ".join(f"{c.get('name')} {c.get('pg_type')}" for c in schema) + ")"
 
 
 def _window_text(window: dict[str, Any] | None) -> str:
@@ -354,7 +387,7 @@ class ParallelExtraction:
                 self.destination.write_json(DATASET_MANIFEST, record)
             results = self._run_ranges(ranges, snapshot_id, window)
         # Each range checked its own files before it reported success; here: completeness and tiling.
-        totals = validate_dataset(self.destination, ranges, window=window, check_files=False)
+        totals = validate_dataset(self.destination, ranges, window=window, planned=record, check_files=False)
         record.update(
             status="complete",
             rows=totals["rows"],
