@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -276,4 +278,49 @@ def test_ambient_environment_credentials_reach_the_worker_that_uploads_parts(
         )
         assert result.summary()["rows"] == ROWS
     finally:
+        assert_nothing_left(admin)
+
+
+def test_a_silent_credentials_service_fails_the_run_in_control_timeout_before_any_data_moves(
+    hook: ConnectorXPostgresHook,
+    admin: psycopg.Connection,
+    s3: S3Server,
+    bucket: str,
+    source: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Web identity (IRSA) credentials, their STS endpoint accepting connections and never answering.
+
+    botocore fetches them on first use and retries a silent endpoint for minutes (a 60 s read timeout
+    per attempt): the first resolution, not only each chunk's renewal, runs under ``control_timeout``.
+    """
+    silent = socket.create_server(("127.0.0.1", 0))  # listens, never accepts: requests hang
+    token = tmp_path / "web-identity-token"
+    token.write_text("token")
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in {
+        "AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/extract",
+        "AWS_WEB_IDENTITY_TOKEN_FILE": str(token),
+        "AWS_ENDPOINT_URL_STS": f"http://127.0.0.1:{silent.getsockname()[1]}",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StorageError, match="credentials service does not answer"):
+            hook.extract(
+                destination=f"s3://{bucket}/irsa/run1",
+                table=source,
+                storage_options={"client_kwargs": {"endpoint_url": s3.endpoint}},
+                control_timeout=2,
+            )
+        assert time.monotonic() - started < 15
+        assert not s3.keys(bucket, "irsa")
+    finally:
+        silent.close()
         assert_nothing_left(admin)

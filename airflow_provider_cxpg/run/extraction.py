@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, connect
@@ -68,6 +68,8 @@ __all__ = [
     "new_run_id",
     "run_application_name",
 ]
+
+_T = TypeVar("_T")
 
 #: The XCom summary names every file up to this many; past it, ``files`` is None and
 #: ``file_count`` and ``manifest`` (which lists them all) say where they are.
@@ -248,7 +250,11 @@ class Extraction:
         self._storage: WorkerStorage | None = None
         self._storage_calls = SerialCalls("storage-credentials")
         if not destination.is_local:
-            self._storage = WorkerStorage(destination.url, destination.storage_options)
+            # The first resolution may ask STS or a credentials endpoint too (web identity credentials
+            # are fetched on first use): botocore's own retries over a silent endpoint take minutes.
+            self._storage = self._resolve_credentials(
+                lambda: WorkerStorage(destination.url, destination.storage_options)
+            )
             env = {**self._storage.env, **self.settings.worker_env}
             self.settings = dataclasses.replace(self.settings, worker_env=env)
         #: Validated once, here (run/options.py): every door into an extraction passes through it.
@@ -293,9 +299,13 @@ class Extraction:
         """
         if self._storage is None:
             return dict(self.destination.storage_options)
+        return self._resolve_credentials(self._storage.options)
+
+    def _resolve_credentials(self, resolve: Callable[[], _T]) -> _T:
+        """``resolve()`` under ``control_timeout`` (on a helper thread: botocore's calls cannot be interrupted)."""
         try:
             return self._storage_calls.call(
-                "resolving the object store's credentials", self._storage.options, self.settings.control_timeout
+                "resolving the object store's credentials", resolve, self.settings.control_timeout
             )
         except CallTimedOut as exc:
             raise StorageError(f"{exc}: the credentials service does not answer", limit="control_timeout") from None
