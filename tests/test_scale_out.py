@@ -387,6 +387,111 @@ def test_fan_out_over_a_null_key_fails_in_the_open_range(conn_id: str, null_key_
     assert not (out_dir / "_SUCCESS").exists()
 
 
+def test_a_range_bounded_above_probes_its_later_key_columns(
+    conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """``(a, b) <= (u)`` holds for ``(a < u, NULL)``, yet paging inside the range skips such a row."""
+    admin.execute(
+        f"""CREATE VIEW "{schema}".pairs AS
+            SELECT g / 10 AS a, CASE WHEN g % 10 = 5 THEN NULL ELSE g % 10 END AS b FROM generate_series(1, 2000) g"""
+    )
+    admin.execute(
+        f'CREATE VIEW "{schema}".firsts AS SELECT NULLIF(g % 50, 0) AS a, g AS b FROM generate_series(1, 2000) g'
+    )
+
+    def extract(table: str, name: str) -> dict[str, Any]:
+        return PostgresExtractOperator(
+            task_id="e",
+            postgres_conn_id=conn_id,
+            table=f"{schema}.{table}",
+            key_columns=["a", "b"],
+            upper_key=[100],
+            chunk_rows=7,
+            destination=str(out_dir / name),
+            worker_settings=FAST,
+        ).execute({})
+
+    with pytest.raises(DataIntegrityError, match="NULL"):
+        extract("pairs", "pairs")
+    # A NULL first column sorts after the bound: the open last range's rows, not this one's.
+    assert extract("firsts", "firsts")["rows"] == 2000 - 40
+
+
+def test_page_ranges_read_by_iter_chunks_take_a_snapshot_too(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, schema: str
+) -> None:
+    admin.execute(
+        f'CREATE TABLE "{schema}".heap WITH (fillfactor = 100) AS '
+        "SELECT g AS n, md5(g::text) AS s FROM generate_series(1, 20000) g"
+    )
+    admin.execute(f'ALTER TABLE "{schema}".heap SET (autovacuum_enabled = false)')
+    seen: list[int] = []
+    chunks = ConnectorXPostgresHook(postgres_conn_id=conn_id).iter_chunks(
+        table=f"{schema}.heap", key_columns=["ctid"], chunk_rows=2_000, **FAST
+    )
+    for index, chunk in enumerate(chunks):
+        seen.extend(chunk.column("n").to_pylist())
+        if index == 0:  # rows already read get new versions at the table's end, not yet read
+            with psycopg.connect(pg.dsn, autocommit=True) as writer:
+                writer.execute(f'UPDATE "{schema}".heap SET s = s WHERE n <= 1000')
+    assert sorted(seen) == list(range(1, 20001))
+
+
+def test_a_foreign_tables_not_null_is_not_taken_on_trust(
+    system_conn_id: str, system_admin: psycopg.Connection, system_pg: Any, out_dir: Path
+) -> None:
+    """postgres_fdw does not check a declared NOT NULL against the remote rows."""
+    admin = system_admin
+    admin.execute("DROP SCHEMA IF EXISTS fnull CASCADE")
+    admin.execute("DROP SERVER IF EXISTS cxpg_fnull CASCADE")
+    admin.execute("CREATE SCHEMA fnull")
+    admin.execute("CREATE EXTENSION IF NOT EXISTS postgres_fdw")
+    admin.execute(
+        "CREATE SERVER cxpg_fnull FOREIGN DATA WRAPPER postgres_fdw "
+        f"OPTIONS (host '{system_pg.host}', port '{system_pg.port}', dbname '{system_pg.dbname}')"
+    )
+    admin.execute(
+        "CREATE USER MAPPING FOR CURRENT_USER SERVER cxpg_fnull "
+        f"OPTIONS (user '{system_pg.user}', password '{system_pg.password}')"
+    )
+    admin.execute(
+        "CREATE TABLE fnull.remote AS "
+        "SELECT 0 AS p, CASE WHEN g % 10 = 0 THEN NULL ELSE g END AS k FROM generate_series(1, 300) g"
+    )
+    admin.execute(
+        "CREATE FOREIGN TABLE fnull.far (k int NOT NULL) SERVER cxpg_fnull OPTIONS (schema_name 'fnull', table_name 'remote')"
+    )
+    # Partitioned by another column than the key: a foreign partition's rows that break their
+    # partition constraint are the user's responsibility (PostgreSQL's own caveat), its NOT NULL
+    # on the key is not checked by anyone.
+    admin.execute("CREATE TABLE fnull.parted (p int NOT NULL, k int NOT NULL) PARTITION BY LIST (p)")
+    admin.execute("CREATE TABLE fnull.near PARTITION OF fnull.parted FOR VALUES IN (1)")
+    admin.execute("INSERT INTO fnull.near SELECT 1, g FROM generate_series(1000, 1099) g")
+    admin.execute(
+        "CREATE FOREIGN TABLE fnull.far_part PARTITION OF fnull.parted FOR VALUES IN (0) "
+        "SERVER cxpg_fnull OPTIONS (schema_name 'fnull', table_name 'remote')"
+    )
+    try:
+        for table in ("fnull.far", "fnull.parted"):
+            with pytest.raises(DataIntegrityError, match="NULL"):
+                PostgresExtractOperator(
+                    task_id="e",
+                    postgres_conn_id=system_conn_id,
+                    table=table,
+                    key_columns=["k"],
+                    chunk_rows=40,
+                    destination=str(out_dir / table),
+                    worker_settings=FAST,
+                ).execute({})
+            assert not (out_dir / table / "_SUCCESS").exists()
+    finally:
+        admin.execute("DROP SCHEMA fnull CASCADE")
+        admin.execute("DROP SERVER cxpg_fnull CASCADE")
+
+
+SLOW_ROWS = "pg_sleep(0.0001) IS NOT NULL"
+
+
 def test_fan_out_operators_with_a_failed_range_retried_alone(
     conn_id: str, admin: psycopg.Connection, events_table: str, out_dir: Path
 ) -> None:
@@ -397,6 +502,7 @@ def test_fan_out_operators_with_a_failed_range_retried_alone(
         partitions=3,
         method="ntile",
         destination=str(out_dir),
+        where=SLOW_ROWS,  # every range reads the planner's where, the validator checks that
     )
     ranges = planner.execute({})
     assert len(ranges) == 3 and {"lower_key", "upper_key", "destination"} <= set(ranges[0])
@@ -412,6 +518,7 @@ def test_fan_out_operators_with_a_failed_range_retried_alone(
             table=events_table,
             chunk_rows=1_500,
             worker_settings=FAST,
+            where=SLOW_ROWS,  # slow enough to kill the worker between chunks
             **kwargs,
             **more,
         ).execute({})
@@ -434,12 +541,17 @@ def test_fan_out_operators_with_a_failed_range_retried_alone(
     )
     killer.start()
     with pytest.raises(WorkerCrashedError):
-        extract(ranges[1], where="pg_sleep(0.0001) IS NOT NULL", max_worker_restarts=0)
-    retried = extract(ranges[1], where="pg_sleep(0.0001) IS NOT NULL")  # the mapped task's retry
+        extract(ranges[1], max_worker_restarts=0)
+    retried = extract(ranges[1])  # the mapped task's retry
     assert retried["resumed_from_chunk"] >= 2
     extract(ranges[2])
     summary = PostgresPartitionValidateOperator(
-        task_id="v", destination=str(out_dir), verify_count=True, postgres_conn_id=conn_id, table=events_table
+        task_id="v",
+        destination=str(out_dir),
+        verify_count=True,
+        postgres_conn_id=conn_id,
+        table=events_table,
+        where=SLOW_ROWS,
     ).execute({})
     assert summary["rows"] == ROWS and summary["partitions"] == 3
     assert dataset_rows(out_dir) == all_rows(admin, events_table)
@@ -463,7 +575,7 @@ def test_fan_out_operators_with_a_failed_range_retried_alone(
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    extract(ranges[0], resume=False, where="pg_sleep(0.0002) IS NOT NULL")
+    extract(ranges[0], resume=False)
     watcher.join(30)
     assert seen == [(False, "running")]
     assert not (out_dir / "_SUCCESS").exists()  # until the validator proves it again

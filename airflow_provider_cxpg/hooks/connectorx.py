@@ -222,7 +222,8 @@ class ConnectorXPostgresHook(PostgresHook):
         :param heartbeat_interval: seconds between worker heartbeats.
         :param heartbeat_timeout: declare the worker dead after this many silent seconds.
         :param max_worker_restarts: replace a dead worker this many times.
-        :param snapshot: read every chunk from one exported snapshot (a point-in-time view).
+        :param snapshot: read every chunk from one exported snapshot (a point-in-time view); page
+            ranges (``key_columns=["ctid"]``) always do.
         :param read_ahead: read the next chunk while you process this one (default); False: one
             chunk at a time.
         :param stream_rows: rows per connectorx stream batch inside a chunk; 0: whole-chunk reads.

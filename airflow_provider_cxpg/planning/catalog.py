@@ -196,10 +196,17 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
         where = f"schema {schema!r}" if schema else "the search_path"
         raise SourceNotFoundError(f"table {target} does not exist in {where} (or is not visible to this login)")
     relid, nspname, relname, relkind, reltuples = row
+    children, foreign = conn.execute(_DESCENDANTS, (relid,)).fetchone()
+    # NOT NULL is a promise only where the server enforces it: a foreign table's (or a foreign
+    # partition's) rows come from elsewhere unchecked, and from PostgreSQL 18 a NOT VALID one
+    # (pg_constraint contype 'n') leaves the rows that were there. Unproven, the key gets probed.
+    enforced = relkind in {"r", "p"} and not foreign
     type_cache: dict[tuple[int, int], PgType] = {}
     columns: list[SourceColumn] = []
     for attname, atttypid, atttypmod, attnotnull, collation, deterministic in conn.execute(
-        "SELECT a.attname, a.atttypid, a.atttypmod, a.attnotnull, "
+        "SELECT a.attname, a.atttypid, a.atttypmod, a.attnotnull AND NOT EXISTS ("
+        "SELECT 1 FROM pg_constraint k WHERE k.conrelid = a.attrelid AND k.contype = 'n' "
+        "AND k.conkey[1] = a.attnum AND NOT k.convalidated), "
         + _COLLATION_SQL.format(oid="a.attcollation")
         + " FROM pg_attribute a "
         "LEFT JOIN pg_collation co ON co.oid = a.attcollation "
@@ -211,7 +218,7 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
         if key not in type_cache:
             type_cache[key] = resolve_type(conn, atttypid, atttypmod)
         # A view's columns never carry NOT NULL: their nullability is unknown, not "nullable".
-        not_null = bool(attnotnull) if relkind in {"r", "p"} or attnotnull else None
+        not_null = bool(attnotnull) if enforced else None
         columns.append(SourceColumn(attname, type_cache[key], not_null, collation, deterministic))
     not_null = {c.name for c in columns if c.not_null}
     primary: tuple[str, ...] | None = None
@@ -242,7 +249,6 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
         else:
             uniques.append(names)
         indexes.append(UniqueIndex(names, tuple(collations), bool(is_primary)))
-    children, foreign = conn.execute(_DESCENDANTS, (relid,)).fetchone()
     return TableInfo(
         inheritance_children=relkind == "r" and bool(children),
         foreign_descendants=bool(foreign),

@@ -240,15 +240,27 @@ class ExtractPlan:
         chunk no page returns such rows: the worker's per-chunk check would never see them and the run
         would end green without them. Where the catalog cannot prove the key NOT NULL, the worker runs
         this first (the chunk's checks raise on the row it returns), under the run's deadlines and in
-        its snapshot. Ranges with an upper bound skip it: the rows that sort last are the last range's.
-        An index on the key answers ``IS NULL``; without one it is one scan of the source.
+        its snapshot. A NULL first key column sorts after every bound, so those rows are the open last
+        range's: it looks for them without its key bounds. A range with an upper bound looks only
+        for NULLs in later key columns, within its bounds (``(a, b) <= (u)`` holds for ``(a < u, NULL)``,
+        yet paging inside the range skips such a row). It asks ``num_nulls(...) > 0``, not ``IS NULL``:
+        the planner drops ``k IS NULL`` as always false where a NOT NULL is declared (on partitions,
+        and from PostgreSQL 17 on any relation), and a foreign table's or foreign partition's declared
+        NOT NULL is not enforced, so the probe would see nothing while the NULL rows are there. The
+        cost is one scan of the source per worker session (no index answers it).
         """
-        nullable = [k for k in self.key if k.nullable]
-        if not nullable or self.bounded_above or self.pages is not None:
+        if self.pages is not None:
             return None
-        any_null = " OR ".join(f"{SOURCE_ALIAS}.{quote_ident(k.name)} IS NULL" for k in nullable)
-        unbounded = tuple(f for f in self.filters if f not in self.key_bounds)
-        return replace(self, filters=(*unbounded, any_null), key_bounds=()).chunk_sql(None, 1)
+        if self.bounded_above:
+            nullable = [k for k in self.key[1:] if k.nullable]
+            filters = self.filters
+        else:
+            nullable = [k for k in self.key if k.nullable]
+            filters = tuple(f for f in self.filters if f not in self.key_bounds)
+        if not nullable:
+            return None
+        columns = ", ".join(f"{SOURCE_ALIAS}.{quote_ident(k.name)}" for k in nullable)
+        return replace(self, filters=(*filters, f"num_nulls({columns}) > 0"), key_bounds=()).chunk_sql(None, 1)
 
     def key_literals(self, values: Sequence[Any]) -> list[str]:
         """Literals for the first ``len(values)`` key columns (a bound may be a key prefix)."""

@@ -21,7 +21,7 @@ import pyarrow as pa
 from airflow_provider_cxpg.conninfo import PostgresEndpoint
 from airflow_provider_cxpg.exceptions import ServerConnectionError, WorkerError
 from airflow_provider_cxpg.output.destination import Destination
-from airflow_provider_cxpg.planning.plan import SourceSpec, build_read_plan
+from airflow_provider_cxpg.planning.plan import CTID, SourceSpec, build_read_plan
 from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.run.chunking import chunks_for, pipelined
 from airflow_provider_cxpg.run.extraction import Extraction
@@ -100,7 +100,8 @@ def iter_chunk_tables(
     spool = _spool(spool_dir)
     try:
         with contextlib.ExitStack() as stack:
-            if snapshot is True:
+            # As Extraction.run: page ranges are exact only inside one snapshot (an UPDATE moves rows).
+            if snapshot is True or (snapshot is False and spec.key_columns == (CTID,)):
                 holder = stack.enter_context(
                     ExportedSnapshot(extraction.credentials.current(), f"{extraction.application_name}-snap")
                 )
