@@ -489,6 +489,31 @@ def test_a_foreign_tables_not_null_is_not_taken_on_trust(
         admin.execute("DROP SERVER cxpg_fnull CASCADE")
 
 
+def test_an_inheritance_child_that_dropped_the_parents_not_null_is_probed(
+    conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """The parent's NOT NULL does not cover a child's rows: a child may drop it."""
+    admin.execute(f'CREATE TABLE "{schema}".parent (k int NOT NULL, v text)')
+    admin.execute(f'CREATE TABLE "{schema}".child () INHERITS ("{schema}".parent)')
+    admin.execute(f'ALTER TABLE "{schema}".child ALTER COLUMN k DROP NOT NULL')
+    admin.execute(f"INSERT INTO \"{schema}\".parent SELECT g, 'p' FROM generate_series(1, 200) g")
+    admin.execute(
+        f"INSERT INTO \"{schema}\".child SELECT CASE WHEN g % 10 = 0 THEN NULL ELSE g END, 'c' "
+        "FROM generate_series(201, 400) g"
+    )
+    with pytest.raises(DataIntegrityError, match="NULL"):
+        PostgresExtractOperator(
+            task_id="e",
+            postgres_conn_id=conn_id,
+            table=f"{schema}.parent",
+            key_columns=["k"],
+            chunk_rows=40,
+            destination=str(out_dir),
+            worker_settings=FAST,
+        ).execute({})
+    assert not (out_dir / "_SUCCESS").exists()
+
+
 SLOW_ROWS = "pg_sleep(0.0001) IS NOT NULL"
 
 

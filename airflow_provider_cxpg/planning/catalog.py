@@ -175,7 +175,9 @@ WITH RECURSIVE tree(oid) AS (
     UNION ALL
     SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent = t.oid
 )
-SELECT count(*) > 0, coalesce(bool_or(c.relkind = 'f'), false)
+SELECT count(*) > 0, coalesce(bool_or(c.relkind = 'f'), false),
+    coalesce((SELECT array_agg(DISTINCT a.attname::text) FROM tree t JOIN pg_catalog.pg_attribute a
+              ON a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped AND NOT a.attnotnull), '{}')
 FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.oid
 """
 
@@ -196,10 +198,12 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
         where = f"schema {schema!r}" if schema else "the search_path"
         raise SourceNotFoundError(f"table {target} does not exist in {where} (or is not visible to this login)")
     relid, nspname, relname, relkind, reltuples = row
-    children, foreign = conn.execute(_DESCENDANTS, (relid,)).fetchone()
+    children, foreign, nullable_below = conn.execute(_DESCENDANTS, (relid,)).fetchone()
     # NOT NULL is a promise only where the server enforces it: a foreign table's (or a foreign
     # partition's) rows come from elsewhere unchecked, and from PostgreSQL 18 a NOT VALID one
-    # (pg_constraint contype 'n') leaves the rows that were there. Unproven, the key gets probed.
+    # (pg_constraint contype 'n') leaves the rows that were there. An inheritance child may drop
+    # the parent's NOT NULL (or, from PostgreSQL 18, never get a NO INHERIT one), and its rows are
+    # read too. Unproven, the key gets probed.
     enforced = relkind in {"r", "p"} and not foreign
     type_cache: dict[tuple[int, int], PgType] = {}
     columns: list[SourceColumn] = []
@@ -219,6 +223,8 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
             type_cache[key] = resolve_type(conn, atttypid, atttypmod)
         # A view's columns never carry NOT NULL: their nullability is unknown, not "nullable".
         not_null = bool(attnotnull) if enforced else None
+        if not_null and attname in nullable_below:
+            not_null = None
         columns.append(SourceColumn(attname, type_cache[key], not_null, collation, deterministic))
     not_null = {c.name for c in columns if c.not_null}
     primary: tuple[str, ...] | None = None

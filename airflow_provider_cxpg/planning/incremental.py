@@ -485,7 +485,9 @@ def _column_filters(plan: ExtractPlan, window: Window, sql_type: str, finite: st
             conditions.append(f"{expr} < {end}")
     condition = " AND ".join(f"({c})" for c in conditions)
     if window.first_run:  # a full copy: NULL and non-finite watermarks too
-        condition = f"({condition}) OR {expr} IS NULL" + (f" OR NOT ({finite})" if finite else "")
+        # num_nulls, not IS NULL: the planner folds IS NULL to false under a declared NOT NULL that
+        # nobody enforces (a foreign table or partition), and those rows would be no run's.
+        condition = f"({condition}) OR num_nulls({expr}) > 0" + (f" OR NOT ({finite})" if finite else "")
     filters = [condition]
     if window.wal_position:
         filters.append(_replay_guard(window.wal_position))

@@ -247,7 +247,8 @@ class ExtractPlan:
         the planner drops ``k IS NULL`` as always false where a NOT NULL is declared (on partitions,
         and from PostgreSQL 17 on any relation), and a foreign table's or foreign partition's declared
         NOT NULL is not enforced, so the probe would see nothing while the NULL rows are there. The
-        cost is one scan of the source per worker session (no index answers it).
+        cost is one scan of the source per worker session (no index answers it; unordered, so the
+        scan stops at the first NULL and is sequential rather than a walk of the key's index).
         """
         if self.pages is not None:
             return None
@@ -260,7 +261,9 @@ class ExtractPlan:
         if not nullable:
             return None
         columns = ", ".join(f"{SOURCE_ALIAS}.{quote_ident(k.name)}" for k in nullable)
-        return replace(self, filters=(*filters, f"num_nulls({columns}) > 0"), key_bounds=()).chunk_sql(None, 1)
+        return replace(self, filters=(*filters, f"num_nulls({columns}) > 0"), key_bounds=()).chunk_sql(
+            None, 1, ordered=False
+        )
 
     def key_literals(self, values: Sequence[Any]) -> list[str]:
         """Literals for the first ``len(values)`` key columns (a bound may be a key prefix)."""
@@ -291,8 +294,11 @@ class ExtractPlan:
                 conditions.append(row_comparison(exprs, self.key_literals(bound), op))
         return conditions
 
-    def chunk_sql(self, after: Sequence[Any] | None, limit: int | None) -> str:
+    def chunk_sql(self, after: Sequence[Any] | None, limit: int | None, *, ordered: bool = True) -> str:
         """The statement for the chunk that follows key ``after`` (None: the first chunk).
+
+        ``ordered=False`` leaves out the inner ``ORDER BY`` (a probe for any one row: ordered, the
+        planner walks the key's index through the whole relation when no row matches).
 
         With the tie flag (keys nothing proves unique), the chunk is selected first and the flag
         computed over it: ``lag()`` over the limited, already sorted rows costs nothing more, where a
@@ -306,7 +312,7 @@ class ExtractPlan:
         sql = f"SELECT {select} FROM {self.from_clause}"
         if conditions:
             sql += " WHERE " + " AND ".join(conditions)
-        if self.key:
+        if self.key and ordered:
             sql += " ORDER BY " + ", ".join(k.expr for k in self.key)
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
