@@ -25,12 +25,14 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-__all__ = ["CallTimedOut", "SerialCalls"]
+__all__ = ["CallStopped", "CallTimedOut", "SerialCalls"]
 
 T = TypeVar("T")
 
 #: Seconds an idle helper thread waits for another call before it ends.
 IDLE_SECONDS = 5.0
+#: How often a caller waiting with ``stop`` asks it.
+STOP_POLL_SECONDS = 0.1
 
 
 class CallTimedOut(TimeoutError):
@@ -43,6 +45,14 @@ class CallTimedOut(TimeoutError):
         else:
             text = f"{operation} did not return within {limit}s"
         super().__init__(text)
+
+
+class CallStopped(Exception):
+    """The caller stopped waiting for a call (its ``stop`` gave a reason); the call may still run."""
+
+    def __init__(self, operation: str, reason: str) -> None:
+        self.operation, self.reason = operation, reason
+        super().__init__(f"{operation} was abandoned: {reason}")
 
 
 class SerialCalls:
@@ -88,11 +98,20 @@ class SerialCalls:
         busy = self._busy
         return None if busy is None else (busy[0], time.monotonic() - busy[1])
 
-    def call(self, operation: str, fn: Callable[[], T], timeout: float | None) -> T:
+    def call(
+        self,
+        operation: str,
+        fn: Callable[[], T],
+        timeout: float | None,
+        *,
+        stop: Callable[[], str | None] | None = None,
+    ) -> T:
         """Return ``fn()``; raise :class:`CallTimedOut` when it takes longer than ``timeout`` seconds.
 
         ``timeout=None`` waits as long as it takes (still on the helper thread, so a later call with
-        a deadline is not stuck behind an unbounded one).
+        a deadline is not stuck behind an unbounded one). ``stop``, asked every
+        :data:`STOP_POLL_SECONDS`, ends the wait early with :class:`CallStopped` when it returns a
+        reason (an abort that cannot interrupt the caller's wait itself).
         """
         future: Future[T] = Future()
         with self._lock:
@@ -102,14 +121,37 @@ class SerialCalls:
                 self._thread = threading.Thread(target=self._run, name=f"cxpg-io-{self._name}", daemon=True)
                 self._thread.start()
             self._queue.put((fn, future, operation))  # under the lock: an idle thread cannot end past it
-        try:
-            return future.result(timeout=timeout)
-        except TimeoutError:
-            if future.done():  # finished in the instant the wait gave up
-                return future.result()
-            future.cancel()
-            self._stuck = operation
-            raise CallTimedOut(operation, timeout) from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if stop is not None:
+                wait = STOP_POLL_SECONDS if wait is None else min(wait, STOP_POLL_SECONDS)
+            try:
+                return future.result(timeout=wait)
+            except TimeoutError:
+                if future.done():  # finished in the instant the wait gave up
+                    return future.result()
+                reason = stop() if stop is not None else None
+                if reason is None and (deadline is None or time.monotonic() < deadline):
+                    continue
+                future.cancel()
+                self._stuck = operation
+                if reason is not None:
+                    raise CallStopped(operation, reason) from None
+                raise CallTimedOut(operation, timeout) from None
+
+    def after(self, operation: str, fn: Callable[[], Any]) -> None:
+        """Run ``fn()`` on the thread once every call queued before it has returned; do not wait.
+
+        Also after a call that passed its deadline (it runs when that call finally returns): how a
+        caller that gave up on a call still closes what the call opened. Its errors are dropped.
+        """
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"cxpg-io-{self._name}", daemon=True)
+                self._thread.start()
+            self._queue.put((fn, future, operation))
 
     def close(self) -> None:
         """Let the thread end after what is queued (it is a daemon: a stuck one dies with the process)."""

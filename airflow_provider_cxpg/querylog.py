@@ -2,8 +2,14 @@
 
 Events go to the task logger as key-value fields (Airflow 3's structlog shows them as such; a stdlib
 logger, as in Airflow 2, gets ``event key=value ...`` text and the fields in ``extra``) and, when a
-path is given, as JSON lines to a file. Every string field passes through the run's
+path is given, as JSON lines to a file. Every string field, also inside a list or a mapping (the
+sessions a lock wait names, an error's details), passes through the run's
 :class:`~airflow_provider_cxpg.conninfo.Redactor`, so no password reaches a log.
+
+The file is written by a thread of its own (:class:`_LineWriter`), and an event waits for its line
+at most :data:`FILE_WRITE_SECONDS`: a log on a mount that stops answering (a hung NFS server) must
+not stop the run's deadlines, which the same thread checks. Past it the file is given up for the rest
+of the run, and the task log says so once; the events still reach the task log.
 
 Field names (stable, documented in the README): ``extraction_id``, ``event``, ``chunk``, ``query_id``,
 ``worker_pid``, ``backend_pid``, ``rows``, ``bytes``, ``seconds``, ``rows_per_s``, ``key_from``,
@@ -12,9 +18,11 @@ Field names (stable, documented in the README): ``extraction_id``, ``event``, ``
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +30,12 @@ from typing import Any
 
 from airflow_provider_cxpg.conninfo import Redactor
 
-__all__ = ["EVENTS", "QueryLog"]
+__all__ = ["EVENTS", "FILE_WRITE_SECONDS", "QueryLog"]
+
+#: How long an event waits for its line to reach the query-log file before the file is given up.
+FILE_WRITE_SECONDS = 10.0
+#: Seconds an idle file-writer thread waits for another line before it closes the file and ends.
+_WRITER_IDLE_SECONDS = 5.0
 
 #: Every event name the provider emits.
 EVENTS: frozenset[str] = frozenset(
@@ -73,6 +86,87 @@ def _json_default(value: object) -> object:
     return str(value)
 
 
+def _scrub(value: Any, redact: Redactor) -> Any:
+    """``value`` with every string in it redacted (lists, tuples and mappings walked)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [_scrub(v, redact) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_scrub(v, redact) for v in value)
+    if isinstance(value, dict):
+        return {k: _scrub(v, redact) for k, v in value.items()}
+    return value
+
+
+class _LineWriter:
+    """Appends lines to one file from a thread of its own; the caller waits for its line, bounded.
+
+    :meth:`put` and :meth:`wait` may run in a signal handler that interrupted them on the same
+    thread (``on_kill`` logs): they take only a re-entrant lock, put on a :class:`queue.SimpleQueue`
+    (re-entrant) and wait on an event of their own. The thread opens the file on its first line
+    (creating its folder), keeps it open while lines come, and closes it once idle.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._queue: queue.SimpleQueue[tuple[str, threading.Event]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        # Guards queueing a line against the idle thread's exit (a line put while it decides to end
+        # would be left unwritten). Re-entrant: a signal handler may log inside put() on this thread.
+        self._lock = threading.RLock()
+        self.failed: str | None = None
+
+    def put(self, line: str) -> threading.Event | None:
+        """Queue ``line``; the event is set once it is written (None: the file was given up)."""
+        if self.failed is not None:
+            return None
+        written = threading.Event()
+        with self._lock:
+            self._queue.put((line, written))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="cxpg-querylog-file", daemon=True)
+                self._thread.start()
+        return written
+
+    def wait(self, written: threading.Event | None, timeout: float) -> bool:
+        """True once the line behind ``written`` is in the file; False (the file given up) past ``timeout``."""
+        if written is None:
+            return False
+        if written.wait(timeout):
+            return self.failed is None
+        self.failed = self.failed or f"{self.path} did not take a line within {timeout}s"
+        return False
+
+    def _run(self) -> None:
+        handle = None
+        try:
+            while True:
+                try:
+                    line, written = self._queue.get(timeout=_WRITER_IDLE_SECONDS)
+                except queue.Empty:
+                    with self._lock:
+                        if self._queue.empty():
+                            self._thread = None
+                            return
+                    continue
+                try:
+                    if self.failed is None:
+                        if handle is None:
+                            self.path.parent.mkdir(parents=True, exist_ok=True)
+                            handle = self.path.open("a", encoding="utf-8")
+                        handle.write(line)
+                        handle.flush()  # a reader (a test, tail -f) sees whole lines as they come
+                except OSError as exc:
+                    self.failed = f"{self.path}: {exc}"
+                finally:
+                    written.set()
+        finally:
+            if handle is not None:
+                with contextlib.suppress(OSError):
+                    handle.close()
+
+
 class QueryLog:
     """Emit structured events for one run.
 
@@ -94,15 +188,13 @@ class QueryLog:
     ) -> None:
         self.run_id = run_id
         self._logger = logger if logger is not None else logging.getLogger("airflow_provider_cxpg.querylog")
-        self._jsonl = Path(jsonl_path) if jsonl_path else None
+        self._jsonl = _LineWriter(Path(jsonl_path)) if jsonl_path else None
         self._redact = redactor or Redactor()
         self._sink = sink
         # Re-entrant: on_kill may log from a signal handler that interrupted this thread's emit.
         self._lock = threading.RLock()
         self.events: list[dict[str, Any]] = []  # kept for the run summary and tests
         self._once: set[str] = set()
-        if self._jsonl:
-            self._jsonl.parent.mkdir(parents=True, exist_ok=True)
 
     def with_redactor(self, redactor: Redactor) -> None:
         self._redact = redactor
@@ -125,19 +217,23 @@ class QueryLog:
         for key, value in fields.items():
             if value is None:
                 continue
-            record[key] = self._redact(value) if isinstance(value, str) else value
+            record[key] = _scrub(value, self._redact)
         if "rows" in record and record.get("seconds"):
             record.setdefault("rows_per_s", round(record["rows"] / record["seconds"], 1))
         if isinstance(record.get("seconds"), float):
             record["seconds"] = round(record["seconds"], 4)
         level = logging.WARNING if event in _WARNING_EVENTS else logging.INFO
-        with self._lock:
+        jsonl, written = self._jsonl, None
+        with self._lock:  # the file gets the lines in the order of self.events
             self.events.append(record)
             self._log(level, record)
-            if self._jsonl:
-                line = {"ts": dt.datetime.now(dt.UTC).isoformat(), **record}
-                with self._jsonl.open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(line, default=_json_default) + "\n")
+            if jsonl is not None and jsonl.failed is None:
+                line = json.dumps({"ts": dt.datetime.now(dt.UTC).isoformat(), **record}, default=_json_default)
+                written = jsonl.put(line + "\n")
+        # Waited for outside the lock: a file that stopped answering holds no other thread's event.
+        given_up = jsonl is not None and written is not None and not jsonl.wait(written, FILE_WRITE_SECONDS)
+        if given_up and self.first("querylog-file-failed"):
+            self._logger.warning("cxpg query_log_path given up, the task log keeps every event: %s", jsonl.failed)
         if self._sink is not None:
             self._sink(record)
         return record

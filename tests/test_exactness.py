@@ -78,6 +78,34 @@ def test_text_key_of_a_nondeterministic_collation_unique_under_another_pages_exa
     assert_nothing_left(system_admin)
 
 
+def test_a_retry_after_the_key_collation_changed_reads_again_instead_of_resuming(
+    system_conn_id: str, system_admin: psycopg.Connection, ci: str, tmp_path: Path
+) -> None:
+    """The first try paged a text key in byte order ('A'..'Z' before 'a'..'z') and failed at 'P'.
+    Between the tries the key's collation changed to ICU's ('a' < 'B'). Continuing after 'J' in the
+    new order skips 'a'..'j', which sort before it now: the retry once ended green 10 rows short."""
+    system_admin.execute(f'CREATE TABLE {ci}.ck (k text COLLATE "C" PRIMARY KEY, v int)')
+    system_admin.execute(f"INSERT INTO {ci}.ck SELECT chr(65 + i), i FROM generate_series(0, 25) i")
+    system_admin.execute(f"INSERT INTO {ci}.ck SELECT chr(97 + i), 100 + i FROM generate_series(0, 25) i")
+    system_admin.execute(f"CREATE TABLE {ci}.flag (x int)")
+    system_admin.execute(f"INSERT INTO {ci}.flag VALUES (1)")
+    system_admin.execute(
+        f"CREATE FUNCTION {ci}.gate(t text) RETURNS bool LANGUAGE plpgsql VOLATILE AS $f$ BEGIN "
+        f"IF t = 'P' AND EXISTS (SELECT 1 FROM {ci}.flag) THEN RAISE EXCEPTION 'the first try fails'; END IF; "
+        "RETURN true; END $f$"
+    )
+    arguments = {"table": f"{ci}.ck", "where": f"{ci}.gate(k)", "chunk_rows": 5}
+    with pytest.raises(QueryError):
+        extract(system_conn_id, tmp_path / "out", **arguments)
+    assert manifest_of(tmp_path / "out")["chunks"], "the first try committed nothing: the test proves nothing"
+    system_admin.execute(f"DELETE FROM {ci}.flag")
+    system_admin.execute(f'ALTER TABLE {ci}.ck ALTER COLUMN k TYPE text COLLATE "und-x-icu"')
+    result = extract(system_conn_id, tmp_path / "out", **arguments)
+    expected = [r[0] for r in system_admin.execute(f"SELECT k FROM {ci}.ck").fetchall()]
+    assert sorted(out_keys(tmp_path / "out", "k")) == sorted(expected) and result.rows == 52
+    assert result.resumed_from_chunk is None
+
+
 def test_query_source_with_a_case_insensitive_key_pages_by_bytes(
     system_conn_id: str, system_admin: psycopg.Connection, ci: str, tmp_path: Path
 ) -> None:

@@ -208,6 +208,31 @@ def test_chunk_bytes_sizes_chunks_from_measured_width(conn_id: str, orders: str,
     assert all(1_000 <= r <= 5_000 for r in rows[1:-1]), rows
 
 
+def test_chunk_rows_stays_the_maximum_under_chunk_bytes(conn_id: str, orders: str, out_dir: Path) -> None:
+    """chunk_bytes sizes chunks down to at least 1,000 rows, but never past chunk_rows."""
+    result = ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+        destination=str(out_dir), table=orders, where="id <= 600", chunk_rows=50, chunk_bytes=100, **FAST
+    )
+    rows = [c["rows"] for c in manifest_of(out_dir)["chunks"]]
+    assert result.rows == 600 and max(rows) <= 50, rows
+
+
+@pytest.mark.parametrize("bound", ["12", 12, ["12"], (12,)])
+def test_a_key_bound_given_as_one_value_bounds_the_first_key_column(
+    conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path, bound: Any
+) -> None:
+    """A templated ``upper_key`` renders to a string; taken apart as a sequence, ``"12"`` bounded a
+    composite key at (1, 2): 13 rows instead of 130, and a green run."""
+    table = f'"{schema}".pairs'
+    admin.execute(f"CREATE TABLE {table} (a int NOT NULL, b int NOT NULL, v int, PRIMARY KEY (a, b))")
+    admin.execute(f"INSERT INTO {table} SELECT i / 10, i % 10, i FROM generate_series(0, 199) i")
+    result = ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+        destination=str(out_dir), table=f"{schema}.pairs", upper=bound, chunk_rows=7, **FAST
+    )
+    assert sorted(read_output(out_dir).column("v").to_pylist()) == list(range(130))  # a <= 12
+    assert result.rows == 130
+
+
 def test_query_source_with_a_key_that_is_not_unique_fails_instead_of_losing_rows(
     conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path
 ) -> None:

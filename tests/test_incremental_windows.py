@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,6 +256,101 @@ def test_an_explicit_start_is_a_one_off_window_that_leaves_the_state_alone(
     runs = Runs(dag)
     assert sorted(runs.rows(runs.run())) == list(range(21, 31))  # exclusive, as documented
     assert state(dag.dag_id).load() == {}
+
+
+@pytest.mark.parametrize("column", ["v", "xmin"])
+def test_an_end_past_every_value_leaves_no_row_written_later_behind(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path, column: str
+) -> None:
+    """``watermark_end`` past what the source holds (a data interval not yet closed, a date ahead).
+
+    The state once moved to that end: rows written later below it fell behind the next run's start,
+    lost with a green task. The window ends at what exists when the run starts (for xmin: the
+    oldest transaction still running), as without an end.
+    """
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, v int NOT NULL)")
+    admin.execute(f"INSERT INTO {events} SELECT g, g FROM generate_series(1, 30) g")
+    runs = Runs(
+        make_dag(
+            _dag_id("end_ahead"),
+            postgres_conn_id=conn_id,
+            table=events,
+            watermark_column=column,
+            watermark_end=str(10**9),  # templated values arrive as text
+            destination=str(tmp_path / "{{ run_id }}"),
+            chunk_rows=7,
+        )
+    )
+    first = runs.run()
+    assert sorted(runs.rows(first)) == list(range(1, 31))
+    admin.execute(f"INSERT INTO {events} SELECT g, g FROM generate_series(31, 40) g")  # below the given end
+    second = runs.run()
+    assert sorted(runs.rows(second)) == list(range(31, 41))
+    every = Counter(i for s in runs.summaries for i in runs.rows(s))
+    assert set(every) == set(range(1, 41)) and all(n == 1 for n in every.values())
+    assert int(first["window"]["end"]) < 10**9 and int(first["high_watermark"]) < 10**9, first["window"]
+    assert state(runs.dag.dag_id).last_window()["sequence"] == 2  # the chain of committed windows
+
+
+def test_a_one_off_window_reads_up_to_the_end_it_was_given(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path
+) -> None:
+    """An explicit start: no later window starts at this one's end, so the end is not lowered.
+
+    Lowered to the largest value, a source without row versions (a query) would leave the rows at
+    that value to a "next run" that one-off windows (0, 100], (100, 200] never make.
+    """
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, v int NOT NULL)")
+    admin.execute(f"INSERT INTO {events} SELECT g, g FROM generate_series(1, 30) g")
+    dag = make_dag(
+        _dag_id("one_off_end"),
+        postgres_conn_id=conn_id,
+        sql=f"SELECT id, v FROM {events}",
+        key_columns=["id"],
+        watermark_column="v",
+        watermark_start="0",
+        watermark_end="100",
+        destination=str(tmp_path / "{{ run_id }}"),
+        chunk_rows=7,
+    )
+    runs = Runs(dag)
+    assert sorted(runs.rows(runs.run())) == list(range(1, 31))
+    assert state(dag.dag_id).load() == {}
+
+
+@pytest.mark.parametrize("given_end", [None, "C"])
+def test_a_text_watermark_moves_on_in_its_own_collation_exactly_once(
+    system_conn_id: str, system_admin: psycopg.Connection, tmp_path: Path, airflow_db: Path, given_end: str | None
+) -> None:
+    """The column sorts under ICU ('b' < 'C'); the database's own collation is "C" ('C' < 'b').
+
+    Comparing the window's bounds as bare literals used the database's order: a next start left
+    behind (rows read again: ``None``), or an end past every value taken as reached, so the next
+    start passed a row written later below it (lost: ``"C"``).
+    """
+    schema = f"wm_coll_{uuid.uuid4().hex[:8]}"
+    system_admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        table = f"{schema}.codes"
+        system_admin.execute(f'CREATE TABLE {table} (id int PRIMARY KEY, code text COLLATE "und-x-icu" NOT NULL)')
+        system_admin.execute(f"INSERT INTO {table} VALUES (1, 'a'), (2, 'b')")
+        runs = Runs(
+            make_dag(
+                _dag_id("text_collation"),
+                postgres_conn_id=system_conn_id,
+                table=table,
+                watermark_column="code",
+                watermark_end=given_end,
+                destination=str(tmp_path / "{{ run_id }}"),
+            )
+        )
+        assert sorted(runs.rows(runs.run())) == [1, 2]
+        # Later than 'b' under the column's collation: 'bz' < 'C' (lost past an end of 'C'), and 'C'.
+        system_admin.execute(f"INSERT INTO {table} VALUES (3, %s)", ("bz" if given_end else "C",))
+        assert runs.rows(runs.run()) == [3]
+        assert runs.rows(runs.run()) == []
+    finally:
+        system_admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 # -- fan-out --------------------------------------------------------------------------------------------

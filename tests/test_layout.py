@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "airflow_provider_cxpg"
 LEAVES = frozenset(
-    {"exceptions", "conninfo", "querylog", "bounded", "durations", "get_provider_info", "version_compat"}
+    {"exceptions", "conninfo", "control", "querylog", "bounded", "durations", "get_provider_info", "version_compat"}
 )
 
 #: Parts with an allow-list: the only first-party modules they may import (a part: every module

@@ -20,13 +20,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from airflow_provider_cxpg.conninfo import connect
-from airflow_provider_cxpg.exceptions import CxpgError, DataIntegrityError, StorageError, WorkerCrashedError
+from airflow_provider_cxpg.exceptions import (
+    CxpgError,
+    DataIntegrityError,
+    QueryError,
+    StorageError,
+    WorkerCrashedError,
+)
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
 from airflow_provider_cxpg.operators.partition import PostgresPartitionPlanOperator, PostgresPartitionValidateOperator
 from airflow_provider_cxpg.planning.key_ranges import plan_key_ranges
 from airflow_provider_cxpg.planning.plan import SourceSpec, build_plan
-from tests.helpers import PgInfo, assert_nothing_left, manifest_of, wait_until, worker_pids
+from tests.helpers import PgInfo, assert_nothing_left, manifest_of, read_output, wait_until, worker_pids
 
 pytestmark = pytest.mark.integration
 
@@ -296,6 +302,52 @@ def test_ctid_page_ranges_read_one_snapshot_while_rows_move_between_pages(
     assert updates["n"] == 10 and result.chunks > 5, (updates, result.chunks)
     table = pa.concat_tables([pq.read_table(out_dir / f) for f in manifest_of(out_dir)["files"]])
     assert sorted(zip(table.column("n").to_pylist(), table.column("s").to_pylist(), strict=True)) == before
+
+
+def test_a_page_range_run_retried_after_rows_moved_reads_every_page_again(
+    conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """A failed try's committed pages were read in its snapshot, which ended with it.
+
+    Between the tries an UPDATE moves late rows onto early pages (there is room there). The retry
+    once continued after the last committed page in a new snapshot: the moved rows sat on pages it
+    had read under the old one, and the run ended green without them.
+    """
+    heap = f'"{schema}".heap'
+    admin.execute(f"CREATE TABLE {heap} (id int NOT NULL, pad text) WITH (autovacuum_enabled = false)")
+    admin.execute(f"ALTER TABLE {heap} ALTER pad SET STORAGE PLAIN")
+    admin.execute(f'CREATE TABLE "{schema}".flag (x int)')
+    admin.execute(
+        f'CREATE FUNCTION "{schema}".gate(i int) RETURNS bool LANGUAGE plpgsql VOLATILE AS $f$ BEGIN '
+        f"IF i > 1200 AND EXISTS (SELECT 1 FROM \"{schema}\".flag) THEN RAISE EXCEPTION 'the first try fails'; "
+        "END IF; RETURN true; END $f$"
+    )
+    admin.execute(f"INSERT INTO {heap} SELECT i, repeat('x', 3100) FROM generate_series(1, 200) i")  # room left
+    admin.execute(f"INSERT INTO {heap} SELECT i, repeat('z', 2000) FROM generate_series(1001, 1400) i")  # full
+    admin.execute(f"VACUUM ANALYZE {heap}")
+    admin.execute(f'INSERT INTO "{schema}".flag VALUES (1)')
+    arguments = {
+        "destination": str(out_dir),
+        "table": f"{schema}.heap",
+        "key_columns": ["ctid"],
+        "columns": ["id"],
+        "where": f'"{schema}".gate(id)',
+        "chunk_rows": 40,
+        **FAST,
+    }
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+    with pytest.raises(QueryError):
+        hook.extract(**arguments)
+    assert manifest_of(out_dir)["chunks"], "the first try committed nothing: the test proves nothing"
+    admin.execute(f'DELETE FROM "{schema}".flag')
+    admin.execute(f"UPDATE {heap} SET pad = repeat('y', 1500) WHERE id IN (1300, 1301, 1302)")
+    moved = admin.execute(f"SELECT (ctid::text::point)[0] FROM {heap} WHERE id IN (1300, 1301, 1302)").fetchall()
+    last_page_read = manifest_of(out_dir)["chunks"][-1]["last_key"][0]  # a page range's chunks name their pages
+    assert moved and all(page < last_page_read for (page,) in moved), (moved, last_page_read)  # onto read pages
+    result = hook.extract(**arguments)
+    ids = sorted(read_output(out_dir).column("id").to_pylist())
+    assert ids == sorted(r[0] for r in admin.execute(f"SELECT id FROM {heap}").fetchall())
+    assert result.resumed_from_chunk is None
 
 
 def test_ctid_page_ranges_without_a_snapshot_are_refused(conn_id: str, schema: str, out_dir: Path) -> None:

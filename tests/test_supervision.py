@@ -7,6 +7,7 @@ the deadline, the error, and that no worker process and no server backend of the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ import pytest
 
 from airflow_provider_cxpg.exceptions import (
     ConnectionConfigError,
+    JobTimeoutError,
     QueryTimeoutError,
     StorageError,
 )
@@ -461,6 +463,114 @@ def test_a_frozen_network_path_still_fires_query_timeout(
         assert wait_until(lambda: not worker_pids(), 10, 0.05)
     # The proxy is gone: the server sees the sockets close and ends the run's backends.
     assert wait_until(lambda: not cxpg_backends(admin), 15, 0.1), cxpg_backends(admin)
+
+
+def _plan_waits_on_a_lock(admin: psycopg.Connection) -> bool:
+    return bool(
+        admin.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'cxpg-%%-plan' "
+            "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        ).fetchall()
+    )
+
+
+@pytest.mark.parametrize("ending", ["query_timeout", "on_kill"])
+def test_planning_behind_a_gateway_that_stops_answering_ends_on_time(
+    pg: PgInfo, admin: psycopg.Connection, table: str, tmp_path: Path, ending: str
+) -> None:
+    """A planning statement waits on a lock; then the path to the server stops answering.
+
+    The server's statement_timeout error can never arrive, and a cancel request reaches a gateway
+    that accepts it and answers nothing. ``query_timeout``: the parent's own deadline on the
+    statement ends the run. ``on_kill`` (SIGTERM, no query_timeout to help): the abort ends the wait.
+    Either way, the cancel request must not hold the interpreter: libpq's blocking PQcancel, called
+    with the GIL held, froze the whole task process (it never printed its failure).
+    """
+    with running_proxy((pg.host, pg.port)) as proxy, psycopg.connect(pg.dsn) as holder:
+        holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        task = TaskProcess(
+            pg.airflow_conn_json(host="127.0.0.1", port=proxy.port),
+            tmp_path / "log.jsonl",
+            table=table,
+            destination=str(tmp_path / "out"),
+            query_timeout=3 if ending == "query_timeout" else None,
+        )
+        assert wait_until(lambda: _plan_waits_on_a_lock(admin), 30, 0.05), task.failure_output()
+        proxy.freeze()
+        frozen = time.monotonic()
+        if ending == "on_kill":
+            time.sleep(0.5)
+            task.process.send_signal(signal.SIGTERM)
+        try:
+            out = task.output(timeout=40)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the task process did not end behind the frozen gateway: {task.failure_output()}")
+        elapsed = time.monotonic() - frozen
+        expected = "QueryTimeoutError" if ending == "query_timeout" else "ExtractionAborted"
+        assert f"failed {expected}" in out, out
+        # query_timeout + deadline_grace, the cancel (cancel_grace, twice at most), the close
+        assert elapsed < 3 + 2 + 2 * FAST["cancel_grace"] + FAST["control_timeout"] + GRACE, elapsed
+        assert wait_until(lambda: not worker_pids(0), 10, 0.05)
+        holder.rollback()
+    timed_out = [e for e in events(tmp_path / "log.jsonl") if e["event"] == "query.timeout"]
+    if ending == "query_timeout":
+        assert timed_out and timed_out[0]["phase"] == "plan" and timed_out[0]["enforced_by"] == "parent", timed_out
+    failed = [e for e in events(tmp_path / "log.jsonl") if e["event"] == "job.failed"]
+    assert failed and failed[0]["reason"] == ("QueryTimeoutError" if ending == "query_timeout" else "on_kill"), failed
+    # The proxy is gone: the server sees the sockets close and ends the run's backends.
+    assert wait_until(lambda: not cxpg_backends(admin), 15, 0.1), cxpg_backends(admin)
+
+
+def test_job_timeout_bounds_planning_without_a_query_timeout(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, table: str, tmp_path: Path
+) -> None:
+    """``query_timeout=None``: nothing but the job's deadline bounds a planning statement on a lock."""
+    with psycopg.connect(pg.dsn) as holder:
+        holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        with pytest.raises(JobTimeoutError, match="plan query"):
+            ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+                destination=str(tmp_path / "out"),
+                table=table,
+                query_timeout=None,
+                job_timeout=3,
+                **FAST,
+            )
+        assert time.monotonic() - started < 3 + FAST["cancel_grace"] + GRACE
+        # The planning query was cancelled on the server (it had no statement_timeout to end it).
+        assert wait_until(lambda: not cxpg_backends(admin), 10, 0.05), cxpg_backends(admin)
+        holder.rollback()
+
+
+def test_a_stop_after_the_server_ended_the_monitor_connection_still_ends_the_run_backends(
+    pg: PgInfo, admin: psycopg.Connection
+) -> None:
+    """The monitor's connection was terminated (a restart, an administrator) before the stop.
+
+    Its first sample fails on the dead connection; the stop once returned there, leaving the run's
+    query running. It must look again on a new connection and end it.
+    """
+    from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor
+    from airflow_provider_cxpg.supervisor.monitor import ServerMonitor
+
+    app = f"cxpg-stop{uuid.uuid4().hex[:8]}"
+    endpoint = PostgresEndpoint(host=pg.host, port=pg.port, dbname=pg.dbname, user=pg.user, password=pg.password)
+    monitor = ServerMonitor(endpoint, app, Redactor(), call_timeout=FAST["control_timeout"])
+    with psycopg.connect(pg.dsn, application_name=app, autocommit=True) as run_backend:
+
+        def the_run_query() -> None:
+            with contextlib.suppress(psycopg.Error):  # ended by the stop
+                run_backend.execute("SELECT pg_sleep(60)")
+
+        threading.Thread(target=the_run_query, daemon=True).start()
+        assert wait_until(lambda: any(b.state == "active" for b in monitor.backends() or []), 10, 0.05)
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (f"{app}-ctl",)
+        )
+        assert wait_until(lambda: not backends_of(admin, f"{app}-ctl"), 5, 0.05)
+        monitor.stop_backends(grace=2.0)
+        assert wait_until(lambda: not backends_of(admin, app), 5, 0.05), backends_of(admin, app)
+    monitor.close()
 
 
 # -- what the log says -----------------------------------------------------------------------------------

@@ -421,14 +421,14 @@ def test_on_kill_from_a_signal_that_lands_inside_a_bounded_call_does_not_deadloc
     original = SerialCalls.call
     fired: list[float] = []
 
-    def call_then_signal(self: SerialCalls, operation: str, fn: Any, timeout: Any) -> Any:
+    def call_then_signal(self: SerialCalls, operation: str, fn: Any, timeout: Any, **kwargs: Any) -> Any:
         main = threading.current_thread() is threading.main_thread()
         if main and not fired and worker_pids() and "writing _manifest.json" in operation:
             with self._lock:
                 fired.append(time.monotonic())
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.05)  # the handler runs here, on this thread, inside the lock
-        return original(self, operation, fn, timeout)
+        return original(self, operation, fn, timeout, **kwargs)
 
     monkeypatch.setattr(SerialCalls, "call", call_then_signal)
     previous = signal.signal(signal.SIGTERM, lambda s, f: op.on_kill())

@@ -99,9 +99,10 @@ class PostgresExtractOperator(BaseOperator):
     :param parquet_dictionary: ``"auto"`` (default) dictionary-encodes only the columns whose first
         row group in each file is repetitive (dictionaries of near-unique values cost more CPU and
         bytes than they save); True or False: every column or none.
-    :param query_timeout: limit per chunk query (seconds or a ``timedelta``), enforced by the parent
-        and as server ``statement_timeout``; None for no limit.
-    :param job_timeout: limit for the whole extraction; None for no limit.
+    :param query_timeout: limit per query (seconds or a ``timedelta``): each chunk's and each of the
+        parent's planning statements, enforced by the parent and as server ``statement_timeout``;
+        None for no limit.
+    :param job_timeout: limit for the whole extraction, planning included; None for no limit.
     :param storage_timeout: limit for each operation on the destination: a chunk's upload and commit
         in the worker, the manifest writes, listings and removals in the parent (default 300 s).
     :param heartbeat_interval: time between worker heartbeats.
@@ -113,7 +114,9 @@ class PostgresExtractOperator(BaseOperator):
         the last successful run ended (state the provider keeps, see
         :mod:`~airflow_provider_cxpg.planning.watermark_state`), or a full copy on the first run.
     :param watermark_end: upper bound (templated); default: ``max(column)`` when the run starts. Rows
-        holding it then are read; rows written later with the same value are the next run's.
+        holding it then are read; rows written later with the same value are the next run's. An end
+        past the largest value at run start (for ``xmin``: past the oldest running transaction) ends
+        the window there, so rows written later below it are the next run's too.
     :param watermark_lag: re-read this much before the start, for writers whose commits arrive late
         (seconds or a ``timedelta`` for date/timestamp columns, a number otherwise): at-least-once.
     :param watermark_window: a window fixed elsewhere, read exactly: the partition planner's
@@ -135,7 +138,8 @@ class PostgresExtractOperator(BaseOperator):
         connectorx in batches of N rows, written as they arrive, so the worker's memory stops
         growing with ``chunk_rows`` (slower: choose it for very large chunks).
     :param resume: continue an unfinished extraction found at the destination (default True).
-    :param query_log_path: also write the structured query log as JSON lines to this file.
+    :param query_log_path: also write the structured query log as JSON lines to this file (a file
+        that takes no line for 10 s is given up for the run; the task log keeps every event).
     :param worker_settings: further :class:`~airflow_provider_cxpg.supervisor.settings.WorkerSettings` fields.
     :param emit_asset: emit the destination's stable asset (its static part; the run's prefix is in
         the event's extra). The partition planner turns it off for its ranges: the validator emits

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
+
 from airflow_provider_cxpg.exceptions import (
+    CxpgError,
     InvalidInputError,
     QueryTimeoutError,
     ServerConnectionError,
@@ -294,7 +297,7 @@ def describe_query(conn: Any, sql: str) -> list[tuple[str, int, int]]:
     """
     try:
         cursor = conn.execute(f"SELECT * FROM ({sql}) AS {quote_ident('_cxpg_describe')} LIMIT 0")
-    except Exception as exc:  # noqa: BLE001  classified below
+    except psycopg.Error as exc:  # a deadline, an abort, AirflowTaskTimeout pass as they are
         raise classify_control_error(exc, "describing the source query") from None
     result = cursor.pgresult
     if result is None or cursor.description is None:
@@ -303,7 +306,12 @@ def describe_query(conn: Any, sql: str) -> list[tuple[str, int, int]]:
 
 
 def classify_control_error(exc: BaseException, doing: str) -> Exception:
-    """A server error on the control connection: a timeout, a lost connection, or bad input."""
+    """A server error on the control connection: a timeout, a lost connection, or bad input.
+
+    One of the provider's own errors (a client-side deadline, an abort) is returned as it is.
+    """
+    if isinstance(exc, CxpgError):
+        return exc
     sqlstate = getattr(exc, "sqlstate", None)
     if sqlstate in _TIMEOUT_SQLSTATES:
         return QueryTimeoutError(

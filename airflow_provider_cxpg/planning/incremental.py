@@ -59,7 +59,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import psycopg
+
 from airflow_provider_cxpg.exceptions import InvalidInputError, SourceNotFoundError
+from airflow_provider_cxpg.planning.catalog import query_column_collation
 from airflow_provider_cxpg.planning.plan import SOURCE_ALIAS, ExtractPlan
 from airflow_provider_cxpg.planning.sql import literal, quote_ident, text_form
 
@@ -111,6 +114,13 @@ class WatermarkSpec:
         "no start given".
     :param recorded: a resolved window (:meth:`Window.to_json`) to read again exactly (resume, the
         ranges of a fan-out, a re-run of the same DAG run); the other fields are ignored.
+    :param sequence: the window's place in its task's chain of committed windows (the one it follows
+        plus one; a first run is 1): what decides whether a committed window moves the next start,
+        whatever order the watermark's values sort in. None when not known.
+    :param one_off: no later window starts where this one ends (an explicit ``watermark_start``:
+        the state is neither read nor moved), so ``end`` is read as given. Otherwise an ``end`` past
+        the largest value at run start (for xmin: past the oldest running transaction) is lowered to
+        it: rows written later below it would fall behind the next window's start.
     """
 
     column: str
@@ -121,6 +131,13 @@ class WatermarkSpec:
     start_keys: Keys = ()
     first_run: bool | None = None
     recorded: Mapping[str, Any] | None = field(default=None, compare=False)
+    sequence: int | None = field(default=None, compare=False)
+    one_off: bool = field(default=False, compare=False)
+
+    @property
+    def window_sequence(self) -> int | None:
+        """The sequence the resolved window records (a first run is 1)."""
+        return self.sequence if self.sequence is not None else (1 if self.is_first_run else None)
 
     @property
     def is_xmin(self) -> bool:
@@ -146,8 +163,10 @@ class WatermarkSpec:
     @classmethod
     def following(cls, window: Mapping[str, Any], *, end: Any = None, lag: Any = None) -> WatermarkSpec:
         """The window that follows ``window`` (a :meth:`Window.to_json`): it starts where that one ended."""
+        previous = window.get("sequence")
+        sequence = previous + 1 if isinstance(previous, int) and not isinstance(previous, bool) else None
         if window.get("column") == XMIN:
-            return cls(XMIN, start=window.get("high_watermark"), end=end, first_run=False)
+            return cls(XMIN, start=window.get("high_watermark"), end=end, first_run=False, sequence=sequence)
         return cls(
             str(window["column"]),
             start=window.get("high_watermark"),
@@ -156,6 +175,7 @@ class WatermarkSpec:
             start_inclusive=bool(window.get("next_start_inclusive", True)),
             start_keys=_keys(window.get("boundary_keys")),
             first_run=False,
+            sequence=sequence,
         )
 
     @classmethod
@@ -173,6 +193,7 @@ class Window:
         (rows at ``end`` are left for the next run) or ``inclusive`` (xmin: nothing can tie later).
     :param boundary_keys: keys read at ``high_watermark``: the next run skips them.
     :param contract: ``exactly_once``, or ``at_least_once`` with a ``lag``.
+    :param sequence: its place in its task's chain of committed windows (see :class:`WatermarkSpec`).
     """
 
     column: str
@@ -193,6 +214,7 @@ class Window:
     wal_position: str | None = None
     null_rows_estimate: int | None = None
     versioned: bool = False
+    sequence: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Everything needed to read this window again, or the one after it (manifests, state)."""
@@ -213,6 +235,7 @@ class Window:
             "wal_position": self.wal_position,
             "versioned": self.versioned,
             "note": self.note,
+            "sequence": self.sequence,
         }
 
     def summary(self) -> dict[str, Any]:
@@ -334,12 +357,26 @@ def _column_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
         start_inclusive, start_keys, contract = True, (), AT_LEAST_ONCE
     where = " AND ".join(f"({f})" for f in plan.filters) or "true"
     finite = _finite(conn, expr, sql_type, typname)
-    end = None if _blank(spec.end) else spec.end
-    if end is None:
-        condition = f"{where} AND {finite}" if finite else where
-        row = conn.execute(f"SELECT max({expr})::text FROM {plan.from_clause} WHERE {condition}").fetchone()
-        end = row[0] if row else None
+    condition = f"{where} AND {finite}" if finite else where
     notes: list[str] = []
+    given = None if _blank(spec.end) else spec.end
+    if given is not None and spec.one_off:
+        end = given  # a one-off window reads what it was given: no later window starts at its end
+    else:
+        # max(expr) keeps the column's collation, so "< given" compares as the window's filters do.
+        past = f", max({expr}) < {literal(given, sql_type)}" if given is not None else ""
+        row = conn.execute(f"SELECT max({expr})::text{past} FROM {plan.from_clause} WHERE {condition}").fetchone()
+        largest = row[0] if row else None
+        end = largest if given is None else given
+        if given is not None and (largest is None or row[1]):
+            # A given end past every value the source holds now (a data interval that has not
+            # closed, a date ahead): rows written later below it would fall behind the next run's
+            # start. The window ends at what exists, as without an end; they are the next run's.
+            notes.append(
+                f"watermark_end {given!r} lies past the largest {spec.column} when the run started "
+                f"({largest!r}): the window ends there; rows written later up to watermark_end are the next run's"
+            )
+            end = largest
     end_mode, end_keys = "keys", ()
     versioned = _has_row_versions(plan)
     if end is not None:
@@ -355,7 +392,8 @@ def _column_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
             )
         else:
             end_keys = found
-    order = _compare(conn, end, start, sql_type) if end is not None and start is not None else None
+    collation = _collation(conn, plan, expr, typname) if end is not None and start is not None else None
+    order = _compare(conn, end, start, sql_type, collation) if end is not None and start is not None else None
     if order is not None and order < 0:
         notes.append(f"the window's end {end!r} lies before its start {start!r}: nothing to read")
     # Where the next run starts: the end, skipping the keys read there (all of them, when the end is
@@ -395,6 +433,7 @@ def _column_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
         wal_position=_wal_position(conn),
         null_rows_estimate=null_estimate,
         versioned=versioned,
+        sequence=spec.window_sequence,
     )
     return replace(window, filters=_column_filters(plan, window, sql_type, finite))
 
@@ -458,9 +497,19 @@ def _typed_key(plan: ExtractPlan, row: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(int(v) if k.typname in integers else v for k, v in zip(plan.key, row, strict=True))
 
 
-def _compare(conn: Any, a: Any, b: Any, sql_type: str) -> int:
-    """-1, 0 or 1 as the server orders ``a`` and ``b`` of ``sql_type``."""
+def _collation(conn: Any, plan: ExtractPlan, expr: str, typname: str) -> str | None:
+    """The collation the window's filters compare ``expr`` under (None: not a text watermark)."""
+    if typname not in {"text", "varchar"}:
+        return None
+    return query_column_collation(conn, plan.from_clause, expr)[0]
+
+
+def _compare(conn: Any, a: Any, b: Any, sql_type: str, collation: str | None = None) -> int:
+    """-1, 0 or 1 as the server orders ``a`` and ``b`` of ``sql_type`` (under ``collation``: the
+    column's, as the filters compare; two bare literals would compare under the database's)."""
     x, y = literal(a, sql_type), literal(b, sql_type)
+    if collation:
+        x, y = f"({x} COLLATE {collation})", f"({y} COLLATE {collation})"
     return int(conn.execute(f"SELECT CASE WHEN {x} < {y} THEN -1 WHEN {x} = {y} THEN 0 ELSE 1 END").fetchone()[0])
 
 
@@ -524,7 +573,7 @@ def _wal_position(conn: Any) -> str | None:
     """The WAL position every row the window's end saw is visible at (for :func:`_replay_guard`)."""
     try:
         row = conn.execute(f"SELECT ({_WAL_POSITION})::text").fetchone()
-    except Exception:  # noqa: BLE001  a server without WAL functions (a foreign one): no guard
+    except psycopg.Error:  # not Exception: a deadline, an abort, AirflowTaskTimeout (Airflow 2) must go on
         return None
     return row[0] if row and row[0] else None
 
@@ -561,6 +610,7 @@ def _rebuild(conn: Any, plan: ExtractPlan, recorded: Mapping[str, Any]) -> Windo
         first_run=bool(recorded.get("first_run")),
         wal_position=recorded.get("wal_position"),
         versioned=bool(recorded.get("versioned")),
+        sequence=recorded.get("sequence"),
     )
     if column == XMIN:
         return replace(window, filters=_xmin_filters(window))
@@ -581,11 +631,18 @@ def _jsonable(value: Any) -> Any:
 
 
 def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
+    row = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetchone()
+    settled = int(row[0]) - 1  # every transaction up to here has ended: none can still commit into the window
+    end, note = settled, None
     if not _blank(spec.end):
         end = _as_int(spec.end, "watermark_end")
-    else:
-        row = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetchone()
-        end = int(row[0]) - 1
+        # A transaction at or below it may still commit: it would fall behind the next window's start.
+        if end > settled and not spec.one_off:
+            note = (
+                f"watermark_end {end} lies past the oldest transaction still running ({settled + 1}): "
+                f"the window ends at {settled}"
+            )
+            end = settled
     start = None if _blank(spec.start) else _as_int(spec.start, "watermark_start")
     # At least once, honestly: a first run (or a too-wide window) reads every row, also rows
     # committed after ``end`` that the next window reads again, and a frozen tuple's raw xmin can
@@ -600,6 +657,7 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
         first_run=start is None,
         contract=AT_LEAST_ONCE,
         wal_position=_wal_position(conn),
+        sequence=spec.window_sequence,
     )
     if start is None:
         window = replace(window, note="first xmin run: every row is read")
@@ -610,6 +668,8 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
             window,
             note=f"xmin window of {end - start} transactions is too wide to compare modulo 2^32: reading every row",
         )
+    if note is not None:
+        window = replace(window, note="; ".join(n for n in (note, window.note) if n))
     return replace(window, filters=_xmin_filters(window))
 
 

@@ -116,6 +116,7 @@ class KeyColumn:
     :param plain: ``expr`` is the bare column (so ``pg_stats`` bounds are in its order).
     :param nullable: nothing in the catalog proves the column NOT NULL (views, materialized views,
         queries): a NULL would sort after every key and never pass ``(k) > (last)``.
+    :param collation: the collation ``expr`` orders by (None: not a collatable type).
     """
 
     name: str
@@ -125,6 +126,7 @@ class KeyColumn:
     field: str = ""
     plain: bool = True
     nullable: bool = False
+    collation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -340,6 +342,17 @@ class ExtractPlan:
         conditions = [f"({f})" for f in self.filters]
         sql = f"SELECT count(*) FROM {self.from_clause}"
         return sql + (" WHERE " + " AND ".join(conditions) if conditions else "")
+
+    def key_order(self) -> list[list[str | None]] | None:
+        """How the key is ordered: each paging expression and its collation (None: no collatable key).
+
+        Part of an extraction's fingerprint: a resumed run continues after the last key *in this
+        order*; after the key's collation changed (``ALTER COLUMN ... COLLATE``, another unique index
+        proving the key), the keys after it are another set, and resuming would skip rows.
+        """
+        if all(k.collation is None for k in self.key):
+            return None  # the order is the type's: unchanged fingerprints for the common case
+        return [[k.expr, k.collation] for k in self.key]
 
     def describe_schema(self) -> list[dict[str, str]]:
         return [
@@ -592,7 +605,7 @@ def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
         if table is None and col.pg.typname in _COLLATABLE:  # a query: ask the server for the key's collation
             collation, deterministic = query_column_collation(conn, from_clause, f"{SOURCE_ALIAS}.{quote_ident(name)}")
             col = SourceColumn(col.name, col.pg, col.not_null, collation, deterministic)
-        expr, sql_type, note = _paging_expression(col, proof, key_unique)
+        expr, sql_type, note, collation = _paging_expression(col, proof, key_unique)
         if note:
             notes.append(note)
         field_name = name
@@ -602,7 +615,14 @@ def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
         base = f"{SOURCE_ALIAS}.{quote_ident(name)}"
         key.append(
             KeyColumn(
-                name, expr, sql_type, col.pg.typname, field_name, plain=expr == base, nullable=col.not_null is not True
+                name,
+                expr,
+                sql_type,
+                col.pg.typname,
+                field_name,
+                plain=expr == base,
+                nullable=col.not_null is not True,
+                collation=collation,
             )
         )
     if not key_unique:
@@ -624,8 +644,11 @@ def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
     )
 
 
-def _paging_expression(col: SourceColumn, proof: UniqueIndex | None, unique: bool) -> tuple[str, str, str | None]:
-    """The expression a key column is ordered and compared by, its literal type, and a note.
+def _paging_expression(
+    col: SourceColumn, proof: UniqueIndex | None, unique: bool
+) -> tuple[str, str, str | None, str | None]:
+    """The expression a key column is ordered and compared by, its literal type, a note, and the
+    collation it orders by.
 
     Keyset paging is exact when no two rows compare equal under the paging comparison. A unique
     index proves that under its own collation, so a column of the proving index is paged under the
@@ -639,22 +662,23 @@ def _paging_expression(col: SourceColumn, proof: UniqueIndex | None, unique: boo
             "text",
             f'citext key {col.name!r} is paged by its text form under COLLATE "C" (an index on the '
             "citext column cannot serve that order)",
+            BYTE_COLLATION,
         )
     if col.collation is None:
-        return base, col.pg.sql_name, None
+        return base, col.pg.sql_name, None, None
     wanted = col.collation
     if proof is not None and col.name in proof.columns:
         wanted = proof.collations[proof.columns.index(col.name)] or col.collation
     elif not unique and col.deterministic is not True:
         wanted = BYTE_COLLATION
     if wanted == col.collation:
-        return base, col.pg.sql_name, None
+        return base, col.pg.sql_name, None, wanted
     note = (
         f"key column {col.name!r} (collation {col.collation}) is paged under collation {wanted}"
         + (", the collation of the unique index that proves the key unique" if wanted != BYTE_COLLATION else "")
         + (": its own collation is nondeterministic" if col.deterministic is False else "")
     )
-    return f"({base} COLLATE {wanted})", col.pg.sql_name, note
+    return f"({base} COLLATE {wanted})", col.pg.sql_name, note, wanted
 
 
 def _time_guard(columns: list[ColumnRead], spec: SourceSpec) -> tuple[HiddenField, ...]:

@@ -15,10 +15,13 @@ reuse the snapshot of the attempt that died; its resumed chunks see a newer mome
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections.abc import Callable
 
-from airflow_provider_cxpg.conninfo import PostgresEndpoint, connect
-from airflow_provider_cxpg.exceptions import ServerConnectionError
+import psycopg
+
+from airflow_provider_cxpg.bounded import CallStopped, CallTimedOut
+from airflow_provider_cxpg.control import ControlConnection
+from airflow_provider_cxpg.exceptions import ExtractionAborted, ServerConnectionError
 from airflow_provider_cxpg.planning.sql import quote_string
 
 __all__ = ["ExportedSnapshot", "import_statements"]
@@ -33,27 +36,52 @@ def import_statements(snapshot_id: str) -> tuple[str, str]:
 
 
 class ExportedSnapshot:
-    """Hold a snapshot open for the duration of a ``with`` block; ``id`` names it."""
+    """Hold a snapshot open for the duration of a ``with`` block; ``id`` names it.
 
-    def __init__(self, endpoint: PostgresEndpoint, application_name: str) -> None:
-        self._endpoint = endpoint.with_session(
-            application_name=application_name, settings={"idle_in_transaction_session_timeout": "0"}
-        )
-        self._conn: Any = None
+    :param open_connection: opens the holder's connection (its session must allow an idle
+        transaction for the whole run: ``idle_in_transaction_session_timeout=0``).
+    :param timeout: client-side deadline of each of its statements (``BEGIN``, the export, the
+        ``ROLLBACK`` and the close), in seconds: none of them waits on a lock, and a server that does
+        not answer must not hold the run.
+    :param stop: asked while a statement waits; a reason (an abort) ends the wait.
+    """
+
+    def __init__(
+        self,
+        open_connection: Callable[[], ControlConnection],
+        *,
+        timeout: float,
+        stop: Callable[[], str | None] | None = None,
+    ) -> None:
+        self._open = open_connection
+        self._timeout = timeout
+        self._stop = stop
+        self._control: ControlConnection | None = None
         self.id: str | None = None
 
     def __enter__(self) -> ExportedSnapshot:
-        self._conn = connect(self._endpoint)
+        self._control = control = self._open()
         try:
-            self._conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            self.id = str(self._conn.execute("SELECT pg_export_snapshot()").fetchone()[0])
-        except Exception as exc:  # noqa: BLE001  any server error: say what failed
-            self._conn.close()
-            raise ServerConnectionError(f"cannot export a snapshot: {str(exc).strip()}") from None
+            for statement in ("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", "SELECT pg_export_snapshot()"):
+                cursor = control.execute(statement, timeout=self._timeout, what="exporting a snapshot", stop=self._stop)
+            self.id = str(cursor.fetchone()[0])
+        except BaseException as exc:
+            control.close(self._timeout)
+            self._control = None
+            if isinstance(exc, CallStopped):
+                raise ExtractionAborted.because(exc.reason) from None
+            if isinstance(exc, CallTimedOut):
+                raise ServerConnectionError(f"cannot export a snapshot: {exc}", reason="timeout") from None
+            if isinstance(exc, psycopg.Error):
+                raise ServerConnectionError(f"cannot export a snapshot: {str(exc).strip()}") from None
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        with contextlib.suppress(Exception):
-            self._conn.execute("ROLLBACK")
-        with contextlib.suppress(Exception):
-            self._conn.close()
+        control, self._control = self._control, None
+        if control is None:
+            return
+        # Not suppress(Exception): on Airflow 2 that would swallow AirflowTaskTimeout too.
+        with contextlib.suppress(psycopg.Error, CallTimedOut):
+            control.execute("ROLLBACK", timeout=self._timeout, what="ending the snapshot's transaction")
+        control.close(self._timeout)

@@ -12,6 +12,10 @@ each committed window itself, in one Airflow Variable per task (per map index wh
      "window": {...the last committed window...},          # the next run starts where it ended
      "runs": {"<dag run id>": {...its window...}, ...}}    # a re-run of a DAG run reads its window again
 
+Each window carries ``sequence``, its place in the chain (the window it follows plus one): a window
+moves ``window`` only when it comes later in the chain, whatever order the watermark's values sort
+in (see ``_advances``).
+
 A task commits its window when it succeeds; the fan-out validator commits the planner's window when
 the dataset is complete. A Variable works the same on Airflow 2.11 and 3.x, under ``dag.test()`` and
 any executor, and an operator can inspect or reset it in the UI (delete it: the next run is a full
@@ -151,7 +155,16 @@ class WatermarkState:
 
 
 def _advances(current: Mapping[str, Any], window: Mapping[str, Any]) -> bool:
-    """Whether ``window`` ends at or after ``current`` (the high watermarks are server text forms)."""
+    """Whether ``window`` comes at or after ``current`` in the task's chain of windows.
+
+    By their sequence numbers (a window is the one it follows plus one): a text watermark sorts by
+    the column's collation, which Python's string order does not know ('B' < 'a' in Python, not
+    under en_US), nor does ``float`` tell large integers apart. Windows recorded before sequences
+    existed, and two windows of one place (concurrent runs), compare their high watermarks.
+    """
+    new_sequence, old_sequence = window.get("sequence"), current.get("sequence")
+    if isinstance(new_sequence, int) and isinstance(old_sequence, int) and new_sequence != old_sequence:
+        return new_sequence > old_sequence
     new, old = window.get("high_watermark"), current.get("high_watermark")
     if old is None:
         return True
@@ -195,7 +208,7 @@ def spec_for_task(
     An explicit ``start`` is a one-off window: the state is neither read nor moved.
     """
     if start not in (None, ""):
-        return WatermarkSpec(column, start, end, lag), None
+        return WatermarkSpec(column, start, end, lag, one_off=True), None
     state = WatermarkState.for_task(context, task_id, state_key)
     dag_run = context.get("dag_run")
     spec = spec_for_run(

@@ -55,7 +55,8 @@ class ChunkSizer:
         if not self._rows:
             return min(self.chunk_rows, _BYTES_PROBE_ROWS)
         width = max(1.0, self._bytes / self._rows)
-        return max(_MIN_BYTES_CHUNK_ROWS, min(self.chunk_rows, int(self.chunk_bytes / width)))
+        # chunk_rows stays the maximum, also under the floor (tiny rows would make chunks of a few rows)
+        return min(self.chunk_rows, max(_MIN_BYTES_CHUNK_ROWS, int(self.chunk_bytes / width)))
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
+from airflow_provider_cxpg.bounded import CallStopped, CallTimedOut, SerialCalls
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, connect
+from airflow_provider_cxpg.control import ControlConnection
 from airflow_provider_cxpg.exceptions import (
     CxpgError,
     DestinationConflictError,
     ExtractionAborted,
+    JobTimeoutError,
+    QueryTimeoutError,
     ServerConnectionError,
     StorageError,
     WorkerError,
@@ -56,7 +59,7 @@ from airflow_provider_cxpg.supervisor.credentials import CredentialSource, is_au
 from airflow_provider_cxpg.supervisor.monitor import ActivitySampler, ControlCancels, ServerMonitor
 from airflow_provider_cxpg.supervisor.session import WorkerSession
 from airflow_provider_cxpg.supervisor.settings import WorkerSettings
-from airflow_provider_cxpg.supervisor.watchdog import lock_wait_fields
+from airflow_provider_cxpg.supervisor.watchdog import lock_wait_fields, statement_deadline
 from airflow_provider_cxpg.worker.protocol import ParquetSink
 
 __all__ = [
@@ -65,6 +68,7 @@ __all__ = [
     "SUMMARY_FILES_MAX",
     "ExtractResult",
     "Extraction",
+    "key_bound",
     "new_run_id",
     "run_application_name",
 ]
@@ -86,24 +90,56 @@ def new_run_id() -> str:
 _SUFFIX_BYTES = 16
 
 
-class _AbortChecked:
-    """A control connection that refuses to start a statement once the run was aborted.
+class _ControlStatements:
+    """A control connection as planning code sees it: ``execute`` and ``info``, nothing else.
 
-    ``on_kill`` cancels the statement running at that instant; without this, the planning step's
-    *next* statement (a ``max()`` scan, a describe waiting on a lock) would start and run on.
+    A statement refuses to start once the run was aborted: ``on_kill`` cancels the statement
+    running at that instant, and without this the planning step's *next* statement (a ``max()``
+    scan, a describe waiting on a lock) would start and run on. Each statement waits at most the
+    run's statement deadline (:meth:`Extraction.statement_deadline`) on the client side: the server's
+    ``statement_timeout`` answer may never arrive (a gateway that accepts packets and returns nothing).
     """
 
-    def __init__(self, conn: Any, aborted: Callable[[], str | None]) -> None:
-        self._conn, self._aborted = conn, aborted
+    def __init__(self, control: ControlConnection, extraction: Extraction, purpose: str, sampler: ActivitySampler):
+        self._control, self._extraction, self._purpose, self._sampler = control, extraction, purpose, sampler
 
-    def execute(self, *args: Any, **kwargs: Any) -> Any:
+    def _aborted(self) -> str | None:
+        return self._extraction._aborted
+
+    def execute(self, query: Any, params: Any = None) -> Any:
         reason = self._aborted()
         if reason:
             raise ExtractionAborted.because(reason)
-        return self._conn.execute(*args, **kwargs)
+        timeout, limit = self._extraction.statement_deadline()
+        started = time.monotonic()
+        try:
+            return self._control.execute(
+                query, params, timeout=timeout, what=f"the {self._purpose} query", stop=self._aborted
+            )
+        except CallStopped as stopped:
+            raise ExtractionAborted.because(stopped.reason) from None
+        except CallTimedOut:
+            raise self._extraction.control_timed_out(
+                self._purpose, limit, time.monotonic() - started, self._sampler
+            ) from None
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._conn, name)
+    @property
+    def info(self) -> Any:
+        return self._control.info
+
+
+def key_bound(value: Any) -> list[Any] | None:
+    """A key bound as a list of key values: ``None``, a list or tuple, or one value for the first column.
+
+    One value is one column's value: a string is never taken apart into characters (a templated
+    ``upper_key="{{ params.hi }}"`` renders to a string; read as a sequence, ``"12"`` bounded a
+    composite key at ``(1, 2)`` instead of ``(12)``, and the run ended green without the rows past it).
+    """
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
 
 
 def run_application_name(run_id: str, prefix: str | None = None, worker: int | None = None) -> str:
@@ -268,8 +304,8 @@ class Extraction:
         )
         self.sizer = ChunkSizer(self.options.chunk_rows, self.options.chunk_bytes)
         self.extra_filters = tuple(extra_filters)
-        self.lower = list(lower) if lower is not None else None
-        self.upper = list(upper) if upper is not None else None
+        self.lower = key_bound(lower)
+        self.upper = key_bound(upper)
         self.watermark = watermark
         self.window: Window | None = None
         self.resume = resume
@@ -286,7 +322,9 @@ class Extraction:
         self.worker_index = worker_index
         self._session: WorkerSession | None = None
         self._aborted: str | None = None
-        self._cancels = ControlCancels()  # the control connections' running queries
+        self._cancels = ControlCancels(self.settings.cancel_grace)  # the control connections' running queries
+        #: When the whole run must end (``job_timeout``), set when it starts; planning honours it too.
+        self.job_deadline: float | None = None
         self.plan: ExtractPlan | None = None
         self.estimated_rows: int | None = None
 
@@ -350,20 +388,40 @@ class Extraction:
         # helper thread: a cancel request can block on a dead network, a signal handler must not).
         self._cancels.cancel_all_soon()
 
+    def statement_deadline(self) -> tuple[float | None, str]:
+        """How long the parent's next statement may wait, and the setting that bounds it (see
+        :func:`~airflow_provider_cxpg.supervisor.watchdog.statement_deadline`)."""
+        return statement_deadline(self.settings, self.job_deadline, time.monotonic())
+
+    def control_timed_out(
+        self, purpose: str, limit: str, seconds: float, sampler: ActivitySampler | None = None
+    ) -> CxpgError:
+        """The error (and the ``query.timeout`` event) for a control statement that did not return in time."""
+        backends = sampler.last_active() or sampler.latest() if sampler is not None else None
+        activity = "; ".join(b.describe() for b in backends) if backends else "unknown (the server did not answer)"
+        self.log.emit(
+            "query.timeout", phase=purpose, seconds=seconds, limit=limit, enforced_by="parent", server_activity=activity
+        )
+        setting = self.settings.job_timeout if limit == "job_timeout" else self.settings.query_timeout
+        message = f"the {purpose} query did not return within {seconds:.1f}s ({limit}={setting}s); server: {activity}"
+        error = JobTimeoutError if limit == "job_timeout" else QueryTimeoutError
+        return error(message, limit=limit, server_activity=activity)
+
     @contextlib.contextmanager
     def control_connection(self, purpose: str) -> Iterator[Any]:
-        """A control connection for the parent's own queries, bounded by ``query_timeout``.
+        """A control connection for the parent's own queries, each under :meth:`statement_deadline`.
 
         While it is open a thread reports lock waits of its backend (and who holds the lock);
         server errors on it become provider errors (timeouts as :class:`QueryTimeoutError`, bad SQL
-        as invalid input). Whatever ends the block abnormally (an error, ``AirflowTaskTimeout``,
-        ``KeyboardInterrupt``) cancels the query on the server before the connection closes.
+        as invalid input). Whatever ends the block abnormally (an error, a deadline,
+        ``AirflowTaskTimeout``, ``KeyboardInterrupt``) cancels the query on the server before the
+        connection closes; a statement still running then is given up (see :mod:`~airflow_provider_cxpg.control`).
         """
         app = f"{self.application_name}-{purpose}"
         timeout = self.settings.query_timeout
         limit_ms = int(timeout * 1000) if timeout is not None else 0
-        conn = self._connect_control(app, limit_ms)
-        key = self._cancels.register(conn)
+        control = self._connect_control(app, limit_ms)
+        key = self._cancels.register(control)
         sampler = ActivitySampler(
             ServerMonitor(self.credentials.current(), app, self.redactor, call_timeout=self.settings.control_timeout),
             lambda b: self.log.emit("server.waiting", phase=purpose, sql=b.query, **lock_wait_fields(b)),
@@ -371,15 +429,16 @@ class Extraction:
             after=self.settings.report_wait_after,
             every=self.settings.report_wait_every,
         )
+        statements = _ControlStatements(control, self, purpose, sampler)
         try:
             if self._aborted:
                 raise ExtractionAborted.because(self._aborted)
-            if self.snapshot_id:  # the window's end and the plan see what every chunk will see
-                for statement in import_statements(self.snapshot_id):
-                    conn.execute(statement)
             with sampler:
                 try:
-                    yield _AbortChecked(conn, lambda: self._aborted)
+                    if self.snapshot_id:  # the window's end and the plan see what every chunk will see
+                        for statement in import_statements(self.snapshot_id):
+                            statements.execute(statement)
+                    yield statements
                 except BaseException as exc:
                     self._cancels.cancel(key, self.settings.cancel_grace)  # the query may still run
                     if not isinstance(exc, Exception):
@@ -394,26 +453,61 @@ class Extraction:
                     raise
         finally:
             self._cancels.unregister(key)
-            with contextlib.suppress(Exception):
-                conn.close()
+            control.close(self.settings.control_timeout)  # gives the connection up if a statement still runs
 
-    def _connect_control(self, application_name: str, limit_ms: int) -> Any:
+    def _connect_control(self, application_name: str, limit_ms: int) -> ControlConnection:
         """Connect; a refused login renews the credentials once (an expired token) and tries again."""
         try:
-            return connect(
-                self.credentials.current().with_session(application_name=application_name),
-                statement_timeout_ms=limit_ms,
-                connect_timeout=self.settings.control_timeout,
-            )
+            return self._open_control(application_name, limit_ms)
         except ServerConnectionError as exc:
             if not (is_authentication_failure(exc) and self.credentials.renewable and self.credentials.renew()):
                 raise
             self.log.emit("job.plan", note="the server refused the login: credentials renewed, connecting again")
-            return connect(
-                self.credentials.current().with_session(application_name=application_name),
-                statement_timeout_ms=limit_ms,
-                connect_timeout=self.settings.control_timeout,
+            return self._open_control(application_name, limit_ms)
+
+    def _open_control(
+        self, application_name: str, limit_ms: int, settings: dict[str, str] | None = None
+    ) -> ControlConnection:
+        """A :class:`ControlConnection` to the server, connected under a client-side deadline.
+
+        libpq's ``connect_timeout`` (``control_timeout``) bounds each address it tries; the name's
+        resolution is not bounded by it. The deadline allows two addresses (IPv6 and IPv4 of one
+        name) and ``deadline_grace``.
+        """
+        endpoint = self.credentials.current().with_session(application_name=application_name)
+        limit = 2 * self.settings.control_timeout + self.settings.deadline_grace
+        try:
+            return ControlConnection.open(
+                lambda: connect(
+                    endpoint,
+                    statement_timeout_ms=limit_ms,
+                    connect_timeout=self.settings.control_timeout,
+                    settings=settings,
+                ),
+                timeout=limit,
+                name=f"control-{application_name.rsplit('-', 1)[-1]}",
+                stop=lambda: self._aborted,
             )
+        except CallStopped as stopped:
+            raise ExtractionAborted.because(stopped.reason) from None
+        except CallTimedOut:
+            raise ServerConnectionError(
+                f"connecting to {endpoint.redacted_uri()} did not finish within {limit:.0f}s "
+                "(a name that does not resolve, a gateway that does not answer)",
+                endpoint=endpoint.redacted_uri(),
+                reason="connect_timeout",
+            ) from None
+
+    def exported_snapshot(self) -> ExportedSnapshot:
+        """The run's snapshot holder: its connection opened and its statements run under deadlines."""
+        app = f"{self.application_name}-snap"
+        limit = self.settings.control_timeout
+        return ExportedSnapshot(
+            # The transaction stays open for the run: no idle-in-transaction timeout may end it.
+            lambda: self._open_control(app, int(limit * 1000), settings={"idle_in_transaction_session_timeout": "0"}),
+            timeout=limit + self.settings.deadline_grace,
+            stop=lambda: self._aborted,
+        )
 
     def build_plan(self) -> ExtractPlan:
         """Validate the source against the server; raise before any data moves."""
@@ -451,18 +545,20 @@ class Extraction:
         return plan
 
     def fingerprint(self, plan: ExtractPlan) -> str:
-        return fingerprint(
-            {
-                "source": plan.source.describe(),
-                "key": list(plan.key_names),
-                "schema": plan.describe_schema(),
-                "lower": key_to_json(self.lower),
-                "upper": key_to_json(self.upper),
-                "compression": self.options.parquet.compression,
-                "filters": list(self.extra_filters),
-                "watermark": self.watermark.identity() if self.watermark else None,
-            }
-        )
+        parts = {
+            "source": plan.source.describe(),
+            "key": list(plan.key_names),
+            "schema": plan.describe_schema(),
+            "lower": key_to_json(self.lower),
+            "upper": key_to_json(self.upper),
+            "compression": self.options.parquet.compression,
+            "filters": list(self.extra_filters),
+            "watermark": self.watermark.identity() if self.watermark else None,
+        }
+        order = plan.key_order()
+        if order is not None:  # a text key resumes only in the order it was paged in
+            parts["key_order"] = order
+        return fingerprint(parts)
 
     # -- run ---------------------------------------------------------------------------------------
 
@@ -475,6 +571,7 @@ class Extraction:
         """
         started = time.monotonic()
         job_deadline = started + self.settings.job_timeout if self.settings.job_timeout else None
+        self.job_deadline = job_deadline
         self.log.emit(
             "job.start",
             source=self.spec.table or "sql",
@@ -487,9 +584,7 @@ class Extraction:
                 # Page ranges are exact only inside one snapshot: an UPDATE moves a row to another
                 # page, onto one not yet read (read twice) or one already read (missed).
                 if self.snapshot is True or (self.snapshot is False and self.spec.key_columns == (CTID,)):
-                    holder = stack.enter_context(
-                        ExportedSnapshot(self.credentials.current(), f"{self.application_name}-snap")
-                    )
+                    holder = stack.enter_context(self.exported_snapshot())
                     self.snapshot_id = holder.id
                     self.log.emit("job.plan", snapshot=holder.id, note="all chunks read from one exported snapshot")
                 return self._run(started, job_deadline)
@@ -652,7 +747,16 @@ class Extraction:
                     "destination",
                     destination=self.destination.url,
                 )
-        if existing is not None and self.resume and existing.resumable_by(fp):
+        if existing is not None and self.resume and existing.resumable_by(fp) and plan.pages is not None:
+            # Page ranges are exact only inside the one snapshot they were read in, and that ended with
+            # the attempt that held it: an UPDATE since may have moved a row onto a page already read
+            # (lost) or off one (read twice). A new attempt reads every page again, in its own snapshot.
+            self.log.emit(
+                "job.resume",
+                resumed_extraction_id=existing.run_id,
+                note="page ranges (ctid) cannot continue in a new snapshot: reading every page again",
+            )
+        elif existing is not None and self.resume and existing.resumable_by(fp):
             problems = output_problems(self.destination, existing)
             if not problems:
                 self._unmark(entries)

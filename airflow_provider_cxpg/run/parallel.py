@@ -47,7 +47,6 @@ from airflow_provider_cxpg.output.verify import output_problems
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec, check_watermark
 from airflow_provider_cxpg.planning.key_ranges import plan_key_ranges
 from airflow_provider_cxpg.planning.plan import CTID
-from airflow_provider_cxpg.planning.snapshot import ExportedSnapshot
 from airflow_provider_cxpg.run.extraction import Extraction, ExtractResult, new_run_id
 from airflow_provider_cxpg.run.options import positive_int
 
@@ -251,15 +250,17 @@ def plan_or_reuse_ranges(
         check_watermark(plan, coordinator.watermark)  # bad input: refused before anything is written
     sid = coordinator.source_id(plan)
     watermark = coordinator.watermark.identity() if coordinator.watermark is not None else None
-    fp = fingerprint(
-        {
-            "source": plan.source.describe(),
-            "key": list(plan.key_names),
-            "n": partitions,
-            "method": method,
-            "watermark": watermark,  # another requested window is another dataset, never the recorded one
-        }
-    )
+    parts = {
+        "source": plan.source.describe(),
+        "key": list(plan.key_names),
+        "n": partitions,
+        "method": method,
+        "watermark": watermark,  # another requested window is another dataset, never the recorded one
+    }
+    order = plan.key_order()
+    if order is not None:  # ranges planned in one key order do not tile another
+        parts["key_order"] = order
+    fp = fingerprint(parts)
     existing = destination.read_json(DATASET_MANIFEST)
     if existing and existing.get("fingerprint") == fp and existing.get("status") == "running":
         coordinator.log.emit("job.resume", note="reusing the recorded key ranges", ranges=len(existing["ranges"]))
@@ -367,14 +368,12 @@ class ParallelExtraction:
 
     def run(self) -> ExtractResult:
         started = time.monotonic()
+        job_timeout = self.coordinator.settings.job_timeout
+        self.coordinator.job_deadline = started + job_timeout if job_timeout else None  # the planning's statements
         with contextlib.ExitStack() as stack:
             snapshot_id: str | None = None
             if self.snapshot:
-                holder = stack.enter_context(
-                    ExportedSnapshot(
-                        self.coordinator.credentials.current(), f"{self.coordinator.application_name}-snap"
-                    )
-                )
+                holder = stack.enter_context(self.coordinator.exported_snapshot())
                 snapshot_id = holder.id
                 self.coordinator.snapshot_id = snapshot_id
             ranges, record = self._ranges()

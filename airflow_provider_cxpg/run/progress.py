@@ -13,6 +13,8 @@ import json
 import time
 from typing import Any
 
+import psycopg
+
 from airflow_provider_cxpg.planning.plan import ExtractPlan
 from airflow_provider_cxpg.querylog import QueryLog
 
@@ -26,7 +28,9 @@ def estimate_rows(conn: Any, plan: ExtractPlan) -> int | None:
         row = conn.execute(f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {plan.from_clause} WHERE {conditions}").fetchone()
         document = row[0] if isinstance(row[0], list) else json.loads(row[0])
         return int(document[0]["Plan"]["Plan Rows"])
-    except Exception:  # noqa: BLE001  an estimate is a nicety: fall back to the catalog's
+    # An estimate is a nicety: a server error or an unexpected plan falls back to the catalog's. Not
+    # Exception: a deadline, an abort or AirflowTaskTimeout (an Exception on Airflow 2) must go on.
+    except (psycopg.Error, LookupError, TypeError, ValueError):
         table = plan.table
         return table.estimated_rows if table is not None else None
 

@@ -76,8 +76,6 @@ def iter_chunk_tables(
     to ``max_worker_restarts``) and continues after the last chunk yielded. Closing the generator
     early stops the worker and cancels its query.
     """
-    from airflow_provider_cxpg.planning.snapshot import ExportedSnapshot
-
     extraction = _extraction(
         endpoint,
         spec,
@@ -97,17 +95,23 @@ def iter_chunk_tables(
     started = time.monotonic()
     settings = extraction.settings
     job_deadline = started + settings.job_timeout if settings.job_timeout else None
+    extraction.job_deadline = job_deadline
     spool = _spool(spool_dir)
     try:
         with contextlib.ExitStack() as stack:
             # As Extraction.run: page ranges are exact only inside one snapshot (an UPDATE moves rows).
             if snapshot is True or (snapshot is False and spec.key_columns == (CTID,)):
-                holder = stack.enter_context(
-                    ExportedSnapshot(extraction.credentials.current(), f"{extraction.application_name}-snap")
-                )
+                holder = stack.enter_context(extraction.exported_snapshot())
                 extraction.snapshot_id = holder.id
             yield from _iterate(
-                extraction, spec, lower, upper, spool, job_deadline, extraction.options.max_worker_restarts, started
+                extraction,
+                spec,
+                extraction.lower,  # as one list of key values each (a bare value is one column's)
+                extraction.upper,
+                spool,
+                job_deadline,
+                extraction.options.max_worker_restarts,
+                started,
             )
     finally:
         shutil.rmtree(spool, ignore_errors=True)

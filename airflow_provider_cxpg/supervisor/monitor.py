@@ -33,6 +33,7 @@ from typing import Any
 
 from airflow_provider_cxpg.bounded import IDLE_SECONDS, CallTimedOut, SerialCalls
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, connect
+from airflow_provider_cxpg.control import ControlConnection
 from airflow_provider_cxpg.exceptions import ServerConnectionError
 
 __all__ = ["ActivitySampler", "BackendInfo", "Blocker", "ControlCancels", "ServerMonitor"]
@@ -225,11 +226,16 @@ class ServerMonitor:
         """Cancel every active backend, wait up to ``grace``, terminate what remains; return those terminated.
 
         Bounded even when the server does not answer: each call has ``call_timeout``, and an
-        unreachable server ends the wait at once.
+        unreachable server ends the wait at once. A sample that failed otherwise (the server ended
+        the monitor's connection: a restart, an administrator) is taken again on a new connection,
+        and when the backends still cannot be seen they are terminated unseen: at a stop every
+        backend of the run is to go.
         """
         first = self.backends()
+        if first is None and time.monotonic() >= self._unreachable_until:
+            first = self.backends()
         if first is None:
-            return []
+            return self.signal("pg_terminate_backend")
         if any(b.state == "active" for b in first):
             self.signal("pg_cancel_backend")
             deadline = time.monotonic() + grace
@@ -240,7 +246,7 @@ class ServerMonitor:
                 time.sleep(0.05)
         terminated: list[int] = []
         remaining = self.backends()
-        if remaining:
+        if remaining is None or remaining:
             terminated = self.signal("pg_terminate_backend")
             deadline = time.monotonic() + grace
             while time.monotonic() < deadline and self.backends():
@@ -351,46 +357,50 @@ class ControlCancels:
 
     A planning query may wait on a lock for up to ``query_timeout``. Whatever ends the parent's wait
     early (``on_kill`` from Airflow's SIGTERM handler, ``AirflowTaskTimeout`` from its SIGALRM, any
-    error) must cancel it on the server too, or the backend waits on and then runs the query. libpq's
-    cancel request opens a new connection to the server and can block on a dead network, so it never
-    runs on the interrupted thread: :meth:`cancel_all_soon` (safe in a signal handler: it only sets
-    an event) wakes a helper thread that sends them; :meth:`cancel` waits for one at most ``timeout``.
-    The helper ends once nothing is registered for :data:`IDLE_SECONDS` (a process running many
-    extractions keeps no parked thread per run); the next registration starts another.
+    error) must cancel it on the server too, or the backend waits on and then runs the query. A
+    cancel request opens a new connection to the server and may wait on a dead network, so it never
+    runs in a signal handler: :meth:`cancel_all_soon` (signal-safe: it only sets an event) wakes a
+    helper thread that sends them; :meth:`cancel` sends one from the caller's thread. Each waits at
+    most ``timeout`` seconds, in a wait that holds no lock of the interpreter
+    (:meth:`~airflow_provider_cxpg.control.ControlConnection.cancel`). The helper ends once nothing
+    is registered for :data:`IDLE_SECONDS` (a process running many extractions keeps no parked
+    thread per run); the next registration starts another.
+
+    :param timeout: how long one cancel request may take to go out.
     """
 
-    def __init__(self) -> None:
-        self._handles: dict[int, Any] = {}
+    def __init__(self, timeout: float = 3.0) -> None:
+        self.timeout = timeout
+        self._controls: dict[int, ControlConnection] = {}
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # never taken by cancel_all_soon (signal handlers)
 
-    def register(self, conn: Any) -> int:
-        """Remember ``conn``'s cancel handle; return the key to cancel or forget it by."""
-        key = id(conn)
+    def register(self, control: ControlConnection) -> int:
+        """Remember ``control`` (anything with ``cancel(timeout)``); return the key to cancel or forget it by."""
+        key = id(control)
         with self._lock:  # the helper ends only under this lock, with nothing registered
-            with contextlib.suppress(Exception):
-                self._handles[key] = conn.pgconn.get_cancel()
+            self._controls[key] = control
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="cxpg-canceller", daemon=True)
                 self._thread.start()
         return key
 
     def unregister(self, key: int) -> None:
-        self._handles.pop(key, None)
+        self._controls.pop(key, None)
 
     def _run(self) -> None:
         while True:
             if not self._wake.wait(IDLE_SECONDS):
                 with self._lock:
-                    if not self._handles and not self._wake.is_set():
+                    if not self._controls and not self._wake.is_set():
                         self._thread = None
                         return
                 continue
             self._wake.clear()
-            for handle in list(self._handles.values()):
+            for control in list(self._controls.values()):
                 with contextlib.suppress(Exception):
-                    handle.cancel()
+                    control.cancel(self.timeout)
 
     def cancel_all_soon(self) -> None:
         """Ask for every registered query to be cancelled; returns at once (signal-safe)."""
@@ -398,14 +408,6 @@ class ControlCancels:
 
     def cancel(self, key: int, timeout: float) -> None:
         """Cancel one query, waiting at most ``timeout`` seconds for the request to go out."""
-        handle = self._handles.get(key)
-        if handle is None:
-            return
-        thread = threading.Thread(target=_quietly, args=(handle.cancel,), name="cxpg-cancel", daemon=True)
-        thread.start()
-        thread.join(timeout)
-
-
-def _quietly(fn: Callable[[], Any]) -> None:
-    with contextlib.suppress(Exception):
-        fn()
+        control = self._controls.get(key)
+        if control is not None:  # no suppress(Exception) here: AirflowTaskTimeout is one on Airflow 2
+            control.cancel(timeout)

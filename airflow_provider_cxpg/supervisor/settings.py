@@ -52,11 +52,12 @@ class WorkerSettings:
     :param heartbeat_timeout: declare the worker dead after this long without any message.
     :param query_timeout: per-query limit, enforced by the parent and as server ``statement_timeout``;
         None for no limit.
-    :param job_timeout: limit for the whole job (many queries); None for no limit.
+    :param job_timeout: limit for the whole job (many queries, planning included); None for no limit.
     :param start_timeout: spawn to ready.
     :param deadline_grace: the parent's query deadline is ``query_timeout + deadline_grace``, so the
         server's own timeout (more precise, and it leaves the worker usable) normally fires first.
-    :param cancel_grace: how long a cancelled query may take to stop before its backend is terminated.
+    :param cancel_grace: how long a cancelled query may take to stop before its backend is terminated,
+        and how long one cancel request may take to go out.
     :param kill_grace: how long SIGTERM may take before SIGKILL.
     :param monitor_interval: seconds between ``pg_stat_activity`` samples while a query runs.
     :param report_wait_after: report a backend that waits on a lock after this many seconds, and
@@ -67,8 +68,9 @@ class WorkerSettings:
     :param storage_timeout: seconds each operation on the destination may take: a chunk's open,
         write and commit in the worker, and the parent's manifest writes, listings and removals;
         None for no limit.
-    :param control_timeout: client-side deadline of each statement on the parent's monitoring and
-        cancel connections (so a blackholed network cannot stall the deadlines).
+    :param control_timeout: client-side deadline of each statement on the parent's monitoring
+        connections, and (twice it, plus ``deadline_grace``) of connecting a control connection, so
+        a blackholed network cannot stall the deadlines.
     :param credentials_refresh_interval: renew the password (an IAM token) when older than this;
         None: only after an authentication failure. The hook sets it for IAM connections.
     """

@@ -25,7 +25,7 @@ from airflow_provider_cxpg.supervisor.requests import RequestBook
 from airflow_provider_cxpg.supervisor.settings import WorkerSettings
 from airflow_provider_cxpg.worker.protocol import Heartbeat
 
-__all__ = ["Watchdog", "lock_wait_fields"]
+__all__ = ["Watchdog", "lock_wait_fields", "statement_deadline"]
 
 
 def lock_wait_fields(backend: BackendInfo) -> dict[str, Any]:
@@ -40,6 +40,23 @@ def lock_wait_fields(backend: BackendInfo) -> dict[str, Any]:
         "seconds": backend.query_seconds,
         "blocked_by": [b.describe() for b in backend.blockers] or None,
     }
+
+
+def statement_deadline(settings: WorkerSettings, job_deadline: float | None, now: float) -> tuple[float | None, str]:
+    """How long one of the parent's own statements may wait at ``now``, and the setting that bounds it.
+
+    ``query_timeout + deadline_grace`` (the server's ``statement_timeout`` fires first while the
+    server can still answer), or what is left of the job (``job_deadline``) when that is sooner;
+    None when neither is set. The rule for the parent's control connections, as :meth:`Watchdog.check`
+    is the worker's.
+    """
+    limit = settings.query_timeout
+    timeout = None if limit is None else limit + settings.deadline_grace
+    if job_deadline is not None:
+        left = max(0.0, job_deadline - now)
+        if timeout is None or left < timeout:
+            return left, "job_timeout"
+    return timeout, "query_timeout"
 
 
 class Watchdog:

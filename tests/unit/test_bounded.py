@@ -8,7 +8,7 @@ import time
 import pytest
 
 from airflow_provider_cxpg import bounded
-from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
+from airflow_provider_cxpg.bounded import CallStopped, CallTimedOut, SerialCalls
 
 
 def _helpers(name: str) -> list[threading.Thread]:
@@ -56,18 +56,13 @@ def test_the_canceller_thread_ends_when_nothing_is_registered(monkeypatch: pytes
     monkeypatch.setattr(monitor, "IDLE_SECONDS", 0.05)
     cancelled: list[str] = []
 
-    class Handle:
-        def cancel(self) -> None:
+    class Control:
+        def cancel(self, timeout: float) -> bool:
             cancelled.append("sent")
-
-    class Conn:
-        class pgconn:
-            @staticmethod
-            def get_cancel() -> Handle:
-                return Handle()
+            return True
 
     cancels = monitor.ControlCancels()
-    key = cancels.register(Conn())
+    key = cancels.register(Control())
     time.sleep(0.2)
     assert [t for t in threading.enumerate() if t.name == "cxpg-canceller"], "ended while a query was registered"
     cancels.cancel_all_soon()
@@ -79,6 +74,35 @@ def test_the_canceller_thread_ends_when_nothing_is_registered(monkeypatch: pytes
     while [t for t in threading.enumerate() if t.name == "cxpg-canceller"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not [t for t in threading.enumerate() if t.name == "cxpg-canceller"], "an idle canceller stayed parked"
-    again = cancels.register(Conn())  # a later registration starts a new one
+    again = cancels.register(Control())  # a later registration starts a new one
     assert [t for t in threading.enumerate() if t.name == "cxpg-canceller"]
     cancels.unregister(again)
+
+
+def test_a_stop_ends_the_wait_and_later_calls_fail_at_once() -> None:
+    calls = SerialCalls("stop-test")
+    release = threading.Event()
+    reason: list[str | None] = [None]
+    threading.Timer(0.2, lambda: reason.__setitem__(0, "on_kill")).start()
+    started = time.monotonic()
+    with pytest.raises(CallStopped, match="on_kill"):
+        calls.call("hanging statement", release.wait, None, stop=lambda: reason[0])
+    assert 0.15 < time.monotonic() - started < 2
+    with pytest.raises(CallTimedOut, match="hanging statement"):
+        calls.call("next statement", lambda: None, 5)
+    release.set()
+
+
+def test_after_runs_once_the_stuck_call_returns() -> None:
+    """How a caller that gave up on a call still closes what the call opened."""
+    calls = SerialCalls("after-test")
+    release = threading.Event()
+    order: list[str] = []
+    with pytest.raises(CallTimedOut):
+        calls.call("connecting", lambda: (release.wait(), order.append("connected")), 0.1)
+    done = threading.Event()
+    calls.after("closing", lambda: (order.append("closed"), done.set()))
+    assert not done.wait(0.2), "ran before the stuck call returned"
+    release.set()
+    assert done.wait(5)
+    assert order == ["connected", "closed"]

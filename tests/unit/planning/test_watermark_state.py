@@ -21,3 +21,30 @@ def test_state_reads_a_dag_runs_own_window_again_and_never_moves_back() -> None:
     assert (following.start, following.start_inclusive, following.start_keys) == ("20", True, ((20,),))
     kept.commit(first, "run-1")  # run-1 re-run and committed again: the next start stays at 20
     assert kept.last_window()["high_watermark"] == "20"
+
+
+def test_the_chain_of_windows_decides_what_moves_the_next_start_not_the_values_sort_order() -> None:
+    """A text watermark sorts by its collation ('B' after 'a' under en_US; before it in Python).
+
+    Values compared as Python strings once kept a newer window from moving the state (its rows read
+    again by the next run) and let an older one's re-run move it back.
+    """
+    kept = WatermarkState("cxpg_watermark.test.text", store=MemoryStore())
+    first = {"column": "code", "high_watermark": "a", "end": "a", "sequence": 1}
+    kept.commit(first, "run-1")
+    after = spec_for_run(kept, "code", dag_run_id="run-2")
+    assert after.sequence == 2
+    second = {"column": "code", "start": "a", "high_watermark": "B", "end": "B", "sequence": 2}
+    kept.commit(second, "run-2")
+    assert kept.last_window()["high_watermark"] == "B"  # the newer window moves it ("B" < "a" in Python)
+    kept.commit(first, "run-1")  # a re-run of run-1: recorded for its run, the next start stays
+    assert kept.last_window()["high_watermark"] == "B"
+    assert spec_for_run(kept, "code", dag_run_id="run-3").sequence == 3
+
+
+def test_windows_recorded_before_sequences_still_compare_by_value() -> None:
+    kept = WatermarkState("cxpg_watermark.test.legacy", store=MemoryStore())
+    kept.commit({"column": "v", "high_watermark": "20"}, "run-2")
+    kept.commit({"column": "v", "high_watermark": "10"}, "run-1")
+    assert kept.last_window()["high_watermark"] == "20"
+    assert spec_for_run(kept, "v", dag_run_id="run-3").sequence is None

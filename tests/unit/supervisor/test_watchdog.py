@@ -142,3 +142,28 @@ def test_the_job_deadline_and_a_refused_login(parts: Any) -> None:
     with pytest.raises(ServerConnectionError) as refused:
         dog.check(101.5)
     assert refused.value.reason == "authentication" and refused.value.chunk == 2
+
+
+# -- the parent's own statements (control connections) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query_timeout", "job_left", "expected"),
+    [
+        (30.0, None, (30.0 + GRACE, "query_timeout")),  # the server's statement_timeout fires first
+        (30.0, 100.0, (30.0 + GRACE, "query_timeout")),
+        (30.0, 5.0, (5.0, "job_timeout")),  # the job ends sooner
+        (None, 5.0, (5.0, "job_timeout")),  # no query_timeout: the job still bounds planning
+        (None, None, (None, "query_timeout")),
+        (30.0, -3.0, (0.0, "job_timeout")),  # already past: fail at once, never a negative wait
+    ],
+)
+def test_a_control_statement_waits_for_the_sooner_of_query_and_job_deadline(
+    query_timeout: float | None, job_left: float | None, expected: tuple[float | None, str]
+) -> None:
+    from airflow_provider_cxpg.supervisor.watchdog import statement_deadline
+
+    settings = WorkerSettings(query_timeout=query_timeout)
+    now = 1000.0
+    job_deadline = None if job_left is None else now + job_left
+    assert statement_deadline(settings, job_deadline, now) == expected

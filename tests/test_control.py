@@ -1,0 +1,144 @@
+"""The parent's own connections (``control.py``) against a real server and a gateway that stops answering.
+
+Each step of a :class:`ControlConnection` runs on its own helper thread under a deadline; a cancel
+request never holds the interpreter; a connection given up is shut down so its thread returns, and
+closed by that thread; one made after its deadline is closed when it arrives.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from airflow_provider_cxpg.bounded import CallStopped, CallTimedOut
+from airflow_provider_cxpg.conninfo import PostgresEndpoint, connect
+from airflow_provider_cxpg.control import ControlConnection
+from tests.helpers import PgInfo, wait_until
+from tests.netproxy import running_proxy
+
+pytestmark = pytest.mark.integration
+
+
+def _endpoint(pg: PgInfo, port: int | None = None) -> PostgresEndpoint:
+    return PostgresEndpoint(
+        host="127.0.0.1" if port else pg.host,
+        port=port or pg.port,
+        dbname=pg.dbname,
+        user=pg.user,
+        password=pg.password,
+    )
+
+
+def _open(endpoint: PostgresEndpoint, app: str, timeout: float = 10.0) -> ControlConnection:
+    endpoint = endpoint.with_session(application_name=app)
+    return ControlConnection.open(
+        lambda: connect(endpoint, connect_timeout=2, statement_timeout_ms=60_000), timeout=timeout, name=app
+    )
+
+
+def _helper_threads(app: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"cxpg-io-{app}" and t.is_alive()]
+
+
+class Ticker:
+    """A thread that notes the time every 10 ms: a gap shows the interpreter was held."""
+
+    def __init__(self) -> None:
+        self.ticks: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.ticks.append(time.monotonic())
+            time.sleep(0.01)
+
+    def __enter__(self) -> Ticker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def longest_gap(self) -> float:
+        return max((b - a for a, b in zip(self.ticks, self.ticks[1:], strict=False)), default=0.0)
+
+
+@pytest.fixture
+def app() -> str:
+    return f"cxpg-ctl{uuid.uuid4().hex[:8]}"
+
+
+def _backends(admin: psycopg.Connection, app: str) -> list[tuple[int, str]]:
+    rows = admin.execute(
+        "SELECT pid, state FROM pg_stat_activity WHERE application_name = %s AND pid <> pg_backend_pid()", (app,)
+    ).fetchall()
+    return [(int(r[0]), str(r[1])) for r in rows]
+
+
+def test_behind_a_frozen_gateway_a_statement_is_given_up_and_its_cancel_never_holds_the_interpreter(
+    pg: PgInfo, admin: psycopg.Connection, app: str
+) -> None:
+    with running_proxy((pg.host, pg.port)) as proxy:
+        control = _open(_endpoint(pg, proxy.port), app)
+        assert control.execute("SELECT 1", timeout=5).fetchone() == (1,)
+        proxy.freeze()
+        with Ticker() as ticker:
+            started = time.monotonic()
+            with pytest.raises(CallTimedOut):
+                control.execute("SELECT 2", timeout=0.5)
+            assert time.monotonic() - started < 0.5 + 1.0
+            # libpq's blocking PQcancel, called by psycopg's C code with the GIL held, froze every
+            # thread here for as long as the gateway stayed silent.
+            started = time.monotonic()
+            assert control.cancel(1.0) is False
+            assert time.monotonic() - started < 1.0 + 1.0
+            control.close(1.0)  # a statement is still in flight: given up, not waited for
+        assert ticker.longest_gap() < 0.5, ticker.longest_gap()
+        # Its socket shut down, the helper thread's wait returned and it closed the connection.
+        assert wait_until(lambda: not _helper_threads(app), 5, 0.05), _helper_threads(app)
+    assert wait_until(lambda: not _backends(admin, app), 10, 0.05), _backends(admin, app)
+
+
+def test_a_stop_ends_the_wait_and_the_cancel_ends_the_query(pg: PgInfo, admin: psycopg.Connection, app: str) -> None:
+    with psycopg.connect(pg.dsn) as holder:
+        holder.execute("SELECT pg_advisory_lock(4711)")
+        control = _open(_endpoint(pg), app)
+        reason: list[str | None] = [None]
+        threading.Timer(0.3, lambda: reason.__setitem__(0, "on_kill")).start()
+        started = time.monotonic()
+        with pytest.raises(CallStopped, match="on_kill"):
+            control.execute("SELECT pg_advisory_lock(4711)", timeout=None, stop=lambda: reason[0])
+        assert time.monotonic() - started < 0.3 + 1.0
+        assert control.cancel(3.0) is True
+        assert wait_until(lambda: all(state != "active" for _, state in _backends(admin, app)), 5, 0.05)
+        control.close(3.0)
+        holder.rollback()
+    assert wait_until(lambda: not _backends(admin, app), 10, 0.05), _backends(admin, app)
+
+
+def test_a_connection_that_arrives_after_its_deadline_is_closed(
+    pg: PgInfo, admin: psycopg.Connection, app: str
+) -> None:
+    with running_proxy((pg.host, pg.port)) as proxy:
+        proxy.freeze()  # the kernel still accepts the TCP connection; the login waits
+        started = time.monotonic()
+        with pytest.raises(CallTimedOut):
+            _open(_endpoint(pg, proxy.port), app, timeout=0.5)
+        assert time.monotonic() - started < 0.5 + 1.0
+        proxy.thaw()  # the login completes on the abandoned helper thread
+        assert wait_until(lambda: bool(_backends(admin, app)), 5, 0.02) or True  # may come and go at once
+        assert wait_until(lambda: not _helper_threads(app), 10, 0.05), _helper_threads(app)
+        assert wait_until(lambda: not _backends(admin, app), 10, 0.05), _backends(admin, app)
+
+
+@pytest.fixture(autouse=True)
+def _no_helper_left_behind(app: str) -> Iterator[None]:
+    yield
+    assert wait_until(lambda: not _helper_threads(app), 10, 0.05), "a helper thread stayed"

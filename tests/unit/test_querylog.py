@@ -1,0 +1,62 @@
+"""The structured query log on its own: redaction everywhere in an event, and a file that stops answering."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from airflow_provider_cxpg import querylog
+from airflow_provider_cxpg.conninfo import Redactor
+from airflow_provider_cxpg.querylog import QueryLog
+
+SECRET = "s3cr3t-Passw0rd"
+
+
+def test_a_secret_is_redacted_inside_lists_and_mappings_too(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    log = QueryLog("r", jsonl_path=path, redactor=Redactor([SECRET]))
+    log.emit(
+        "server.waiting",
+        blocked_by=[f"pid 7 (app): 'ALTER ROLE x PASSWORD {SECRET}'"],
+        error={"detail": f"password={SECRET}", "nested": [SECRET, 3]},
+        key_from=(1, SECRET),
+    )
+    text = path.read_text()
+    assert SECRET not in text and SECRET not in repr(log.events)
+    event = json.loads(text)
+    assert event["error"]["nested"] == ["***", 3] and event["key_from"] == [1, "***"]
+    assert log.events[0]["key_from"] == (1, "***")  # a tuple stays a tuple
+
+
+def test_a_log_file_that_stops_answering_is_given_up_and_the_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FIFO nobody reads: opening it for writing blocks, as a write to a hung NFS mount does."""
+    monkeypatch.setattr(querylog, "FILE_WRITE_SECONDS", 0.3)
+    fifo = tmp_path / "log.jsonl"
+    os.mkfifo(fifo)
+    log = QueryLog("r", jsonl_path=fifo)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        for chunk in range(5):
+            log.emit("chunk.commit", chunk=chunk)
+    assert time.monotonic() - started < 0.3 + 1.0, "every event waited for the stuck file"
+    assert [e["chunk"] for e in log.events] == [0, 1, 2, 3, 4]  # the task log still has every event
+    given_up = [r for r in caplog.records if "query_log_path given up" in r.getMessage()]
+    assert len(given_up) == 1 and str(fifo) in given_up[0].getMessage()
+    # Unblock the writer thread (it is a daemon either way): it gives up on what is queued.
+    with open(fifo, "rb", buffering=0) as reader:
+        reader.read(0)
+
+
+def test_lines_reach_the_file_in_order_and_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "log.jsonl"  # the folder is created on the first line
+    log = QueryLog("r", jsonl_path=path)
+    for chunk in range(50):
+        log.emit("chunk.commit", chunk=chunk)
+        assert json.loads(path.read_text().splitlines()[-1])["chunk"] == chunk  # written before emit returns
