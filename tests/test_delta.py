@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from airflow_provider_cxpg.exceptions import CxpgError, InvalidInputError
+from airflow_provider_cxpg.exceptions import CxpgError, DataIntegrityError, InvalidInputError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
 from tests.helpers import assert_nothing_left, manifest_of, worker_killed_mid_run
@@ -104,6 +104,35 @@ def test_merge_upserts_by_the_key_so_the_table_equals_the_source_after_each_run(
     assert history(uri)[0]["operation"] == "MERGE"
     staged = manifest_of(Path(uri) / run.files[0].rsplit("/", 2)[-2]) if run.files else None
     assert staged is None or staged["table"]["version"] == 1
+    assert_nothing_left(admin)
+
+
+def test_a_merge_whose_run_repeats_a_key_is_refused_before_its_commit_and_read_again_on_retry(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """A query source: nothing proves its key unique. Two rows of one key inside one chunk were
+    merged as two rows of the table, for good (later merges kept both), with a green task."""
+    source = f'"{schema}".events'
+    admin.execute(f"CREATE TABLE {source} (id int NOT NULL, v text)")
+    admin.execute(f"INSERT INTO {source} VALUES (1, 'a'), (2, 'b')")
+    uri = str(out_dir / "merged")
+    arguments = {
+        "destination": uri,
+        "sql": f"SELECT id, v FROM {source}",
+        "key_columns": ["id"],
+        "table_format": "delta",
+        "write_mode": "merge",
+        "chunk_rows": 10,
+        **FAST,
+    }
+    hook.extract(**arguments)
+    admin.execute(f"INSERT INTO {source} VALUES (5, 'x'), (5, 'y')")
+    with pytest.raises(DataIntegrityError, match=r"key \[5\] appears 2 times"):
+        hook.extract(run_key="day-2", **arguments)
+    assert table_rows(uri, ("id", "v")) == [(1, "a"), (2, "b")]  # nothing committed
+    admin.execute(f"DELETE FROM {source} WHERE v = 'y'")  # the source is fixed
+    hook.extract(run_key="day-2", **arguments)  # the retry reads it again, never the refused files
+    assert table_rows(uri, ("id", "v")) == [(1, "a"), (2, "b"), (5, "x")]
     assert_nothing_left(admin)
 
 

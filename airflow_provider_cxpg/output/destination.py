@@ -291,6 +291,20 @@ class Destination:
             f"sizing {name}", lambda: os.path.getsize(path) if self.is_local else int(self._fs.size(path))
         )
 
+    def read_columns(self, name: str, columns: list[str]) -> Any:
+        """Some columns of a Parquet file, as a ``pyarrow.Table`` (under ``storage_timeout``)."""
+        import pyarrow.parquet as pq
+
+        path = self._path(name)
+
+        def read() -> Any:
+            if self.is_local:
+                return pq.read_table(path, columns=columns)
+            with self._fs.open(path, "rb") as handle:
+                return pq.read_table(handle, columns=columns)
+
+        return self._bounded(f"reading {', '.join(columns)} of {name}", read)
+
     def read_footer(self, name: str) -> tuple[int, dict[str, str]]:
         """A Parquet file's row count and key-value metadata, from its footer (no data pages read)."""
         import pyarrow.parquet as pq

@@ -30,7 +30,8 @@ run starts and reads::
   out.
 * Caveat, as with any column watermark: a transaction that stamps a row *before* ``end`` but commits
   *after* the window was fixed is missed. ``lag`` covers commits up to ``lag`` late; ``xmin`` has no
-  such gap.
+  such gap. Neither sees rows that arrive with an old watermark or xmin: a partition attached or an
+  inheritance child added after a window (documented; a full copy of the new partition reads them).
 
 **xmin** (``watermark_column="xmin"``), the transaction id that wrote each row version. ``end`` comes
 from the current snapshot: ``pg_snapshot_xmin(pg_current_snapshot()) - 1``, the newest transaction id

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from airflow_provider_cxpg.exceptions import ExtractionAborted, InvalidInputError
+from airflow_provider_cxpg.exceptions import DataIntegrityError, ExtractionAborted, InvalidInputError
 from airflow_provider_cxpg.output.delta import (
     APP_PREFIX,
     UNKNOWN_VERSION,
@@ -29,6 +29,7 @@ from airflow_provider_cxpg.output.iceberg import IcebergTarget
 from airflow_provider_cxpg.output.manifest import Manifest
 from airflow_provider_cxpg.output.table_calls import StagedFile
 from airflow_provider_cxpg.output.verify import output_problems
+from airflow_provider_cxpg.planning.plan import key_to_json
 from airflow_provider_cxpg.run.extraction import Extraction, ExtractResult
 
 __all__ = ["TABLE_FORMATS", "TableExtraction", "check_table_arguments", "staging_name"]
@@ -218,6 +219,8 @@ class TableExtraction:
             result = self.extraction.run()
             manifest = Manifest.load(self.destination)
             assert manifest is not None and manifest.status == "complete"
+        if self.write_mode == "merge" and not plan.key_unique:
+            self._refuse_repeated_keys(list(plan.key_names), manifest)
         files = [StagedFile(f"{self.staging}/{c.file}", c.bytes, c.rows) for c in manifest.chunks if c.file]
         committing = time.monotonic()
         version = self.target.committed(self.app_id)  # the retry of a commit that timed out
@@ -253,6 +256,37 @@ class TableExtraction:
                 self.destination.remove(name)
             result.files = []
         return self._with_table(result, version)
+
+    def _refuse_repeated_keys(self, key: list[str], manifest: Manifest) -> None:
+        """A merge matches each key to one row: refuse a run in which a key repeats, before the commit.
+
+        Nothing proves this source's key unique (a query, a view, a key without a unique index).
+        Ties at a chunk boundary fail the read already; ties inside one chunk are written as rows
+        (an extraction to files keeps what the source holds), and merged they would leave two rows
+        for one key in the table, for good, with a green task.
+        """
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        parts = [self.destination.read_columns(name, key) for name in manifest.files]
+        if not parts:
+            return
+        keys = pa.concat_tables(parts)
+        counts = keys.group_by(key).aggregate([(key[0], "count")])
+        repeated = counts.filter(pc.greater(counts[f"{key[0]}_count"], 1))
+        if repeated.num_rows:
+            first = repeated.slice(0, 1).to_pylist()[0]
+            values = key_to_json([first[k] for k in key])
+            message = (
+                f"write_mode='merge' by {key}: key {values} appears {first[f'{key[0]}_count']} times in this run "
+                f"({repeated.num_rows} keys repeat); nothing proves the source's key unique, and a merge "
+                "would keep every copy. Make the key unique (a primary key, DISTINCT ON) or use append"
+            )
+            # Not "complete" any more: a retry must read the source again (fixed, perhaps), never
+            # commit these staged files.
+            manifest.status, manifest.error = "refused", message
+            manifest.save(self.destination)
+            raise DataIntegrityError(message, key=key, rows=keys.num_rows)
 
     def _staged_run(self, plan: Any) -> Manifest | None:
         """The staging manifest of this run when it is complete, of this plan, and its files are whole."""
