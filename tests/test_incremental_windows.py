@@ -353,6 +353,54 @@ def test_a_text_watermark_moves_on_in_its_own_collation_exactly_once(
         system_admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+@pytest.mark.parametrize("how", ["attach", "inherit"])
+@pytest.mark.parametrize("column", ["xmin", "updated_at"])
+def test_rows_of_a_partition_attached_between_runs_are_read_by_the_next_run(
+    conn_id: str, admin: psycopg.Connection, schema: str, tmp_path: Path, airflow_db: Path, column: str, how: str
+) -> None:
+    """``ATTACH PARTITION`` / ``INHERIT`` bring rows whose xmins and watermarks are old: below every
+    later window's start, no run read them (30 rows attached between two runs: never read, green)."""
+    parent, loaded = f'"{schema}".parent', f'"{schema}".loaded'
+    columns = "id int NOT NULL, part int NOT NULL, updated_at timestamptz NOT NULL"
+    if how == "attach":
+        admin.execute(f"CREATE TABLE {parent} ({columns}, PRIMARY KEY (part, id)) PARTITION BY LIST (part)")
+        admin.execute(f'CREATE TABLE "{schema}".p1 PARTITION OF {parent} FOR VALUES IN (1)')
+    else:
+        admin.execute(f"CREATE TABLE {parent} ({columns}, PRIMARY KEY (part, id))")
+    stamp = "'2024-01-01'::timestamptz + g * interval '1 minute'"
+    admin.execute(f"INSERT INTO {parent} SELECT g, 1, {stamp} FROM generate_series(1, 50) g")
+    # Loaded before the first run, elsewhere: older xmins and watermarks than anything that run ends at.
+    admin.execute(f"CREATE TABLE {loaded} ({columns})")
+    admin.execute(f"INSERT INTO {loaded} SELECT g, 2, {stamp} - interval '1 year' FROM generate_series(1, 30) g")
+    runs = Runs(
+        make_dag(
+            _dag_id(f"attach_{how}"),
+            postgres_conn_id=conn_id,
+            table=f"{schema}.parent",
+            watermark_column=column,
+            destination=str(tmp_path / "{{ run_id }}"),
+            chunk_rows=20,
+        )
+    )
+
+    def rows(summary: dict[str, Any]) -> list[tuple[int, int]]:
+        return sorted((r["part"], r["id"]) for r in read_output(summary["destination"]).to_pylist())
+
+    assert rows(runs.run()) == [(1, i) for i in range(1, 51)]
+    if how == "attach":
+        admin.execute(f"ALTER TABLE {parent} ATTACH PARTITION {loaded} FOR VALUES IN (2)")
+    else:
+        admin.execute(f"ALTER TABLE {loaded} INHERIT {parent}")
+    admin.execute(f"INSERT INTO {parent} VALUES (51, 1, '2025-01-01')")
+    second = runs.run()
+    assert rows(second) == sorted([(2, i) for i in range(1, 31)] + [(1, 51)])
+    assert second["window"].get("arrived_partitions") == 1
+    admin.execute(f"INSERT INTO {parent} VALUES (52, 1, '2025-01-02')")
+    assert rows(runs.run()) == [(1, 52)]  # known now: read by its watermark like any other
+    every = Counter(r for summary in runs.summaries for r in rows(summary))
+    assert len(every) == 82 and all(n == 1 for n in every.values())
+
+
 # -- fan-out --------------------------------------------------------------------------------------------
 
 

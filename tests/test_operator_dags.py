@@ -357,6 +357,7 @@ def test_xmin_window_filter_is_exact_across_wraparound(admin: psycopg.Connection
 
     class _Table:
         kind = "table"
+        descendants: tuple[int, ...] = ()
 
     plan = ExtractPlan(
         source=SourceSpec(table="t"),
@@ -388,6 +389,7 @@ def test_xmin_window_wider_than_half_the_xid_space_reads_everything(admin: psyco
 
     class _Table:
         kind = "table"
+        descendants: tuple[int, ...] = ()
 
     plan = ExtractPlan(
         source=SourceSpec(table="t"),

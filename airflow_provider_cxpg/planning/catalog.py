@@ -111,6 +111,9 @@ class TableInfo:
     inheritance_children: bool = False
     #: A foreign table among its partitions or children: those rows have no row versions (``xmin``).
     foreign_descendants: bool = False
+    #: The OIDs of every partition and inheritance child below it, all levels (an incremental window
+    #: reads those that arrived since the last one whole: their rows keep old watermarks and xmins).
+    descendants: tuple[int, ...] = ()
 
     @property
     def indexes_cover_rows(self) -> bool:
@@ -180,7 +183,8 @@ WITH RECURSIVE tree(oid) AS (
 )
 SELECT count(*) > 0, coalesce(bool_or(c.relkind = 'f'), false),
     coalesce((SELECT array_agg(DISTINCT a.attname::text) FROM tree t JOIN pg_catalog.pg_attribute a
-              ON a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped AND NOT a.attnotnull), '{}')
+              ON a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped AND NOT a.attnotnull), '{}'),
+    coalesce(array_agg(tree.oid::bigint ORDER BY tree.oid), '{}')
 FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.oid
 """
 
@@ -201,7 +205,7 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
         where = f"schema {schema!r}" if schema else "the search_path"
         raise SourceNotFoundError(f"table {target} does not exist in {where} (or is not visible to this login)")
     relid, nspname, relname, relkind, reltuples = row
-    children, foreign, nullable_below = conn.execute(_DESCENDANTS, (relid,)).fetchone()
+    children, foreign, nullable_below, descendants = conn.execute(_DESCENDANTS, (relid,)).fetchone()
     # NOT NULL is a promise only where the server enforces it: a foreign table's (or a foreign
     # partition's) rows come from elsewhere unchecked, and from PostgreSQL 18 a NOT VALID one
     # (pg_constraint contype 'n') leaves the rows that were there. An inheritance child may drop
@@ -269,6 +273,7 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
         unique_keys=tuple(uniques),
         estimated_rows=int(reltuples) if reltuples is not None and reltuples >= 0 else None,
         unique_indexes=tuple(indexes),
+        descendants=tuple(int(d) for d in descendants),
     )
 
 

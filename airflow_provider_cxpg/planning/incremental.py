@@ -30,8 +30,11 @@ run starts and reads::
   out.
 * Caveat, as with any column watermark: a transaction that stamps a row *before* ``end`` but commits
   *after* the window was fixed is missed. ``lag`` covers commits up to ``lag`` late; ``xmin`` has no
-  such gap. Neither sees rows that arrive with an old watermark or xmin: a partition attached or an
-  inheritance child added after a window (documented; a full copy of the new partition reads them).
+  such gap.
+* **Rows that arrive with an old watermark or xmin**: a partition attached or an inheritance child
+  added after a window. Each window records the source's partitions and children (OIDs,
+  :attr:`Window.descendants`); the next one reads those that arrived since whole, up to its end
+  (``tableoid``), for a column watermark as its first run would (NULLs and non-finite values too).
 
 **xmin** (``watermark_column="xmin"``), the transaction id that wrote each row version. ``end`` comes
 from the current snapshot: ``pg_snapshot_xmin(pg_current_snapshot()) - 1``, the newest transaction id
@@ -122,6 +125,8 @@ class WatermarkSpec:
         the state is neither read nor moved), so ``end`` is read as given. Otherwise an ``end`` past
         the largest value at run start (for xmin: past the oldest running transaction) is lowered to
         it: rows written later below it would fall behind the next window's start.
+    :param known_descendants: the source's partitions and children when the window this one follows
+        was fixed (None: not known); those that arrived since are read whole, up to ``end``.
     """
 
     column: str
@@ -134,6 +139,7 @@ class WatermarkSpec:
     recorded: Mapping[str, Any] | None = field(default=None, compare=False)
     sequence: int | None = field(default=None, compare=False)
     one_off: bool = field(default=False, compare=False)
+    known_descendants: tuple[int, ...] | None = field(default=None, compare=False)
 
     @property
     def window_sequence(self) -> int | None:
@@ -166,8 +172,17 @@ class WatermarkSpec:
         """The window that follows ``window`` (a :meth:`Window.to_json`): it starts where that one ended."""
         previous = window.get("sequence")
         sequence = previous + 1 if isinstance(previous, int) and not isinstance(previous, bool) else None
+        recorded = window.get("descendants")
+        known = tuple(int(d) for d in recorded) if isinstance(recorded, list) else None
         if window.get("column") == XMIN:
-            return cls(XMIN, start=window.get("high_watermark"), end=end, first_run=False, sequence=sequence)
+            return cls(
+                XMIN,
+                start=window.get("high_watermark"),
+                end=end,
+                first_run=False,
+                sequence=sequence,
+                known_descendants=known,
+            )
         return cls(
             str(window["column"]),
             start=window.get("high_watermark"),
@@ -177,6 +192,7 @@ class WatermarkSpec:
             start_keys=_keys(window.get("boundary_keys")),
             first_run=False,
             sequence=sequence,
+            known_descendants=known,
         )
 
     @classmethod
@@ -195,6 +211,8 @@ class Window:
     :param boundary_keys: keys read at ``high_watermark``: the next run skips them.
     :param contract: ``exactly_once``, or ``at_least_once`` with a ``lag``.
     :param sequence: its place in its task's chain of committed windows (see :class:`WatermarkSpec`).
+    :param descendants: the source's partitions and children (OIDs) when the window was fixed.
+    :param arrived: those of them the previous window did not know: read whole, up to ``end``.
     """
 
     column: str
@@ -216,6 +234,8 @@ class Window:
     null_rows_estimate: int | None = None
     versioned: bool = False
     sequence: int | None = None
+    descendants: tuple[int, ...] | None = None
+    arrived: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """Everything needed to read this window again, or the one after it (manifests, state)."""
@@ -237,6 +257,8 @@ class Window:
             "versioned": self.versioned,
             "note": self.note,
             "sequence": self.sequence,
+            "descendants": list(self.descendants) if self.descendants is not None else None,
+            "arrived": list(self.arrived),
         }
 
     def summary(self) -> dict[str, Any]:
@@ -256,6 +278,8 @@ class Window:
             data["lag"] = self.lag
         if self.null_rows_estimate:
             data["null_rows_estimate"] = self.null_rows_estimate
+        if self.arrived:
+            data["arrived_partitions"] = len(self.arrived)
         return data
 
 
@@ -408,6 +432,9 @@ def _column_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
         if end_mode == "keys":
             carried |= set(end_keys)
         high, boundary, next_inclusive = end, tuple(sorted(carried, key=repr)), True
+    descendants, arrived = _descendants(plan, spec)
+    if arrived:
+        notes.append(_arrived_note(arrived))
     null_estimate = None
     if nullable and not spec.is_first_run and plan.table is not None:
         null_estimate = _null_estimate(conn, plan, spec.column)
@@ -435,6 +462,8 @@ def _column_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
         null_rows_estimate=null_estimate,
         versioned=versioned,
         sequence=spec.window_sequence,
+        descendants=descendants,
+        arrived=arrived,
     )
     return replace(window, filters=_column_filters(plan, window, sql_type, finite))
 
@@ -526,18 +555,22 @@ def _column_filters(plan: ExtractPlan, window: Window, sql_type: str, finite: st
         else:
             conditions.append(f"{expr} > {start}")
     if window.end is None:
-        conditions.append("false")  # an empty source (or only NULL watermarks)
+        end_condition = "false"  # an empty source (or only NULL watermarks)
     else:
         end = literal(window.end, sql_type)
         if window.end_mode == "keys" and window.end_keys:
-            conditions.append(f"({expr} < {end} OR ({expr} = {end} AND {_versioned_in(plan, window.end_keys)}))")
+            end_condition = f"({expr} < {end} OR ({expr} = {end} AND {_versioned_in(plan, window.end_keys)}))"
         else:  # no key at the end (or too many): rows holding it are the next run's
-            conditions.append(f"{expr} < {end}")
+            end_condition = f"{expr} < {end}"
+    conditions.append(end_condition)
     condition = " AND ".join(f"({c})" for c in conditions)
+    # num_nulls, not IS NULL: the planner folds IS NULL to false under a declared NOT NULL that
+    # nobody enforces (a foreign table or partition), and those rows would be no run's.
+    unseen = f"num_nulls({expr}) > 0" + (f" OR NOT ({finite})" if finite else "")
     if window.first_run:  # a full copy: NULL and non-finite watermarks too
-        # num_nulls, not IS NULL: the planner folds IS NULL to false under a declared NOT NULL that
-        # nobody enforces (a foreign table or partition), and those rows would be no run's.
-        condition = f"({condition}) OR num_nulls({expr}) > 0" + (f" OR NOT ({finite})" if finite else "")
+        condition = f"({condition}) OR {unseen}"
+    elif window.arrived:  # partitions or children attached since: a first run of theirs, up to the end
+        condition = f"({condition}) OR ({_arrived_in(window.arrived)} AND ({end_condition} OR {unseen}))"
     filters = [condition]
     if window.wal_position:
         filters.append(_replay_guard(window.wal_position))
@@ -612,6 +645,8 @@ def _rebuild(conn: Any, plan: ExtractPlan, recorded: Mapping[str, Any]) -> Windo
         wal_position=recorded.get("wal_position"),
         versioned=bool(recorded.get("versioned")),
         sequence=recorded.get("sequence"),
+        descendants=tuple(recorded["descendants"]) if isinstance(recorded.get("descendants"), list) else None,
+        arrived=tuple(int(d) for d in recorded.get("arrived") or ()),
     )
     if column == XMIN:
         return replace(window, filters=_xmin_filters(window))
@@ -660,6 +695,10 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
         wal_position=_wal_position(conn),
         sequence=spec.window_sequence,
     )
+    descendants, arrived = _descendants(plan, spec)
+    window = replace(window, descendants=descendants, arrived=arrived)
+    if arrived:
+        note = "; ".join(n for n in (note, _arrived_note(arrived)) if n)
     if start is None:
         window = replace(window, note="first xmin run: every row is read")
     elif end - start <= 0:
@@ -680,13 +719,42 @@ def _xmin_filters(window: Window) -> tuple[str, ...]:
     if start is None:
         return guard
     span = int(end) - int(start)
-    if span <= 0:
-        return ("false", *guard)
     if span >= _XID_HALF:
         return guard
     xmin = f"{SOURCE_ALIAS}.xmin::text::bigint"
     end32 = int(end) % _XID_MODULO
     condition = (
         f"(({end32}::bigint - {xmin} + {_XID_MODULO}) % {_XID_MODULO}) < {span} AND {xmin} >= {_FIRST_NORMAL_XID}"
+        if span > 0
+        else "false"
     )
+    if window.arrived:  # attached since the last window: their rows keep old xmins; read them whole
+        condition = f"({condition}) OR {_arrived_in(window.arrived)}"
     return (condition, *guard)
+
+
+def _arrived_note(arrived: Sequence[int]) -> str:
+    return (
+        f"{len(arrived)} partition(s) or inheritance child(ren) arrived since the last window: read whole, "
+        "up to the window's end (their rows keep the watermarks and xmins they had before)"
+    )
+
+
+def _arrived_in(oids: Sequence[int]) -> str:
+    """True for rows of these partitions or inheritance children (``tableoid`` names a row's relation)."""
+    return f"{SOURCE_ALIAS}.tableoid = ANY ('{{{','.join(str(int(o)) for o in oids)}}}'::oid[])"
+
+
+def _descendants(plan: ExtractPlan, spec: WatermarkSpec) -> tuple[tuple[int, ...] | None, tuple[int, ...]]:
+    """The source's partitions and children now, and those that arrived since the window ``spec`` follows.
+
+    A partition attached (``ATTACH PARTITION``) or a child added (``INHERIT``) brings rows whose
+    watermarks and xmins are old: below every later window's start, no window would hold them.
+    """
+    if plan.table is None:
+        return None, ()
+    current = tuple(plan.table.descendants)
+    known = spec.known_descendants
+    if known is None or spec.is_first_run:  # a first run reads everything; an old state knows none
+        return current, ()
+    return current, tuple(sorted(set(current) - set(known)))
