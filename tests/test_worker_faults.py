@@ -39,7 +39,15 @@ from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.supervisor.session import WorkerSession
 from airflow_provider_cxpg.supervisor.settings import WorkerSettings
 from airflow_provider_cxpg.worker.protocol import IpcSink, ReadChunk
-from tests.helpers import PgInfo, assert_nothing_left, cxpg_backends, read_output, wait_until, worker_pids
+from tests.helpers import (
+    PgInfo,
+    assert_nothing_left,
+    cxpg_backends,
+    manifest_of,
+    read_output,
+    wait_until,
+    worker_pids,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -475,6 +483,97 @@ def test_on_kill_while_planning_waits_on_a_lock_cancels_the_planning_query(
     assert elapsed < 30 + GRACE, elapsed  # not the 120 s query_timeout
     assert wait_until(lambda: not worker_pids(), 10, 0.05), worker_pids()
     assert_nothing_left(admin)
+
+
+def _sigterm_when_a_query_waits_on_a_lock(pg: PgInfo) -> None:
+    """SIGTERM this process (Airflow's handler calls on_kill) once a backend of a run waits on a lock."""
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'cxpg%' AND wait_event_type = 'Lock'"
+
+    def watch() -> None:
+        with psycopg.connect(pg.dsn, autocommit=True) as watcher:
+            if wait_until(lambda: watcher.execute(waiting).fetchone()[0] > 0, 30, 0.05):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+@pytest.mark.parametrize("operator", ["planner", "validator"])
+def test_on_kill_stops_the_partition_planner_and_validator_waiting_on_a_lock(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, table: str, out_dir: Path, operator: str
+) -> None:
+    """They had no on_kill: SIGTERM left the task and its backend waiting for query_timeout (the
+    validator's verify_count: always 3600 s)."""
+    from airflow_provider_cxpg.operators.partition import (
+        PostgresPartitionPlanOperator,
+        PostgresPartitionValidateOperator,
+    )
+
+    dataset = str(out_dir / "dataset")
+    planner = PostgresPartitionPlanOperator(
+        task_id="plan", postgres_conn_id=conn_id, table=table, partitions=2, destination=dataset
+    )
+    if operator == "validator":
+        from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+
+        for kwargs in planner.execute({}):  # the mapped extracts, one after another
+            PostgresExtractOperator(
+                task_id="extract", postgres_conn_id=conn_id, table=table, worker_settings=FAST, **kwargs
+            ).execute({})
+        op: Any = PostgresPartitionValidateOperator(
+            task_id="validate", destination=dataset, postgres_conn_id=conn_id, verify_count=True
+        )
+    else:
+        op = planner
+    previous = signal.signal(signal.SIGTERM, lambda s, f: op.on_kill())
+    with psycopg.connect(pg.dsn) as holder:
+        holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        _sigterm_when_a_query_waits_on_a_lock(pg)
+        started = time.monotonic()
+        try:
+            with pytest.raises(ExtractionAborted, match="on_kill"):
+                op.execute({})
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        elapsed = time.monotonic() - started
+        holder.rollback()
+    assert elapsed < 30 + GRACE, elapsed
+    assert_nothing_left(admin)
+
+
+@pytest.mark.parametrize("table_format", ["parquet", "delta"])
+def test_on_kill_as_the_run_ends_fails_the_task_and_commits_nothing_more(
+    conn_id: str, table: str, out_dir: Path, monkeypatch: pytest.MonkeyPatch, table_format: str
+) -> None:
+    """on_kill landed after the last chunk (or before a table commit): the task ended green."""
+    from airflow_provider_cxpg.run.extraction import Extraction
+
+    if table_format == "delta":
+        pytest.importorskip("deltalake")
+    op = _operator(conn_id, table, out_dir, **({"table_format": "delta"} if table_format == "delta" else {}))
+    if table_format == "parquet":
+        original = Extraction._run_session
+
+        def last_chunk_then_killed(self: Extraction, *args: Any, **kwargs: Any) -> Any:
+            result = original(self, *args, **kwargs)
+            op.on_kill()  # as Airflow's SIGTERM handler would, the instant the last chunk is in
+            return result
+
+        monkeypatch.setattr(Extraction, "_run_session", last_chunk_then_killed)
+    else:
+        original_run = Extraction.run
+
+        def extracted_then_killed(self: Extraction) -> Any:
+            result = original_run(self)
+            op.on_kill()  # the data is staged; the commit comes next
+            return result
+
+        monkeypatch.setattr(Extraction, "run", extracted_then_killed)
+    with pytest.raises(ExtractionAborted, match="on_kill"):
+        op.execute({})
+    if table_format == "delta":  # nothing committed: the table has no version at all
+        assert not list((out_dir / "out" / "_delta_log").glob("*.json")), "a version was committed"
+    else:
+        assert manifest_of(out_dir / "out")["status"] != "complete"
 
 
 # -- protocol-level faults ---------------------------------------------------------------------------------

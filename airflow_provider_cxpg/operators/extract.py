@@ -16,7 +16,7 @@ from airflow_provider_cxpg.durations import (
     DEFAULT_STORAGE_TIMEOUT,
     as_seconds,
 )
-from airflow_provider_cxpg.exceptions import InvalidInputError
+from airflow_provider_cxpg.exceptions import ExtractionAborted, InvalidInputError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.assets import asset_uri, record_asset_event, stable_asset
 from airflow_provider_cxpg.output.destination import Destination
@@ -258,6 +258,7 @@ class PostgresExtractOperator(BaseOperator):
         self.worker_settings = dict(worker_settings or {})
         self._extraction: Any = None
         self._result: ExtractResult | None = None
+        self._killed: str | None = None  # set by on_kill
         self.emit_asset = emit_asset
         if not kwargs.get("outlets") and emit_asset:
             # One stable asset per target: the destination's static part (see operators/assets.py).
@@ -393,6 +394,7 @@ class PostgresExtractOperator(BaseOperator):
     # -- execution ---------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> dict[str, Any]:
+        self._killed = None
         self._validate()
         settings = dict(self.worker_settings)
         common: dict[str, Any] = {
@@ -447,6 +449,8 @@ class PostgresExtractOperator(BaseOperator):
         else:
             self._extraction = self.hook.prepare_extraction(snapshot=bool(self.snapshot), **common)
         result: ExtractResult = self._extraction.run()
+        if self._killed:  # on_kill landed as the run ended: a killed task must not end as success
+            raise ExtractionAborted.because(self._killed)
         self._result = result
         if self._watermark_state is not None and result.window is not None:
             dag_run = context.get("dag_run")
@@ -457,7 +461,12 @@ class PostgresExtractOperator(BaseOperator):
         return summary
 
     def on_kill(self) -> None:
-        """Stop the worker: cancel its server query, SIGTERM, SIGKILL after a grace period."""
+        """Stop the worker: cancel its server query, SIGTERM, SIGKILL after a grace period.
+
+        ``execute`` then raises, wherever the run was: Airflow 3's SIGTERM handler only calls this,
+        and a run that finished meanwhile must not end as success.
+        """
+        self._killed = "on_kill"
         extraction: Extraction | None = self._extraction
         if extraction is not None:
             extraction.abort("on_kill")

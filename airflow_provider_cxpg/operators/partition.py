@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import BaseOperator
 
 from airflow_provider_cxpg.durations import DEFAULT_QUERY_TIMEOUT, DEFAULT_STORAGE_TIMEOUT, as_seconds
-from airflow_provider_cxpg.exceptions import DataIntegrityError, InvalidInputError
+from airflow_provider_cxpg.exceptions import DataIntegrityError, ExtractionAborted, InvalidInputError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.assets import record_asset_event, stable_asset
 from airflow_provider_cxpg.output.destination import Destination
@@ -116,6 +116,8 @@ class PostgresPartitionPlanOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self._extraction: Any = None
+        self._killed: str | None = None  # set by on_kill
         self.destination = destination
         self.storage_timeout = storage_timeout
         self.partitions = partitions
@@ -162,6 +164,7 @@ class PostgresPartitionPlanOperator(BaseOperator):
         )
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
+        self._killed = None
         if isinstance(self.partitions, bool) or not isinstance(self.partitions, int) or self.partitions < 1:
             raise InvalidInputError(f"partitions must be a positive integer, got {self.partitions!r}")
         spec, state = self._watermark(context)
@@ -177,6 +180,7 @@ class PostgresPartitionPlanOperator(BaseOperator):
             watermark=spec,
             owner=f"{getattr(self, 'dag_id', None) or '_'}.{self.task_id}",
         )
+        self._extraction = coordinator  # on_kill cancels its planning queries
         destination = coordinator.destination
         ranges, record = plan_or_reuse_ranges(coordinator, destination, self.partitions, self.method)
         extra: dict[str, Any] = {}
@@ -197,6 +201,7 @@ class PostgresPartitionPlanOperator(BaseOperator):
                 "watermark_start": window["start"],
                 "watermark_end": window["end"],
             }
+        _raise_if_killed(self)
         base = destination.url
         return [
             {
@@ -208,6 +213,24 @@ class PostgresPartitionPlanOperator(BaseOperator):
             }
             for entry in ranges
         ]
+
+    def on_kill(self) -> None:
+        """Cancel the planning query (a lock wait may last ``query_timeout``); ``execute`` then raises."""
+        _kill(self)
+
+
+def _kill(operator: Any) -> None:
+    """``on_kill`` of the planner and the validator: their control queries are cancelled, and the
+    task fails wherever it was (Airflow 3's SIGTERM handler only calls ``on_kill``)."""
+    operator._killed = "on_kill"
+    extraction = operator._extraction
+    if extraction is not None:
+        extraction.abort("on_kill")
+
+
+def _raise_if_killed(operator: Any) -> None:
+    if operator._killed:
+        raise ExtractionAborted.because(operator._killed)
 
 
 class PostgresPartitionValidateOperator(BaseOperator):
@@ -253,6 +276,8 @@ class PostgresPartitionValidateOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self._extraction: Any = None
+        self._killed: str | None = None  # set by on_kill
         self.storage_timeout = storage_timeout
         if not kwargs.get("outlets"):  # the dataset's stable asset (see operators/assets.py)
             asset = stable_asset(destination)
@@ -266,6 +291,7 @@ class PostgresPartitionValidateOperator(BaseOperator):
         self.where = where
 
     def execute(self, context: Context) -> dict[str, Any]:
+        self._killed = None
         timeout = as_seconds("storage_timeout", self.storage_timeout, allow_none=True)
         destination = Destination(self.destination, self.storage_options, timeout=timeout)
         record = destination.read_json(DATASET_MANIFEST)
@@ -293,6 +319,7 @@ class PostgresPartitionValidateOperator(BaseOperator):
             if SUCCESS_MARKER in destination.list_entries():  # no longer proven: readers must not go
                 destination.remove(SUCCESS_MARKER)
             raise
+        _raise_if_killed(self)
         record.update(
             status="complete",
             rows=totals["rows"],
@@ -342,6 +369,11 @@ class PostgresPartitionValidateOperator(BaseOperator):
             key_columns=source.get("key_columns"),
             watermark=WatermarkSpec.again(window) if window else None,
         )
+        self._extraction = extraction  # on_kill cancels the count
         plan = extraction.windowed(extraction.build_plan(), None)
         with extraction.control_connection("count") as conn:
             return int(conn.execute(plan.count_sql()).fetchone()[0])
+
+    def on_kill(self) -> None:
+        """Cancel the ``verify_count`` query; ``execute`` then raises."""
+        _kill(self)

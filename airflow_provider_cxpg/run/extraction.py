@@ -651,6 +651,8 @@ class Extraction:
                     "job.plan",
                     note=f"the server refused the login: credentials renewed; continuing after {progress} chunks",
                 )
+        if self._aborted:  # on_kill during the last chunk: the task must fail, not end green (a retry resumes)
+            raise ExtractionAborted.because(self._aborted)
         self._progress.chunk(manifest.rows, final=True)
         # a complete manifest promises its files: check them, not its own sums
         check_output(self.destination, manifest)

@@ -219,6 +219,8 @@ class TableExtraction:
             result = self.extraction.run()
             manifest = Manifest.load(self.destination)
             assert manifest is not None and manifest.status == "complete"
+        if self.extraction._aborted:  # on_kill before the commit: nothing is committed, the task fails
+            raise ExtractionAborted.because(self.extraction._aborted)
         if self.write_mode == "merge" and not plan.key_unique:
             self._refuse_repeated_keys(list(plan.key_names), manifest)
         files = [StagedFile(f"{self.staging}/{c.file}", c.bytes, c.rows) for c in manifest.chunks if c.file]
