@@ -208,8 +208,13 @@ def _run_backends(admin: psycopg.Connection, run_id: str) -> list[tuple[Any, ...
     return backends_of(admin, f"%cxpg-{run_id}%")
 
 
-@pytest.mark.parametrize("liveness", ["server", "fallback"])
-@pytest.mark.parametrize("phase", ["planning", "reading", "streaming"])
+@pytest.mark.parametrize(
+    ("liveness", "phase"),
+    [
+        *[(liveness, phase) for liveness in ("server", "fallback") for phase in ("planning", "reading", "streaming")],
+        ("fallback-reaper-killed", "reading"),
+    ],
+)
 def test_a_sigkilled_task_process_leaves_no_backend_and_no_worker(
     pg: PgInfo, admin: psycopg.Connection, table: str, tmp_path: Path, phase: str, liveness: str
 ) -> None:
@@ -220,7 +225,7 @@ def test_a_sigkilled_task_process_leaves_no_backend_and_no_worker(
     them. ``streaming``: a streamed read holds the GIL while it waits, so no thread of the worker
     runs then: only the reaper can act.
     """
-    env = {"CXPG_TEST_NO_LIVENESS": "1"} if liveness == "fallback" else {}
+    env = {"CXPG_TEST_NO_LIVENESS": "1"} if liveness.startswith("fallback") else {}
     with psycopg.connect(pg.dsn, autocommit=True) as holder:
         if phase == "planning":
             holder.execute("BEGIN")
@@ -252,6 +257,12 @@ def test_a_sigkilled_task_process_leaves_no_backend_and_no_worker(
             ), _run_backends(admin, run_id)
             assert wait_until(lambda: bool(worker_pids(0)), 30, 0.05)
             time.sleep(0.5)
+            if liveness == "fallback-reaper-killed":  # the reaper is a process like any other
+                workers = worker_pids(task.process.pid)
+                reapers = [pid for worker in workers for pid in worker_pids(worker)]
+                assert reapers, (workers, worker_pids(0))
+                os.kill(reapers[0], signal.SIGKILL)
+                time.sleep(0.5)
             os.kill(task.process.pid, signal.SIGKILL)
             task.process.wait(timeout=10)
             killed = time.monotonic()

@@ -119,6 +119,14 @@ class Reaper:
             os.close(self._fd)
             self._fd = None
 
+    def alive(self) -> bool:
+        """Whether the reaper still runs (one killed meanwhile is reaped here, and is not)."""
+        try:
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        return pid == 0
+
     def stop(self) -> None:
         """End the reaper on a clean shutdown: the run's reads are over, nothing is left to guard.
 

@@ -90,11 +90,13 @@ def _heartbeat_loop(writer: FrameWriter, state: ChunkState, config: Configure, p
 
 
 def _parent_gone(config: Configure, code: int) -> None:
-    """Exit: the reaper ends the run's backends (or, when it could not be forked, do it here first).
+    """Exit: the reaper ends the run's backends (or, when it could not be forked or is dead, do it here).
 
     ``config`` may be the one the caller started with: the current one (a renewed password) is used.
+    A reaper killed meanwhile (by anyone: it is a process like any other) would leave the run's
+    backends running after the task process died, until the server noticed.
     """
-    if _RUN.reaper is None:
+    if _RUN.reaper is None or not _RUN.reaper.alive():
         terminate_run_backends(_RUN.config or config)
     os._exit(code)
 
