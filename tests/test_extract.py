@@ -6,6 +6,8 @@ import itertools
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -421,6 +423,41 @@ def test_iter_chunks_yields_exact_tables_and_early_close_stops_the_worker(
     chunks.close()  # the consumer stops early
     assert_nothing_left(admin)
     assert first.column("id").to_pylist()[-1] == 1_000  # the mapped table outlives its spool file
+
+
+@pytest.mark.parametrize("left", ["in-a-global", "in-a-cycle"])
+def test_iter_chunks_left_suspended_at_exit_ends_cleanly(conn_id: str, orders: str, tmp_path: Path, left: str) -> None:
+    """A program exits with an iteration still suspended (in a global; in a cycle, gc off).
+
+    Python closed it only while tearing the interpreter down: the process died of ``Fatal Python
+    error: _enter_buffered_busy`` (SIGABRT) and a read-ahead chunk of table rows stayed in /tmp.
+    """
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    program = f"""
+import gc
+from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+
+chunks = ConnectorXPostgresHook(postgres_conn_id={conn_id!r}).iter_chunks(table={orders!r}, chunk_rows=500)
+assert next(chunks).num_rows == 500
+if {left == "in-a-cycle"!r}:
+    gc.disable()
+    holder = {{"chunks": chunks}}
+    holder["self"] = holder
+    del chunks, holder
+print("exiting", flush=True)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        env={**os.environ, "TMPDIR": str(spool)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "exiting" in done.stdout, done.stderr[-2000:]
+    assert "Fatal Python error" not in done.stderr, done.stderr[-2000:]
+    assert not list(spool.glob("cxpg-spool-*")), list(spool.rglob("*"))
+    assert wait_until(lambda: not worker_pids(0), 10, 0.05), worker_pids(0)
 
 
 def test_iter_chunks_survives_a_killed_worker(conn_id: str, admin: psycopg.Connection, orders: str) -> None:

@@ -7,13 +7,16 @@ unlinked as soon as it is mapped; the mapping lives as long as the table's buffe
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -52,6 +55,37 @@ def _extraction(endpoint: PostgresEndpoint, spec: SourceSpec, **kwargs: Any) -> 
     return Extraction(endpoint=endpoint, spec=spec, destination=Destination(tempfile.gettempdir()), **kwargs)
 
 
+#: Iterations not finished yet: closed at interpreter exit (see :func:`_close_live_iterations`).
+_LIVE: weakref.WeakSet[Generator[Any, Any, Any]] = weakref.WeakSet()
+
+
+def _closed_at_exit(fn: Callable[..., Generator[Any, Any, Any]]) -> Callable[..., Generator[Any, Any, Any]]:
+    """Register each generator ``fn`` makes, so that one still suspended at exit is closed in time."""
+
+    @functools.wraps(fn)
+    def make(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
+        generator = fn(*args, **kwargs)
+        _LIVE.add(generator)
+        return generator
+
+    return make
+
+
+@atexit.register
+def _close_live_iterations() -> None:
+    """Close every iteration a program left suspended (a generator in a global, in a cycle).
+
+    Python would close them only while tearing the interpreter down, when the threads that own the
+    worker's pipes are frozen: stopping the worker there crashed the process (``Fatal Python error:
+    _enter_buffered_busy``) and left the spool directory, a chunk of table rows, in the temporary
+    folder. ``atexit`` runs while every thread still can.
+    """
+    for generator in list(_LIVE):
+        with contextlib.suppress(Exception):  # one already running or closed: nothing to do here
+            generator.close()
+
+
+@_closed_at_exit
 def iter_chunk_tables(
     *,
     endpoint: PostgresEndpoint,
