@@ -16,7 +16,7 @@ does; nothing ever closes a connection under a thread still using it. Host names
 ``PQcancel`` with the GIL held: a cancel request to a server that accepts the connection and never
 answers froze the whole task process, signal handlers and ``on_kill`` included. With libpq 17 or
 later (psycopg-binary 3.2.9 and later bundle it) :meth:`ControlConnection.cancel` drives libpq's
-non-blocking cancel connection from Python instead, waiting in ``select`` under a deadline. With an
+non-blocking cancel connection from Python instead, waiting in ``poll`` under a deadline. With an
 older libpq the blocking request runs on a daemon thread that the caller waits for at most the
 deadline; that is enough with psycopg's pure-Python implementation (ctypes releases the GIL), not
 with a C implementation built against an old libpq.

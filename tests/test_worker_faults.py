@@ -454,39 +454,10 @@ def test_on_kill_from_a_signal_that_lands_inside_a_bounded_call_does_not_deadloc
     assert_nothing_left(admin)
 
 
-def test_on_kill_while_planning_waits_on_a_lock_cancels_the_planning_query(
-    conn_id: str, pg: PgInfo, admin: psycopg.Connection, table: str, out_dir: Path
-) -> None:
-    """Before any chunk: the parent's own catalog query waits on a lock, for up to query_timeout."""
-    op = _operator(conn_id, table, out_dir, query_timeout=120)
-    previous = signal.signal(signal.SIGTERM, lambda s, f: op.on_kill())
-
-    def kill_when_planning_waits() -> None:
-        waiting = (
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'cxpg%' AND wait_event_type = 'Lock'"
-        )
-        with psycopg.connect(pg.dsn, autocommit=True) as watcher:
-            if wait_until(lambda: watcher.execute(waiting).fetchone()[0] > 0, 30, 0.05):
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    with psycopg.connect(pg.dsn) as holder:
-        holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-        threading.Thread(target=kill_when_planning_waits, daemon=True).start()
-        started = time.monotonic()
-        try:
-            with pytest.raises(ExtractionAborted, match="on_kill"):
-                op.execute({})
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        elapsed = time.monotonic() - started
-        holder.rollback()
-    assert elapsed < 30 + GRACE, elapsed  # not the 120 s query_timeout
-    assert wait_until(lambda: not worker_pids(), 10, 0.05), worker_pids()
-    assert_nothing_left(admin)
-
-
-def _sigterm_when_a_query_waits_on_a_lock(pg: PgInfo) -> None:
-    """SIGTERM this process (Airflow's handler calls on_kill) once a backend of a run waits on a lock."""
+def _killed_while_a_query_waits_on_a_lock(op: Any, pg: PgInfo, table: str) -> float:
+    """Run ``op`` with ``table`` locked; SIGTERM this process (its handler calls ``op.on_kill()``, as
+    Airflow's does) once a query of the run waits on the lock. ``op`` must raise ExtractionAborted;
+    return the seconds it took."""
     waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'cxpg%' AND wait_event_type = 'Lock'"
 
     def watch() -> None:
@@ -494,7 +465,30 @@ def _sigterm_when_a_query_waits_on_a_lock(pg: PgInfo) -> None:
             if wait_until(lambda: watcher.execute(waiting).fetchone()[0] > 0, 30, 0.05):
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=watch, daemon=True).start()
+    previous = signal.signal(signal.SIGTERM, lambda s, f: op.on_kill())
+    try:
+        with psycopg.connect(pg.dsn) as holder:
+            holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            threading.Thread(target=watch, daemon=True).start()
+            started = time.monotonic()
+            with pytest.raises(ExtractionAborted, match="on_kill"):
+                op.execute({})
+            elapsed = time.monotonic() - started
+            holder.rollback()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return elapsed
+
+
+def test_on_kill_while_planning_waits_on_a_lock_cancels_the_planning_query(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, table: str, out_dir: Path
+) -> None:
+    """Before any chunk: the parent's own catalog query waits on a lock, for up to query_timeout."""
+    op = _operator(conn_id, table, out_dir, query_timeout=120)
+    elapsed = _killed_while_a_query_waits_on_a_lock(op, pg, table)
+    assert elapsed < 30 + GRACE, elapsed  # not the 120 s query_timeout
+    assert wait_until(lambda: not worker_pids(), 10, 0.05), worker_pids()
+    assert_nothing_left(admin)
 
 
 @pytest.mark.parametrize("operator", ["planner", "validator"])
@@ -524,18 +518,7 @@ def test_on_kill_stops_the_partition_planner_and_validator_waiting_on_a_lock(
         )
     else:
         op = planner
-    previous = signal.signal(signal.SIGTERM, lambda s, f: op.on_kill())
-    with psycopg.connect(pg.dsn) as holder:
-        holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-        _sigterm_when_a_query_waits_on_a_lock(pg)
-        started = time.monotonic()
-        try:
-            with pytest.raises(ExtractionAborted, match="on_kill"):
-                op.execute({})
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        elapsed = time.monotonic() - started
-        holder.rollback()
+    elapsed = _killed_while_a_query_waits_on_a_lock(op, pg, table)
     assert elapsed < 30 + GRACE, elapsed
     assert_nothing_left(admin)
 
