@@ -6,6 +6,7 @@ issue names as enough for tests); every table is read back with pyiceberg's own 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -293,3 +294,153 @@ def test_incremental_windows_merged_by_key_keep_the_table_equal_to_the_source(
     third = hook.extract(watermark=WatermarkSpec("changed_at", start=second.high_watermark), **arguments)
     assert third.rows == 0 and table_rows(catalog, "lake.incremental") == source_rows(admin, items)
     assert_nothing_left(admin)
+
+
+# -- a catalog that stops answering ---------------------------------------------------------------
+
+_FROZEN_COMMIT = """
+import os, signal, sys
+from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+from airflow_provider_cxpg.output import iceberg
+
+conn_id, table, uri, warehouse, proxy_pid, storage_timeout = sys.argv[1:7]
+original = iceberg.IcebergTarget.commit
+
+
+def commit(self, *args, **kwargs):
+    os.kill(int(proxy_pid), signal.SIGSTOP)  # the catalog's network freezes just before the commit
+    print("catalog", self.catalog_pid, flush=True)
+    return original(self, *args, **kwargs)
+
+
+iceberg.IcebergTarget.commit = commit
+try:
+    ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+        destination="lake.frozen", table=table, table_format="iceberg", iceberg_catalog="frozen",
+        iceberg_catalog_properties={"type": "sql", "uri": uri, "warehouse": warehouse},
+        storage_timeout=float(storage_timeout),
+    )
+except Exception as exc:
+    print("raised", type(exc).__name__, exc, flush=True)
+print("done", flush=True)
+"""
+
+
+@pytest.fixture
+def frozen_catalog(pg: Any, admin: psycopg.Connection, tmp_path: Path) -> Any:
+    """A SQL catalog on PostgreSQL behind a proxy, and the script that freezes it at the commit."""
+    from tests.netproxy import running_proxy
+
+    database = f"cxpg_catalog_{tmp_path.name[-12:].replace('-', '_').lower()}"
+    admin.execute(f'DROP DATABASE IF EXISTS "{database}"')
+    admin.execute(f'CREATE DATABASE "{database}"')
+    script = tmp_path / "frozen_commit.py"
+    script.write_text(_FROZEN_COMMIT)
+    try:
+        with running_proxy((pg.host, pg.port)) as proxy:
+            uri = f"postgresql+psycopg://{pg.user}:{pg.password}@127.0.0.1:{proxy.port}/{database}"
+            yield script, uri, (tmp_path / "warehouse").as_uri(), proxy
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_frozen_catalog_fails_the_run_on_time_and_the_task_process_still_exits(
+    conn_id: str, items: str, frozen_catalog: Any
+) -> None:
+    """The commit's catalog statements hang on a frozen network: StorageError within storage_timeout,
+    the catalog's process killed, and the task process exits (in a thread of its own, the catalog's
+    SQLAlchemy session held Airflow's exit handler, dispose_orm, forever)."""
+    import subprocess
+    import sys
+
+    script, uri, warehouse, proxy = frozen_catalog
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(script), conn_id, items, uri, warehouse, str(proxy.process.pid), "3"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
+    elapsed = time.monotonic() - started
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert any(line.startswith("raised StorageError") and "did not return within 3.0s" in line for line in lines), lines
+    assert lines[-1] == "done" and elapsed < 60, (elapsed, lines)
+    catalog_pid = int(next(line for line in lines if line.startswith("catalog ")).split()[1])
+    assert not _alive(catalog_pid)  # killed at the deadline, not left behind
+
+
+def test_the_catalogs_process_ends_when_the_task_process_is_killed(
+    conn_id: str, items: str, frozen_catalog: Any
+) -> None:
+    """SIGKILL of the task process while its commit waits on a frozen catalog: the catalog's process
+    exits by itself (a commit still running there could land while the retry runs)."""
+    import signal
+    import subprocess
+    import sys
+
+    script, uri, warehouse, proxy = frozen_catalog
+    task = subprocess.Popen(
+        [sys.executable, str(script), conn_id, items, uri, warehouse, str(proxy.process.pid), "600"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
+    try:
+        assert task.stdout is not None
+        line = ""
+        deadline = time.monotonic() + 90
+        while not line.startswith("catalog ") and time.monotonic() < deadline:
+            line = task.stdout.readline()
+            assert line or task.poll() is None, "the script ended before its commit"
+        catalog_pid = int(line.split()[1])
+        time.sleep(1.0)  # the commit's first statement is on the frozen connection
+        assert _alive(catalog_pid)
+        task.send_signal(signal.SIGKILL)
+        task.wait(timeout=10)
+        gone_by = time.monotonic() + 5
+        while _alive(catalog_pid) and time.monotonic() < gone_by:
+            time.sleep(0.1)
+        assert not _alive(catalog_pid)
+    finally:
+        if task.poll() is None:
+            task.kill()
+
+
+def test_on_kill_ends_a_catalog_call_that_waits_on_a_frozen_catalog(frozen_catalog: Any) -> None:
+    """abort() (the operator's on_kill) ends the wait at once and kills the catalog's process."""
+    import threading
+
+    from airflow_provider_cxpg.exceptions import ExtractionAborted
+    from airflow_provider_cxpg.output.iceberg import IcebergTarget
+
+    _, uri, warehouse, proxy = frozen_catalog
+    target = IcebergTarget(
+        "lake.t", catalog="frozen", catalog_properties={"type": "sql", "uri": uri, "warehouse": warehouse}, timeout=600
+    )
+    try:
+        assert target.committed("cxpg:any") is None  # the catalog opens; the table does not exist
+        catalog_pid = target.catalog_pid
+        assert catalog_pid is not None
+        proxy.freeze()
+        threading.Timer(1.0, target.abort, args=("on_kill",)).start()
+        started = time.monotonic()
+        with pytest.raises(ExtractionAborted):
+            target.committed("cxpg:any")
+        assert time.monotonic() - started < 3
+        gone_by = time.monotonic() + 5
+        while _alive(catalog_pid) and time.monotonic() < gone_by:
+            time.sleep(0.1)
+        assert not _alive(catalog_pid)
+    finally:
+        target.close()

@@ -20,29 +20,35 @@ column is added (``union_by_name``, then an empty snapshot in the new schema) ju
 commit. A run that changes nothing (no rows; an upsert whose rows are all unchanged) still commits
 one empty snapshot carrying ``cxpg.app_id``, so its retry sees it done. A first run
 creates the table (empty) before its data moves, so its files can be staged in the table's location.
-Every catalog and file-system call runs under ``storage_timeout`` on a helper thread.
+
+Every catalog and file-system call runs in a process of its own (:mod:`.isolated`), each under
+``storage_timeout`` (the commit under its own limit): past a deadline, on ``on_kill`` and when the
+run ends, that process is killed with whatever the catalog holds. In a thread of the task process, a
+frozen SQL catalog kept a session that Airflow's exit handler then waited on forever.
+:class:`IcebergTarget` (the task process) checks the arguments and forwards;
+:class:`IcebergTable` (the catalog's process) does the work.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import importlib.util
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 
 from airflow_provider_cxpg.exceptions import InvalidInputError, StorageError
-from airflow_provider_cxpg.output.table_calls import (
-    StagedFile,
-    TableCalls,
-    has_unsigned_integers,
-    new_columns_or_refuse,
-)
+from airflow_provider_cxpg.output.isolated import IsolatedObject
+from airflow_provider_cxpg.output.table_calls import StagedFile, has_unsigned_integers, new_columns_or_refuse
 
-__all__ = ["IcebergTarget", "require_pyiceberg"]
+__all__ = ["IcebergTable", "IcebergTarget", "require_pyiceberg"]
 
 _APP_ID = "cxpg.app_id"
 _SCHEMA_OF = "cxpg.schema_change_of"
+
+
+_MISSING = "table_format='iceberg' needs the pyiceberg package: pip install 'airflow-provider-cxpg[iceberg]'"
 
 
 def require_pyiceberg() -> Any:
@@ -50,9 +56,7 @@ def require_pyiceberg() -> Any:
     try:
         import pyiceberg.catalog
     except ImportError as exc:
-        raise InvalidInputError(
-            "table_format='iceberg' needs the pyiceberg package: pip install 'airflow-provider-cxpg[iceberg]'"
-        ) from exc
+        raise InvalidInputError(_MISSING) from exc
     return pyiceberg.catalog
 
 
@@ -66,7 +70,10 @@ def _identifier(table: str) -> tuple[str, str]:
 
 
 class IcebergTarget:
-    """An Iceberg table in a catalog that runs are committed to.
+    """An Iceberg table in a catalog that runs are committed to: the task process's side.
+
+    Checks the arguments here; every call on the catalog goes to an :class:`IcebergTable` in a
+    process of its own (started at the first call, ended by :meth:`close`).
 
     :param table: ``namespace.table`` (a nested namespace as ``a.b.table``).
     :param catalog: the catalog's name in pyiceberg's configuration.
@@ -91,15 +98,22 @@ class IcebergTarget:
         self.catalog_name = catalog or "default"
         self.catalog_properties = {k: str(v) for k, v in (catalog_properties or {}).items()}
         self.timeout = timeout
-        self._call = TableCalls(
-            "iceberg",
-            self.identifier,
-            timeout=timeout,
+        if importlib.util.find_spec("pyiceberg") is None:  # the catalog's process imports it, not this one
+            raise InvalidInputError(_MISSING)
+        self._table = IsolatedObject(
+            f"{__name__}:IcebergTable",
+            {
+                "identifier": self.identifier,
+                "catalog": self.catalog_name,
+                "catalog_properties": self.catalog_properties,
+                "timeout": timeout,
+                "commit_timeout": self.commit_timeout,
+            },
+            target=self.identifier,
             secrets=self.secrets,
             unanswered="the catalog or its store is not answering",
+            name="the Iceberg catalog's process",
         )
-        self._catalogs = require_pyiceberg()
-        self._catalog: Any = None
 
     @property
     def uri(self) -> str:
@@ -121,6 +135,92 @@ class IcebergTarget:
             elif "@" in value and name == "uri":  # unparseable: everything between '//user:' and the last '@'
                 found.append(value.split("://", 1)[1].rsplit("@", 1)[0].partition(":")[2])
         return [f for f in dict.fromkeys(found) if f]
+
+    @property
+    def catalog_pid(self) -> int | None:
+        """The catalog's process, while one runs."""
+        return self._table.pid
+
+    def committed(self, app_id: str) -> int | None:
+        """The snapshot id that ends ``app_id``'s run, or None when no snapshot names it."""
+        return self._table.call("opening the Iceberg catalog", "committed", app_id, timeout=self.timeout)
+
+    def check_schema(self, schema: pa.Schema, *, write_mode: str, key: Sequence[str]) -> list[str]:
+        """Refuse what the table cannot take; return the source columns the table will gain."""
+        return self._table.call(
+            "checking the schema of", "check_schema", schema, write_mode=write_mode, key=list(key), timeout=self.timeout
+        )
+
+    def staging_root(self, schema: pa.Schema) -> str:
+        """Where the run's files go: the table's data directory (a first run creates the table, empty)."""
+        return self._table.call("opening the Iceberg catalog", "staging_root", schema, timeout=self.timeout)
+
+    def commit(
+        self,
+        files: Sequence[StagedFile],
+        schema: pa.Schema,
+        *,
+        write_mode: str,
+        key: Sequence[str],
+        app_id: str,
+        metadata: Mapping[str, Any],
+        root: str,
+    ) -> tuple[int, bool]:
+        """Commit the run's files (after adding new columns): see :meth:`IcebergTable.commit`."""
+        return self._table.call(
+            "opening the Iceberg catalog",
+            "commit",
+            list(files),
+            schema,
+            write_mode=write_mode,
+            key=list(key),
+            app_id=app_id,
+            metadata={k: str(v) for k, v in metadata.items()},
+            root=root,
+            timeout=self.timeout,
+        )
+
+    def abort(self, reason: str) -> None:
+        """``on_kill``: a call in progress ends now (the catalog's process is killed) and raises."""
+        self._table.abort(reason)
+
+    def close(self) -> None:
+        """End the catalog's process (bounded: it is killed when it does not exit at once)."""
+        self._table.close()
+
+
+class IcebergTable:
+    """The catalog's side, in its own process: each step announces itself and its deadline first.
+
+    :param steps: tells the task process which operation starts and its deadline in seconds.
+    :param identifier: ``namespace.table``.
+    :param catalog: the catalog's name; ``catalog_properties``: its properties.
+    :param timeout: each operation's deadline; ``commit_timeout``: the data commit's.
+    """
+
+    def __init__(
+        self,
+        *,
+        steps: Callable[[str, float | None], None],
+        identifier: str,
+        catalog: str,
+        catalog_properties: Mapping[str, str],
+        timeout: float | None,
+        commit_timeout: float | None,
+    ) -> None:
+        self._steps = steps
+        self.identifier = identifier
+        self.namespace = identifier.rpartition(".")[0]
+        self.catalog_name = catalog
+        self.catalog_properties = dict(catalog_properties)
+        self.timeout = timeout
+        self.commit_timeout = commit_timeout
+        self._catalogs = require_pyiceberg()
+        self._catalog: Any = None
+
+    def _call(self, operation: str, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        self._steps(operation, timeout or self.timeout)
+        return fn()
 
     # -- bounded calls -----------------------------------------------------------------------------
 
@@ -284,9 +384,6 @@ class IcebergTarget:
         if snapshot is None:
             raise StorageError(f"the Iceberg commit of {app_id} to {self.identifier} is not in the table's snapshots")
         return snapshot, not upserted
-
-    def close(self) -> None:
-        self._call.close()
 
 
 def _read(table: Any, path: str, pq: Any) -> pa.Table:

@@ -166,6 +166,8 @@ class TableExtraction:
     def abort(self, reason: str) -> None:
         self._aborted = reason
         self.extraction.abort(reason)
+        if isinstance(self.target, IcebergTarget):  # a catalog call in progress ends now
+            self.target.abort(reason)
 
     def _stage(self, schema: Any) -> None:
         """Iceberg: the extraction that copies, into the table's data directory."""
@@ -190,6 +192,12 @@ class TableExtraction:
             raise ExtractionAborted.because(self._aborted)
 
     def run(self) -> ExtractResult:
+        try:
+            return self._run()
+        finally:
+            self.target.close()  # the Iceberg catalog's process ends with the run
+
+    def _run(self) -> ExtractResult:
         log = self.extraction.log
         plan = self.extraction.plan or self.extraction.build_plan()
         version = self.target.committed(self.app_id)
