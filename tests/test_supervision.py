@@ -167,6 +167,41 @@ def test_every_destination_operation_on_a_frozen_store_raises_in_time(s3: S3Serv
     s3.thaw()
 
 
+def test_a_store_that_freezes_under_the_validator_fails_it_naming_the_read_that_hung(
+    s3: S3Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The validator's clean-up (withdrawing _SUCCESS) hit the same frozen store: the task's error
+    named that listing, "not attempted", instead of the check's read that hung."""
+    from airflow_provider_cxpg.operators.partition import PostgresPartitionValidateOperator
+    from airflow_provider_cxpg.run.parallel import DATASET_MANIFEST
+
+    bucket = s3.create_bucket()
+    dataset = Destination(f"s3://{bucket}/validated", _options(s3), timeout=2)
+    dataset.write_json(DATASET_MANIFEST, {"ranges": [{"index": 0, "lower": None, "upper": None}], "source": {}})
+    dataset.write_marker("_SUCCESS")
+    original = Destination.read_json
+
+    def read_then_freeze(self: Destination, name: str) -> Any:
+        record = original(self, name)
+        if name == DATASET_MANIFEST:
+            s3.freeze()  # the store stops answering right after the validator read the plan
+        return record
+
+    monkeypatch.setattr(Destination, "read_json", read_then_freeze)
+    op = PostgresPartitionValidateOperator(
+        task_id="validate", destination=dataset.url, storage_options=_options(s3), storage_timeout=2
+    )
+    started = time.monotonic()
+    with pytest.raises(StorageError) as caught:
+        op.execute({})
+    assert time.monotonic() - started < 2 * 2 + GRACE
+    assert "did not finish within storage_timeout=2" in str(caught.value), caught.value
+    assert "not attempted" not in str(caught.value)
+    logged = capsys.readouterr()
+    assert "could not remove _SUCCESS" in logged.out + logged.err  # the clean-up's failure is said, not raised
+    s3.thaw()
+
+
 # -- the task process dies -------------------------------------------------------------------------------
 
 

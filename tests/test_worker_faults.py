@@ -7,6 +7,7 @@ run remain, whatever went wrong.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import signal
@@ -502,24 +503,60 @@ def test_on_kill_stops_the_partition_planner_and_validator_waiting_on_a_lock(
         PostgresPartitionValidateOperator,
     )
 
+    if operator == "validator":
+        op: Any = PostgresPartitionValidateOperator(
+            task_id="validate",
+            destination=_fanned_out(conn_id, table, out_dir),
+            postgres_conn_id=conn_id,
+            verify_count=True,
+        )
+    else:
+        op = PostgresPartitionPlanOperator(
+            task_id="plan", postgres_conn_id=conn_id, table=table, partitions=2, destination=str(out_dir / "dataset")
+        )
+    elapsed = _killed_while_a_query_waits_on_a_lock(op, pg, table)
+    assert elapsed < 30 + GRACE, elapsed
+    assert_nothing_left(admin)
+
+
+def _fanned_out(conn_id: str, table: str, out_dir: Path) -> str:
+    """A dataset planned in two ranges, each extracted (the mapped extracts, one after another)."""
+    from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+    from airflow_provider_cxpg.operators.partition import PostgresPartitionPlanOperator
+
     dataset = str(out_dir / "dataset")
     planner = PostgresPartitionPlanOperator(
         task_id="plan", postgres_conn_id=conn_id, table=table, partitions=2, destination=dataset
     )
-    if operator == "validator":
-        from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+    for kwargs in planner.execute({}):
+        PostgresExtractOperator(
+            task_id="extract", postgres_conn_id=conn_id, table=table, worker_settings=FAST, **kwargs
+        ).execute({})
+    return dataset
 
-        for kwargs in planner.execute({}):  # the mapped extracts, one after another
-            PostgresExtractOperator(
-                task_id="extract", postgres_conn_id=conn_id, table=table, worker_settings=FAST, **kwargs
-            ).execute({})
-        op: Any = PostgresPartitionValidateOperator(
-            task_id="validate", destination=dataset, postgres_conn_id=conn_id, verify_count=True
-        )
-    else:
-        op = planner
-    elapsed = _killed_while_a_query_waits_on_a_lock(op, pg, table)
-    assert elapsed < 30 + GRACE, elapsed
+
+def test_the_validators_query_timeout_bounds_verify_count(
+    conn_id: str, pg: PgInfo, admin: psycopg.Connection, table: str, out_dir: Path
+) -> None:
+    """verify_count waited up to the default hour behind a lock: the validator had no query_timeout.
+    A bad one fails before anything is read."""
+    from airflow_provider_cxpg.exceptions import DeadlineExceededError, InvalidInputError
+    from airflow_provider_cxpg.operators.partition import PostgresPartitionValidateOperator
+
+    dataset = _fanned_out(conn_id, table, out_dir)
+    arguments = {"task_id": "validate", "destination": dataset, "postgres_conn_id": conn_id, "verify_count": True}
+    with pytest.raises(InvalidInputError, match="query_timeout"):
+        PostgresPartitionValidateOperator(**arguments, query_timeout="soon").execute({})
+    op = PostgresPartitionValidateOperator(**arguments, query_timeout=dt.timedelta(seconds=2))
+    with psycopg.connect(pg.dsn) as holder:
+        holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError):
+            op.execute({})
+        elapsed = time.monotonic() - started
+        holder.rollback()
+    assert elapsed < 2 + GRACE, elapsed
+    assert op.execute({})["rows"] == admin.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
     assert_nothing_left(admin)
 
 

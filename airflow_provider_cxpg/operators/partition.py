@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import BaseOperator
 
 from airflow_provider_cxpg.durations import DEFAULT_QUERY_TIMEOUT, DEFAULT_STORAGE_TIMEOUT, as_seconds
-from airflow_provider_cxpg.exceptions import DataIntegrityError, ExtractionAborted, InvalidInputError
+from airflow_provider_cxpg.exceptions import DataIntegrityError, ExtractionAborted, InvalidInputError, StorageError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.assets import record_asset_event, stable_asset
 from airflow_provider_cxpg.output.destination import Destination
@@ -258,6 +258,8 @@ class PostgresPartitionValidateOperator(BaseOperator):
     :param table: the source table, if given, must be the one the planner recorded (templated).
     :param where: likewise for the planner's ``where`` (templated).
     :param storage_timeout: limit for each operation on the destination (footer reads included).
+    :param query_timeout: limit for the ``verify_count`` query (server ``statement_timeout`` too; a
+        ``count(*)`` of a large source may need more than the default hour, a lock wait should end sooner).
     """
 
     template_fields: Sequence[str] = ("destination", "table", "where")
@@ -273,12 +275,14 @@ class PostgresPartitionValidateOperator(BaseOperator):
         table: str | None = None,
         where: str | None = None,
         storage_timeout: float | dt.timedelta | None = DEFAULT_STORAGE_TIMEOUT,
+        query_timeout: float | dt.timedelta | None = DEFAULT_QUERY_TIMEOUT,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._extraction: Any = None
         self._killed: str | None = None  # set by on_kill
         self.storage_timeout = storage_timeout
+        self.query_timeout = query_timeout
         if not kwargs.get("outlets"):  # the dataset's stable asset (see operators/assets.py)
             asset = stable_asset(destination)
             if asset is not None:
@@ -293,6 +297,7 @@ class PostgresPartitionValidateOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         self._killed = None
         timeout = as_seconds("storage_timeout", self.storage_timeout, allow_none=True)
+        as_seconds("query_timeout", self.query_timeout, allow_none=True)  # bad input fails before any read
         destination = Destination(self.destination, self.storage_options, timeout=timeout)
         record = destination.read_json(DATASET_MANIFEST)
         if record is None:
@@ -316,8 +321,7 @@ class PostgresPartitionValidateOperator(BaseOperator):
                         source_rows=expected,
                     )
         except Exception:
-            if SUCCESS_MARKER in destination.list_entries():  # no longer proven: readers must not go
-                destination.remove(SUCCESS_MARKER)
+            self._withdraw_success_marker(destination)
             raise
         _raise_if_killed(self)
         record.update(
@@ -356,6 +360,18 @@ class PostgresPartitionValidateOperator(BaseOperator):
         record_asset_event(context, list(self.outlets or []), destination.url, extra, self.log)
         return summary
 
+    def _withdraw_success_marker(self, destination: Destination) -> None:
+        """The dataset is no longer proven complete: readers waiting on ``_SUCCESS`` must not go.
+
+        Best effort: on a store that stopped answering this fails too, and the task's error must stay
+        the one that failed the check (the read that hung), not this clean-up's.
+        """
+        try:
+            if SUCCESS_MARKER in destination.list_entries():
+                destination.remove(SUCCESS_MARKER)
+        except StorageError as exc:
+            self.log.warning("could not remove %s from %s after the failure: %s", SUCCESS_MARKER, destination.url, exc)
+
     def _count_source(self, source: dict[str, Any], window: dict[str, Any] | None) -> int:
         """``count(*)`` of the recorded source within the recorded window."""
         if not source.get("table") and not source.get("sql"):
@@ -368,6 +384,7 @@ class PostgresPartitionValidateOperator(BaseOperator):
             where=source.get("where"),
             key_columns=source.get("key_columns"),
             watermark=WatermarkSpec.again(window) if window else None,
+            query_timeout=self.query_timeout,
         )
         self._extraction = extraction  # on_kill cancels the count
         plan = extraction.windowed(extraction.build_plan(), None)
