@@ -6,10 +6,13 @@ path is given, as JSON lines to a file. Every string field, also inside a list o
 sessions a lock wait names, an error's details), passes through the run's
 :class:`~airflow_provider_cxpg.conninfo.Redactor`, so no password reaches a log.
 
-The file is written by a thread of its own (:class:`_LineWriter`), and an event waits for its line
-at most :data:`FILE_WRITE_SECONDS`: a log on a mount that stops answering (a hung NFS server) must
-not stop the run's deadlines, which the same thread checks. Past it the file is given up for the rest
-of the run, and the task log says so once; the events still reach the task log.
+The file is written by a thread of its own (:class:`_LineWriter`). An event waits for its line (a
+reader such as ``tail -f`` sees each line as it happens) at most :data:`LINE_WAIT_SECONDS`, and not
+at all while the writer is stuck on an earlier line: a log on a mount that stops answering (a hung
+NFS server) must not spend the run's deadlines, which the same thread checks (waiting 10 s per stall
+delayed a query timeout, and the error then blamed the server). Lines wait in order meanwhile; once
+the writer has been stuck for :data:`FILE_WRITE_SECONDS` the file is given up for the rest of the
+run, and the task log says so once; the events still reach the task log.
 
 Field names (stable, documented in the README): ``extraction_id``, ``event``, ``chunk``, ``query_id``,
 ``worker_pid``, ``backend_pid``, ``rows``, ``bytes``, ``seconds``, ``rows_per_s``, ``key_from``,
@@ -24,16 +27,19 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from airflow_provider_cxpg.conninfo import Redactor
 
-__all__ = ["EVENTS", "FILE_WRITE_SECONDS", "QueryLog"]
+__all__ = ["EVENTS", "FILE_WRITE_SECONDS", "LINE_WAIT_SECONDS", "QueryLog"]
 
-#: How long an event waits for its line to reach the query-log file before the file is given up.
+#: How long the writer may be stuck on one line before the query-log file is given up.
 FILE_WRITE_SECONDS = 10.0
+#: How long an event waits for its line to be written (not at all while the writer is stuck).
+LINE_WAIT_SECONDS = 0.2
 #: Seconds an idle file-writer thread waits for another line before it closes the file and ends.
 _WRITER_IDLE_SECONDS = 5.0
 
@@ -100,7 +106,7 @@ def _scrub(value: Any, redact: Redactor) -> Any:
 
 
 class _LineWriter:
-    """Appends lines to one file from a thread of its own; the caller waits for its line, bounded.
+    """Appends lines to one file from a thread of its own; the caller waits for its line briefly.
 
     :meth:`put` and :meth:`wait` may run in a signal handler that interrupted them on the same
     thread (``on_kill`` logs): they take only a re-entrant lock, put on a :class:`queue.SimpleQueue`
@@ -116,6 +122,12 @@ class _LineWriter:
         # would be left unwritten). Re-entrant: a signal handler may log inside put() on this thread.
         self._lock = threading.RLock()
         self.failed: str | None = None
+        self._writing_since: float | None = None  # monotonic start of the line being written
+
+    def stuck_for(self) -> float:
+        """Seconds the writer has been on its current line (0 when idle)."""
+        since = self._writing_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def put(self, line: str) -> threading.Event | None:
         """Queue ``line``; the event is set once it is written (None: the file was given up)."""
@@ -129,14 +141,19 @@ class _LineWriter:
                 self._thread.start()
         return written
 
-    def wait(self, written: threading.Event | None, timeout: float) -> bool:
-        """True once the line behind ``written`` is in the file; False (the file given up) past ``timeout``."""
+    def wait(self, written: threading.Event | None) -> bool:
+        """Wait briefly for the line behind ``written``; False once the file is given up.
+
+        Never waits behind a stuck line: the line stays queued, in order, and the caller goes on.
+        """
         if written is None:
             return False
-        if written.wait(timeout):
+        if self.stuck_for() < LINE_WAIT_SECONDS and written.wait(LINE_WAIT_SECONDS):
             return self.failed is None
-        self.failed = self.failed or f"{self.path} did not take a line within {timeout}s"
-        return False
+        stuck = self.stuck_for()
+        if stuck >= FILE_WRITE_SECONDS:
+            self.failed = self.failed or f"{self.path} did not take a line for {stuck:.0f}s"
+        return self.failed is None
 
     def _run(self) -> None:
         handle = None
@@ -152,6 +169,7 @@ class _LineWriter:
                     continue
                 try:
                     if self.failed is None:
+                        self._writing_since = time.monotonic()
                         if handle is None:
                             self.path.parent.mkdir(parents=True, exist_ok=True)
                             handle = self.path.open("a", encoding="utf-8")
@@ -160,6 +178,7 @@ class _LineWriter:
                 except OSError as exc:
                     self.failed = f"{self.path}: {exc}"
                 finally:
+                    self._writing_since = None
                     written.set()
         finally:
             if handle is not None:
@@ -231,7 +250,7 @@ class QueryLog:
                 line = json.dumps({"ts": dt.datetime.now(dt.UTC).isoformat(), **record}, default=_json_default)
                 written = jsonl.put(line + "\n")
         # Waited for outside the lock: a file that stopped answering holds no other thread's event.
-        given_up = jsonl is not None and written is not None and not jsonl.wait(written, FILE_WRITE_SECONDS)
+        given_up = jsonl is not None and written is not None and not jsonl.wait(written)
         if given_up and self.first("querylog-file-failed"):
             self._logger.warning("cxpg query_log_path given up, the task log keeps every event: %s", jsonl.failed)
         if self._sink is not None:
