@@ -146,6 +146,25 @@ class TableInfo:
         return None
 
 
+#: An index key column whose operator class has another equality than its type's default btree
+#: class (a custom class that tells ``1.0`` from ``1.00``): the index proves values distinct under
+#: *its* equality, while paging compares with the type's default operators, under which two such rows
+#: are one key, so a chunk's end between them lost the second. Such an index proves nothing here.
+#: (``text_pattern_ops`` and its kin share ``=`` with the default class: they still prove.)
+_OTHER_EQUALITY = (
+    "SELECT 1 FROM unnest(i.indclass::oid[]) WITH ORDINALITY k(opc, ord) "
+    "JOIN pg_opclass c ON c.oid = k.opc "
+    "WHERE k.ord <= i.indnkeyatts AND ("
+    "  SELECT o.amopopr FROM pg_amop o WHERE o.amopfamily = c.opcfamily AND o.amopstrategy = 3 "
+    "    AND o.amoplefttype = c.opcintype AND o.amoprighttype = c.opcintype"
+    ") IS DISTINCT FROM ("
+    "  SELECT o.amopopr FROM pg_opclass d JOIN pg_amop o ON o.amopfamily = d.opcfamily AND o.amopstrategy = 3 "
+    "    AND o.amoplefttype = d.opcintype AND o.amoprighttype = d.opcintype "
+    "  WHERE d.opcmethod = c.opcmethod AND d.opcdefault AND d.opcintype = c.opcintype"
+    ")"
+)
+
+
 def numeric_typmod(typmod: int) -> tuple[int, int]:
     """``(precision, scale)`` of a ``numeric(p, s)`` type modifier.
 
@@ -251,6 +270,7 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
         "FROM pg_index i "
         "WHERE i.indrelid = %s AND i.indisunique AND i.indisvalid "
         "  AND i.indpred IS NULL AND i.indexprs IS NULL "
+        f"  AND NOT EXISTS ({_OTHER_EQUALITY}) "
         "ORDER BY i.indisprimary DESC, i.indnatts, i.indexrelid",
         (relid,),
     ).fetchall():
