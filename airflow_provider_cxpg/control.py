@@ -37,7 +37,7 @@ import psycopg
 
 from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
 
-__all__ = ["ControlConnection", "send_cancel"]
+__all__ = ["ControlConnection", "address_count", "connect_deadline", "send_cancel"]
 
 #: What a failed close, cancel or socket call raises. Never ``Exception``: on Airflow 2,
 #: ``AirflowTaskTimeout`` (raised by SIGALRM wherever the task's thread is) is one, and the alarm
@@ -169,6 +169,41 @@ class ControlConnection:
             if not self._closed:
                 self._closed = True
                 self._calls.close()
+
+
+def address_count(host: str, port: int, timeout: float) -> int:
+    """How many addresses libpq will try for ``host`` (each under its ``connect_timeout``).
+
+    A socket directory or an IP address is one. A name is resolved as libpq resolves it (any
+    family, stream sockets), on a helper thread under ``timeout``; a name that does not resolve in
+    time, or at all, counts as one (the connect then fails on its own, naming it).
+    """
+    if not host or host.startswith("/") or host.startswith("@"):
+        return 1
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        return 1
+    except OSError:
+        pass
+    calls = SerialCalls("resolve")
+    try:
+        found = calls.call(
+            f"resolving {host}", lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout
+        )
+    except (CallTimedOut, OSError, UnicodeError):
+        return 1
+    finally:
+        calls.close()
+    return max(1, len({info[4] for info in found}))
+
+
+def connect_deadline(addresses: int, connect_timeout: float, grace: float) -> float:
+    """The client-side deadline of connecting: resolving the name, then each address in turn.
+
+    libpq applies ``connect_timeout`` to each address it tries; a name with an IPv6 and an IPv4
+    address whose first is black-holed needs two of them, one with three addresses three.
+    """
+    return (max(1, addresses) + 1) * connect_timeout + grace
 
 
 def _close_all(things: list[Any]) -> None:

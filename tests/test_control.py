@@ -142,3 +142,19 @@ def test_a_connection_that_arrives_after_its_deadline_is_closed(
 def _no_helper_left_behind(app: str) -> Iterator[None]:
     yield
     assert wait_until(lambda: not _helper_threads(app), 10, 0.05), "a helper thread stayed"
+
+
+def test_the_connect_deadline_allows_each_address_a_name_resolves_to() -> None:
+    """libpq gives connect_timeout to each address in turn: a deadline of two of them failed a name
+    with three addresses whose first two are black-holed, though the third answers."""
+    import socket
+
+    from airflow_provider_cxpg.control import address_count, connect_deadline
+
+    assert address_count("/var/run/postgresql", 5432, 1) == 1  # a socket directory
+    assert address_count("127.0.0.1", 5432, 1) == address_count("::1", 5432, 1) == 1
+    localhost = {info[4] for info in socket.getaddrinfo("localhost", 5432, type=socket.SOCK_STREAM)}
+    assert address_count("localhost", 5432, 5) == len(localhost)
+    assert address_count("no-such-host.invalid", 5432, 5) == 1  # the connect fails on its own, naming it
+    assert connect_deadline(1, 10, 5) == 25  # one address: twice control_timeout + grace, as before
+    assert connect_deadline(3, 10, 5) == 45  # resolving, then three addresses in turn

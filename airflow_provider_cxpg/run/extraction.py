@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from airflow_provider_cxpg.bounded import CallStopped, CallTimedOut, SerialCalls
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, connect
-from airflow_provider_cxpg.control import ControlConnection
+from airflow_provider_cxpg.control import ControlConnection, address_count, connect_deadline
 from airflow_provider_cxpg.exceptions import (
     CxpgError,
     DestinationConflictError,
@@ -471,11 +471,14 @@ class Extraction:
         """A :class:`ControlConnection` to the server, connected under a client-side deadline.
 
         libpq's ``connect_timeout`` (``control_timeout``) bounds each address it tries; the name's
-        resolution is not bounded by it. The deadline allows two addresses (IPv6 and IPv4 of one
-        name) and ``deadline_grace``.
+        resolution is not bounded by it. The deadline allows one ``control_timeout`` for resolving
+        the name, one for each address it resolves to, and ``deadline_grace``.
         """
         endpoint = self.credentials.current().with_session(application_name=application_name)
-        limit = 2 * self.settings.control_timeout + self.settings.deadline_grace
+        timeout = self.settings.control_timeout
+        limit = connect_deadline(
+            address_count(endpoint.host, endpoint.port, timeout), timeout, self.settings.deadline_grace
+        )
         try:
             return ControlConnection.open(
                 lambda: connect(
