@@ -444,3 +444,39 @@ def test_on_kill_ends_a_catalog_call_that_waits_on_a_frozen_catalog(frozen_catal
         assert not _alive(catalog_pid)
     finally:
         target.close()
+
+
+def test_a_merge_whose_schema_change_was_cut_between_its_two_commits_still_lands(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, items: str, catalog: dict[str, Any]
+) -> None:
+    """Adding a column is two catalog commits (the schema, then an empty snapshot in it, which the
+    upsert needs). A try killed between them (a deadline or on_kill now kill the catalog's process
+    mid-step) left every later merge failing: its retry saw no new column and skipped both."""
+    import pyarrow as pa
+
+    merge = {"destination": "lake.cut", "table": items, "table_format": "iceberg", "write_mode": "merge"}
+    hook.extract(**merge, **catalog, **FAST)
+    admin.execute(f"ALTER TABLE {items} ADD COLUMN note text")
+    admin.execute(f"UPDATE {items} SET note = 'n' || id WHERE id <= 3")
+    with iceberg_table(catalog, "lake.cut").update_schema() as update:  # the first commit, then the kill
+        update.union_by_name(pa.schema([pa.field("note", pa.large_string())]))
+    hook.extract(**merge, **catalog, **FAST)
+    assert table_rows(catalog, "lake.cut", ("id", "note")) == source_rows(admin, items, "id, note")
+
+
+def test_a_pathlib_entry_on_the_import_path_does_not_break_the_catalogs_process(
+    items: str, catalog: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DAG file's sys.path.append(Path(...)): the import system skips such entries, the catalog's
+    process must too (every Iceberg call raised TypeError)."""
+    from airflow_provider_cxpg.output.iceberg import IcebergTarget
+
+    monkeypatch.setattr("sys.path", [*__import__("sys").path, tmp_path])
+    target = IcebergTarget(
+        "lake.none", catalog=catalog["iceberg_catalog"], catalog_properties=catalog["iceberg_catalog_properties"],
+        timeout=60,
+    )  # fmt: skip
+    try:
+        assert target.committed("cxpg:any") is None
+    finally:
+        target.close()

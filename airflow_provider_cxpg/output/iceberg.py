@@ -55,8 +55,8 @@ def require_pyiceberg() -> Any:
     """Import ``pyiceberg``, or say which extra installs it (before any data moves)."""
     try:
         import pyiceberg.catalog
-    except ImportError as exc:
-        raise InvalidInputError(_MISSING) from exc
+    except ImportError as exc:  # not installed, or broken (a dependency missing): say which
+        raise InvalidInputError(f"{_MISSING} ({type(exc).__name__}: {exc})") from exc
     return pyiceberg.catalog
 
 
@@ -328,11 +328,16 @@ class IcebergTable:
         table = self._table()
         assert table is not None, "staging_root() created it"
         new_columns = self.check_schema(schema, write_mode=write_mode, key=key)
-        if new_columns:
+        current = table.current_snapshot()
+        # A try killed between the two commits below left the schema evolved without its empty
+        # snapshot: its retry sees no new column, yet the upsert needs that snapshot as much.
+        behind = current is not None and current.schema_id not in (None, table.metadata.current_schema_id)
+        if new_columns or behind:
 
             def evolve() -> None:
-                with table.update_schema() as update:
-                    update.union_by_name(schema)
+                if new_columns:
+                    with table.update_schema() as update:
+                        update.union_by_name(schema)
                 # An empty snapshot in the new schema: pyiceberg's upsert scans the table in the
                 # schema of its newest snapshot (measured, 0.12: "field names are not matching"
                 # right after union_by_name). No rows; not marked as the run's.

@@ -24,6 +24,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import importlib
+import importlib.util
+import logging
 import os
 import queue
 import signal
@@ -37,7 +39,7 @@ from typing import Any
 
 from airflow_provider_cxpg.conninfo import Redactor
 from airflow_provider_cxpg.exceptions import CxpgError, ExtractionAborted, StorageError
-from airflow_provider_cxpg.worker.protocol import FrameReader, FrameWriter
+from airflow_provider_cxpg.worker.protocol import FrameReader, FrameWriter, QueuedSender
 
 __all__ = ["START_SECONDS", "IsolatedObject", "Steps", "child_environment"]
 
@@ -52,16 +54,28 @@ PARENT_POLL_SECONDS = 0.5
 #: (``PYICEBERG_*``, cloud credentials, proxies), as it was in the task process.
 _WITHHELD_PREFIXES = ("AIRFLOW_CONN_", "AIRFLOW_VAR_", "AIRFLOW__")
 _CLOSED = object()
+_log = logging.getLogger(__name__)
 
 
 def child_environment() -> dict[str, str]:
-    """The parent's environment minus Airflow's secrets, with the parent's import path."""
+    """The parent's environment minus Airflow's secrets; on the import path only this package's root.
+
+    The child's own default path comes first (``-P``: never its working directory); the parent's
+    other entries (a DAG folder, a plugin's) are appended in the child (:func:`parent_path`), so
+    none of them can shadow the standard library or a dependency there, as entries Airflow
+    inserted at the front of the parent's path (a zipped DAG) would.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(_WITHHELD_PREFIXES)}
-    # -P and an explicit path: the child imports what the parent imported (a DAG folder's pyiceberg
-    # plugin, an editable install), never a module from its working directory by accident.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    spec = importlib.util.find_spec("airflow_provider_cxpg")
+    assert spec is not None and spec.origin is not None
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(spec.origin))
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def parent_path() -> list[str]:
+    """The parent's import path as strings (a DAG file may append a ``pathlib.Path``; '' is skipped)."""
+    return [os.fspath(p) for p in sys.path if isinstance(p, (str, os.PathLike)) and os.fspath(p)]
 
 
 class IsolatedObject:
@@ -92,7 +106,7 @@ class IsolatedObject:
         self._unanswered = unanswered
         self._name = name
         self._proc: subprocess.Popen[bytes] | None = None
-        self._writer: FrameWriter | None = None
+        self._sender: QueuedSender | None = None
         self._replies: queue.Queue[object] = queue.Queue()
         self._stderr: collections.deque[str] = collections.deque(maxlen=10)
         self._lock = threading.Lock()  # one call at a time
@@ -118,45 +132,54 @@ class IsolatedObject:
                 start_new_session=True,  # a terminal's Ctrl+C reaches the parent, which ends it
                 close_fds=True,
             )
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001  OSError, or an environment that cannot be passed
             raise StorageError(f"cannot start {self._name} ({sys.executable}): {exc}") from None
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         self._proc = proc
-        self._writer = FrameWriter(proc.stdin.fileno(), owns_fd=False)
+        # Every frame goes through a sender thread: a child that stops reading (frozen, or still
+        # importing) fills its pipe, and a blocking write would hold the caller outside every
+        # deadline and deaf to abort. Its own descriptor: the thread closes it.
+        self._sender = QueuedSender(FrameWriter(os.dup(proc.stdin.fileno())), "cxpg-isolated-sender")
         replies = self._replies
         threading.Thread(target=_read_replies, args=(proc.stdout, replies), name="cxpg-isolated", daemon=True).start()
         threading.Thread(target=self._read_stderr, args=(proc.stderr,), name="cxpg-isolated-err", daemon=True).start()
-        # Small frames into an empty pipe (64 KiB): these writes never wait on the child.
-        self._writer.send((self._factory, self._kwargs, os.getpid()))
+        self._sender.send((self._factory, self._kwargs, os.getpid(), parent_path()))
 
     def _read_stderr(self, stream: Any) -> None:
         with contextlib.suppress(Exception):
             for raw in iter(stream.readline, b""):
                 line = raw.decode(errors="replace").rstrip()
                 if line:
-                    self._stderr.append(self._scrub(line))
+                    line = self._scrub(line)
+                    self._stderr.append(line)
+                    _log.info("%s: %s", self._name, line)  # pyiceberg's warnings, a failure's traceback
 
     def _kill(self) -> None:
         """SIGKILL the child's process group and forget it; reaping happens off the caller's path."""
-        proc, self._proc, self._writer = self._proc, None, None
+        proc, sender = self._proc, self._sender
+        self._proc = self._sender = None
         if proc is None:
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        # A process in uninterruptible sleep (a hung NFS mount) dies only when its I/O returns.
-        threading.Thread(target=_reap, args=(proc,), name="cxpg-isolated-reap", daemon=True).start()
+        if proc.poll() is None:  # not reaped yet: its pid cannot belong to another process
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        # A process in uninterruptible sleep (a hung NFS mount) dies only when its I/O returns; a
+        # write blocked on its pipe then ends with EPIPE and the sender thread closes its descriptor.
+        threading.Thread(target=_reap, args=(proc, sender), name="cxpg-isolated-reap", daemon=True).start()
 
     def close(self) -> None:
         """End the child: the end of its stdin, a moment to exit, then SIGKILL. Bounded."""
-        proc = self._proc
+        proc, sender = self._proc, self._sender
         if proc is None:
             return
+        if sender is not None:
+            sender.close(timeout=1.0)
         with contextlib.suppress(OSError):
             assert proc.stdin is not None
             proc.stdin.close()
         try:
             proc.wait(timeout=2.0)
-            self._proc = self._writer = None
+            self._proc = self._sender = None
         except subprocess.TimeoutExpired:
             self._kill()
 
@@ -170,41 +193,55 @@ class IsolatedObject:
         """``object.method(*args, **kwargs)`` in the child.
 
         :param operation: what the call does until the child names its first step.
-        :param timeout: that first step's deadline (each step the child names brings its own).
+        :param timeout: that first step's deadline (each step the child names brings its own; the
+            first call also allows :data:`START_SECONDS` for the child's start).
         :raises StorageError: past a step's deadline (the child is killed), or the call failed (its
-            message scrubbed); a :class:`CxpgError` the call raised is raised as it is.
-        :raises ExtractionAborted: :meth:`abort` was called while waiting.
+            message scrubbed); a :class:`CxpgError` the call raised, with its message scrubbed.
+        :raises ExtractionAborted: :meth:`abort` was called while waiting (the child is killed).
         """
         with self._lock:
             if self._aborted is not None:
                 raise ExtractionAborted.because(self._aborted)
-            starting = self._proc is None or self._proc.poll() is not None
-            if starting:
-                self._kill()
-                self._start()
-            assert self._writer is not None
+            answered = False
             try:
-                self._writer.send((method, args, kwargs))
-            except OSError:
-                self._kill()
-                raise StorageError(f"{operation} {self.target} failed: {self._name} is gone") from None
-            return self._wait(operation, timeout, START_SECONDS if starting else 0.0)
+                starting = self._proc is None or self._proc.poll() is not None
+                if starting:
+                    self._kill()
+                    self._start()
+                assert self._sender is not None
+                try:
+                    self._sender.send((method, args, kwargs))
+                except OSError:
+                    self._kill()
+                    raise StorageError(f"{operation} {self.target} failed: {self._name} is gone") from None
+                operation, reply = self._wait(operation, timeout, START_SECONDS if starting else 0.0)
+                answered = True
+            finally:
+                if not answered:  # a deadline, an abort, or an exception raised into this wait
+                    self._kill()  # (SIGALRM, Ctrl+C): the call must not go on, nor its reply linger
+        kind, value, description = reply
+        if kind == "ok":
+            return value
+        if isinstance(value, CxpgError):
+            details = {k: self._scrub(v) if isinstance(v, str) else v for k, v in value.details.items()}
+            raise type(value)(self._scrub(value.message), **details)
+        raise StorageError(f"{operation} {self.target} failed: {self._scrub(description)}", operation=operation)
 
-    def _wait(self, operation: str, timeout: float | None, extra: float) -> Any:
+    def _wait(self, operation: str, timeout: float | None, extra: float) -> tuple[str, tuple[Any, Any, str]]:
+        """The child's answer to the call in progress, and the step it was on."""
         limit = timeout
         deadline = None if timeout is None else time.monotonic() + timeout + extra
         while True:
+            if self._aborted is not None:
+                raise ExtractionAborted.because(self._aborted)
             wait = POLL_SECONDS if deadline is None else min(POLL_SECONDS, max(0.0, deadline - time.monotonic()))
             try:
                 reply = self._replies.get(timeout=wait)
             except queue.Empty:
-                if self._aborted is not None:
-                    self._kill()
-                    raise ExtractionAborted.because(self._aborted) from None
                 if deadline is not None and time.monotonic() >= deadline:
-                    self._kill()
+                    started = f" (and {extra:.0f}s for {self._name} to start)" if extra else ""
                     raise StorageError(
-                        f"{operation} {self.target} did not return within {limit}s: {self._unanswered}",
+                        f"{operation} {self.target} did not return within {limit}s{started}: {self._unanswered}",
                         operation=operation,
                         limit="storage_timeout",
                     ) from None
@@ -212,7 +249,6 @@ class IsolatedObject:
             if reply is _CLOSED:
                 code = self._proc.poll() if self._proc is not None else None
                 tail = " | ".join(self._stderr)
-                self._kill()
                 raise StorageError(
                     f"{operation} {self.target} failed: {self._name} ended (exit status {code})"
                     + (f": {tail}" if tail else ""),
@@ -221,14 +257,12 @@ class IsolatedObject:
             kind = reply[0]  # type: ignore[index]
             if kind == "step":
                 _, operation, limit = reply  # type: ignore[misc]
+                extra = 0.0
                 deadline = None if limit is None else time.monotonic() + limit
             elif kind == "ok":
-                return reply[1]  # type: ignore[index]
+                return operation, ("ok", reply[1], "")  # type: ignore[index]
             else:
-                _, error, description = reply  # type: ignore[misc]
-                if isinstance(error, CxpgError):
-                    raise error
-                raise StorageError(f"{operation} {self.target} failed: {self._scrub(description)}", operation=operation)
+                return operation, ("error", reply[1], reply[2])  # type: ignore[index]
 
     def _scrub(self, text: str) -> str:
         return Redactor([s for s in self._secrets() if s])(text)  # raw and URL-encoded forms
@@ -246,7 +280,9 @@ def _read_replies(stream: Any, replies: queue.Queue[object]) -> None:
             return
 
 
-def _reap(proc: subprocess.Popen[bytes]) -> None:
+def _reap(proc: subprocess.Popen[bytes], sender: QueuedSender | None) -> None:
+    if sender is not None:
+        sender.close(timeout=0)
     with contextlib.suppress(Exception):
         proc.wait()
     for stream in (proc.stdin, proc.stdout, proc.stderr):
@@ -278,13 +314,20 @@ def _watch_parent(parent: int) -> None:
 
 def serve() -> None:
     """The child's loop: build the object, run each call, answer; exit at the end of stdin."""
-    reader = FrameReader(sys.stdin.buffer)
+    # The channel on private descriptors (not inherited by a process the catalog starts, such as a
+    # credential_process helper); fd 0 reads nothing, and whatever a library prints, from Python or
+    # from C, goes to stderr: nothing can read or tear a frame.
+    reader = FrameReader(open(os.dup(0), "rb", buffering=0))  # noqa: SIM115  the channel lives as long as the process
     writer = FrameWriter(os.dup(1))
-    os.dup2(2, 1)  # whatever a library prints, from Python or from C, goes to stderr: it cannot tear a frame
+    nothing = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(nothing, 0)
+    os.close(nothing)
+    os.dup2(2, 1)
     opened = reader.receive()
     if opened is None:
         return
-    factory, kwargs, parent = opened  # type: ignore[misc]
+    factory, kwargs, parent, path = opened  # type: ignore[misc]
+    sys.path.extend(p for p in path if p not in sys.path)  # after the child's own: nothing shadows them
     threading.Thread(target=_watch_parent, args=(parent,), name="cxpg-parent-watch", daemon=True).start()
     module, _, attribute = factory.partition(":")
     obj: Any = None
@@ -309,6 +352,8 @@ def serve() -> None:
 
 def _error_reply(exc: BaseException) -> tuple[Any, ...]:
     if isinstance(exc, CxpgError):
+        if exc.__cause__ is not None:  # the cause's traceback reaches the task log through stderr
+            traceback.print_exception(exc.__cause__)
         exc.__cause__ = exc.__context__ = None  # its message was written for the user; the rest stays here
         exc.__traceback__ = None
         return ("error", exc, str(exc))
