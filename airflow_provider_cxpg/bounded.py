@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-__all__ = ["CallStopped", "CallTimedOut", "SerialCalls"]
+__all__ = ["CallRaised", "CallStopped", "CallTimedOut", "SerialCalls"]
 
 T = TypeVar("T")
 
@@ -53,6 +53,20 @@ class CallStopped(Exception):
     def __init__(self, operation: str, reason: str) -> None:
         self.operation, self.reason = operation, reason
         super().__init__(f"{operation} was abandoned: {reason}")
+
+
+class CallRaised(Exception):
+    """What the call itself raised on the helper thread (``error``), with ``wrap_errors=True``.
+
+    Told apart from an exception raised into the caller's wait: on Airflow 2 ``AirflowTaskTimeout``
+    (SIGALRM, ``execution_timeout``) is an ``Exception``, and a caller that turned every
+    ``Exception`` into its own error (a ``StorageError``, or "unknown" from a monitor that must never
+    fail the job) swallowed the task's timeout or blamed the store for it.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        super().__init__(f"{type(error).__name__}: {error}")
 
 
 class SerialCalls:
@@ -105,14 +119,18 @@ class SerialCalls:
         timeout: float | None,
         *,
         stop: Callable[[], str | None] | None = None,
+        wrap_errors: bool = False,
     ) -> T:
         """Return ``fn()``; raise :class:`CallTimedOut` when it takes longer than ``timeout`` seconds.
 
         ``timeout=None`` waits as long as it takes (still on the helper thread, so a later call with
         a deadline is not stuck behind an unbounded one). ``stop``, asked every
         :data:`STOP_POLL_SECONDS`, ends the wait early with :class:`CallStopped` when it returns a
-        reason (an abort that cannot interrupt the caller's wait itself).
+        reason (an abort that cannot interrupt the caller's wait itself). ``wrap_errors``: an
+        ``Exception`` that ``fn`` raises arrives as :class:`CallRaised`.
         """
+        if wrap_errors:
+            fn = _wrapped(fn)
         future: Future[T] = Future()
         with self._lock:
             if self._stuck is not None:
@@ -159,3 +177,13 @@ class SerialCalls:
             if self._thread is not None:
                 self._queue.put(None)
                 self._thread = None
+
+
+def _wrapped(fn: Callable[[], T]) -> Callable[[], T]:
+    def call() -> T:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001  handed to the caller, marked as the call's own
+            raise CallRaised(exc) from None
+
+    return call

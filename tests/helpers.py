@@ -188,3 +188,24 @@ def worker_killed_mid_run(after: float = 1.5, timeout: float = 60.0) -> Iterator
     finally:
         killer.join(timeout=timeout + after + 5)
     assert killed, "the worker finished before it could be killed"
+
+
+class TaskTimeout(Exception):
+    """What Airflow 2's SIGALRM handler raises (``execution_timeout``): an ``Exception``, not a ``BaseException``."""
+
+
+@contextlib.contextmanager
+def alarm_in(seconds: float) -> Iterator[None]:
+    """Raise :class:`TaskTimeout` in this (the main) thread after ``seconds``, as ``execution_timeout`` does."""
+    import signal
+
+    def alarm(signum: int, frame: Any) -> None:
+        raise TaskTimeout("Timeout, PID: test")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

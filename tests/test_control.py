@@ -158,3 +158,26 @@ def test_the_connect_deadline_allows_each_address_a_name_resolves_to() -> None:
     assert address_count("no-such-host.invalid", 5432, 5) == 1  # the connect fails on its own, naming it
     assert connect_deadline(1, 10, 5) == 25  # one address: twice control_timeout + grace, as before
     assert connect_deadline(3, 10, 5) == 45  # resolving, then three addresses in turn
+
+
+def test_the_monitor_never_swallows_a_timeout_raised_into_its_wait(pg: PgInfo, app: str) -> None:
+    """The monitor answers "unknown" when the server fails it, never failing the job by itself; but
+    it took Airflow 2's AirflowTaskTimeout (an Exception) for such a failure, and the task ran on
+    past execution_timeout."""
+    from airflow_provider_cxpg.conninfo import Redactor
+    from airflow_provider_cxpg.supervisor.monitor import ServerMonitor
+    from tests.helpers import TaskTimeout, alarm_in
+
+    with running_proxy((pg.host, pg.port)) as proxy:
+        monitor = ServerMonitor(_endpoint(pg, proxy.port), app, Redactor(), call_timeout=30)
+        try:
+            assert monitor.check() > 0
+            assert monitor.backends() == []
+            proxy.freeze()
+            started = time.monotonic()
+            with alarm_in(0.5), pytest.raises(TaskTimeout):
+                monitor.backends()
+            assert time.monotonic() - started < 5
+        finally:
+            proxy.thaw()
+            monitor.close()

@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
+from airflow_provider_cxpg.bounded import CallRaised, CallTimedOut, SerialCalls
 from airflow_provider_cxpg.durations import DEFAULT_STORAGE_TIMEOUT
 from airflow_provider_cxpg.exceptions import InvalidInputError, StorageError
 from airflow_provider_cxpg.worker.protocol import OBJECT_STORES
@@ -120,7 +120,7 @@ class Destination:
         what = f"{operation} at {self.url}"
         limit = self.timeout if timeout is None else timeout
         try:
-            return self._io.call(what, fn, limit)
+            return self._io.call(what, fn, limit, wrap_errors=True)
         except CallTimedOut as exc:
             detail = (
                 f"{what} was not attempted: an earlier operation ({exc.earlier}) never returned"
@@ -130,10 +130,12 @@ class Destination:
                 + ": the store is not answering"
             )
             raise StorageError(detail, operation=operation, destination=self.url, limit="storage_timeout") from None
-        except StorageError:
-            raise
-        except Exception as exc:
-            raise StorageError(f"{what} failed: {exc}", operation=operation, destination=self.url) from exc
+        except CallRaised as raised:  # the call's own error; one raised into this wait (a timeout) goes on as it is
+            if isinstance(raised.error, StorageError):
+                raise raised.error from None
+            raise StorageError(
+                f"{what} failed: {raised.error}", operation=operation, destination=self.url
+            ) from raised.error
 
     # -- operations --------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import pyarrow as pa
 
-from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
+from airflow_provider_cxpg.bounded import CallRaised, CallTimedOut, SerialCalls
 from airflow_provider_cxpg.conninfo import Redactor
 from airflow_provider_cxpg.exceptions import CxpgError, InvalidInputError, StorageError
 
@@ -97,13 +97,13 @@ class TableCalls:
 
     def __call__(self, operation: str, fn: Callable[[], T], timeout: float | None = None) -> T:
         try:
-            return self._calls.call(f"{operation} {self.target}", fn, timeout or self.timeout)
+            return self._calls.call(f"{operation} {self.target}", fn, timeout or self.timeout, wrap_errors=True)
         except CallTimedOut as exc:
             raise StorageError(f"{exc}: {self._unanswered}", operation=operation, limit="storage_timeout") from None
-        except CxpgError:
-            raise
-        except Exception as exc:  # noqa: BLE001  re-raised below as StorageError, scrubbed
-            message = f"{type(exc).__name__}: {exc}"
+        except CallRaised as raised:  # the call's own error; one raised into this wait (a timeout) goes on as it is
+            if isinstance(raised.error, CxpgError):
+                raise raised.error from None
+            message = str(raised)
         # Raised outside the except block, so the original is not kept as the context either.
         scrubbed = Redactor([s for s in self._secrets() if s])(message)  # raw and URL-encoded forms
         raise StorageError(f"{operation} {self.target} failed: {scrubbed}", operation=operation)

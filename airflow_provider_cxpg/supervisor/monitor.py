@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_provider_cxpg.bounded import IDLE_SECONDS, CallTimedOut, SerialCalls
+from airflow_provider_cxpg.bounded import IDLE_SECONDS, CallRaised, CallTimedOut, SerialCalls
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, connect
 from airflow_provider_cxpg.control import ControlConnection
 from airflow_provider_cxpg.exceptions import ServerConnectionError
@@ -141,7 +141,7 @@ class ServerMonitor:
         with self._lock:
             calls = self._calls
         try:
-            return calls.call(what, lambda: fn(self._connection()), self.call_timeout)
+            return calls.call(what, lambda: fn(self._connection()), self.call_timeout, wrap_errors=True)
         except CallTimedOut as exc:
             # The thread is stuck on a socket nobody answers: abandon it with its connection, and
             # answer "unknown" at once for a while rather than wait again.
@@ -153,11 +153,12 @@ class ServerMonitor:
             if raise_errors:
                 raise ServerConnectionError(f"{self.last_error} ({exc})") from None
             return None
-        except Exception as exc:  # a failing monitor must never fail the job by itself
-            self.last_error = self._redact(str(exc))
+        except CallRaised as raised:  # a failing monitor must never fail the job by itself; but an
+            # exception raised into this wait (AirflowTaskTimeout, an Exception on Airflow 2) goes on
+            self.last_error = self._redact(str(raised.error))
             self._discard()
             if raise_errors:
-                raise
+                raise raised.error from None
             return None
 
     def _discard(self) -> None:
@@ -165,8 +166,8 @@ class ServerMonitor:
         if conn is not None:
             with self._lock:
                 calls = self._calls
-            with contextlib.suppress(Exception):  # close on the monitor's own thread, where it is used
-                calls.call("closing the monitor connection", conn.close, self.call_timeout)
+            with contextlib.suppress(CallRaised, CallTimedOut):  # on the monitor's own thread, where it is used
+                calls.call("closing the monitor connection", conn.close, self.call_timeout, wrap_errors=True)
 
     def check(self) -> int:
         """Connect now and return the server version: a typo in host or password fails here in

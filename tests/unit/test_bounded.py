@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -106,3 +107,46 @@ def test_after_runs_once_the_stuck_call_returns() -> None:
     release.set()
     assert done.wait(5)
     assert order == ["connected", "closed"]
+
+
+def test_with_wrap_errors_the_calls_error_is_told_apart_from_one_raised_into_the_wait() -> None:
+    """On Airflow 2 the SIGALRM of execution_timeout raises an Exception into whatever the task's
+    thread waits in: a caller that turns every Exception into its own error swallowed it."""
+    from airflow_provider_cxpg.bounded import CallRaised
+    from tests.helpers import TaskTimeout, alarm_in
+
+    calls = SerialCalls("wrap-test")
+
+    def fails() -> None:
+        raise ValueError("the store said no")
+
+    with pytest.raises(CallRaised) as raised:
+        calls.call("failing", fails, 5, wrap_errors=True)
+    assert isinstance(raised.value.error, ValueError)
+    with alarm_in(0.2), pytest.raises(TaskTimeout):
+        calls.call("waiting", lambda: time.sleep(1), 5, wrap_errors=True)
+    calls.close()
+
+
+def test_storage_errors_never_swallow_a_timeout_raised_into_their_wait(tmp_path: Any) -> None:
+    """A destination operation and a table-format call waiting when execution_timeout fires: the
+    task's timeout goes on as it is, not as a StorageError blaming the store."""
+    import os
+
+    from airflow_provider_cxpg.exceptions import StorageError
+    from airflow_provider_cxpg.output.destination import Destination
+    from airflow_provider_cxpg.output.table_calls import TableCalls
+    from tests.helpers import TaskTimeout, alarm_in
+
+    table = TableCalls("wrap-table", "lake.t", timeout=30, secrets=lambda: ["s3cr3t"])
+    with alarm_in(0.2), pytest.raises(TaskTimeout):
+        table("committing to", lambda: time.sleep(1))
+    with pytest.raises(StorageError, match=r"committing to lake.t failed: OSError: no \*\*\*"):
+        table("committing to", lambda: (_ for _ in ()).throw(OSError("no s3cr3t")), 30)
+    fifo = tmp_path / "stuck"
+    os.mkfifo(fifo)  # opening it for reading waits for a writer: a mount that stopped answering
+    destination = Destination(str(tmp_path), timeout=30)
+    with alarm_in(0.3), pytest.raises(TaskTimeout):
+        destination.read_json("stuck")
+    with open(fifo, "wb"):  # let the helper thread go
+        pass
