@@ -765,3 +765,30 @@ def test_time_24_00_is_not_silently_turned_into_midnight(
         assert_nothing_left(admin)
     column = read_output(out_dir).column("closes_at")
     assert column.cast(pa.int64()).to_pylist() == [0, 86_400_000_000]
+
+
+@pytest.mark.parametrize("stream_rows", [0, 2])
+def test_an_array_whose_subscripts_do_not_start_at_1_is_not_written_as_another_value(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, out_dir: Path, stream_rows: int
+) -> None:
+    """'[0:2]={1,2,3}' is not '{1,2,3}' in PostgreSQL; connectorx reads both as [1, 2, 3]: two values
+    became one, green. Refused naming the column; read as text it is exact."""
+    admin.execute(f'CREATE DOMAIN "{schema}".ints AS int[]')
+    admin.execute(f'CREATE TABLE "{schema}".t (id int PRIMARY KEY, a int4[], t text[], d "{schema}".ints)')
+    admin.execute(
+        f"INSERT INTO \"{schema}\".t VALUES (1, '{{1,2,3}}', '{{x,y}}', '{{7,8}}'), (2, NULL, '{{}}', NULL), "
+        "(3, '{1,2,3}', '[5:6]={x,y}', '{7,8}'), (4, '[0:2]={1,2,3}', '{x}', '[-3:-2]={7,8}')"
+    )
+    source = f'"{schema}".t'
+    with pytest.raises(DataIntegrityError, match=r"subscripts do not start at 1") as refused:
+        hook.extract(destination=str(out_dir / "native"), table=source, chunk_rows=2, stream_rows=stream_rows)
+    assert "a, t, d" in str(refused.value)
+    casts = {"a": "text", "t": "text", "d": "text"}
+    hook.extract(destination=str(out_dir / "text"), table=source, column_casts=casts, stream_rows=stream_rows)
+    written = read_output(out_dir / "text").sort_by("id").to_pylist()
+    expected = admin.execute(f"SELECT id, a::text, t::text, d::text FROM {source} ORDER BY id").fetchall()
+    assert [(r["id"], r["a"], r["t"], r["d"]) for r in written] == [tuple(e) for e in expected]
+    admin.execute(f"DELETE FROM {source} WHERE id > 2")  # arrays from 1 only: read natively, as before
+    hook.extract(destination=str(out_dir / "plain"), table=source, stream_rows=stream_rows)
+    assert read_output(out_dir / "plain").sort_by("id").column("a").to_pylist() == [[1, 2, 3], None]
+    assert_nothing_left(admin)
