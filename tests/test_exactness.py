@@ -310,6 +310,44 @@ def test_decimals_arrive_exactly_at_the_edges_of_their_type_whole_and_streamed(
     assert manifest_of(tmp_path / "out")["chunks"][-1]["last_key"] == ["9999999999.99"]
 
 
+@pytest.mark.parametrize("stream_rows", [0, 2])
+def test_decimals_wider_than_connectorxs_28_digits_arrive_exactly(
+    conn_id: str, admin: psycopg.Connection, schema: str, tmp_path: Path, stream_rows: int
+) -> None:
+    """numeric(38,10) and numeric(30,2) are written as decimal128(p, s), but connectorx's decoder
+    holds 28 significant digits: their widest values failed the run ("decimal scale is not equal to
+    expected scale"). Read as text, cast by the worker: exact, the output type unchanged; the key
+    is one of them; NaN is a clear error naming the column."""
+    admin.execute(
+        f'CREATE TABLE "{schema}".w (k numeric(38,10) PRIMARY KEY, a numeric(30,2), b numeric(29,1), c numeric(28,10))'
+    )
+    admin.execute(
+        f"""INSERT INTO "{schema}".w VALUES
+            (1234567890123456789012345678.1234567891, 9999999999999999999999999999.99,
+             9999999999999999999999999999.9, 999999999999999999.9999999999),
+            (-9999999999999999999999999999.9999999999, -0.01, -1, -0.0000000001),
+            (0.0000000001, NULL, NULL, NULL),
+            (1.5, 1.5, 1, 1.5)"""
+    )
+    extract(conn_id, tmp_path / "out", table=f"{schema}.w", chunk_rows=1, stream_rows=stream_rows)
+    table = read_output(tmp_path / "out")
+    columns = ("k", "a", "b", "c")
+    assert [str(table.schema.field(c).type) for c in columns] == [
+        "decimal128(38, 10)",
+        "decimal128(30, 2)",
+        "decimal128(29, 1)",
+        "decimal128(28, 10)",
+    ]
+    expected = admin.execute(f'SELECT {", ".join(columns)} FROM "{schema}".w ORDER BY k').fetchall()
+    got = sorted(zip(*(table.column(c).to_pylist() for c in columns), strict=True))
+    assert got == expected and len(got) == 4
+    admin.execute(f"""INSERT INTO "{schema}".w VALUES (2, 'NaN', 0, 0)""")
+    with pytest.raises(DataIntegrityError) as failure:
+        extract(conn_id, tmp_path / "nan", table=f"{schema}.w", chunk_rows=10, stream_rows=stream_rows)
+    assert failure.value.column == "a" and "column_casts={'a': 'text'}" in str(failure.value)
+    assert_nothing_left(admin)
+
+
 def test_nan_in_a_constrained_decimal_is_a_clear_error_streamed_too(
     conn_id: str, admin: psycopg.Connection, schema: str, tmp_path: Path
 ) -> None:

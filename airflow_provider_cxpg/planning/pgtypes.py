@@ -8,10 +8,13 @@ read as decimal128(38,10), rounding anything finer). The rule here is simple and
   (the stream path widens int2/int4/float4 and numeric; the cast puts the declared type back);
 * ``numeric(p, s)`` is native only where decimal128(38,10) holds every value exactly, and written as
   the narrowest decimal that holds every value the column accepts: ``decimal128(p, s)`` when
-  ``0 <= s <= p`` (``s <= 10``, ``p - s <= 28``); ``decimal128(s, s)`` when ``s > p`` (PostgreSQL 15+:
-  only fractional digits, ``s <= 10``); ``decimal128(p - s, 0)`` when ``s < 0`` (PostgreSQL 15+:
-  integers rounded to ``10^-s``, ``p - s <= 28``). Parquet's DECIMAL needs ``0 <= scale <= precision``,
-  so ``decimal128(p, s)`` itself would be unwritable in the last two cases;
+  ``0 <= s <= p`` (``s <= 10``, ``p <= 28``: connectorx's decoder holds 28 significant digits);
+  ``decimal128(s, s)`` when ``s > p`` (PostgreSQL 15+: only fractional digits, ``s <= 10``);
+  ``decimal128(p - s, 0)`` when ``s < 0`` (PostgreSQL 15+: integers rounded to ``10^-s``,
+  ``p - s <= 28``). Parquet's DECIMAL needs ``0 <= scale <= precision``, so ``decimal128(p, s)``
+  itself would be unwritable in the last two cases. ``numeric(p, s)`` with ``p > 28``, ``s <= 10`` and
+  ``p - s <= 28`` is read as text and still written as ``decimal128(p, s)`` (the worker's cast parses
+  it and refuses any loss);
 * every other type, unconstrained ``numeric`` included, is selected as ``expr::text``: PostgreSQL's
   own text form, exact by construction. ``json``/``jsonb`` are among them (connectorx re-parses
   their numbers as 64-bit floats and reorders json keys), and ``inet`` (connectorx rewrites some
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-__all__ = ["KEY_TYPES", "NATIVE", "ColumnRead", "PgType", "numeric_arrow_type", "plan_column"]
+__all__ = ["KEY_TYPES", "NATIVE", "ColumnRead", "PgType", "numeric_arrow_type", "numeric_text_type", "plan_column"]
 
 #: typname -> Arrow type for the types connectorx reads exactly.
 NATIVE: dict[str, pa.DataType] = {
@@ -84,9 +87,11 @@ KEY_TYPES: frozenset[str] = frozenset(
     }
 )
 
-# decimal128(38, 10) is what connectorx produces for every numeric.
+# decimal128(38, 10) is what connectorx produces for every numeric, through a decoder that holds 28
+# significant digits: a value with more (numeric(38,10) holding 28 integer digits and 10 decimals)
+# fails the read ("decimal scale is not equal to expected scale"), so p counts, not p - s.
 _CX_DECIMAL_SCALE = 10
-_CX_DECIMAL_INTEGER_DIGITS = 28
+_CX_DECIMAL_DIGITS = 28
 
 
 @dataclass(frozen=True)
@@ -135,14 +140,25 @@ def numeric_arrow_type(precision: int | None, scale: int | None) -> pa.DataType 
         return None
     if scale < 0:  # integers: p - s digits, none after the point
         digits = precision - scale
-        return pa.decimal128(digits, 0) if digits <= _CX_DECIMAL_INTEGER_DIGITS else None
+        return pa.decimal128(digits, 0) if digits <= _CX_DECIMAL_DIGITS else None
     if scale > _CX_DECIMAL_SCALE:
         return None
     if scale > precision:  # only fractional digits: |v| < 10^(p - s)
         return pa.decimal128(scale, scale)
-    if precision - scale > _CX_DECIMAL_INTEGER_DIGITS:
+    if precision > _CX_DECIMAL_DIGITS:  # a value may have more digits than connectorx decodes
         return None
     return pa.decimal128(max(precision, 1), scale)
+
+
+def numeric_text_type(precision: int | None, scale: int | None) -> pa.DataType | None:
+    """``numeric(p, s)`` with ``p > 28`` that earlier releases wrote as ``decimal128(p, s)`` (``s <= 10``,
+    ``p - s <= 28``): read as text now, still written as ``decimal128(p, s)`` (a table's column keeps
+    its type); the worker's cast parses each value and refuses any loss."""
+    if precision is None or scale is None or not 0 <= scale <= _CX_DECIMAL_SCALE:
+        return None
+    if precision <= _CX_DECIMAL_DIGITS or precision - scale > _CX_DECIMAL_DIGITS:
+        return None
+    return pa.decimal128(precision, scale)
 
 
 def plan_column(name: str, pg: PgType) -> ColumnRead:
@@ -151,7 +167,9 @@ def plan_column(name: str, pg: PgType) -> ColumnRead:
         return ColumnRead(name, pg, False, pa.string())
     if pg.typname == "numeric":
         decimal = numeric_arrow_type(pg.precision, pg.scale)
-        return ColumnRead(name, pg, decimal is None, decimal or pa.string())
+        if decimal is not None:
+            return ColumnRead(name, pg, False, decimal)
+        return ColumnRead(name, pg, True, numeric_text_type(pg.precision, pg.scale) or pa.string())
     if pg.typname in NATIVE:
         return ColumnRead(name, pg, False, NATIVE[pg.typname])
     if pg.element is not None and pg.element in _NATIVE_ARRAY_ELEMENTS:

@@ -157,7 +157,17 @@ def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
     for column, field in zip(table.columns, schema, strict=True):
         if not field.nullable and column.null_count:  # as Table.cast refuses it
             raise ValueError(f"column {field.name!r} is declared non-nullable but contains nulls")
-        columns.append(column if column.type == field.type else column.cast(field.type, safe=True))
+        if column.type == field.type:
+            columns.append(column)
+            continue
+        try:
+            columns.append(column.cast(field.type, safe=True))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # 'NaN' in a numeric read as text
+            raise DataIntegrityError(
+                f"column {field.name!r} holds a value that cannot be written as {field.type}: {exc}. "
+                f"Read it as text with column_casts={{{field.name!r}: 'text'}}, or filter the value out with `where`",
+                column=field.name,
+            ) from None
     return pa.Table.from_arrays(columns, schema=schema)
 
 

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from airflow_provider_cxpg.exceptions import DataIntegrityError
 from airflow_provider_cxpg.worker import chunk as chunk_module
 from airflow_provider_cxpg.worker.chunk import _cast, release_as_written, write_chunk
 from airflow_provider_cxpg.worker.protocol import IpcSink, ParquetSink, ReadChunk
@@ -92,7 +93,7 @@ def test_cast_converts_only_differing_columns_and_keeps_values() -> None:
 
 def test_cast_refuses_a_lossy_value() -> None:
     raw = pa.table({"amount": pa.array([decimal.Decimal("1.555")], pa.decimal128(38, 10))})
-    with pytest.raises(pa.ArrowInvalid):
+    with pytest.raises(DataIntegrityError, match=r"column 'amount' .*data loss.*column_casts=\{'amount': 'text'\}"):
         _cast(raw, pa.schema([("amount", pa.decimal128(12, 2))]))
 
 
