@@ -349,6 +349,9 @@ def connect(
 
     kwargs: dict[str, Any] = endpoint.libpq_kwargs()
     kwargs["connect_timeout"] = max(1, round(connect_timeout))
+    # Text as UTF-8 whatever the database's encoding, as connectorx reads it: on a SQL_ASCII database
+    # psycopg would otherwise return names as bytes, and planning said the table does not exist.
+    kwargs.setdefault("client_encoding", "UTF8")
     if not endpoint.is_unix_socket:
         for name, value in _CLIENT_SOCKET.items():
             kwargs.setdefault(name, value)

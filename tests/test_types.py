@@ -792,3 +792,29 @@ def test_an_array_whose_subscripts_do_not_start_at_1_is_not_written_as_another_v
     hook.extract(destination=str(out_dir / "plain"), table=source, stream_rows=stream_rows)
     assert read_output(out_dir / "plain").sort_by("id").column("a").to_pylist() == [[1, 2, 3], None]
     assert_nothing_left(admin)
+
+
+def test_a_sql_ascii_database_is_read_and_bytes_that_are_not_utf8_fail_loudly(
+    pg: Any, admin: psycopg.Connection, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a SQL_ASCII database psycopg returned the catalog's names as bytes: planning said the table
+    does not exist (and redaction raised on bytes). The parent's connections now ask for UTF-8, as
+    connectorx's do: UTF-8 text arrives exactly, other bytes fail naming the encoding."""
+    from airflow_provider_cxpg.exceptions import QueryError
+
+    admin.execute("DROP DATABASE IF EXISTS cxpg_sql_ascii")
+    admin.execute("CREATE DATABASE cxpg_sql_ascii ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'")
+    try:
+        with psycopg.connect(pg.dsn.rsplit("/", 1)[0] + "/cxpg_sql_ascii", autocommit=True) as db:
+            db.execute("CREATE TABLE t (id int PRIMARY KEY, s text)")
+            db.execute("INSERT INTO t VALUES (1, 'abc'), (2, E'h\\xc3\\xa9'), (3, '')")
+        monkeypatch.setenv("AIRFLOW_CONN_CXPG_SQL_ASCII", pg.airflow_conn_json(schema="cxpg_sql_ascii"))
+        hook = ConnectorXPostgresHook(postgres_conn_id="cxpg_sql_ascii")
+        hook.extract(destination=str(out_dir / "utf8"), table="t", chunk_rows=2)
+        assert read_output(out_dir / "utf8").sort_by("id").column("s").to_pylist() == ["abc", "hé", ""]
+        with psycopg.connect(pg.dsn.rsplit("/", 1)[0] + "/cxpg_sql_ascii", autocommit=True) as db:
+            db.execute("INSERT INTO t VALUES (4, E'\\xe9')")  # Latin-1 'é': not UTF-8
+        with pytest.raises(QueryError, match="invalid byte sequence for encoding"):
+            hook.extract(destination=str(out_dir / "latin1"), table="t", chunk_rows=2)
+    finally:
+        admin.execute("DROP DATABASE IF EXISTS cxpg_sql_ascii WITH (FORCE)")
