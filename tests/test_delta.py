@@ -353,3 +353,75 @@ def test_a_damaged_staged_run_is_read_again_not_committed(
     assert [e for e in log.events if e["event"] == "query.start"]  # read again, not committed as it was
     assert result.rows == ROWS and table_rows(uri) == source_rows(admin, items)
     assert_nothing_left(admin)
+
+
+_FROZEN_MERGE = """
+import os, signal, sys, time
+from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+from deltalake.table import TableMerger
+
+conn_id, table, uri, endpoint, store_pid = sys.argv[1:6]
+options = {"key": "AKIAFROZENMERGE01", "secret": "frozen-merge-Secret", "client_kwargs": {"endpoint_url": endpoint}}
+run = dict(destination=uri, table=table, table_format="delta", storage_options=options, storage_timeout=3)
+hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+hook.extract(**run, write_mode="merge", run_key="first")
+original = TableMerger.execute
+
+
+def execute(self):
+    os.kill(int(store_pid), signal.SIGSTOP)  # the store stops answering as the merge reads the run
+    return original(self)
+
+
+TableMerger.execute = execute
+try:
+    hook.extract(**run, write_mode="merge", run_key="second")
+except Exception as exc:
+    print("raised", type(exc).__name__, exc, flush=True)
+print("done", time.monotonic(), flush=True)
+"""
+
+
+def test_a_merge_on_a_store_that_freezes_fails_on_time_and_the_process_exits(
+    conn_id: str, admin: psycopg.Connection, items: str, tmp_path: Path
+) -> None:
+    """The merge read the staged run through pyarrow's S3 layer, which at interpreter exit waits for
+    every request in flight: the task process's exit waited on the frozen store (8-10 s here, and
+    with no end against a store that trickles bytes). Now through fsspec, under the deadline."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.s3_server import s3_process
+
+    script = tmp_path / "frozen_merge.py"
+    script.write_text(_FROZEN_MERGE)
+    with s3_process() as s3:
+        bucket = s3.create_bucket()
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                conn_id,
+                items,
+                f"s3://{bucket}/lake/frozen",
+                s3.endpoint,
+                str(s3.process.pid),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=str(Path(__file__).resolve().parents[1]),
+        )
+        try:
+            out, _ = process.communicate(timeout=120)
+            ended = time.monotonic()
+        finally:
+            if process.poll() is None:
+                process.kill()
+            s3.thaw()
+    lines = out.splitlines()
+    assert any(line.startswith("raised StorageError") and "within 3.0s" in line for line in lines), lines[-3:]
+    done = float(next(line for line in lines if line.startswith("done ")).split()[1])
+    assert ended - done < 4, f"the process took {ended - done:.1f}s to exit after the failure"
+    assert_nothing_left(admin)

@@ -202,6 +202,107 @@ def test_a_store_that_freezes_under_the_validator_fails_it_naming_the_read_that_
     s3.thaw()
 
 
+def test_a_validator_on_a_store_that_freezes_waits_one_deadline_not_one_per_range(
+    conn_id: str, table: str, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each range's destination had a deadline of its own: a validator walking three ranges of a
+    frozen store waited three times storage_timeout (eight ranges at the 300 s default: 40 minutes),
+    and its error named the last range's manifest, not the footer read that hung."""
+    from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+    from airflow_provider_cxpg.operators.partition import (
+        PostgresPartitionPlanOperator,
+        PostgresPartitionValidateOperator,
+    )
+
+    url = f"s3://{s3.create_bucket()}/validated"
+    common = {"postgres_conn_id": conn_id, "table": table, "storage_options": _options(s3)}
+    planner = PostgresPartitionPlanOperator(task_id="plan", partitions=3, destination=url, **common)
+    for kwargs in planner.execute({}):
+        PostgresExtractOperator(task_id="extract", worker_settings=FAST, **{**common, **kwargs}).execute({})
+    original = Destination.read_footer
+
+    def freeze_then_read(self: Destination, name: str) -> Any:
+        s3.freeze()  # the store stops answering as the validator reads the first footer
+        return original(self, name)
+
+    monkeypatch.setattr(Destination, "read_footer", freeze_then_read)
+    validator = PostgresPartitionValidateOperator(
+        task_id="validate", destination=url, storage_options=_options(s3), storage_timeout=2
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(StorageError, match=r"reading the footer of part-000000\.parquet at s3://.*range=0000"):
+            validator.execute({})
+        assert time.monotonic() - started < 2 + GRACE
+    finally:
+        s3.thaw()
+
+
+_FROZEN_RANGE = """
+import os, signal, sys, threading, time
+from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+from airflow_provider_cxpg.output.manifest import Manifest
+
+conn_id, table, url, endpoint, store_pid = sys.argv[1:6]
+options = {"key": "AKIAFROZENRANGE01", "secret": "frozen-range-Secret", "client_kwargs": {"endpoint_url": endpoint},
+           "config_kwargs": {"retries": {"max_attempts": 1}}}
+op = PostgresExtractOperator(
+    task_id="t", postgres_conn_id=conn_id, destination=url, table=table, storage_options=options,
+    storage_timeout=None, chunk_rows=100, parallelism=2, where="(SELECT pg_sleep(0.2)) IS NOT NULL",
+)
+frozen = threading.Event()
+original = Manifest.save
+
+
+def save(self, destination, **kwargs):
+    if len(self.chunks) == 1 and "range=" in destination.url and not frozen.is_set():
+        frozen.set()
+        os.kill(int(store_pid), signal.SIGSTOP)  # one range's manifest write waits on a frozen store
+        threading.Timer(1.0, op.on_kill).start()  # as Airflow's SIGTERM handler calls it
+    return original(self, destination, **kwargs)
+
+
+Manifest.save = save
+started = time.monotonic()
+try:
+    op.execute({})
+except BaseException as exc:
+    print("raised", round(time.monotonic() - started, 1), type(exc).__name__, flush=True)
+print("done", time.monotonic(), flush=True)
+"""
+
+
+def test_on_kill_ends_a_parallel_run_whose_range_waits_on_a_frozen_store_and_the_process_exits(
+    conn_id: str, admin: psycopg.Connection, table: str, s3: S3Server, tmp_path: Path
+) -> None:
+    """A range's manifest write waited on the frozen store with no deadline (storage_timeout=None):
+    on_kill could not end it, the run raised only after 120 s, and the process never exited (the
+    ranges ran on a ThreadPoolExecutor, whose threads the interpreter joins at exit)."""
+    bucket = s3.create_bucket()
+    script = tmp_path / "frozen_range.py"
+    script.write_text(_FROZEN_RANGE)
+    process = subprocess.Popen(
+        [sys.executable, str(script), conn_id, table, f"s3://{bucket}/ranges", s3.endpoint, str(s3.process.pid)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
+    try:
+        out, _ = process.communicate(timeout=90)
+        ended = time.monotonic()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        s3.thaw()
+    lines = out.splitlines()
+    raised = next(line for line in lines if line.startswith("raised ")).split()
+    assert raised[2] == "ExtractionAborted" and float(raised[1]) < 1 + FAST["cancel_grace"] + FAST["kill_grace"] + GRACE
+    done = float(next(line for line in lines if line.startswith("done ")).split()[1])
+    assert ended - done < 4, f"the process took {ended - done:.1f}s to exit after the failure"
+    assert_nothing_left(admin)
+
+
 # -- the task process dies -------------------------------------------------------------------------------
 
 

@@ -168,11 +168,11 @@ class DeltaTarget:
         # The commit files themselves, newest first: reading known keys works on every store (a
         # history() listing hangs on some S3-compatible servers), and the run's commit is nearly
         # always the newest one.
-        filesystem, root = _filesystem(self.uri, self.storage_options)
+        filesystem, root = _filesystem(self.uri, self.storage_options, self.timeout)
         latest = int(table.version())
         for version in range(latest, max(-1, latest - _LOG_SCAN), -1):
             try:
-                with filesystem.open_input_stream(f"{root}/_delta_log/{version:020d}.json") as handle:
+                with filesystem.open(f"{root}/_delta_log/{version:020d}.json", "rb") as handle:
                     lines = handle.read().decode("utf-8").splitlines()
             except FileNotFoundError:  # cleaned up after a checkpoint
                 break
@@ -300,12 +300,15 @@ class DeltaTarget:
         paths = [f"{self.uri}/{f.path}" for f in files if f.rows > 0]
         if not paths:
             return
-        filesystem, root = _filesystem(self.uri, self.storage_options)
-        source = ds.dataset([p.replace(self.uri, root, 1) for p in paths], format="parquet", filesystem=filesystem)
         predicate = " AND ".join(f"t.{_quote(k)} = s.{_quote(k)}" for k in key)
 
         def merge() -> Any:
             from deltalake import WriterProperties
+
+            # On the helper thread, under the deadline: opening the dataset reads every footer.
+            filesystem, root = _filesystem(self.uri, self.storage_options, self.timeout)
+            staged = [p.replace(self.uri, root, 1) for p in paths]
+            source = ds.dataset(staged, format="parquet", filesystem=filesystem)
 
             codec = "UNCOMPRESSED" if self.compression == "none" else self.compression.upper()
             return (
@@ -350,19 +353,33 @@ def _same(a: pa.DataType, b: pa.DataType) -> bool:
     return normal(a) == normal(b)
 
 
-def _filesystem(uri: str, storage_options: Mapping[str, str]) -> tuple[Any, str]:
-    """A pyarrow filesystem for the staged files, and the table root in its terms."""
-    from pyarrow import fs
+def _filesystem(uri: str, storage_options: Mapping[str, str], timeout: float | None) -> tuple[Any, str]:
+    """An fsspec filesystem for the staged files and the log, and the table root in its terms.
+
+    fsspec's, not pyarrow's: pyarrow's S3 layer finalizes at interpreter exit by waiting for every
+    request in flight, so a read abandoned on a store that stopped answering held the task process's
+    exit (its socket read timeout is ignored on Linux). fsspec's session closes without waiting.
+    """
+    import fsspec
 
     if uri.startswith(("s3://", "s3a://")):
-        endpoint = storage_options.get("AWS_ENDPOINT_URL")
-        s3 = fs.S3FileSystem(
-            access_key=storage_options.get("AWS_ACCESS_KEY_ID"),
-            secret_key=storage_options.get("AWS_SECRET_ACCESS_KEY"),
-            session_token=storage_options.get("AWS_SESSION_TOKEN"),
-            region=storage_options.get("AWS_REGION"),
-            endpoint_override=endpoint,
-            scheme="http" if endpoint and endpoint.startswith("http://") else "https",
+        client_kwargs = {
+            name: value
+            for name, value in (
+                ("endpoint_url", storage_options.get("AWS_ENDPOINT_URL")),
+                ("region_name", storage_options.get("AWS_REGION")),
+            )
+            if value
+        }
+        seconds = timeout or 60.0
+        s3 = fsspec.filesystem(
+            "s3",
+            key=storage_options.get("AWS_ACCESS_KEY_ID"),
+            secret=storage_options.get("AWS_SECRET_ACCESS_KEY"),
+            token=storage_options.get("AWS_SESSION_TOKEN"),
+            client_kwargs=client_kwargs,
+            config_kwargs={"connect_timeout": seconds, "read_timeout": seconds, "retries": {"max_attempts": 2}},
+            skip_instance_cache=True,  # another run's credentials are not these
         )
         return s3, uri.split("://", 1)[1]
-    return fs.LocalFileSystem(), uri.removeprefix("file://")
+    return fsspec.filesystem("file"), uri.removeprefix("file://")

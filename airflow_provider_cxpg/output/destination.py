@@ -20,9 +20,9 @@ import shutil
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from airflow_provider_cxpg.bounded import CallRaised, CallTimedOut, SerialCalls
+from airflow_provider_cxpg.bounded import CallRaised, CallStopped, CallTimedOut, SerialCalls
 from airflow_provider_cxpg.durations import DEFAULT_STORAGE_TIMEOUT
-from airflow_provider_cxpg.exceptions import InvalidInputError, StorageError
+from airflow_provider_cxpg.exceptions import ExtractionAborted, InvalidInputError, StorageError
 from airflow_provider_cxpg.worker.protocol import OBJECT_STORES
 
 __all__ = ["Destination"]
@@ -83,6 +83,12 @@ class Destination:
             self.url = url.rstrip("/")
         self.timeout = timeout
         self._io = SerialCalls("destination")
+        #: Asked while a call waits: a reason (``on_kill``) ends the wait with ExtractionAborted.
+        self.stop: Callable[[], str | None] | None = None
+        # The operation that passed its deadline, shared with every destination above or below this
+        # one: after it, calls anywhere in the tree fail at once instead of each waiting its own
+        # deadline (a validator walking eight ranges of a frozen store waited eight times).
+        self._stuck: list[str | None] = [None]
 
     def __repr__(self) -> str:
         return f"Destination({self.url!r})"
@@ -98,7 +104,13 @@ class Destination:
 
     def sub(self, name: str) -> Destination:
         """A destination one level below this one (a partition's own prefix)."""
-        return Destination(self.child_url(name), self.storage_options, timeout=self.timeout)
+        return self._related(self.child_url(name))
+
+    def _related(self, url: str) -> Destination:
+        """A destination in the same tree: same options, deadline, ``stop`` and stuck operation."""
+        other = Destination(url, self.storage_options, timeout=self.timeout)
+        other.stop, other._stuck = self.stop, self._stuck
+        return other
 
     @property
     def name(self) -> str:
@@ -109,26 +121,38 @@ class Destination:
         """The destination one level up, or None at a bucket's or filesystem's root."""
         if self.is_local:
             up = os.path.dirname(self.root)
-            return None if up == self.root else Destination(up, self.storage_options, timeout=self.timeout)
+            return None if up == self.root else self._related(up)
         head, _, _ = self.url.rpartition("/")
         if not head or head.endswith(":/"):  # "s3://bucket" splits into "s3:/" and "bucket"
             return None
-        return Destination(head, self.storage_options, timeout=self.timeout)
+        return self._related(head)
 
     def _bounded(self, operation: str, fn: Callable[[], T], timeout: float | None = None) -> T:
         """Run ``fn`` under the deadline; errors become :class:`StorageError` naming what failed."""
         what = f"{operation} at {self.url}"
         limit = self.timeout if timeout is None else timeout
-        try:
-            return self._io.call(what, fn, limit, wrap_errors=True)
-        except CallTimedOut as exc:
-            detail = (
-                f"{what} was not attempted: an earlier operation ({exc.earlier}) never returned"
-                if exc.earlier
-                else f"{what} did not finish within "
-                + (f"storage_timeout={limit}s" if limit == self.timeout else f"{limit}s")
-                + ": the store is not answering"
+        earlier = self._stuck[0]
+        if earlier is not None:
+            raise StorageError(
+                f"{what} was not attempted: an earlier operation ({earlier}) never returned",
+                operation=operation,
+                destination=self.url,
+                limit="storage_timeout",
             )
+        try:
+            return self._io.call(what, fn, limit, wrap_errors=True, stop=self.stop)
+        except CallStopped as stopped:
+            raise ExtractionAborted.because(stopped.reason) from None
+        except CallTimedOut as exc:
+            if exc.earlier:
+                detail = f"{what} was not attempted: an earlier operation ({exc.earlier}) never returned"
+            else:
+                self._stuck[0] = what
+                detail = (
+                    f"{what} did not finish within "
+                    + (f"storage_timeout={limit}s" if limit == self.timeout else f"{limit}s")
+                    + ": the store is not answering"
+                )
             raise StorageError(detail, operation=operation, destination=self.url, limit="storage_timeout") from None
         except CallRaised as raised:  # the call's own error; one raised into this wait (a timeout) goes on as it is
             if isinstance(raised.error, StorageError):

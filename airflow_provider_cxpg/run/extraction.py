@@ -283,6 +283,8 @@ class Extraction:
         self.destination = destination
         self.settings = settings or WorkerSettings()
         destination.timeout = self.settings.storage_timeout
+        self._aborted: str | None = None
+        destination.stop = lambda: self._aborted  # on_kill ends a wait on the store at once
         self._storage: WorkerStorage | None = None
         self._storage_calls = SerialCalls("storage-credentials")
         if not destination.is_local:
@@ -321,7 +323,6 @@ class Extraction:
         self.application_name = run_application_name(self.run_id, application_name_prefix, None)
         self.worker_index = worker_index
         self._session: WorkerSession | None = None
-        self._aborted: str | None = None
         self._cancels = ControlCancels(self.settings.cancel_grace)  # the control connections' running queries
         #: When the whole run must end (``job_timeout``), set when it starts; planning honours it too.
         self.job_deadline: float | None = None

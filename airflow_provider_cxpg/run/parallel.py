@@ -448,8 +448,11 @@ class ParallelExtraction:
                         **kwargs,
                     )
                 )
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.parallelism, thread_name_prefix="cxpg-range")
-        futures = [pool.submit(child.run) for child in self.children]
+        futures = _run_on_daemon_threads([child.run for child in self.children], self.parallelism)
+        settings = self.coordinator.settings
+        # After an abort each range stops its worker (cancel, then kill) and its storage waits end at
+        # once; past that, a range still running holds nothing the task must wait for.
+        stopping = settings.cancel_grace + settings.kill_grace + settings.deadline_grace + 5.0
         try:
             while True:
                 done, pending = concurrent.futures.wait(
@@ -464,7 +467,37 @@ class ParallelExtraction:
                     raise ExtractionAborted.because(self._aborted)
         except BaseException as exc:
             self.abort(f"{type(exc).__name__} in another range" if isinstance(exc, CxpgError) else type(exc).__name__)
-            concurrent.futures.wait(futures, timeout=120)
+            concurrent.futures.wait(futures, timeout=stopping)
             raise
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            for future in futures:
+                future.cancel()  # a range not started yet never starts
+
+
+def _run_on_daemon_threads(calls: list[Any], threads: int) -> list[concurrent.futures.Future[Any]]:
+    """Run ``calls`` on at most ``threads`` daemon threads; one future each.
+
+    Not a ``ThreadPoolExecutor``: the interpreter joins its threads at exit, so a range still waiting
+    on a store that stopped answering (``storage_timeout=None``: forever) held the process after the
+    task had failed.
+    """
+    futures: list[concurrent.futures.Future[Any]] = [concurrent.futures.Future() for _ in calls]
+    work = list(zip(calls, futures, strict=True))
+    lock = threading.Lock()
+
+    def runner() -> None:
+        while True:
+            with lock:
+                if not work:
+                    return
+                call, future = work.pop(0)
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as exc:  # noqa: BLE001  handed to the waiting caller
+                future.set_exception(exc)
+
+    for index in range(max(1, min(threads, len(calls)))):
+        threading.Thread(target=runner, name=f"cxpg-range_{index}", daemon=True).start()
+    return futures
