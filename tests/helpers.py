@@ -209,3 +209,29 @@ def alarm_in(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def run_until_exit(script: Path, args: list[str], *, timeout: float) -> tuple[list[str], float]:
+    """Run ``script`` (a task process's stand-in) with ``args``; return its stdout lines and the
+    seconds from its last line, ``done <time.monotonic()>``, to its exit (what its exit handlers took)."""
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
+    try:
+        out, _ = process.communicate(timeout=timeout)
+        ended = time.monotonic()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    lines = out.splitlines()
+    done = [line for line in lines if line.startswith("done ")]
+    assert done, f"the script did not finish: {lines[-3:]}"
+    return lines, ended - float(done[-1].split()[1])

@@ -388,40 +388,18 @@ def test_a_merge_on_a_store_that_freezes_fails_on_time_and_the_process_exits(
     """The merge read the staged run through pyarrow's S3 layer, which at interpreter exit waits for
     every request in flight: the task process's exit waited on the frozen store (8-10 s here, and
     with no end against a store that trickles bytes). Now through fsspec, under the deadline."""
-    import subprocess
-    import sys
-    import time
-
+    from tests.helpers import run_until_exit
     from tests.s3_server import s3_process
 
     script = tmp_path / "frozen_merge.py"
     script.write_text(_FROZEN_MERGE)
     with s3_process() as s3:
         bucket = s3.create_bucket()
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                str(script),
-                conn_id,
-                items,
-                f"s3://{bucket}/lake/frozen",
-                s3.endpoint,
-                str(s3.process.pid),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            cwd=str(Path(__file__).resolve().parents[1]),
-        )
         try:
-            out, _ = process.communicate(timeout=120)
-            ended = time.monotonic()
+            args = [conn_id, items, f"s3://{bucket}/lake/frozen", s3.endpoint, str(s3.process.pid)]
+            lines, exiting = run_until_exit(script, args, timeout=120)
         finally:
-            if process.poll() is None:
-                process.kill()
             s3.thaw()
-    lines = out.splitlines()
     assert any(line.startswith("raised StorageError") and "within 3.0s" in line for line in lines), lines[-3:]
-    done = float(next(line for line in lines if line.startswith("done ")).split()[1])
-    assert ended - done < 4, f"the process took {ended - done:.1f}s to exit after the failure"
+    assert exiting < 4, f"the process took {exiting:.1f}s to exit after the failure"
     assert_nothing_left(admin)

@@ -278,28 +278,18 @@ def test_on_kill_ends_a_parallel_run_whose_range_waits_on_a_frozen_store_and_the
     """A range's manifest write waited on the frozen store with no deadline (storage_timeout=None):
     on_kill could not end it, the run raised only after 120 s, and the process never exited (the
     ranges ran on a ThreadPoolExecutor, whose threads the interpreter joins at exit)."""
-    bucket = s3.create_bucket()
+    from tests.helpers import run_until_exit
+
     script = tmp_path / "frozen_range.py"
     script.write_text(_FROZEN_RANGE)
-    process = subprocess.Popen(
-        [sys.executable, str(script), conn_id, table, f"s3://{bucket}/ranges", s3.endpoint, str(s3.process.pid)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=str(Path(__file__).resolve().parents[1]),
-    )
     try:
-        out, _ = process.communicate(timeout=90)
-        ended = time.monotonic()
+        args = [conn_id, table, f"s3://{s3.create_bucket()}/ranges", s3.endpoint, str(s3.process.pid)]
+        lines, exiting = run_until_exit(script, args, timeout=90)
     finally:
-        if process.poll() is None:
-            process.kill()
         s3.thaw()
-    lines = out.splitlines()
     raised = next(line for line in lines if line.startswith("raised ")).split()
     assert raised[2] == "ExtractionAborted" and float(raised[1]) < 1 + FAST["cancel_grace"] + FAST["kill_grace"] + GRACE
-    done = float(next(line for line in lines if line.startswith("done ")).split()[1])
-    assert ended - done < 4, f"the process took {ended - done:.1f}s to exit after the failure"
+    assert exiting < 4, f"the process took {exiting:.1f}s to exit after the failure"
     assert_nothing_left(admin)
 
 
