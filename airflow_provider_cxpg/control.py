@@ -178,6 +178,8 @@ def address_count(host: str, port: int, timeout: float) -> int:
     family, stream sockets), on a helper thread under ``timeout``; a name that does not resolve in
     time, or at all, counts as one (the connect then fails on its own, naming it).
     """
+    if "," in host:  # libpq's list of hosts: it tries each one's addresses in turn
+        return sum(address_count(one.strip(), port, timeout) for one in host.split(","))
     if not host or host.startswith("/") or host.startswith("@"):
         return 1
     try:

@@ -156,6 +156,7 @@ def test_the_connect_deadline_allows_each_address_a_name_resolves_to() -> None:
     localhost = {info[4] for info in socket.getaddrinfo("localhost", 5432, type=socket.SOCK_STREAM)}
     assert address_count("localhost", 5432, 5) == len(localhost)
     assert address_count("no-such-host.invalid", 5432, 5) == 1  # the connect fails on its own, naming it
+    assert address_count("127.0.0.1,localhost", 5432, 5) == 1 + len(localhost)  # libpq's host list
     assert connect_deadline(1, 10, 5) == 25  # one address: twice control_timeout + grace, as before
     assert connect_deadline(3, 10, 5) == 45  # resolving, then three addresses in turn
 

@@ -233,6 +233,10 @@ def _raise_if_killed(operator: Any) -> None:
         raise ExtractionAborted.because(operator._killed)
 
 
+#: Seconds the validator tries, at most, to withdraw ``_SUCCESS`` after a failed check.
+_WITHDRAW_SECONDS = 30.0
+
+
 class PostgresPartitionValidateOperator(BaseOperator):
     """Prove a fanned-out dataset complete, write its dataset-level manifest, commit its window.
 
@@ -366,9 +370,13 @@ class PostgresPartitionValidateOperator(BaseOperator):
         Best effort: on a store that stopped answering this fails too, and the task's error must stay
         the one that failed the check (the read that hung), not this clean-up's.
         """
+        # A destination of its own: the failed check may have tripped the tree's stuck-operation
+        # breaker (one GET that stalled), and the marker must still be tried; briefly, as a best effort.
+        limit = min(destination.timeout or _WITHDRAW_SECONDS, _WITHDRAW_SECONDS)
+        fresh = Destination(destination.url, destination.storage_options, timeout=limit)
         try:
-            if SUCCESS_MARKER in destination.list_entries():
-                destination.remove(SUCCESS_MARKER)
+            if SUCCESS_MARKER in fresh.list_entries():
+                fresh.remove(SUCCESS_MARKER)
         except StorageError as exc:
             self.log.warning("could not remove %s from %s after the failure: %s", SUCCESS_MARKER, destination.url, exc)
 

@@ -126,10 +126,15 @@ class DeltaTarget:
         timeout: float | None,
         commit_timeout: float | None = None,
         compression: str = "zstd",
+        fsspec_options: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.uri = uri.rstrip("/")
         self._options = storage_options if callable(storage_options) else (lambda: dict(storage_options or {}))
         self.storage_options: dict[str, str] = {}
+        # What the worker wrote the staged files with (fsspec's options: a profile, a CA bundle,
+        # proxies, addressing), for reading them back in a merge and for reading the log.
+        self._fsspec_options = fsspec_options or (lambda: {})
+        self.reader_options: dict[str, Any] = {}
         self.timeout = timeout
         self.commit_timeout = commit_timeout or timeout
         self.compression = compression
@@ -146,6 +151,7 @@ class DeltaTarget:
     def _open(self) -> Any | None:
         deltalake = self._deltalake
         self.storage_options = dict(self._options())  # renewed credentials, before each table
+        self.reader_options = dict(self._fsspec_options())
 
         def load() -> Any | None:
             try:
@@ -168,12 +174,11 @@ class DeltaTarget:
         # The commit files themselves, newest first: reading known keys works on every store (a
         # history() listing hangs on some S3-compatible servers), and the run's commit is nearly
         # always the newest one.
-        filesystem, root = _filesystem(self.uri, self.storage_options, self.timeout)
+        filesystem, root = _filesystem(self.uri, self.reader_options, self.timeout)
         latest = int(table.version())
         for version in range(latest, max(-1, latest - _LOG_SCAN), -1):
             try:
-                with filesystem.open(f"{root}/_delta_log/{version:020d}.json", "rb") as handle:
-                    lines = handle.read().decode("utf-8").splitlines()
+                lines = _read_bytes(filesystem, f"{root}/_delta_log/{version:020d}.json").decode("utf-8").splitlines()
             except FileNotFoundError:  # cleaned up after a checkpoint
                 break
             for line in lines:
@@ -295,8 +300,6 @@ class DeltaTarget:
         )
 
     def _merge(self, table: Any, files: Sequence[StagedFile], key: Sequence[str], properties: Any) -> None:
-        import pyarrow.dataset as ds
-
         paths = [f"{self.uri}/{f.path}" for f in files if f.rows > 0]
         if not paths:
             return
@@ -305,15 +308,19 @@ class DeltaTarget:
         def merge() -> Any:
             from deltalake import WriterProperties
 
-            # On the helper thread, under the deadline: opening the dataset reads every footer.
-            filesystem, root = _filesystem(self.uri, self.storage_options, self.timeout)
-            staged = [p.replace(self.uri, root, 1) for p in paths]
-            source = ds.dataset(staged, format="parquet", filesystem=filesystem)
+            # On the helper thread, under the deadline, the staged files' bytes are read by Python;
+            # delta-rs then pulls batches decoded from memory. A pyarrow dataset over fsspec called
+            # back into Python from C++ and Rust threads for every read, and pyarrow's own S3 layer
+            # waited at interpreter exit for requests in flight: an abandoned merge crashed or held
+            # the task process's exit. Memory: the run's compressed files, decoded batch by batch.
+            filesystem, root = _filesystem(self.uri, self.reader_options, self.timeout)
+            staged = [_read_bytes(filesystem, p.replace(self.uri, root, 1)) for p in paths]
+            source = _batches_of(staged)
 
             codec = "UNCOMPRESSED" if self.compression == "none" else self.compression.upper()
             return (
                 table.merge(
-                    source=source.scanner().to_reader(),
+                    source=source,
                     predicate=predicate,
                     source_alias="s",
                     target_alias="t",
@@ -353,33 +360,49 @@ def _same(a: pa.DataType, b: pa.DataType) -> bool:
     return normal(a) == normal(b)
 
 
-def _filesystem(uri: str, storage_options: Mapping[str, str], timeout: float | None) -> tuple[Any, str]:
-    """An fsspec filesystem for the staged files and the log, and the table root in its terms.
+def _filesystem(uri: str, fsspec_options: Mapping[str, Any], timeout: float | None) -> tuple[Any, str]:
+    """A filesystem for the staged files and the log, and the table root in its terms.
 
-    fsspec's, not pyarrow's: pyarrow's S3 layer finalizes at interpreter exit by waiting for every
-    request in flight, so a read abandoned on a store that stopped answering held the task process's
-    exit (its socket read timeout is ignored on Linux). fsspec's session closes without waiting.
+    On S3, fsspec's with the options the worker wrote with, not pyarrow's: pyarrow's S3 layer
+    finalizes at interpreter exit by waiting for every request in flight, so a read abandoned on a
+    store that stopped answering held the task process's exit (its socket read timeout is ignored on
+    Linux); fsspec's session closes without waiting. Socket timeouts follow ``storage_timeout``.
     """
-    import fsspec
-
     if uri.startswith(("s3://", "s3a://")):
-        client_kwargs = {
-            name: value
-            for name, value in (
-                ("endpoint_url", storage_options.get("AWS_ENDPOINT_URL")),
-                ("region_name", storage_options.get("AWS_REGION")),
-            )
-            if value
-        }
-        seconds = timeout or 60.0
-        s3 = fsspec.filesystem(
-            "s3",
-            key=storage_options.get("AWS_ACCESS_KEY_ID"),
-            secret=storage_options.get("AWS_SECRET_ACCESS_KEY"),
-            token=storage_options.get("AWS_SESSION_TOKEN"),
-            client_kwargs=client_kwargs,
-            config_kwargs={"connect_timeout": seconds, "read_timeout": seconds, "retries": {"max_attempts": 2}},
-            skip_instance_cache=True,  # another run's credentials are not these
-        )
-        return s3, uri.split("://", 1)[1]
-    return fsspec.filesystem("file"), uri.removeprefix("file://")
+        import fsspec
+
+        options = dict(fsspec_options)
+        if timeout is not None:
+            config = dict(options.get("config_kwargs") or {})
+            config.setdefault("connect_timeout", timeout)
+            config.setdefault("read_timeout", timeout)
+            options["config_kwargs"] = config
+        # Its own instance: another run's credentials are not these.
+        return fsspec.filesystem("s3", skip_instance_cache=True, **options), uri.split("://", 1)[1]
+    from pyarrow import fs
+
+    return fs.LocalFileSystem(), uri.removeprefix("file://")
+
+
+def _batches_of(files: list[bytes]) -> Any:
+    """One record batch reader over Parquet files held in memory, decoded a batch at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    first = pq.ParquetFile(pa.BufferReader(files[0]))
+    schema = first.schema_arrow
+
+    def batches() -> Any:
+        for data in files:
+            yield from pq.ParquetFile(pa.BufferReader(data)).iter_batches()
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
+
+
+def _read_bytes(filesystem: Any, path: str) -> bytes:
+    """A whole file, through fsspec's or pyarrow's filesystem (FileNotFoundError when it is not there)."""
+    if hasattr(filesystem, "open_input_stream"):  # pyarrow's
+        with filesystem.open_input_stream(path) as handle:
+            return bytes(handle.read())
+    with filesystem.open(path, "rb") as handle:
+        return bytes(handle.read())

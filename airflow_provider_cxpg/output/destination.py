@@ -44,6 +44,10 @@ def _split_object_storage_path(path: Any) -> tuple[str, dict[str, Any]]:
     return text, options
 
 
+#: Bytes read from a Parquet file's end to find its footer in one request (most footers are smaller).
+_FOOTER_GUESS = 64 * 1024
+
+
 class Destination:
     """A directory of chunk files plus a manifest.
 
@@ -127,8 +131,14 @@ class Destination:
             return None
         return self._related(head)
 
-    def _bounded(self, operation: str, fn: Callable[[], T], timeout: float | None = None) -> T:
-        """Run ``fn`` under the deadline; errors become :class:`StorageError` naming what failed."""
+    def _bounded(
+        self, operation: str, fn: Callable[[], T], timeout: float | None = None, *, abortable: bool = True
+    ) -> T:
+        """Run ``fn`` under the deadline; errors become :class:`StorageError` naming what failed.
+
+        :param abortable: whether :attr:`stop` ends the wait (not for the record of a failure,
+            written after the abort itself).
+        """
         what = f"{operation} at {self.url}"
         limit = self.timeout if timeout is None else timeout
         earlier = self._stuck[0]
@@ -140,7 +150,7 @@ class Destination:
                 limit="storage_timeout",
             )
         try:
-            return self._io.call(what, fn, limit, wrap_errors=True, stop=self.stop)
+            return self._io.call(what, fn, limit, wrap_errors=True, stop=self.stop if abortable else None)
         except CallStopped as stopped:
             raise ExtractionAborted.because(stopped.reason) from None
         except CallTimedOut as exc:
@@ -204,10 +214,13 @@ class Destination:
 
         return self._bounded(f"reading {name}", read)
 
-    def write_json(self, name: str, data: dict[str, Any], *, timeout: float | None = None) -> None:
+    def write_json(
+        self, name: str, data: dict[str, Any], *, timeout: float | None = None, abortable: bool = True
+    ) -> None:
         """Replace ``name`` atomically (rename locally; a single PUT on object stores).
 
         :param timeout: a shorter deadline than the destination's (a best-effort failure record).
+        :param abortable: whether an abort ends the wait (see :meth:`_bounded`).
         """
         payload = json.dumps(data, indent=2, sort_keys=False, default=str).encode("utf-8")
         path = self._path(name)
@@ -224,7 +237,7 @@ class Destination:
             else:
                 self._fs.pipe_file(path, payload)
 
-        self._bounded(f"writing {name}", write, timeout)
+        self._bounded(f"writing {name}", write, timeout, abortable=abortable)
 
     def write_marker(self, name: str) -> None:
         """Write an empty file (``_SUCCESS``): a reader's sign that the output is complete."""
@@ -319,31 +332,49 @@ class Destination:
 
     def read_columns(self, name: str, columns: list[str]) -> Any:
         """Some columns of a Parquet file, as a ``pyarrow.Table`` (under ``storage_timeout``)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        path = self._path(name)
-
         def read() -> Any:
-            if self.is_local:
-                return pq.read_table(path, columns=columns)
-            with self._fs.open(path, "rb") as handle:
-                return pq.read_table(handle, columns=columns)
+            # The bytes through Python, then parsed in memory (see _read_range).
+            return pq.read_table(pa.BufferReader(self._read_range(name)), columns=columns)
 
         return self._bounded(f"reading {', '.join(columns)} of {name}", read)
 
     def read_footer(self, name: str) -> tuple[int, dict[str, str]]:
         """A Parquet file's row count and key-value metadata, from its footer (no data pages read)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        path = self._path(name)
-
         def footer() -> tuple[int, dict[str, str]]:
-            if self.is_local:
-                meta = pq.read_metadata(path)
-            else:
-                with self._fs.open(path, "rb") as handle:
-                    meta = pq.read_metadata(handle)
+            path = self._path(name)  # on this helper thread: not through self.size(), which queues behind it
+            size = os.path.getsize(path) if self.is_local else int(self._fs.size(path))
+            tail = self._read_range(name, max(0, size - _FOOTER_GUESS), size)
+            if len(tail) < 12 or tail[-4:] != b"PAR1":
+                raise ValueError(f"not a Parquet file ({size} bytes, no footer)")
+            length = int.from_bytes(tail[-8:-4], "little")
+            if length + 12 > size:
+                raise ValueError(f"not a Parquet file (a footer of {length} bytes in {size})")
+            if length + 8 > len(tail):
+                tail = self._read_range(name, size - length - 8, size)
+            # The footer alone, framed as a file: the data pages are never read.
+            meta = pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-(length + 8) :]))
             pairs = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if not k.startswith(b"ARROW:")}
             return int(meta.num_rows), pairs
 
         return self._bounded(f"reading the footer of {name}", footer)
+
+    def _read_range(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Bytes of ``name`` (all, or ``[start, end)``), read by Python, not by pyarrow.
+
+        pyarrow reading a Python file object calls back into Python from C++ frames; a helper
+        thread abandoned there past its deadline and woken while the interpreter exits was unwound
+        through those frames: ``Fatal Python error: PyGILState_Release`` (SIGABRT) at exit.
+        """
+        path = self._path(name)
+        if self.is_local:
+            with open(path, "rb") as handle:
+                if start:
+                    handle.seek(start)
+                return handle.read() if end is None else handle.read(end - (start or 0))
+        return bytes(self._fs.cat_file(path, start=start, end=end))

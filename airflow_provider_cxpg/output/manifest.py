@@ -186,9 +186,9 @@ class Manifest:
         values["chunks"] = [ChunkEntry(**c) for c in data.get("chunks", [])]
         return cls(**values)
 
-    def save(self, destination: Destination, *, timeout: float | None = None) -> None:
+    def save(self, destination: Destination, *, timeout: float | None = None, abortable: bool = True) -> None:
         self.updated_at = _now()
-        destination.write_json(MANIFEST_NAME, self.to_json(), timeout=timeout)
+        destination.write_json(MANIFEST_NAME, self.to_json(), timeout=timeout, abortable=abortable)
 
     @classmethod
     def load(cls, destination: Destination) -> Manifest | None:

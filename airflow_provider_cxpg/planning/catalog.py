@@ -51,7 +51,7 @@ SELECT t.typname, format_type(b.oid, NULLIF(b.typmod, -1)), t.typtype,
        e.typname AS element, b.typmod
 FROM base b
 JOIN pg_type t ON t.oid = b.oid
-LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A'
+LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A' AND e.typarray = t.oid  -- a true array: not int2vector
 WHERE t.typtype <> 'd'
 ORDER BY b.depth DESC
 LIMIT 1

@@ -491,7 +491,7 @@ def build_read_plan(conn: Any, sql: str, column_casts: Mapping[str, str] | None 
         select_exprs=tuple(select_exprs),
         key=(),
         key_unique=True,
-        hidden=_value_guards(columns, spec),
+        hidden=_value_guards(columns, select_exprs),
     )
 
 
@@ -537,7 +537,7 @@ def _page_plan(conn: Any, spec: SourceSpec, from_clause: str, names: list[str], 
         table=table,
         pages=int(pages),
         rows_per_page=per_page,
-        hidden=_value_guards(columns, spec),
+        hidden=_value_guards(columns, select_exprs),
     )
 
 
@@ -640,7 +640,7 @@ def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
         filters=filters,
         notes=tuple(notes),
         table=table,
-        hidden=(*hidden, *_value_guards(columns, spec)),
+        hidden=(*hidden, *_value_guards(columns, select_exprs)),
     )
 
 
@@ -681,30 +681,40 @@ def _paging_expression(
     return f"({base} COLLATE {wanted})", col.pg.sql_name, note, wanted
 
 
-def _value_guards(columns: list[ColumnRead], spec: SourceSpec) -> tuple[HiddenField, ...]:
+def _value_guards(columns: list[ColumnRead], select_exprs: list[str]) -> tuple[HiddenField, ...]:
     """Flags, true for a row holding a value connectorx would read as another one.
 
     * time '24:00' reads as 00:00;
     * an array whose subscripts do not start at 1 (``'[0:2]={1,2,3}'``, which PostgreSQL tells from
       ``'{1,2,3}'``) reads as the same list: the bounds are dropped, two values become one.
+
+    Each tests the expression the column is read as, a ``column_casts`` cast included (an array cast
+    to ``int8[]`` keeps its bounds; a time cast to ``time(0)`` can round to '24:00').
     """
-    native = [c for c in columns if not c.as_text and c.name not in spec.column_casts]
+    native = []
+    for column, select in zip(columns, select_exprs, strict=True):
+        if not column.as_text:  # selected as "<expr> AS <name>" (see _plan_select)
+            native.append((column, select.removesuffix(f" AS {quote_ident(column.name)}")))
     guards: list[HiddenField] = []
-    times = [c.name for c in native if c.pg.typname == "time"]
+    times = [(c.name, expr) for c, expr in native if c.pg.typname == "time"]
     if times:
-        test = " OR ".join(f"{SOURCE_ALIAS}.{quote_ident(n)} = '24:00'::time" for n in times)
+        test = " OR ".join(f"({expr}) = '24:00'::time" for _, expr in times)
+        names = [name for name, _ in times]
         message = (
-            f"a time column ({', '.join(times)}) holds '24:00', which connectorx would read as 00:00; "
-            f"read it as text with column_casts={{{times[0]!r}: 'text'}}"
+            f"a time column ({', '.join(names)}) holds '24:00', which connectorx would read as 00:00; "
+            f"read it as text with column_casts={{{names[0]!r}: 'text'}}"
         )
         guards.append(HiddenField("__cxpg_time24", f"({test})", pa.bool_(), guard=message))
-    arrays = [c.name for c in native if pa.types.is_large_list(c.arrow_type) or pa.types.is_list(c.arrow_type)]
+    arrays = [
+        (c.name, expr) for c, expr in native if pa.types.is_large_list(c.arrow_type) or pa.types.is_list(c.arrow_type)
+    ]
     if arrays:
-        test = " OR ".join(f"array_lower({SOURCE_ALIAS}.{quote_ident(n)}, 1) <> 1" for n in arrays)
+        test = " OR ".join(f"array_lower({expr}, 1) <> 1" for _, expr in arrays)
+        names = [name for name, _ in arrays]
         message = (
-            f"an array column ({', '.join(arrays)}) holds an array whose subscripts do not start at 1 "
+            f"an array column ({', '.join(names)}) holds an array whose subscripts do not start at 1 "
             "(e.g. '[0:2]={1,2,3}'), which would be written as a plain list, its bounds lost; "
-            f"read it as text with column_casts={{{arrays[0]!r}: 'text'}}"
+            f"read it as text with column_casts={{{names[0]!r}: 'text'}}"
         )
         guards.append(HiddenField("__cxpg_array_lower", f"({test})", pa.bool_(), guard=message))
     return tuple(guards)

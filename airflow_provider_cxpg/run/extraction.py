@@ -720,7 +720,7 @@ class Extraction:
                 # best effort, briefly: the store may be what failed, and a retry resumes from
                 # "running" as from "failed"
                 limit = min(self.destination.timeout or _FAILURE_WRITE_SECONDS, _FAILURE_WRITE_SECONDS)
-                manifest.save(self.destination, timeout=limit)
+                manifest.save(self.destination, timeout=limit, abortable=False)  # written after the abort
         self.log.emit("job.failed", reason=reason, error=error)
 
     def source_id(self, plan: ExtractPlan) -> str:

@@ -144,6 +144,7 @@ class TableExtraction:
                 timeout=extraction.settings.storage_timeout,
                 commit_timeout=_commit_timeout(extraction),
                 compression=extraction.options.parquet.compression,
+                fsspec_options=extraction.sink_options,  # what the worker writes the staged files with
             )
             self._root: str | None = root.url
         else:
