@@ -199,13 +199,14 @@ def address_count(host: str, port: int, timeout: float) -> int:
     return max(1, len({info[4] for info in found}))
 
 
-def connect_deadline(addresses: int, connect_timeout: float, grace: float) -> float:
-    """The client-side deadline of connecting: resolving the name, then each address in turn.
+def connect_deadline(addresses: int, connect_timeout: float, grace: float, *, names: int = 1) -> float:
+    """The client-side deadline of connecting: resolving each name, then each address in turn.
 
     libpq applies ``connect_timeout`` to each address it tries; a name with an IPv6 and an IPv4
-    address whose first is black-holed needs two of them, one with three addresses three.
+    address whose first is black-holed needs two of them, one with three addresses three. A host
+    list (``names``) is resolved one name at a time, as libpq reaches it.
     """
-    return (max(1, addresses) + 1) * connect_timeout + grace
+    return (max(1, addresses) + max(1, names)) * connect_timeout + grace
 
 
 def _close_all(things: list[Any]) -> None:

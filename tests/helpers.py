@@ -211,15 +211,19 @@ def alarm_in(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def run_until_exit(script: Path, args: list[str], *, timeout: float) -> tuple[list[str], float]:
+def run_until_exit(
+    script: Path, args: list[str], *, timeout: float, env: dict[str, str] | None = None
+) -> tuple[list[str], float]:
     """Run ``script`` (a task process's stand-in) with ``args``; return its stdout lines and the
     seconds from its last line, ``done <time.monotonic()>``, to its exit (what its exit handlers took)."""
+    import os
     import subprocess
     import sys
     import time
 
     process = subprocess.Popen(
         [sys.executable, str(script), *args],
+        env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -159,6 +159,7 @@ def test_the_connect_deadline_allows_each_address_a_name_resolves_to() -> None:
     assert address_count("127.0.0.1,localhost", 5432, 5) == 1 + len(localhost)  # libpq's host list
     assert connect_deadline(1, 10, 5) == 25  # one address: twice control_timeout + grace, as before
     assert connect_deadline(3, 10, 5) == 45  # resolving, then three addresses in turn
+    assert connect_deadline(3, 10, 5, names=2) == 55  # a host list: each name resolved in turn
 
 
 def test_the_monitor_never_swallows_a_timeout_raised_into_its_wait(pg: PgInfo, app: str) -> None:

@@ -397,9 +397,12 @@ def test_a_merge_on_a_store_that_freezes_fails_on_time_and_the_process_exits(
         bucket = s3.create_bucket()
         try:
             args = [conn_id, items, f"s3://{bucket}/lake/frozen", s3.endpoint, str(s3.process.pid)]
-            lines, exiting = run_until_exit(script, args, timeout=120)
+            temporary = tmp_path / "tmp"
+            temporary.mkdir()
+            lines, exiting = run_until_exit(script, args, timeout=120, env={"TMPDIR": str(temporary)})
         finally:
             s3.thaw()
     assert any(line.startswith("raised StorageError") and "within 3.0s" in line for line in lines), lines[-3:]
     assert exiting < 4, f"the process took {exiting:.1f}s to exit after the failure"
+    assert not list(temporary.glob("cxpg-merge-*")), "the merge's local copies of source rows were left behind"
     assert_nothing_left(admin)

@@ -28,9 +28,14 @@ hold the task); a commit that timed out may still land, and the transaction chec
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -299,6 +304,32 @@ class DeltaTarget:
             staged.path, staged.size, {}, int(time.time() * 1000), True, json.dumps({"numRecords": staged.rows})
         )
 
+    @contextlib.contextmanager
+    def _local_copies(self, paths: list[str]) -> Iterator[list[str]]:
+        """The staged files as local paths: as they are for a local table; from an object store,
+        copied by Python (fsspec, on this helper thread) into a temporary folder removed afterwards.
+
+        Not pyarrow's S3 layer, which at interpreter exit waits for every request in flight (an
+        abandoned merge held the task process's exit on a frozen store).
+        """
+        filesystem, root = _filesystem(self.uri, self.reader_options, self.timeout)
+        if not self.uri.startswith(("s3://", "s3a://")):
+            yield [p.replace(self.uri, root, 1) for p in paths]
+            return
+        folder = tempfile.mkdtemp(prefix="cxpg-merge-")
+        _TEMPORARY.add(folder)  # rows of the source: removed at exit if the merge never returns
+        try:
+            local = []
+            for index, path in enumerate(paths):
+                target = os.path.join(folder, f"{index:06d}.parquet")
+                with open(target, "wb") as handle:
+                    handle.write(_read_bytes(filesystem, path.replace(self.uri, root, 1)))
+                local.append(target)
+            yield local
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            _TEMPORARY.discard(folder)
+
     def _merge(self, table: Any, files: Sequence[StagedFile], key: Sequence[str], properties: Any) -> None:
         paths = [f"{self.uri}/{f.path}" for f in files if f.rows > 0]
         if not paths:
@@ -306,31 +337,28 @@ class DeltaTarget:
         predicate = " AND ".join(f"t.{_quote(k)} = s.{_quote(k)}" for k in key)
 
         def merge() -> Any:
+            import pyarrow.dataset as ds
             from deltalake import WriterProperties
 
-            # On the helper thread, under the deadline, the staged files' bytes are read by Python;
-            # delta-rs then pulls batches decoded from memory. A pyarrow dataset over fsspec called
-            # back into Python from C++ and Rust threads for every read, and pyarrow's own S3 layer
-            # waited at interpreter exit for requests in flight: an abandoned merge crashed or held
-            # the task process's exit. Memory: the run's compressed files, decoded batch by batch.
-            filesystem, root = _filesystem(self.uri, self.reader_options, self.timeout)
-            staged = [_read_bytes(filesystem, p.replace(self.uri, root, 1)) for p in paths]
-            source = _batches_of(staged)
-
             codec = "UNCOMPRESSED" if self.compression == "none" else self.compression.upper()
-            return (
-                table.merge(
-                    source=source,
-                    predicate=predicate,
-                    source_alias="s",
-                    target_alias="t",
-                    writer_properties=WriterProperties(compression=codec),  # type: ignore[arg-type]
-                    commit_properties=properties,
+            with self._local_copies(paths) as local:
+                # Local files, read by pyarrow's C++ alone: delta-rs pulls the batches from threads
+                # of its own, and a source that called back into Python from there (fsspec, or a
+                # Python generator) could crash a task process exiting with the merge abandoned.
+                source = ds.dataset(local, format="parquet").scanner().to_reader()
+                return (
+                    table.merge(
+                        source=source,
+                        predicate=predicate,
+                        source_alias="s",
+                        target_alias="t",
+                        writer_properties=WriterProperties(compression=codec),  # type: ignore[arg-type]
+                        commit_properties=properties,
+                    )
+                    .when_matched_update_all()
+                    .when_not_matched_insert_all()
+                    .execute()
                 )
-                .when_matched_update_all()
-                .when_not_matched_insert_all()
-                .execute()
-            )
 
         self._call("merging into the Delta table", merge, self.commit_timeout)
 
@@ -360,6 +388,16 @@ def _same(a: pa.DataType, b: pa.DataType) -> bool:
     return normal(a) == normal(b)
 
 
+#: Temporary copies of staged files a merge is reading (removed when it returns, or at exit).
+_TEMPORARY: set[str] = set()
+
+
+@atexit.register
+def _remove_temporary() -> None:
+    for folder in list(_TEMPORARY):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _filesystem(uri: str, fsspec_options: Mapping[str, Any], timeout: float | None) -> tuple[Any, str]:
     """A filesystem for the staged files and the log, and the table root in its terms.
 
@@ -377,26 +415,11 @@ def _filesystem(uri: str, fsspec_options: Mapping[str, Any], timeout: float | No
             config.setdefault("connect_timeout", timeout)
             config.setdefault("read_timeout", timeout)
             options["config_kwargs"] = config
-        # Its own instance: another run's credentials are not these.
-        return fsspec.filesystem("s3", skip_instance_cache=True, **options), uri.split("://", 1)[1]
+        options["skip_instance_cache"] = True  # its own instance: another run's credentials are not these
+        return fsspec.filesystem("s3", **options), uri.split("://", 1)[1]
     from pyarrow import fs
 
     return fs.LocalFileSystem(), uri.removeprefix("file://")
-
-
-def _batches_of(files: list[bytes]) -> Any:
-    """One record batch reader over Parquet files held in memory, decoded a batch at a time."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    first = pq.ParquetFile(pa.BufferReader(files[0]))
-    schema = first.schema_arrow
-
-    def batches() -> Any:
-        for data in files:
-            yield from pq.ParquetFile(pa.BufferReader(data)).iter_batches()
-
-    return pa.RecordBatchReader.from_batches(schema, batches())
 
 
 def _read_bytes(filesystem: Any, path: str) -> bytes:

@@ -477,9 +477,9 @@ class Extraction:
         """
         endpoint = self.credentials.current().with_session(application_name=application_name)
         timeout = self.settings.control_timeout
-        limit = connect_deadline(
-            address_count(endpoint.host, endpoint.port, timeout), timeout, self.settings.deadline_grace
-        )
+        addresses = address_count(endpoint.host, endpoint.port, timeout)
+        names = endpoint.host.count(",") + 1  # a host list: libpq resolves each name as it reaches it
+        limit = connect_deadline(addresses, timeout, self.settings.deadline_grace, names=names)
         try:
             return ControlConnection.open(
                 lambda: connect(
