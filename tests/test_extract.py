@@ -17,7 +17,7 @@ import psycopg
 import pyarrow.parquet as pq
 import pytest
 
-from airflow_provider_cxpg.exceptions import DataIntegrityError, InvalidInputError, WorkerCrashedError
+from airflow_provider_cxpg.exceptions import DataIntegrityError, InvalidInputError, StorageError, WorkerCrashedError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.worker.boot import _pyarrow_requires_numpy
 from tests.helpers import assert_nothing_left, manifest_of, read_output, wait_until, worker_pids
@@ -198,6 +198,49 @@ def test_a_complete_extraction_is_replaced_by_a_rerun(
         *[f"part-{i:06d}.parquet" for i in range(3)],
     ]
     assert output_rows(out_dir) == source_rows(admin, orders)
+
+
+def test_a_rerun_that_cannot_remove_the_old_files_leaves_no_manifest_saying_complete(
+    conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path
+) -> None:
+    """The new record goes first: a removal failing half-way must not leave "complete" over files that are gone."""
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+    hook.extract(destination=str(out_dir), table=orders, chunk_rows=5_000, **FAST)
+    stuck = out_dir / "part-000001.parquet"
+    stuck.unlink()
+    stuck.mkdir()  # unlink() of it fails (EISDIR) after part-000000 is gone: a real OS error, half-way
+    (stuck / "x").write_text("x")
+    with pytest.raises(StorageError, match="removing part-000001.parquet"):
+        hook.extract(destination=str(out_dir), table=orders, chunk_rows=5_000, **FAST)
+    assert not (out_dir / "part-000000.parquet").exists()
+    assert manifest_of(out_dir)["status"] != "complete" and not (out_dir / "_SUCCESS").exists()
+    (stuck / "x").unlink()
+    stuck.rmdir()
+    again = hook.extract(destination=str(out_dir), table=orders, chunk_rows=5_000, **FAST)
+    assert again.rows == ROWS and output_rows(out_dir) == source_rows(admin, orders)
+
+
+def test_a_retry_does_not_continue_in_another_table_of_the_same_name(
+    conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """The fingerprint holds the relation the name resolved to: a table dropped and created again is another."""
+    table = f'"{schema}".renamed'
+
+    def create(source: str) -> None:
+        admin.execute(f"DROP TABLE IF EXISTS {table}")
+        admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, t time NOT NULL, src text NOT NULL)")
+        admin.execute(f"INSERT INTO {table} SELECT g, '12:00', %s FROM generate_series(1, 20) g", (source,))
+
+    create("old")
+    admin.execute(f"UPDATE {table} SET t = '24:00' WHERE id = 15")  # refused by its guard: try 1 fails at chunk 2
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+    with pytest.raises(DataIntegrityError):
+        hook.extract(destination=str(out_dir), table=table, chunk_rows=5, **FAST)
+    assert manifest_of(out_dir)["rows"] == 10
+    create("new")
+    retried = hook.extract(destination=str(out_dir), table=table, chunk_rows=5, **FAST)
+    assert retried.resumed_from_chunk is None
+    assert set(read_output(out_dir).column("src").to_pylist()) == {"new"}
 
 
 def test_chunk_bytes_sizes_chunks_from_measured_width(conn_id: str, orders: str, out_dir: Path) -> None:

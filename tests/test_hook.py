@@ -225,3 +225,28 @@ def test_embedded_server_helper_stops_its_server_on_a_plain_kill(tmp_path: Path)
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def test_row_level_security_on_the_source_is_said_in_the_plan(
+    pg: PgInfo, admin: psycopg.Connection, schema: str, nasty_role: tuple[str, str]
+) -> None:
+    """A login its policies restrict reads a subset: the run goes on (that can be the intent) and says so."""
+    from airflow_provider_cxpg.planning.plan import SourceSpec, build_plan
+
+    role, password = nasty_role
+    table = f'"{schema}".secured'
+    admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, tenant int NOT NULL)")
+    admin.execute(f"INSERT INTO {table} SELECT g, g % 2 FROM generate_series(1, 20) g")
+    admin.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+    admin.execute(f'CREATE POLICY tenant_zero ON {table} FOR SELECT TO "{role}" USING (tenant = 0)')
+    admin.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+    admin.execute(f'GRANT SELECT ON {table} TO "{role}"')
+    spec = SourceSpec(table=table)
+    login = {"host": pg.host, "port": pg.port, "dbname": pg.dbname, "user": role, "password": password}
+    try:
+        with psycopg.connect(**login, autocommit=True) as restricted:
+            assert any("row-level security applies" in note for note in build_plan(restricted, spec).notes)
+        assert not any("row-level security" in note for note in build_plan(admin, spec).notes)  # superuser: all
+    finally:  # the role goes before the schema: nothing of it may be left to depend on it
+        admin.execute(f"DROP TABLE {table}")
+        admin.execute(f'REVOKE USAGE ON SCHEMA "{schema}" FROM "{role}"')

@@ -709,3 +709,80 @@ def test_a_partitioned_table_with_a_foreign_partition_loses_no_update_at_its_end
     finally:
         admin.execute("DROP SCHEMA fdw CASCADE")
         admin.execute("DROP SERVER cxpg_loop CASCADE")
+
+
+# -- mapped windows over key ranges (stop 30's hunt) -------------------------------------------------------
+
+
+def _ranged_dag(dag_id: str, conn_id: str, table: str, base: Path, ranges: list[tuple[Any, Any]]) -> Any:
+    from airflow.providers.common.compat.sdk import DAG
+
+    with DAG(dag_id=dag_id, schedule=None, start_date=dt.datetime(2024, 1, 1), catchup=False) as dag:
+        PostgresExtractOperator.partial(
+            task_id="extract", postgres_conn_id=conn_id, table=table, watermark_column="v", chunk_rows=4
+        ).expand_kwargs(
+            [
+                {"lower_key": lower, "upper_key": upper, "destination": str(base / f"{lower}-{upper}" / "{{ run_id }}")}
+                for lower, upper in ranges
+            ]
+        )
+    return register_dag(dag)
+
+
+def test_a_mapped_task_whose_key_range_changed_does_not_continue_another_ranges_window(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path
+) -> None:
+    """The windows of a map index are windows of its key range: reordered, it starts with a full copy."""
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, v bigint NOT NULL)")
+    admin.execute(f"INSERT INTO {events} SELECT g, 1000 + g FROM generate_series(1, 10) g")  # ids <= 10: v to 1010
+    admin.execute(f"INSERT INTO {events} SELECT g, g FROM generate_series(11, 20) g")  # ids > 10: v to 20
+    dag_id = _dag_id("reordered")
+    first = run_dag(_ranged_dag(dag_id, conn_id, events, tmp_path, [(None, 10), (10, None)]), 0)
+    assert "success" in str(first.state)
+    admin.execute(f"INSERT INTO {events} VALUES (21, 21), (0, 1011)")
+    second = run_dag(_ranged_dag(dag_id, conn_id, events, tmp_path, [(10, None), (None, 10)]), 1)  # reordered
+    assert "success" in str(second.state)
+    read: Counter[int] = Counter()
+    for dag_run in (first, second):
+        for folder in tmp_path.glob(f"*/{dag_run.run_id}"):
+            read.update(r["id"] for r in read_output(folder).to_pylist())
+    assert set(read) == set(range(0, 22))  # id 21 (v 21, below the other range's end 1010) is not lost
+    again = run_dag(_ranged_dag(dag_id, conn_id, events, tmp_path, [(10, None), (None, 10)]), 2)  # same order
+    assert "success" in str(again.state)
+    assert [read_output(f).num_rows for f in tmp_path.glob(f"*/{again.run_id}")] == [0, 0]  # incremental again
+
+
+def test_a_range_of_a_plan_without_a_watermark_cannot_keep_a_window_of_its_own(
+    conn_id: str,
+    admin: psycopg.Connection,
+    events: str,
+    tmp_path: Path,
+    airflow_db: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Planned ranges move from plan to plan; a window per range would miss rows between old and new bounds."""
+    from airflow.providers.common.compat.sdk import DAG
+
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, v bigint NOT NULL)")
+    admin.execute(f"INSERT INTO {events} SELECT g, g FROM generate_series(1, 20) g")
+    with DAG(dag_id=_dag_id("planshift"), schedule=None, start_date=dt.datetime(2024, 1, 1), catchup=False) as dag:
+        ranges = PostgresPartitionPlanOperator(
+            task_id="plan",
+            postgres_conn_id=conn_id,
+            table=events,
+            partitions=2,
+            method="ntile",
+            destination=str(tmp_path / "{{ run_id }}"),
+        )
+        PostgresExtractOperator.partial(
+            task_id="extract", postgres_conn_id=conn_id, table=events, watermark_column="v"
+        ).expand_kwargs(ranges.output)
+    register_dag(dag)
+    dag_run = run_dag(dag, 0)
+    assert "failed" in str(dag_run.state)
+    logged = capsys.readouterr()  # Airflow 3's task logger writes to stdout; Airflow 2's is a stdlib logger
+    assert "planned without a watermark: give PostgresPartitionPlanOperator watermark_column='v'" in (
+        logged.out + logged.err + caplog.text
+    )
+    assert not list(tmp_path.glob("*/range=*/part-*.parquet"))  # refused before any data moved

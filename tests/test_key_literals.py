@@ -898,3 +898,40 @@ def test_bad_input_raises_invalid_input_error_before_any_file_is_written(
     assert mentions in str(failure.value)
     assert not destination.exists() or not any(destination.iterdir()), sorted(os.listdir(destination))
     assert_nothing_left(admin)
+
+
+@pytest.mark.parametrize(
+    ("sql_type", "values", "bound", "above"),
+    [
+        (
+            "timestamp(0)",
+            ["2024-01-01 10:00:00", "2024-01-01 10:00:01", "2024-01-01 10:00:02"],
+            "2024-01-01 10:00:00.6",
+            2,
+        ),
+        ("numeric(10,2)", ["1.00", "1.01", "1.02"], "1.005", 2),
+    ],
+)
+def test_a_given_bound_is_compared_as_given_not_rounded_to_the_columns_modifier(
+    hook: ConnectorXPostgresHook,
+    admin: psycopg.Connection,
+    schema: str,
+    tmp_path: Path,
+    sql_type: str,
+    values: list[str],
+    bound: str,
+    above: int,
+) -> None:
+    """``'10:00:00.6'::timestamp(0)`` is 10:00:01: a bound cast with the modifier lost the row holding it."""
+    from airflow_provider_cxpg.planning.incremental import WatermarkSpec
+
+    table = f'"{schema}".bounded'
+    admin.execute(f"CREATE TABLE {table} (k {sql_type} PRIMARY KEY, wm {sql_type} NOT NULL)")
+    for value in values:
+        admin.execute(f"INSERT INTO {table} VALUES (%s, %s)", (value, value))
+    keyed = hook.extract(destination=str(tmp_path / "keys"), table=table, lower=[bound], chunk_rows=CHUNK_ROWS)
+    windowed = hook.extract(
+        destination=str(tmp_path / "window"), table=table, watermark=WatermarkSpec("wm", start=bound, one_off=True)
+    )
+    assert keyed.rows == windowed.rows == above  # both rows above the bound, the one rounding would drop included
+    assert_nothing_left(admin)

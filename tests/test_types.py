@@ -635,6 +635,30 @@ def test_column_casts_to_text_read_the_servertext_form(
     assert_nothing_left(admin)
 
 
+def test_column_casts_keep_the_type_modifier_asked_for(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """``char(6)`` is not ``char(1)``, ``bit(8)`` not ``bit(1)``: a cast keeps its length, precision and scale."""
+    table = f'"{schema}".casts'
+    admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, code text, flags int, amount text, mark text)")
+    admin.execute(f"INSERT INTO {table} VALUES (1, 'ABCDEF', 5, '12.345', 'x'), (2, 'AB', 255, '-0.5', NULL)")
+    hook.extract(
+        destination=str(out_dir),
+        table=table,
+        column_casts={"code": "char(6)", "flags": "bit(8)", "amount": "numeric(10,2)", "mark": "bpchar"},
+        chunk_rows=1,
+    )
+    output = read_output(out_dir)
+    assert output.column("code").to_pylist() == ["ABCDEF", "AB    "]
+    assert output.column("mark").to_pylist() == ["x", None]
+    assert output.schema.field("amount").type == pa.decimal128(10, 2)
+    assert output.column("amount").to_pylist() == [Decimal("12.35"), Decimal("-0.50")]  # the server's rounding
+    described = {c["name"]: c["pg_type"] for c in manifest_of(out_dir)["schema"]}
+    assert described["code"] == "character(6)" and described["flags"] == "bit(8)"
+    assert output.column("flags").to_pylist() == ["00000101", "11111111"]
+    assert_nothing_left(admin)
+
+
 def test_column_casts_to_an_unknown_type_or_on_the_key_is_rejected(
     hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, out_dir: Path
 ) -> None:

@@ -20,6 +20,7 @@ from airflow_provider_cxpg.exceptions import ExtractionAborted, InvalidInputErro
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.assets import asset_uri, record_asset_event, stable_asset
 from airflow_provider_cxpg.output.destination import Destination
+from airflow_provider_cxpg.output.manifest import DATASET_MANIFEST, is_range_dir, planned_range_dirs
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec
 from airflow_provider_cxpg.planning.watermark_state import (
     WatermarkState,
@@ -335,6 +336,8 @@ class PostgresExtractOperator(BaseOperator):
             return WatermarkSpec.again(window)
         if not self.watermark_column:
             return None
+        if self.watermark_start in (None, ""):
+            self._refuse_windows_of_planned_ranges()
         spec, self._watermark_state = spec_for_task(
             context,
             self.task_id,
@@ -376,9 +379,42 @@ class PostgresExtractOperator(BaseOperator):
         return f"{self._owner(context)}@{run_id}"
 
     def _source_identity(self) -> str:
-        return source_identity(
-            table=self.table, sql=self.sql, where=self.where, key_columns=self.key_columns, column=self.watermark_column
-        )
+        parts: dict[str, Any] = {
+            "table": self.table,
+            "sql": self.sql,
+            "where": self.where,
+            "key_columns": self.key_columns,
+            "column": self.watermark_column,
+        }
+        if self.lower_key is not None or self.upper_key is not None:
+            # A mapped task's windows are windows of its key range: after its list was reordered, a
+            # map index continuing the windows another range's rows ended at missed rows of its own.
+            parts["bounds"] = [self.lower_key, self.upper_key]
+        return source_identity(**parts)
+
+    def _refuse_windows_of_planned_ranges(self) -> None:
+        """A range of a partition plan made without a watermark cannot keep windows of its own.
+
+        The plan's ranges move from one plan to the next (the table grows, the statistics change), and
+        a window per range follows its range's bounds: rows between a range's old and new bounds were
+        read by neither window. The planner's ``watermark_column`` fixes one window for every range.
+        """
+        if self.lower_key is None and self.upper_key is None:
+            return
+        destination = Destination(self._destination(), self.storage_options, timeout=self.storage_timeout)
+        if not is_range_dir(destination.name):
+            return
+        parent = destination.parent()
+        record = parent.read_json(DATASET_MANIFEST) if parent is not None else None
+        if parent is None or record is None:
+            return
+        if destination.name in planned_range_dirs(record):
+            raise InvalidInputError(
+                f"{destination.url} is a range of the partition plan at {parent.url}, which was planned without "
+                f"a watermark: give PostgresPartitionPlanOperator watermark_column={self.watermark_column!r} "
+                "too, so that every range reads the one window it fixes (a window per range follows that "
+                "range's bounds, which the next plan moves, and rows between the old and new bounds were missed)"
+            )
 
     def _destination(self) -> Any:
         return self._location(self.destination)

@@ -12,6 +12,7 @@ the task (see :mod:`~airflow_provider_cxpg.bounded`). Operations run one at a ti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -72,8 +73,7 @@ class Destination:
         self.storage_options = {**options, **(storage_options or {})}
         self.is_local = "://" not in url or url.startswith("file://")
         if self.is_local:
-            path = url[len("file://") :] if url.startswith("file://") else url
-            self.root = os.path.abspath(os.path.expanduser(path))
+            self.root = os.path.abspath(os.path.expanduser(_local_path(url)))
             self.url = self.root
             self._fs: Any = None
         else:
@@ -229,11 +229,16 @@ class Destination:
             if self.is_local:
                 os.makedirs(self.root, exist_ok=True)
                 tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-                with open(tmp, "wb") as handle:
-                    handle.write(payload)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
+                try:
+                    with open(tmp, "wb") as handle:
+                        handle.write(payload)
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                    os.replace(tmp, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):  # a full disk must not keep half a manifest forever
+                        os.unlink(tmp)
+                    raise
             else:
                 self._fs.pipe_file(path, payload)
 
@@ -378,3 +383,22 @@ class Destination:
                     handle.seek(start)
                 return handle.read() if end is None else handle.read(end - (start or 0))
         return bytes(self._fs.cat_file(path, start=start, end=end))
+
+
+def _local_path(url: str) -> str:
+    """The path a local destination names: a plain path, ``file:///p``, ``file://localhost/p`` or ``file:/p``.
+
+    ``file:/p`` (Spark's and Hadoop's form) has no ``//``: taken as a plain path it was a folder
+    named ``file:`` under the task's working directory, and the run wrote there, green.
+    """
+    if not url.startswith("file:"):
+        return url
+    rest = url[len("file:") :]
+    if rest.startswith("//"):
+        host, slash, tail = rest[2:].partition("/")
+        if host not in ("", "localhost"):
+            raise InvalidInputError(f"destination {url!r} names a file on another host ({host!r}): give a local path")
+        rest = slash + tail
+    if not rest.startswith("/"):
+        raise InvalidInputError(f"destination {url!r} is not an absolute file URL: give a local path")
+    return rest

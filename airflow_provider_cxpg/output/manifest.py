@@ -21,6 +21,7 @@ import datetime as dt
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "fingerprint",
     "is_chunk_file",
     "is_range_dir",
+    "planned_range_dirs",
     "range_dir",
     "source_id",
 ]
@@ -50,6 +52,8 @@ _CHUNK_FILE = re.compile(r"^part-(\d{6,})\.parquet$")
 #: :mod:`~airflow_provider_cxpg.run.parallel`).
 DATASET_MANIFEST = "_dataset_manifest.json"
 _RANGE_DIR = re.compile(r"^range=\d{4,}$")
+#: ``Destination.write_json``'s temporary of a record (``_manifest.json.1a2b3c4d.tmp``).
+_RECORD_TEMPORARY = re.compile(r"^_(?:dataset_)?manifest\.json\.[0-9a-f]{8}\.tmp$")
 
 
 def range_dir(index: int) -> str:
@@ -58,6 +62,11 @@ def range_dir(index: int) -> str:
 
 def is_range_dir(name: str) -> bool:
     return bool(_RANGE_DIR.match(name))
+
+
+def planned_range_dirs(record: Mapping[str, Any]) -> set[str]:
+    """The ``range=NNNN`` folder names a dataset record plans."""
+    return {entry.get("path") or range_dir(entry["index"]) for entry in record.get("ranges") or ()}
 
 
 def chunk_file_name(index: int) -> str:
@@ -201,5 +210,7 @@ class Manifest:
         return [
             n
             for n in names
-            if (_CHUNK_FILE.match(n) and n not in listed) or (n.startswith(".part-") and n.endswith(".tmp"))
+            if (_CHUNK_FILE.match(n) and n not in listed)
+            or (n.startswith(".part-") and n.endswith(".tmp"))
+            or _RECORD_TEMPORARY.match(n)  # a manifest write that failed half-way (a full disk)
         ]

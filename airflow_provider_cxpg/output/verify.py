@@ -43,6 +43,8 @@ def output_problems(destination: Destination, manifest: Manifest) -> list[str]:
         try:
             rows, meta = destination.read_footer(entry.file)
         except StorageError as exc:
+            if not _damaged(exc):
+                raise  # the store did not answer (a 500, a denied or timed-out read): not the file's fault
             problems.append(f"{where}: not a readable Parquet file ({exc})")
             continue
         if rows != entry.rows:
@@ -55,6 +57,15 @@ def output_problems(destination: Destination, manifest: Manifest) -> list[str]:
         if wrong:
             problems.append(f"{where}: " + "; ".join(wrong))
     return problems
+
+
+def _damaged(error: StorageError) -> bool:
+    """Whether a footer read failed on the file itself (gone, cut short, not Parquet) rather than the store.
+
+    A retry that took one refused read for damage started over, deleting every committed chunk.
+    """
+    cause = error.__cause__
+    return isinstance(cause, (ValueError, FileNotFoundError))  # pyarrow's ArrowInvalid is a ValueError
 
 
 def check_output(destination: Destination, manifest: Manifest) -> None:

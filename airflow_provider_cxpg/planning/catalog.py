@@ -48,7 +48,7 @@ WITH RECURSIVE base(oid, typmod, depth) AS (
     WHERE t.typtype = 'd' AND b.depth < 10
 )
 SELECT t.typname, format_type(b.oid, NULLIF(b.typmod, -1)), t.typtype,
-       e.typname AS element, b.typmod
+       e.typname AS element, b.typmod, format_type(b.oid, -1)
 FROM base b
 JOIN pg_type t ON t.oid = b.oid
 LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A' AND e.typarray = t.oid  -- a true array: not int2vector
@@ -114,6 +114,11 @@ class TableInfo:
     #: The OIDs of every partition and inheritance child below it, all levels (an incremental window
     #: reads those that arrived since the last one whole: their rows keep old watermarks and xmins).
     descendants: tuple[int, ...] = ()
+    #: The relation's OID: another table of the same name (dropped and created again, or found first
+    #: on another ``search_path``) is another source.
+    oid: int | None = None
+    #: Row-level security filters what this login reads of it (``row_security_active``).
+    row_security: bool = False
 
     @property
     def indexes_cover_rows(self) -> bool:
@@ -180,7 +185,7 @@ def resolve_type(conn: Any, oid: int, typmod: int) -> PgType:
     row = conn.execute(_TYPE_SQL, {"oid": oid, "typmod": typmod}).fetchone()
     if row is None:
         raise InvalidInputError(f"unknown type oid {oid}")
-    typname, sql_name, typtype, element, base_typmod = row
+    typname, sql_name, typtype, element, base_typmod, unmodified_name = row
     precision = scale = None
     if typname == "numeric" and base_typmod is not None and base_typmod >= 4:
         precision, scale = numeric_typmod(base_typmod)
@@ -188,6 +193,7 @@ def resolve_type(conn: Any, oid: int, typmod: int) -> PgType:
         typname=typname,
         sql_name=sql_name,
         typtype=typtype,
+        unmodified_name=unmodified_name,
         element=element,
         precision=precision,
         scale=scale,
@@ -215,7 +221,7 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
     """
     target = qualified(schema, name)
     row = conn.execute(
-        "SELECT c.oid, n.nspname, c.relname, c.relkind, c.reltuples::bigint "
+        "SELECT c.oid, n.nspname, c.relname, c.relkind, c.reltuples::bigint, row_security_active(c.oid) "
         "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.oid = to_regclass(%s)",
         (target,),
@@ -223,7 +229,7 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
     if row is None or row[3] not in _RELKINDS:
         where = f"schema {schema!r}" if schema else "the search_path"
         raise SourceNotFoundError(f"table {target} does not exist in {where} (or is not visible to this login)")
-    relid, nspname, relname, relkind, reltuples = row
+    relid, nspname, relname, relkind, reltuples, row_security = row
     children, foreign, nullable_below, descendants = conn.execute(_DESCENDANTS, (relid,)).fetchone()
     # NOT NULL is a promise only where the server enforces it: a foreign table's (or a foreign
     # partition's) rows come from elsewhere unchecked, and from PostgreSQL 18 a NOT VALID one
@@ -294,6 +300,8 @@ def describe_table(conn: Any, schema: str | None, name: str) -> TableInfo:
         estimated_rows=int(reltuples) if reltuples is not None and reltuples >= 0 else None,
         unique_indexes=tuple(indexes),
         descendants=tuple(int(d) for d in descendants),
+        oid=int(relid),
+        row_security=bool(row_security),
     )
 
 

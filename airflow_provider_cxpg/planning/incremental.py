@@ -284,17 +284,17 @@ class Window:
 
 
 def _column_type(plan: ExtractPlan, column: str) -> tuple[str, str, bool]:
-    """(sql type, typname, may be NULL) of ``column`` in the source."""
+    """(type for its literals, without the modifier; typname; may be NULL) of ``column`` in the source."""
     if plan.table is not None:
         for col in plan.table.columns:
             if col.name == column:
-                return col.pg.sql_name, col.pg.typname, col.not_null is not True
+                return col.pg.literal_type, col.pg.typname, col.not_null is not True
         raise SourceNotFoundError(
             f"watermark column {column!r} does not exist in {plan.table.schema}.{plan.table.name}"
         )
     for read in plan.columns:
         if read.name == column:
-            return read.pg.sql_name, read.pg.typname, True
+            return read.pg.literal_type, read.pg.typname, True
     raise SourceNotFoundError(f"watermark column {column!r} is not in the output of the source query")
 
 

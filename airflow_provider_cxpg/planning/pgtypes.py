@@ -104,6 +104,8 @@ class PgType:
     :param element: typname of the element type for arrays, else None.
     :param precision: numeric precision from the type modifier, None when unconstrained.
     :param scale: numeric scale from the type modifier.
+    :param unmodified_name: ``format_type(oid, -1)``, the type without its modifier (``numeric``,
+        ``bpchar``), for literals compared with the column: see :attr:`literal_type`.
     """
 
     typname: str
@@ -112,6 +114,18 @@ class PgType:
     element: str | None = None
     precision: int | None = None
     scale: int | None = None
+    unmodified_name: str | None = None
+
+    @property
+    def literal_type(self) -> str:
+        """The type a bound compared with this column is cast to: without the modifier.
+
+        A modifier rounds or truncates the literal before the comparison, so a bound between two
+        values moved onto one of them: ``'10:00:00.6'::timestamp(0)`` is 10:00:01, ``'1.005'::numeric(10,2)``
+        is 1.01, ``'abcdefgh'::varchar(5)`` is ``'abcde'``, and ``x > bound`` lost the row holding it.
+        (``-1``, not NULL: ``format_type(bpchar, NULL)`` is ``character``, which means ``char(1)``.)
+        """
+        return self.unmodified_name or self.sql_name
 
 
 @dataclass(frozen=True)

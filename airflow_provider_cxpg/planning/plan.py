@@ -369,10 +369,19 @@ def key_to_json(values: Sequence[Any] | None) -> list[Any] | None:
 
 
 def _resolve_cast(conn: Any, type_name: str) -> str:
-    row = conn.execute("SELECT format_type(to_regtype(%s), NULL)", (type_name,)).fetchone()
+    """The server's name for the type ``type_name`` names, its modifier kept.
+
+    ``to_regtype`` checks the name whole (nothing but a type name passes) but drops the modifier,
+    and ``format_type(oid, NULL)`` of ``bpchar`` or ``bit`` is ``character`` / ``bit``, which mean
+    ``char(1)`` / ``bit(1)``: ``char(6)`` read ``'ABCDEF'`` as ``'A'``. The modifier comes from the
+    server's own parse of a cast to it instead, and ``format_type`` of ``-1`` names no length.
+    """
+    row = conn.execute("SELECT to_regtype(%s)", (type_name,)).fetchone()
     if row is None or row[0] is None:
         raise InvalidInputError(f"column_casts: {type_name!r} is not a known type")
-    return str(row[0])
+    ((_, oid, typmod),) = describe_query(conn, f"SELECT NULL::{type_name}")
+    named = conn.execute("SELECT format_type(%s::oid, %s::int)", (oid, typmod)).fetchone()
+    return str(named[0])
 
 
 def _source_columns(conn: Any, spec: SourceSpec) -> tuple[str, list[SourceColumn], TableInfo | None]:
@@ -559,7 +568,7 @@ def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
         )
     by_name = {c.name: c for c in source_cols}
     if spec.key_columns == (CTID,):
-        return _page_plan(conn, spec, from_clause, names, table)
+        return _row_security_noted(_page_plan(conn, spec, from_clause, names, table), table)
     key_names, key_unique, notes = _choose_key(spec, by_name, table)
 
     for name in key_names:
@@ -630,7 +639,7 @@ def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
         # under the paging comparison itself (a tie at a chunk boundary would lose rows). The flag is
         # computed over each chunk's rows by chunk_sql.
         hidden.append(HiddenField(TIE_FIELD, "NULL::boolean", pa.bool_()))
-    return ExtractPlan(
+    plan = ExtractPlan(
         source=spec,
         from_clause=from_clause,
         columns=tuple(columns),
@@ -642,6 +651,20 @@ def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
         table=table,
         hidden=(*hidden, *_value_guards(columns, select_exprs)),
     )
+    return _row_security_noted(plan, table)
+
+
+def _row_security_noted(plan: ExtractPlan, table: TableInfo | None) -> ExtractPlan:
+    """Say so when row-level security filters what this login reads: the output is then the rows its
+    policies allow, not the table (pg_dump refuses such a table unless told to; here the run goes on,
+    since extracting through a restricted role can be the intent, and the plan says it)."""
+    if table is None or not table.row_security:
+        return plan
+    note = (
+        f"row-level security applies to this login on {table.qualified_name}: only the rows its policies "
+        "allow are read (a role with BYPASSRLS, or the owner of a table without FORCE ROW LEVEL SECURITY, reads all)"
+    )
+    return replace(plan, notes=(*plan.notes, note))
 
 
 def _paging_expression(
@@ -665,20 +688,20 @@ def _paging_expression(
             BYTE_COLLATION,
         )
     if col.collation is None:
-        return base, col.pg.sql_name, None, None
+        return base, col.pg.literal_type, None, None
     wanted = col.collation
     if proof is not None and col.name in proof.columns:
         wanted = proof.collations[proof.columns.index(col.name)] or col.collation
     elif not unique and col.deterministic is not True:
         wanted = BYTE_COLLATION
     if wanted == col.collation:
-        return base, col.pg.sql_name, None, wanted
+        return base, col.pg.literal_type, None, wanted
     note = (
         f"key column {col.name!r} (collation {col.collation}) is paged under collation {wanted}"
         + (", the collation of the unique index that proves the key unique" if wanted != BYTE_COLLATION else "")
         + (": its own collation is nondeterministic" if col.deterministic is False else "")
     )
-    return f"({base} COLLATE {wanted})", col.pg.sql_name, note, wanted
+    return f"({base} COLLATE {wanted})", col.pg.literal_type, note, wanted
 
 
 def _value_guards(columns: list[ColumnRead], select_exprs: list[str]) -> tuple[HiddenField, ...]:

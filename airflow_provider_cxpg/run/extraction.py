@@ -42,7 +42,7 @@ from airflow_provider_cxpg.output.manifest import (
     fingerprint,
     is_chunk_file,
     is_range_dir,
-    range_dir,
+    planned_range_dirs,
     source_id,
 )
 from airflow_provider_cxpg.output.storage_env import WorkerStorage
@@ -559,6 +559,10 @@ class Extraction:
             "filters": list(self.extra_filters),
             "watermark": self.watermark.identity() if self.watermark else None,
         }
+        if plan.table is not None:
+            # The relation the name resolved to, not the name as given: a retry must not continue in
+            # another table (the same name found first on the search_path, or dropped and created again).
+            parts["relation"] = [plan.table.schema, plan.table.name, plan.table.oid]
         order = plan.key_order()
         if order is not None:  # a text key resumes only in the order it was paged in
             parts["key_order"] = order
@@ -782,21 +786,17 @@ class Extraction:
                 resumed_extraction_id=existing.run_id,
                 note="committed chunks were damaged since: starting over; " + "; ".join(problems[:5]),
             )
-        if existing is not None:  # a finished or different extraction of the same source: replace it
-            if not existing.same_source(sid, self.owner):
-                other = existing.source_id or existing.source
-                raise DestinationConflictError(
-                    f"{self.destination.url} holds the output of another source ({other}, written by "
-                    f"{existing.owner or 'an extraction'}, run {existing.run_id}): not replacing it; "
-                    "choose another destination or remove it first",
-                    destination=self.destination.url,
-                    existing_source=existing.source_id,
-                )
-            self._unmark(entries)  # before any file goes: a reader must never see _SUCCESS over a partial output
-            for name in existing.files:
-                self.destination.remove(name)
-        else:
-            self._unmark(entries)
+        # a finished or different extraction of the same source is replaced; another source's is not
+        if existing is not None and not existing.same_source(sid, self.owner):
+            other = existing.source_id or existing.source
+            raise DestinationConflictError(
+                f"{self.destination.url} holds the output of another source ({other}, written by "
+                f"{existing.owner or 'an extraction'}, run {existing.run_id}): not replacing it; "
+                "choose another destination or remove it first",
+                destination=self.destination.url,
+                existing_source=existing.source_id,
+            )
+        self._unmark(entries)  # before any file goes: a reader must never see _SUCCESS over a partial output
         manifest = Manifest(
             run_id=self.run_id,
             fingerprint=fp,
@@ -810,9 +810,13 @@ class Extraction:
             source_id=sid,
             owner=self.owner,
         )
+        # The new record first: a removal that fails (or is interrupted) half-way must leave a manifest
+        # that says "running", never the old one still saying "complete" over files that are gone.
+        manifest.save(self.destination)
+        for name in existing.files if existing is not None else ():
+            self.destination.remove(name)
         for name in manifest.stray_files(self.destination.list_names()):
             self.destination.remove(name)
-        manifest.save(self.destination)
         return manifest, None
 
     def _unmark(self, entries: dict[str, int]) -> None:
@@ -830,8 +834,7 @@ class Extraction:
         record = parent.read_json(DATASET_MANIFEST) if parent is not None else None
         if parent is None or record is None:
             return
-        names = {entry.get("path") or range_dir(entry["index"]) for entry in record.get("ranges") or ()}
-        if self.destination.name not in names:
+        if self.destination.name not in planned_range_dirs(record):
             return
         if SUCCESS_MARKER in parent.list_entries():
             parent.remove(SUCCESS_MARKER)

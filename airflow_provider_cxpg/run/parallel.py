@@ -257,6 +257,8 @@ def plan_or_reuse_ranges(
         "method": method,
         "watermark": watermark,  # another requested window is another dataset, never the recorded one
     }
+    if plan.table is not None:  # the relation the name resolved to (see ``Extraction.fingerprint``)
+        parts["relation"] = [plan.table.schema, plan.table.name, plan.table.oid]
     order = plan.key_order()
     if order is not None:  # ranges planned in one key order do not tile another
         parts["key_order"] = order

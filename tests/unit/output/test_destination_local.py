@@ -1,0 +1,67 @@
+"""A local destination: the file URL forms it accepts, and what a failed write or read leaves behind."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from airflow_provider_cxpg.exceptions import InvalidInputError, StorageError
+from airflow_provider_cxpg.output.destination import Destination
+from airflow_provider_cxpg.output.manifest import ChunkEntry, Manifest, chunk_file_name, fingerprint
+from airflow_provider_cxpg.output.verify import output_problems
+
+
+@pytest.mark.parametrize("form", ["{p}", "file://{p}", "file://localhost{p}", "file:{p}"])
+def test_every_local_file_url_form_names_the_same_folder(tmp_path: Path, form: str) -> None:
+    """``file:/p`` (Spark's form) was a folder named ``file:`` under the working directory."""
+    assert Destination(form.format(p=tmp_path / "out")).root == str(tmp_path / "out")
+
+
+@pytest.mark.parametrize("url", ["file://elsewhere/tmp/out", "file:relative/out"])
+def test_a_file_url_of_another_host_or_a_relative_one_is_refused(url: str) -> None:
+    with pytest.raises(InvalidInputError, match="destination"):
+        Destination(url)
+
+
+def test_a_failed_record_write_leaves_no_temporary_behind(tmp_path: Path) -> None:
+    destination = Destination(str(tmp_path))
+    (tmp_path / "_manifest.json").mkdir()  # os.replace onto a non-empty directory fails: a real OS error
+    (tmp_path / "_manifest.json" / "x").write_text("x")
+    with pytest.raises(StorageError):
+        destination.write_json("_manifest.json", {"status": "running"})
+    assert sorted(os.listdir(tmp_path)) == ["_manifest.json"]
+
+
+def test_record_temporaries_of_failed_writes_are_strays() -> None:
+    manifest = Manifest("r1", fingerprint({}), {}, ["id"], [], 10)
+    names = ["_manifest.json", "_manifest.json.1a2b3c4d.tmp", "_dataset_manifest.json.00ff00ff.tmp", "notes.tmp"]
+    assert manifest.stray_files(names) == ["_manifest.json.1a2b3c4d.tmp", "_dataset_manifest.json.00ff00ff.tmp"]
+
+
+class _RefusingReads(Destination):
+    """A destination whose footer reads fail as the store fails them (here: a refused read)."""
+
+    def __init__(self, root: str, error: BaseException) -> None:
+        super().__init__(root)
+        self.error = error
+
+    def read_footer(self, name: str) -> tuple[int, dict[str, str]]:
+        raise StorageError(f"reading the footer of {name} failed: {self.error}") from self.error
+
+
+def _one_chunk(tmp_path: Path) -> Manifest:
+    (tmp_path / chunk_file_name(0)).write_bytes(b"x" * 10)
+    manifest = Manifest("r1", fingerprint({}), {}, ["id"], [], 10)
+    manifest.chunks.append(ChunkEntry(0, chunk_file_name(0), 5, 10, [1], [5], 0.1))
+    return manifest
+
+
+def test_a_refused_read_is_not_damage_but_a_file_that_is_not_parquet_is(tmp_path: Path) -> None:
+    """A retry that took one refused read for damage started over, deleting every committed chunk."""
+    manifest = _one_chunk(tmp_path)
+    with pytest.raises(StorageError, match="Access Denied"):
+        output_problems(_RefusingReads(str(tmp_path), PermissionError("Access Denied")), manifest)
+    problems = output_problems(Destination(str(tmp_path)), manifest)  # ten bytes of x: not Parquet
+    assert len(problems) == 1 and "not a readable Parquet file" in problems[0]
