@@ -26,6 +26,7 @@ worker's traceback attached as ``__cause__`` (a :class:`RemoteTraceback`).
     │   │   └── ServerConnectionError        the connection failed or the backend was terminated
     │   ├── ReadPanicError                   connectorx panicked (a Rust panic, not an Exception)
     │   ├── DataIntegrityError               the data broke a promise (NULL or duplicate key, ±infinity)
+    │   │   └── SourceChangedError           DDL changed the source between two chunks of a run
     │   └── StorageError                     writing a chunk or the manifest failed
     └── ExtractionAborted                    stopped on request (on_kill, KeyboardInterrupt, task timeout)
 """
@@ -53,6 +54,7 @@ __all__ = [
     "ReadPanicError",
     "RemoteTraceback",
     "ServerConnectionError",
+    "SourceChangedError",
     "SourceNotFoundError",
     "StorageError",
     "UnsupportedTypeError",
@@ -236,6 +238,17 @@ class DataIntegrityError(ExtractionError):
     source_rows: int | None = None
     #: The key ranges that changed while the dataset was validated.
     ranges: list[Any] | None = None
+
+
+class SourceChangedError(DataIntegrityError):
+    """DDL changed the source between two chunks of a run: the chunk read after it is not kept.
+
+    A column's type or collation changed, the name now names another relation, or (in a snapshot)
+    the table or one of its partitions got new storage, which the snapshot sees empty.
+    """
+
+    #: What differs, one line each.
+    changes: list[str] | None = None
 
 
 class StorageError(ExtractionError):

@@ -51,10 +51,12 @@ from airflow_provider_cxpg.planning.catalog import classify_control_error, descr
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec, Window, check_watermark, resolve_window
 from airflow_provider_cxpg.planning.plan import CTID, ExtractPlan, SourceSpec, build_plan, key_to_json
 from airflow_provider_cxpg.planning.snapshot import ExportedSnapshot, import_statements
+from airflow_provider_cxpg.planning.source_state import SourceState, read_source_state
 from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.run.chunking import ChunkSizer, chunks_for, pipelined
 from airflow_provider_cxpg.run.options import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, ExtractOptions, ParquetOptions
 from airflow_provider_cxpg.run.progress import Progress, estimate_rows
+from airflow_provider_cxpg.run.source_watch import SourceWatch
 from airflow_provider_cxpg.supervisor.credentials import CredentialSource, is_authentication_failure
 from airflow_provider_cxpg.supervisor.monitor import ActivitySampler, ControlCancels, ServerMonitor
 from airflow_provider_cxpg.supervisor.session import WorkerSession
@@ -100,7 +102,9 @@ class _ControlStatements:
     ``statement_timeout`` answer may never arrive (a gateway that accepts packets and returns nothing).
     """
 
-    def __init__(self, control: ControlConnection, extraction: Extraction, purpose: str, sampler: ActivitySampler):
+    def __init__(
+        self, control: ControlConnection, extraction: Extraction, purpose: str, sampler: ActivitySampler | None
+    ):
         self._control, self._extraction, self._purpose, self._sampler = control, extraction, purpose, sampler
 
     def _aborted(self) -> str | None:
@@ -126,6 +130,10 @@ class _ControlStatements:
     @property
     def info(self) -> Any:
         return self._control.info
+
+    def close(self) -> None:
+        """Close the connection (given up when a statement still runs on it)."""
+        self._control.close(self._extraction.settings.control_timeout)
 
 
 def key_bound(value: Any) -> list[Any] | None:
@@ -327,6 +335,8 @@ class Extraction:
         #: When the whole run must end (``job_timeout``), set when it starts; planning honours it too.
         self.job_deadline: float | None = None
         self.plan: ExtractPlan | None = None
+        #: The table source as the plan saw it, compared after every chunk read (None: a query source).
+        self.planned_source: SourceState | None = None
         self.estimated_rows: int | None = None
 
     # -- storage -----------------------------------------------------------------------------------
@@ -519,6 +529,8 @@ class Extraction:
             plan = build_plan(conn, self.spec).with_filters(*self.extra_filters)
             if plan.pages is None and (self.lower is not None or self.upper is not None):
                 plan = plan.with_key_range(self.lower, self.upper)
+            if plan.table is not None:  # inside the run's snapshot, when it has one: what its reads will see
+                self.planned_source = read_source_state(conn, plan.table.qualified_name, [c.name for c in plan.columns])
         for note in plan.notes:
             self.log.emit("job.plan", note=note)
         self.plan = plan
@@ -846,6 +858,19 @@ class Extraction:
             parent.write_json(DATASET_MANIFEST, again)
             self.log.emit("job.plan", note=f"{parent.url} is incomplete again while {self.destination.name} runs")
 
+    def source_watch(self) -> SourceWatch | None:
+        """The check after every chunk read that the source is still as planned (None: a query source)."""
+        if self.planned_source is None:
+            return None
+        timeout = self.settings.query_timeout
+        limit_ms = int(timeout * 1000) if timeout is not None else 0
+
+        def connect() -> _ControlStatements:
+            control = self._connect_control(f"{self.application_name}-watch", limit_ms)
+            return _ControlStatements(control, self, "source check", None)
+
+        return SourceWatch(self.planned_source, storage=self.snapshot_id is not None, connect=connect)
+
     def new_session(self, job_deadline: float | None) -> WorkerSession:
         """A worker session for this run (its application name, deadlines, snapshot, credentials)."""
         session = WorkerSession(
@@ -868,6 +893,7 @@ class Extraction:
             session.stop(reason="nothing left to read")  # the open-ended last page range is committed
             return
         self._session = session
+        watch = self.source_watch()
         try:
             with session:
                 after = manifest.chunks[-1].last_key if manifest.chunks else None
@@ -884,6 +910,8 @@ class Extraction:
                     read_ahead=self.options.read_ahead,
                     stream_rows=self.options.stream_rows,
                 ):
+                    if watch is not None:  # an empty read too: under a snapshot, a truncated table reads empty
+                        watch.check(read.chunk_index)
                     if not done.location:
                         continue  # an empty page after a full one: nothing to commit
                     paged = plan.pages is not None
@@ -914,3 +942,5 @@ class Extraction:
                     self._progress.chunk(manifest.rows)
         finally:
             self._session = None
+            if watch is not None:
+                watch.close()

@@ -24,11 +24,12 @@ import pyarrow as pa
 from airflow_provider_cxpg.conninfo import PostgresEndpoint
 from airflow_provider_cxpg.exceptions import ServerConnectionError, WorkerError
 from airflow_provider_cxpg.output.destination import Destination
-from airflow_provider_cxpg.planning.plan import CTID, SourceSpec, build_read_plan
+from airflow_provider_cxpg.planning.plan import CTID, ExtractPlan, SourceSpec, build_read_plan
 from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.run.chunking import chunks_for, pipelined
 from airflow_provider_cxpg.run.extraction import Extraction
 from airflow_provider_cxpg.run.options import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS
+from airflow_provider_cxpg.run.source_watch import SourceWatch
 from airflow_provider_cxpg.supervisor.credentials import is_authentication_failure
 from airflow_provider_cxpg.supervisor.settings import WorkerSettings
 from airflow_provider_cxpg.worker.protocol import IpcSink, ReadChunk
@@ -166,6 +167,27 @@ def _iterate(
         "job.start", source=spec.table or "sql", destination="iter_chunks", chunk_rows=extraction.sizer.chunk_rows
     )
     after: Sequence[Any] | None = lower if plan.pages is not None else None
+    watch = extraction.source_watch()
+    try:
+        yield from _read_chunks(
+            extraction, plan, after, upper, spool, job_deadline, max_worker_restarts, started, watch
+        )
+    finally:
+        if watch is not None:
+            watch.close()
+
+
+def _read_chunks(
+    extraction: Extraction,
+    plan: ExtractPlan,
+    after: Sequence[Any] | None,
+    upper: Sequence[Any] | None,
+    spool: str,
+    job_deadline: float | None,
+    max_worker_restarts: int,
+    started: float,
+    watch: SourceWatch | None,
+) -> Iterator[pa.Table]:
     index = rows = restarts = 0
     renewed_after: int | None = None
     while True:
@@ -182,6 +204,8 @@ def _iterate(
                     read_ahead=extraction.options.read_ahead,
                     stream_rows=extraction.options.stream_rows,
                 ):
+                    if watch is not None:  # before the chunk is handed out (see Extraction._run_session)
+                        watch.check(read.chunk_index)
                     index = read.chunk_index + 1
                     after = query.end if plan.pages is not None else (read.last_key or after)
                     if not done.location:

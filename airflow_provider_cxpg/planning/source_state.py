@@ -1,0 +1,120 @@
+"""What a table source is, as the catalog says now: a run compares it after every chunk it reads.
+
+A run plans once (each column's type, the key's collation) and then reads for minutes or hours,
+while DDL may commit between two of its chunks. A chunk read after such a change is read under the
+new catalog, silently:
+
+* ``ALTER COLUMN … TYPE`` (a migration): connectorx decodes the new type and the worker casts it to
+  the planned one where Arrow can (decimal to string is a "safe" cast): values altered, run green;
+* ``ALTER COLUMN … COLLATE`` on a key: later chunks page in another order, and the keys between the
+  two orders were skipped;
+* under an exported snapshot, ``TRUNCATE`` and the rewriting forms of ``ALTER TABLE`` are not
+  MVCC-safe: the snapshot sees the new files empty and the rest of the run read nothing (a
+  partition detached mid-run went missing the same way).
+
+So the planner records, on its own connection (inside the snapshot when there is one), the relation
+the name resolves to, the type, modifier and collation of every column the run reads, and, for a
+snapshot run, the storage (``relfilenode``) of the relation and of every partition or child below
+it (one created or attached since is no change: the snapshot sees in it only rows it could see).
+After every chunk read the run reads the same again on a connection of its own, which sees the
+latest catalog, and stops before it keeps that chunk when anything differs
+(:class:`~airflow_provider_cxpg.exceptions.SourceChangedError`). A read and a DDL statement that
+conflicts with it exclude each other (the read holds ``ACCESS SHARE`` on the table until it ends), so
+a change that reached a read has committed before the check after it.
+
+``VACUUM FULL`` and ``CLUSTER`` give a table new storage too but keep its row versions, so a
+snapshot still sees them; a snapshot run stops on them anyway (loud, and its retry resumes). Runs
+without a snapshot do not compare storage: keyset reads page a rewritten table exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["SourceState", "read_source_state", "source_changes"]
+
+_STATE_SQL = """
+WITH RECURSIVE rel(oid) AS (SELECT to_regclass(%(name)s)::oid),
+tree(oid) AS (
+    SELECT oid FROM rel WHERE oid IS NOT NULL
+  UNION
+    SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent = t.oid
+)
+SELECT (SELECT oid FROM rel),
+       (SELECT coalesce(array_agg(ARRAY[a.attname::text, a.atttypid::text, a.atttypmod::text,
+                                        a.attcollation::text, format_type(a.atttypid, a.atttypmod),
+                                        coalesce(co.collname::text, '')] ORDER BY a.attname), '{}')
+          FROM pg_catalog.pg_attribute a
+          LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
+         WHERE a.attrelid = (SELECT oid FROM rel) AND a.attnum > 0 AND NOT a.attisdropped
+           AND a.attname = ANY(%(columns)s::text[])),
+       (SELECT coalesce(array_agg(ARRAY[c.oid::text, c.relfilenode::text, c.relname::text] ORDER BY c.oid), '{}')
+          FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.oid)
+"""
+
+
+@dataclass(frozen=True)
+class SourceState:
+    """A table source as the catalog describes it (see the module docstring).
+
+    :param name: the qualified name the run reads (``"public"."orders"``).
+    :param oid: the relation it resolves to (None: none).
+    :param columns: ``(name, type oid, modifier, collation oid, type as SQL, collation name)`` of each
+        column read, by name.
+    :param storage: ``(oid, relfilenode, name)`` of the relation and every partition or child.
+    """
+
+    name: str
+    oid: int | None
+    columns: tuple[tuple[str, ...], ...]
+    storage: tuple[tuple[str, ...], ...]
+
+
+def read_source_state(conn: Any, name: str, columns: Sequence[str]) -> SourceState:
+    """The state of the relation ``name`` (qualified) and of ``columns``, in ``conn``'s view of the catalog."""
+    row = conn.execute(_STATE_SQL, {"name": name, "columns": list(columns)}).fetchone()
+    oid, attributes, storage = row if row is not None else (None, [], [])
+    return SourceState(
+        name=name,
+        oid=None if oid is None else int(oid),
+        columns=tuple(tuple(a) for a in attributes or ()),
+        storage=tuple(tuple(s) for s in storage or ()),
+    )
+
+
+def source_changes(planned: SourceState, now: SourceState, *, storage: bool) -> list[str]:
+    """What differs between ``planned`` and ``now``, one line each (empty: nothing that matters).
+
+    :param storage: compare the storage too (a run inside one snapshot).
+    """
+    if now.oid != planned.oid:
+        if now.oid is None:
+            return [f"{planned.name} no longer exists"]
+        return [f"{planned.name} is now another relation (OID {now.oid}, was {planned.oid}): dropped and created again"]
+    changes: list[str] = []
+    was = {c[0]: c for c in planned.columns}
+    is_ = {c[0]: c for c in now.columns}
+    for column, before in was.items():
+        after = is_.get(column)
+        if after is None:
+            changes.append(f"column {column!r} is gone")
+        elif after[1:3] != before[1:3]:
+            changes.append(f"column {column!r} is now {after[4]} (was {before[4]})")
+        elif after[3] != before[3]:
+            changes.append(f"column {column!r} now has collation {after[5] or 'none'} (was {before[5] or 'none'})")
+    if storage and now.storage != planned.storage:
+        old = {s[0]: s for s in planned.storage}
+        new = {s[0]: s for s in now.storage}
+        # A partition created or attached since is left alone: the snapshot sees in it only rows it
+        # could see anyway, and partition maintenance (pg_partman's premade partitions) creates them.
+        for oid in sorted(old):
+            if oid not in new:
+                changes.append(f"{old[oid][2]} is no longer part of it (detached or dropped)")
+            elif old[oid][1] != new[oid][1]:
+                changes.append(
+                    f"{new[oid][2]} got new storage (TRUNCATE, a rewriting ALTER TABLE, VACUUM FULL or CLUSTER), "
+                    "which the run's snapshot may see empty"
+                )
+    return changes

@@ -1,0 +1,148 @@
+"""DDL that commits between two chunks of a run: the run stops before it keeps a chunk read after it.
+
+Each test starts a run whose chunks are slowed by the server (``pg_sleep`` in ``where``), commits a
+migration on another connection once the first chunk is committed, and checks that the run fails
+with :class:`SourceChangedError` instead of writing values, an order or a snapshot it did not plan
+for, that nothing it kept came from after the change, and that a retry ends exact.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from airflow_provider_cxpg.exceptions import SourceChangedError
+from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+from tests.helpers import PgInfo, assert_nothing_left, manifest_of, read_output
+
+pytestmark = pytest.mark.integration
+
+FAST = {"heartbeat_interval": 0.2, "heartbeat_timeout": 5.0, "cancel_grace": 2.0, "kill_grace": 2.0}
+SLOW_CHUNKS = "(SELECT pg_sleep(0.2)) IS NOT NULL"
+
+
+class AfterFirstChunk(threading.Thread):
+    """Commits ``statements`` on its own connection once the run's manifest lists a chunk."""
+
+    def __init__(self, pg: PgInfo, destination: Path, statements: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.pg, self.destination, self.statements = pg, destination, statements
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if json.loads((self.destination / "_manifest.json").read_text())["chunks"]:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.01)
+        with psycopg.connect(self.pg.dsn, autocommit=True) as conn:
+            with conn.transaction():
+                for statement in self.statements:
+                    conn.execute(statement)
+        self.done.set()
+
+
+def _extract(conn_id: str, destination: Path, table: str, **kwargs: Any) -> Any:
+    return ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+        destination=str(destination), table=table, chunk_rows=4, where=SLOW_CHUNKS, **FAST, **kwargs
+    )
+
+
+def test_a_column_whose_type_changes_mid_run_is_not_written_as_the_old_type(
+    pg: PgInfo, conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """text -> numeric mid-run: connectorx then decodes decimals, which Arrow would have cast to strings."""
+    table = f'"{schema}".migrating'
+    admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text NOT NULL)")
+    admin.execute(f"INSERT INTO {table} SELECT g, '0.12345678901234567890123' FROM generate_series(1, 20) g")
+    migration = AfterFirstChunk(pg, out_dir, [f"ALTER TABLE {table} ALTER COLUMN v TYPE numeric USING v::numeric"])
+    migration.start()
+    with pytest.raises(SourceChangedError, match=r"column 'v' is now numeric \(was text\)"):
+        _extract(conn_id, out_dir, table)
+    assert migration.done.wait(30)
+    kept = read_output(out_dir)
+    assert set(kept.column("v").to_pylist()) <= {"0.12345678901234567890123"}  # only chunks read before it
+    assert manifest_of(out_dir)["status"] == "failed"
+    retried = _extract(conn_id, out_dir, table)
+    assert retried.resumed_from_chunk is None and retried.rows == 20  # the columns changed: it starts over
+    assert_nothing_left(admin)
+
+
+def test_a_table_truncated_and_reloaded_under_the_runs_snapshot_is_not_read_as_empty(
+    pg: PgInfo, conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """TRUNCATE is not MVCC-safe: the snapshot would see the new, empty storage and end the run short, green."""
+    table = f'"{schema}".reloaded'
+    admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int NOT NULL)")
+    admin.execute(f"INSERT INTO {table} SELECT g, g FROM generate_series(1, 30) g")
+    reload = AfterFirstChunk(
+        pg, out_dir, [f"TRUNCATE {table}", f"INSERT INTO {table} SELECT g, g FROM generate_series(1, 30) g"]
+    )
+    reload.start()
+    with pytest.raises(SourceChangedError, match="got new storage"):
+        _extract(conn_id, out_dir, table, snapshot=True)
+    assert reload.done.wait(30)
+    retried = _extract(conn_id, out_dir, table, snapshot=True)
+    assert sorted(read_output(out_dir).column("id").to_pylist()) == list(range(1, 31))
+    assert retried.resumed_from_chunk is not None  # same columns: it resumes, in a new snapshot
+    assert_nothing_left(admin)
+
+
+def test_a_key_whose_collation_changes_mid_run_stops_the_run(
+    pg: PgInfo, conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """Later chunks would page in another order, skipping the keys between the two orders."""
+    table = f'"{schema}".collated'
+    admin.execute(f'CREATE TABLE {table} (k text COLLATE "C" PRIMARY KEY)')
+    admin.execute(f"INSERT INTO {table} SELECT chr(64 + g) FROM generate_series(1, 26) g")
+    change = AfterFirstChunk(pg, out_dir, [f'ALTER TABLE {table} ALTER COLUMN k TYPE text COLLATE "POSIX"'])
+    change.start()
+    with pytest.raises(SourceChangedError, match="column 'k' now has collation POSIX"):
+        _extract(conn_id, out_dir, table)
+    assert change.done.wait(30)
+    _extract(conn_id, out_dir, table)
+    assert sorted(read_output(out_dir).column("k").to_pylist()) == [chr(64 + g) for g in range(1, 27)]
+    assert_nothing_left(admin)
+
+
+def test_a_rewrite_of_a_table_read_without_a_snapshot_goes_on(
+    pg: PgInfo, conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """Keyset reads page a rewritten table exactly: VACUUM FULL is no reason to stop a run without a snapshot."""
+    table = f'"{schema}".vacuumed'
+    admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int NOT NULL)")
+    admin.execute(f"INSERT INTO {table} SELECT g, g FROM generate_series(1, 20) g")
+    rewrite = AfterFirstChunk(pg, out_dir, [f"ALTER TABLE {table} ADD COLUMN z float8 DEFAULT random()"])
+    rewrite.start()
+    result = _extract(conn_id, out_dir, table, columns=["id", "v"])
+    assert rewrite.done.wait(30)
+    assert result.rows == 20 and sorted(read_output(out_dir).column("id").to_pylist()) == list(range(1, 21))
+    assert_nothing_left(admin)
+
+
+def test_iter_chunks_stops_before_it_hands_out_a_chunk_read_after_a_change(
+    conn_id: str, admin: psycopg.Connection, schema: str
+) -> None:
+    table = f'"{schema}".iterated'
+    admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text NOT NULL)")
+    admin.execute(f"INSERT INTO {table} SELECT g, '1.5' FROM generate_series(1, 20) g")
+    chunks = ConnectorXPostgresHook(postgres_conn_id=conn_id).iter_chunks(
+        table=table, chunk_rows=4, where=SLOW_CHUNKS, **FAST
+    )
+    seen: list[Any] = []
+    with pytest.raises(SourceChangedError, match="column 'v' is now numeric"):
+        for chunk in chunks:
+            seen.extend(chunk.column("v").to_pylist())
+            if len(seen) == 4:  # a migration commits while the consumer holds the first chunk
+                admin.execute(f"ALTER TABLE {table} ALTER COLUMN v TYPE numeric USING v::numeric")
+    assert set(seen) == {"1.5"} and len(seen) < 20
+    assert_nothing_left(admin)

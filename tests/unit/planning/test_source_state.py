@@ -1,0 +1,45 @@
+"""What counts as a change of the source between two chunks (the comparison; the catalog query is tested live)."""
+
+from __future__ import annotations
+
+from airflow_provider_cxpg.planning.source_state import SourceState, source_changes
+
+_TEXT = ("v", "25", "-1", "100", "text", "default")
+_KEY = ("k", "25", "-1", "950", "text", "C")
+
+
+def _state(oid: int | None = 10, columns: tuple[tuple[str, ...], ...] = (_KEY, _TEXT), storage=(("10", "5000", "t"),)):
+    return SourceState('"public"."t"', oid, columns, storage)
+
+
+def test_nothing_changed_is_no_change() -> None:
+    assert source_changes(_state(), _state(), storage=True) == []
+
+
+def test_another_relation_or_none_under_the_name() -> None:
+    assert "no longer exists" in source_changes(_state(), _state(oid=None), storage=False)[0]
+    assert "dropped and created again" in source_changes(_state(), _state(oid=11), storage=False)[0]
+
+
+def test_a_type_a_modifier_or_a_collation_that_changed_is_named() -> None:
+    numeric = ("v", "1700", "-1", "0", "numeric", "")
+    assert source_changes(_state(), _state(columns=(_KEY, numeric)), storage=False) == [
+        "column 'v' is now numeric (was text)"
+    ]
+    posix = ("k", "25", "-1", "951", "text", "POSIX")
+    assert source_changes(_state(), _state(columns=(posix, _TEXT)), storage=False) == [
+        "column 'k' now has collation POSIX (was C)"
+    ]
+    assert source_changes(_state(), _state(columns=(_KEY,)), storage=False) == ["column 'v' is gone"]
+
+
+def test_storage_counts_only_inside_a_snapshot() -> None:
+    rewritten = _state(storage=(("10", "5001", "t"),))
+    assert source_changes(_state(), rewritten, storage=False) == []
+    assert "got new storage" in source_changes(_state(), rewritten, storage=True)[0]
+    detached = _state(storage=(("10", "0", "t"), ("12", "6000", "t_2024")))
+    partitioned = _state(storage=(("10", "0", "t"), ("12", "6000", "t_2024"), ("13", "6001", "t_2025")))
+    assert source_changes(partitioned, detached, storage=True) == [
+        "t_2025 is no longer part of it (detached or dropped)"
+    ]
+    assert source_changes(detached, partitioned, storage=True) == []  # a premade partition: nothing it could miss
