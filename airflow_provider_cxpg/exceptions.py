@@ -36,6 +36,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "STORE_UNANSWERED",
     "ConnectionConfigError",
     "CxpgError",
     "DataIntegrityError",
@@ -62,6 +63,14 @@ __all__ = [
     "WorkerError",
     "WorkerStartError",
 ]
+
+
+#: How a storage deadline's error ends. A store that stops answering and one that keeps failing look
+#: alike from here: its client (botocore, s3fs) retries 503 SlowDown and the like until the deadline.
+STORE_UNANSWERED = (
+    "the store did not answer, or kept failing the request (its client retries errors such as 503 SlowDown "
+    "until the deadline)"
+)
 
 
 def _rebuild(cls: type[CxpgError], message: str, details: dict[str, Any]) -> CxpgError:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from airflow_provider_cxpg.bounded import CallRaised, CallStopped, CallTimedOut, SerialCalls
 from airflow_provider_cxpg.durations import DEFAULT_STORAGE_TIMEOUT
-from airflow_provider_cxpg.exceptions import ExtractionAborted, InvalidInputError, StorageError
+from airflow_provider_cxpg.exceptions import STORE_UNANSWERED, ExtractionAborted, InvalidInputError, StorageError
 from airflow_provider_cxpg.worker.protocol import OBJECT_STORES
 
 __all__ = ["Destination"]
@@ -161,7 +161,7 @@ class Destination:
                 detail = (
                     f"{what} did not finish within "
                     + (f"storage_timeout={limit}s" if limit == self.timeout else f"{limit}s")
-                    + ": the store is not answering"
+                    + f": {STORE_UNANSWERED}"
                 )
             raise StorageError(detail, operation=operation, destination=self.url, limit="storage_timeout") from None
         except CallRaised as raised:  # the call's own error; one raised into this wait (a timeout) goes on as it is

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from airflow_provider_cxpg.bounded import CallRaised, CallTimedOut, SerialCalls
 from airflow_provider_cxpg.conninfo import Redactor
-from airflow_provider_cxpg.exceptions import CxpgError, InvalidInputError, StorageError
+from airflow_provider_cxpg.exceptions import STORE_UNANSWERED, CxpgError, InvalidInputError, StorageError
 
 __all__ = ["StagedFile", "TableCalls", "has_unsigned_integers", "new_columns_or_refuse"]
 
@@ -87,7 +87,7 @@ class TableCalls:
         *,
         timeout: float | None,
         secrets: Callable[[], Iterable[str]],
-        unanswered: str = "the store is not answering",
+        unanswered: str = STORE_UNANSWERED,
     ) -> None:
         self._calls = SerialCalls(name)
         self.target = target

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from airflow_provider_cxpg.exceptions import (
+    STORE_UNANSWERED,
     HeartbeatLostError,
     JobTimeoutError,
     QueryTimeoutError,
@@ -156,7 +157,7 @@ class Watchdog:
             operation=operation,
         )
         raise StorageError(
-            f"{operation} has not returned after {elapsed:.1f}s (storage_timeout={limit}s): the store is not answering",
+            f"{operation} has not returned after {elapsed:.1f}s (storage_timeout={limit}s): {STORE_UNANSWERED}",
             operation=operation,
             limit="storage_timeout",
         )

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from airflow_provider_cxpg.bounded import CallTimedOut, SerialCalls
-from airflow_provider_cxpg.exceptions import StorageError
+from airflow_provider_cxpg.exceptions import STORE_UNANSWERED, StorageError
 from airflow_provider_cxpg.worker.protocol import OBJECT_STORES, IpcSink, ParquetSink
 
 __all__ = ["STORAGE", "ChunkWriter", "open_writer", "set_storage_timeout"]
@@ -262,7 +262,7 @@ def _bounded(operation: str, sink: ParquetSink | IpcSink, fn: Callable[[], Any])
         detail = (
             f"{what} was not attempted: {exc.earlier} never returned"
             if exc.earlier
-            else f"{what} did not finish within storage_timeout={_timeout[0]}s: the store is not answering"
+            else f"{what} did not finish within storage_timeout={_timeout[0]}s: {STORE_UNANSWERED}"
         )
         raise StorageError(detail, operation=operation, destination=_describe(sink), limit="storage_timeout") from None
 
