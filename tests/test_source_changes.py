@@ -146,3 +146,96 @@ def test_iter_chunks_stops_before_it_hands_out_a_chunk_read_after_a_change(
                 admin.execute(f"ALTER TABLE {table} ALTER COLUMN v TYPE numeric USING v::numeric")
     assert set(seen) == {"1.5"} and len(seen) < 20
     assert_nothing_left(admin)
+
+
+def test_a_view_whose_table_is_truncated_under_the_runs_snapshot_stops_the_run(
+    pg: PgInfo, conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """A view has no storage of its own: the tables it reads are watched."""
+    base, view = f'"{schema}".viewed_base', f'"{schema}".viewed'
+    admin.execute(f"CREATE TABLE {base} (id int PRIMARY KEY, v int NOT NULL)")
+    admin.execute(f"INSERT INTO {base} SELECT g, g FROM generate_series(1, 30) g")
+    admin.execute(f"CREATE VIEW {view} AS SELECT id, v FROM {base}")
+    reload = AfterFirstChunk(
+        pg, out_dir, [f"TRUNCATE {base}", f"INSERT INTO {base} SELECT g, g FROM generate_series(1, 30) g"]
+    )
+    reload.start()
+    with pytest.raises(SourceChangedError, match="viewed_base got new storage"):
+        _extract(conn_id, out_dir, view, key_columns=["id"], snapshot=True)
+    assert reload.done.wait(30)
+    assert_nothing_left(admin)
+
+
+def test_a_watermark_column_not_in_the_output_is_watched_too(
+    pg: PgInfo, conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """The window's filter compares it: a new type (timestamp -> timestamptz) moves which rows it holds."""
+    from airflow_provider_cxpg.planning.incremental import WatermarkSpec
+
+    table = f'"{schema}".stamped'
+    admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, ts timestamp NOT NULL)")
+    admin.execute(
+        f"INSERT INTO {table} SELECT g, '2024-01-01'::timestamp + g * interval '1 h' FROM generate_series(1, 20) g"
+    )
+    migration = AfterFirstChunk(pg, out_dir, [f"ALTER TABLE {table} ALTER COLUMN ts TYPE timestamptz"])
+    migration.start()
+    with pytest.raises(SourceChangedError, match="column 'ts' is now timestamp with time zone"):
+        _extract(
+            conn_id, out_dir, table, columns=["id"], watermark=WatermarkSpec("ts", start="2023-12-31", one_off=True)
+        )
+    assert migration.done.wait(30)
+    assert_nothing_left(admin)
+
+
+def test_a_column_swapped_for_a_new_one_under_the_runs_snapshot_stops_the_run(
+    pg: PgInfo, conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """Add, fill, drop the old one, rename: the snapshot's row versions hold no value for the new column."""
+    table = f'"{schema}".swapped'
+    admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int NOT NULL)")
+    admin.execute(f"INSERT INTO {table} SELECT g, g FROM generate_series(1, 24) g")
+    swap = AfterFirstChunk(
+        pg,
+        out_dir,
+        [
+            f"ALTER TABLE {table} ADD COLUMN v2 int",
+            f"UPDATE {table} SET v2 = v",
+            f"ALTER TABLE {table} DROP COLUMN v",
+            f"ALTER TABLE {table} RENAME COLUMN v2 TO v",
+        ],
+    )
+    swap.start()
+    with pytest.raises(SourceChangedError, match="column 'v' is another column now"):
+        _extract(conn_id, out_dir, table, snapshot=True)
+    assert swap.done.wait(30)
+    assert None not in read_output(out_dir).column("v").to_pylist()
+    assert_nothing_left(admin)
+
+
+def test_a_server_that_ends_idle_sessions_between_chunks_does_not_fail_the_check(
+    pg: PgInfo, admin: psycopg.Connection, schema: str, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """idle_session_timeout shorter than a chunk: the check's connection is replaced once, not given up on."""
+    import uuid
+
+    role = f"idle_{uuid.uuid4().hex[:8]}"
+    table = f'"{schema}".idled'
+    admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' SUPERUSER")
+    admin.execute(f"ALTER ROLE {role} SET idle_session_timeout = '700ms'")
+    try:
+        admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+        admin.execute(f"INSERT INTO {table} SELECT generate_series(1, 12)")
+        conn_id = f"cxpg_{role}"
+        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", pg.airflow_conn_json(login=role, password="pw"))
+        result = ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+            destination=str(out_dir),
+            table=table,
+            chunk_rows=4,
+            where="(SELECT pg_sleep(1.2)) IS NOT NULL",
+            monitor_interval=30.0,
+            **FAST,
+        )
+        assert result.rows == 12
+    finally:
+        admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+        admin.execute(f"DROP ROLE IF EXISTS {role}")

@@ -659,6 +659,19 @@ def test_column_casts_keep_the_type_modifier_asked_for(
     assert_nothing_left(admin)
 
 
+def test_column_casts_to_a_domain_keep_its_checks(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """A result column reports a domain's base type: the cast must name the domain, or its CHECK is skipped."""
+    table = f'"{schema}".checked'
+    admin.execute(f'CREATE DOMAIN "{schema}".posint AS int CHECK (VALUE > 0)')
+    admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, n text)")
+    admin.execute(f"INSERT INTO {table} VALUES (1, '5'), (2, '-1')")
+    with pytest.raises(CxpgError, match="posint"):
+        hook.extract(destination=str(out_dir), table=table, column_casts={"n": f"{schema}.posint"}, chunk_rows=1)
+    assert_nothing_left(admin)
+
+
 def test_column_casts_to_an_unknown_type_or_on_the_key_is_rejected(
     hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, out_dir: Path
 ) -> None:

@@ -15,18 +15,27 @@ validator once the dataset is proven complete; its ranges emit none.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 from urllib.parse import quote
 
+from airflow_provider_cxpg.exceptions import InvalidInputError
+from airflow_provider_cxpg.output.destination import local_path
 from airflow_provider_cxpg.version_compat import AIRFLOW_V_3_0_PLUS
 
 __all__ = ["asset_uri", "record_asset_event", "stable_asset"]
 
 
 def asset_uri(destination: str) -> str:
-    """A destination as an asset URI: URLs as they are, local paths as ``file://`` URLs."""
+    """A destination as an asset URI: URLs as they are, local paths as ``file://`` URLs.
+
+    ``file:/p``, ``file://localhost/p`` and ``/p`` are one folder, so one asset: ``file:///p``.
+    """
     destination = destination.rstrip("/") or "/"
+    if destination.startswith("file:"):
+        with contextlib.suppress(InvalidInputError):  # a bad one is refused when the task runs, not here
+            destination = local_path(destination)
     if "://" in destination:
         return destination
     return "file://" + quote(os.path.abspath(destination))

@@ -408,13 +408,20 @@ class PostgresExtractOperator(BaseOperator):
         record = parent.read_json(DATASET_MANIFEST) if parent is not None else None
         if parent is None or record is None:
             return
-        if destination.name in planned_range_dirs(record):
+        if destination.name not in planned_range_dirs(record):
+            return
+        if record.get("window"):
             raise InvalidInputError(
-                f"{destination.url} is a range of the partition plan at {parent.url}, which was planned without "
-                f"a watermark: give PostgresPartitionPlanOperator watermark_column={self.watermark_column!r} "
-                "too, so that every range reads the one window it fixes (a window per range follows that "
-                "range's bounds, which the next plan moves, and rows between the old and new bounds were missed)"
+                f"{destination.url} is a range of the partition plan at {parent.url}, which fixed a window for "
+                "every range: map the planner's output (each range gets its watermark_window) instead of "
+                "giving the range a watermark_column of its own"
             )
+        raise InvalidInputError(
+            f"{destination.url} is a range of the partition plan at {parent.url}, which was planned without "
+            f"a watermark: give PostgresPartitionPlanOperator watermark_column={self.watermark_column!r} "
+            "too, so that every range reads the one window it fixes (a window per range follows that "
+            "range's bounds, which the next plan moves, and rows between the old and new bounds were missed)"
+        )
 
     def _destination(self) -> Any:
         return self._location(self.destination)

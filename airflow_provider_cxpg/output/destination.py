@@ -26,7 +26,7 @@ from airflow_provider_cxpg.durations import DEFAULT_STORAGE_TIMEOUT
 from airflow_provider_cxpg.exceptions import STORE_UNANSWERED, ExtractionAborted, InvalidInputError, StorageError
 from airflow_provider_cxpg.worker.protocol import OBJECT_STORES
 
-__all__ = ["Destination"]
+__all__ = ["DamagedFile", "Destination", "local_path"]
 
 T = TypeVar("T")
 
@@ -73,7 +73,7 @@ class Destination:
         self.storage_options = {**options, **(storage_options or {})}
         self.is_local = "://" not in url or url.startswith("file://")
         if self.is_local:
-            self.root = os.path.abspath(os.path.expanduser(_local_path(url)))
+            self.root = os.path.abspath(os.path.expanduser(local_path(url)))
             self.url = self.root
             self._fs: Any = None
         else:
@@ -356,15 +356,19 @@ class Destination:
             size = os.path.getsize(path) if self.is_local else int(self._fs.size(path))
             tail = self._read_range(name, max(0, size - _FOOTER_GUESS), size)
             if len(tail) < 12 or tail[-4:] != b"PAR1":
-                raise ValueError(f"not a Parquet file ({size} bytes, no footer)")
+                raise DamagedFile(f"not a Parquet file ({size} bytes, no footer)")
             length = int.from_bytes(tail[-8:-4], "little")
             if length + 12 > size:
-                raise ValueError(f"not a Parquet file (a footer of {length} bytes in {size})")
+                raise DamagedFile(f"not a Parquet file (a footer of {length} bytes in {size})")
             if length + 8 > len(tail):
                 tail = self._read_range(name, size - length - 8, size)
-            # The footer alone, framed as a file: the data pages are never read.
-            meta = pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-(length + 8) :]))
-            pairs = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if not k.startswith(b"ARROW:")}
+            try:  # the footer alone, framed as a file: the data pages are never read
+                meta = pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-(length + 8) :]))
+                pairs = {
+                    k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if not k.startswith(b"ARROW:")
+                }
+            except Exception as exc:  # bytes that were read but do not parse (pyarrow says OSError for some)
+                raise DamagedFile(f"not a Parquet file (its footer does not parse: {exc})") from exc
             return int(meta.num_rows), pairs
 
         return self._bounded(f"reading the footer of {name}", footer)
@@ -385,7 +389,11 @@ class Destination:
         return bytes(self._fs.cat_file(path, start=start, end=end))
 
 
-def _local_path(url: str) -> str:
+class DamagedFile(ValueError):
+    """The bytes of a file were read and are not what they should be (the store answered)."""
+
+
+def local_path(url: str) -> str:
     """The path a local destination names: a plain path, ``file:///p``, ``file://localhost/p`` or ``file:/p``.
 
     ``file:/p`` (Spark's and Hadoop's form) has no ``//``: taken as a plain path it was a folder

@@ -17,7 +17,7 @@ range.
 from __future__ import annotations
 
 from airflow_provider_cxpg.exceptions import StorageError
-from airflow_provider_cxpg.output.destination import Destination
+from airflow_provider_cxpg.output.destination import DamagedFile, Destination
 from airflow_provider_cxpg.output.manifest import Manifest
 
 __all__ = ["FOOTER_CHUNK", "FOOTER_RUN_ID", "check_output", "output_problems"]
@@ -65,7 +65,9 @@ def _damaged(error: StorageError) -> bool:
     A retry that took one refused read for damage started over, deleting every committed chunk.
     """
     cause = error.__cause__
-    return isinstance(cause, (ValueError, FileNotFoundError))  # pyarrow's ArrowInvalid is a ValueError
+    # Classified by where it failed, not by the exception's class: pyarrow reports some unparsable
+    # footers as OSError, as a store's client reports a refused read.
+    return isinstance(cause, (DamagedFile, FileNotFoundError, IsADirectoryError, NotADirectoryError))
 
 
 def check_output(destination: Destination, manifest: Manifest) -> None:

@@ -374,11 +374,16 @@ def _resolve_cast(conn: Any, type_name: str) -> str:
     ``to_regtype`` checks the name whole (nothing but a type name passes) but drops the modifier,
     and ``format_type(oid, NULL)`` of ``bpchar`` or ``bit`` is ``character`` / ``bit``, which mean
     ``char(1)`` / ``bit(1)``: ``char(6)`` read ``'ABCDEF'`` as ``'A'``. The modifier comes from the
-    server's own parse of a cast to it instead, and ``format_type`` of ``-1`` names no length.
+    server's own parse of a cast to it instead, and ``format_type`` of ``-1`` names no length. A
+    domain is kept as named (a result column would report its base type, and the cast its CHECKs).
     """
-    row = conn.execute("SELECT to_regtype(%s)", (type_name,)).fetchone()
+    row = conn.execute(
+        "SELECT t.oid, t.typtype FROM pg_catalog.pg_type t WHERE t.oid = to_regtype(%s)", (type_name,)
+    ).fetchone()
     if row is None or row[0] is None:
         raise InvalidInputError(f"column_casts: {type_name!r} is not a known type")
+    if row[1] == "d":  # a domain takes no modifier, and a result column reports its base type: keep its CHECKs
+        return str(conn.execute("SELECT format_type(%s::oid, -1)", (row[0],)).fetchone()[0])
     ((_, oid, typmod),) = describe_query(conn, f"SELECT NULL::{type_name}")
     named = conn.execute("SELECT format_type(%s::oid, %s::int)", (oid, typmod)).fetchone()
     return str(named[0])

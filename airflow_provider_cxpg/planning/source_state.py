@@ -13,18 +13,21 @@ new catalog, silently:
   partition detached mid-run went missing the same way).
 
 So the planner records, on its own connection (inside the snapshot when there is one), the relation
-the name resolves to, the type, modifier and collation of every column the run reads, and, for a
-snapshot run, the storage (``relfilenode``) of the relation and of every partition or child below
-it (one created or attached since is no change: the snapshot sees in it only rows it could see).
-After every chunk read the run reads the same again on a connection of its own, which sees the
-latest catalog, and stops before it keeps that chunk when anything differs
+the name resolves to, the type, modifier and collation of every column the run reads or filters by
+(the key, the watermark), and, for a snapshot run, each column's number and the storage
+(``relfilenode``) of the relation and of every relation whose rows it returns: partitions and
+children, and the tables a view reads (one created or attached since is no change: the snapshot
+sees in it only rows it could see).
+After every chunk read the run reads the same again on its worker session's monitor connection
+(autocommit, outside any snapshot: the latest catalog), and stops before it keeps that chunk when anything differs
 (:class:`~airflow_provider_cxpg.exceptions.SourceChangedError`). A read and a DDL statement that
 conflicts with it exclude each other (the read holds ``ACCESS SHARE`` on the table until it ends), so
 a change that reached a read has committed before the check after it.
 
-``VACUUM FULL`` and ``CLUSTER`` give a table new storage too but keep its row versions, so a
-snapshot still sees them; a snapshot run stops on them anyway (loud, and its retry resumes). Runs
-without a snapshot do not compare storage: keyset reads page a rewritten table exactly.
+``VACUUM FULL``, ``CLUSTER`` and ``SET TABLESPACE`` give a table new storage too but keep its row
+versions, so a snapshot still sees them; a snapshot run stops on them anyway (loud, and its retry
+resumes). Runs without a snapshot do not compare storage: keyset reads page a rewritten table
+exactly. A ``varchar`` given another length is no change (no value read changes).
 """
 
 from __future__ import annotations
@@ -35,17 +38,31 @@ from typing import Any
 
 __all__ = ["SourceState", "read_source_state", "source_changes"]
 
+#: ``character varying``: a new length changes no value read (a shorter one is refused while a value
+#: does not fit), so a migration that widens one is no reason to stop a run.
+_VARCHAR = "1043"
+
+#: The relation, the columns, and every relation whose rows it returns: partitions and inheritance
+#: children, and the relations a view reads (its rewrite rule's dependencies), all levels down.
 _STATE_SQL = """
 WITH RECURSIVE rel(oid) AS (SELECT to_regclass(%(name)s)::oid),
 tree(oid) AS (
     SELECT oid FROM rel WHERE oid IS NOT NULL
   UNION
-    SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent = t.oid
+    SELECT below.oid FROM tree t, LATERAL (
+        SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = t.oid
+      UNION ALL
+        SELECT d.refobjid FROM pg_catalog.pg_rewrite r
+        JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid
+         AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> t.oid
+        WHERE r.ev_class = t.oid  -- a view's: a materialized view holds rows of its own until REFRESH
+          AND (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = t.oid) = 'v'
+    ) below(oid)
 )
 SELECT (SELECT oid FROM rel),
        (SELECT coalesce(array_agg(ARRAY[a.attname::text, a.atttypid::text, a.atttypmod::text,
                                         a.attcollation::text, format_type(a.atttypid, a.atttypmod),
-                                        coalesce(co.collname::text, '')] ORDER BY a.attname), '{}')
+                                        coalesce(co.collname::text, ''), a.attnum::text] ORDER BY a.attname), '{}')
           FROM pg_catalog.pg_attribute a
           LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
          WHERE a.attrelid = (SELECT oid FROM rel) AND a.attnum > 0 AND NOT a.attisdropped
@@ -61,8 +78,8 @@ class SourceState:
 
     :param name: the qualified name the run reads (``"public"."orders"``).
     :param oid: the relation it resolves to (None: none).
-    :param columns: ``(name, type oid, modifier, collation oid, type as SQL, collation name)`` of each
-        column read, by name.
+    :param columns: ``(name, type oid, modifier, collation oid, type as SQL, collation name, attnum)`` of
+        each column watched (read, key, watermark), by name.
     :param storage: ``(oid, relfilenode, name)`` of the relation and every partition or child.
     """
 
@@ -100,10 +117,14 @@ def source_changes(planned: SourceState, now: SourceState, *, storage: bool) -> 
         after = is_.get(column)
         if after is None:
             changes.append(f"column {column!r} is gone")
-        elif after[1:3] != before[1:3]:
+        elif after[1] != before[1] or (after[2] != before[2] and before[1] != _VARCHAR):
             changes.append(f"column {column!r} is now {after[4]} (was {before[4]})")
         elif after[3] != before[3]:
             changes.append(f"column {column!r} now has collation {after[5] or 'none'} (was {before[5] or 'none'})")
+        elif storage and after[6:] != before[6:]:
+            # Another column of the same name and type (added, filled, the old one dropped, renamed):
+            # the snapshot's row versions do not hold it, and read it as NULL.
+            changes.append(f"column {column!r} is another column now (dropped and added again)")
     if storage and now.storage != planned.storage:
         old = {s[0]: s for s in planned.storage}
         new = {s[0]: s for s in now.storage}

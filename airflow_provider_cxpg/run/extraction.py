@@ -102,9 +102,7 @@ class _ControlStatements:
     ``statement_timeout`` answer may never arrive (a gateway that accepts packets and returns nothing).
     """
 
-    def __init__(
-        self, control: ControlConnection, extraction: Extraction, purpose: str, sampler: ActivitySampler | None
-    ):
+    def __init__(self, control: ControlConnection, extraction: Extraction, purpose: str, sampler: ActivitySampler):
         self._control, self._extraction, self._purpose, self._sampler = control, extraction, purpose, sampler
 
     def _aborted(self) -> str | None:
@@ -130,10 +128,6 @@ class _ControlStatements:
     @property
     def info(self) -> Any:
         return self._control.info
-
-    def close(self) -> None:
-        """Close the connection (given up when a statement still runs on it)."""
-        self._control.close(self._extraction.settings.control_timeout)
 
 
 def key_bound(value: Any) -> list[Any] | None:
@@ -530,7 +524,10 @@ class Extraction:
             if plan.pages is None and (self.lower is not None or self.upper is not None):
                 plan = plan.with_key_range(self.lower, self.upper)
             if plan.table is not None:  # inside the run's snapshot, when it has one: what its reads will see
-                self.planned_source = read_source_state(conn, plan.table.qualified_name, [c.name for c in plan.columns])
+                watched = [c.name for c in plan.columns] + [k.name for k in plan.key]
+                if self.watermark is not None and self.watermark.column != "xmin":
+                    watched.append(self.watermark.column)
+                self.planned_source = read_source_state(conn, plan.table.qualified_name, sorted(set(watched)))
         for note in plan.notes:
             self.log.emit("job.plan", note=note)
         self.plan = plan
@@ -858,18 +855,11 @@ class Extraction:
             parent.write_json(DATASET_MANIFEST, again)
             self.log.emit("job.plan", note=f"{parent.url} is incomplete again while {self.destination.name} runs")
 
-    def source_watch(self) -> SourceWatch | None:
+    def source_watch(self, session: WorkerSession) -> SourceWatch | None:
         """The check after every chunk read that the source is still as planned (None: a query source)."""
         if self.planned_source is None:
             return None
-        timeout = self.settings.query_timeout
-        limit_ms = int(timeout * 1000) if timeout is not None else 0
-
-        def connect() -> _ControlStatements:
-            control = self._connect_control(f"{self.application_name}-watch", limit_ms)
-            return _ControlStatements(control, self, "source check", None)
-
-        return SourceWatch(self.planned_source, storage=self.snapshot_id is not None, connect=connect)
+        return SourceWatch(self.planned_source, storage=self.snapshot_id is not None, query=session.monitor.read)
 
     def new_session(self, job_deadline: float | None) -> WorkerSession:
         """A worker session for this run (its application name, deadlines, snapshot, credentials)."""
@@ -893,7 +883,7 @@ class Extraction:
             session.stop(reason="nothing left to read")  # the open-ended last page range is committed
             return
         self._session = session
-        watch = self.source_watch()
+        watch = self.source_watch(session)
         try:
             with session:
                 after = manifest.chunks[-1].last_key if manifest.chunks else None
@@ -942,5 +932,3 @@ class Extraction:
                     self._progress.chunk(manifest.rows)
         finally:
             self._session = None
-            if watch is not None:
-                watch.close()

@@ -29,7 +29,6 @@ from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.run.chunking import chunks_for, pipelined
 from airflow_provider_cxpg.run.extraction import Extraction
 from airflow_provider_cxpg.run.options import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS
-from airflow_provider_cxpg.run.source_watch import SourceWatch
 from airflow_provider_cxpg.supervisor.credentials import is_authentication_failure
 from airflow_provider_cxpg.supervisor.settings import WorkerSettings
 from airflow_provider_cxpg.worker.protocol import IpcSink, ReadChunk
@@ -167,14 +166,7 @@ def _iterate(
         "job.start", source=spec.table or "sql", destination="iter_chunks", chunk_rows=extraction.sizer.chunk_rows
     )
     after: Sequence[Any] | None = lower if plan.pages is not None else None
-    watch = extraction.source_watch()
-    try:
-        yield from _read_chunks(
-            extraction, plan, after, upper, spool, job_deadline, max_worker_restarts, started, watch
-        )
-    finally:
-        if watch is not None:
-            watch.close()
+    yield from _read_chunks(extraction, plan, after, upper, spool, job_deadline, max_worker_restarts, started)
 
 
 def _read_chunks(
@@ -186,13 +178,13 @@ def _read_chunks(
     job_deadline: float | None,
     max_worker_restarts: int,
     started: float,
-    watch: SourceWatch | None,
 ) -> Iterator[pa.Table]:
     index = rows = restarts = 0
     renewed_after: int | None = None
     while True:
         try:
             with extraction.new_session(job_deadline) as session:
+                watch = extraction.source_watch(session)
                 for query, read, done in pipelined(
                     session,
                     plan,

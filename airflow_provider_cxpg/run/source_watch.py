@@ -1,8 +1,9 @@
 """After every chunk a run reads: is its source still what the run planned?
 
-See :mod:`~airflow_provider_cxpg.planning.source_state` for why. The check runs in the parent, on a
-control connection of its own, opened at the first check and held for the run (one small catalog
-query per chunk, ~1 ms), outside the run's snapshot: it must see the latest catalog.
+See :mod:`~airflow_provider_cxpg.planning.source_state` for why. The check is one small catalog
+query per chunk, on the worker session's monitor connection: no connection of its own (a role's
+connection limit, an idle-session timeout between two chunks), autocommit and outside the run's
+snapshot (it must see the latest catalog), under the monitor's deadline.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
+
 from airflow_provider_cxpg.exceptions import SourceChangedError
+from airflow_provider_cxpg.planning.catalog import classify_control_error
 from airflow_provider_cxpg.planning.source_state import SourceState, read_source_state, source_changes
 
 __all__ = ["SourceWatch"]
@@ -21,23 +25,23 @@ class SourceWatch:
 
     :param planned: the state recorded when the run planned.
     :param storage: compare the storage too (the run reads inside one exported snapshot).
-    :param connect: opens the connection for the checks: an object with ``execute(query, params)``
-        (under the run's deadlines) and ``close()``.
+    :param query: runs ``fn(connection)`` on the monitor's connection (``ServerMonitor.read``).
     """
 
-    def __init__(self, planned: SourceState, *, storage: bool, connect: Callable[[], Any]) -> None:
-        self.planned, self.storage, self._connect = planned, storage, connect
-        self._statements: Any = None
+    def __init__(
+        self, planned: SourceState, *, storage: bool, query: Callable[[str, Callable[[Any], Any]], Any]
+    ) -> None:
+        self.planned, self.storage, self._query = planned, storage, query
 
     def check(self, chunk: int) -> None:
         """:raises SourceChangedError: naming what changed; chunk ``chunk`` (read after it) is not kept."""
-        if self._statements is None:
-            self._statements = self._connect()
+        columns = [c[0] for c in self.planned.columns]
         try:
-            now = read_source_state(self._statements, self.planned.name, [c[0] for c in self.planned.columns])
-        except BaseException:
-            self.close()  # a statement may still run: give the connection up, a next check opens another
-            raise
+            now = self._query(
+                "checking the source against the plan", lambda conn: read_source_state(conn, self.planned.name, columns)
+            )
+        except psycopg.Error as exc:
+            raise classify_control_error(exc, "source check") from None
         changes = source_changes(self.planned, now, storage=self.storage)
         if changes:
             raise SourceChangedError(
@@ -46,8 +50,3 @@ class SourceWatch:
                 "columns it reads changed)",
                 changes=changes,
             )
-
-    def close(self) -> None:
-        statements, self._statements = self._statements, None
-        if statements is not None:
-            statements.close()

@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
+
 from airflow_provider_cxpg.bounded import IDLE_SECONDS, CallRaised, CallTimedOut, SerialCalls
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, connect
 from airflow_provider_cxpg.control import ControlConnection
@@ -168,6 +170,20 @@ class ServerMonitor:
                 calls = self._calls
             with contextlib.suppress(CallRaised, CallTimedOut):  # on the monitor's own thread, where it is used
                 calls.call("closing the monitor connection", conn.close, self.call_timeout, wrap_errors=True)
+
+    def read(self, what: str, fn: Callable[[Any], Any]) -> Any:
+        """``fn(connection)`` on the monitor's connection (autocommit: the latest catalog), under ``call_timeout``.
+
+        A connection the server ended since its last use (``idle_session_timeout``, a proxy's idle
+        limit, an administrator) fails the first try; the call is made once more on a new connection.
+
+        :raises ServerConnectionError: the server did not answer within ``call_timeout``.
+        :raises psycopg.Error: the server's own error, on the second try.
+        """
+        try:
+            return self._call(what, fn, raise_errors=True)
+        except psycopg.OperationalError:
+            return self._call(what, fn, raise_errors=True)
 
     def check(self) -> int:
         """Connect now and return the server version: a typo in host or password fails here in

@@ -65,3 +65,26 @@ def test_a_refused_read_is_not_damage_but_a_file_that_is_not_parquet_is(tmp_path
         output_problems(_RefusingReads(str(tmp_path), PermissionError("Access Denied")), manifest)
     problems = output_problems(Destination(str(tmp_path)), manifest)  # ten bytes of x: not Parquet
     assert len(problems) == 1 and "not a readable Parquet file" in problems[0]
+
+
+def test_a_footer_that_does_not_parse_is_damage_whatever_pyarrow_raises(tmp_path: Path) -> None:
+    """pyarrow reports some unparsable footers as OSError, as a store's client reports a refused read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [1, 2, 3]}), tmp_path / chunk_file_name(0))
+    data = bytearray((tmp_path / chunk_file_name(0)).read_bytes())
+    length = int.from_bytes(data[-8:-4], "little")
+    data[-8 - length : -8] = b"\xff" * length  # the footer's bytes garbled, its length and magic intact
+    (tmp_path / chunk_file_name(0)).write_bytes(bytes(data))
+    manifest = Manifest("r1", fingerprint({}), {}, ["id"], [], 10)
+    manifest.chunks.append(ChunkEntry(0, chunk_file_name(0), 3, len(data), [1], [3], 0.1))
+    problems = output_problems(Destination(str(tmp_path)), manifest)
+    assert len(problems) == 1 and "not a readable Parquet file" in problems[0]
+
+
+@pytest.mark.parametrize("form", ["{p}", "file://{p}", "file://localhost{p}", "file:{p}", "{p}/"])
+def test_every_local_form_of_one_folder_is_one_asset(tmp_path: Path, form: str) -> None:
+    from airflow_provider_cxpg.operators.assets import asset_uri
+
+    assert asset_uri(form.format(p=tmp_path / "out")) == f"file://{tmp_path / 'out'}"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from airflow_provider_cxpg.planning.source_state import SourceState, source_changes
 
-_TEXT = ("v", "25", "-1", "100", "text", "default")
-_KEY = ("k", "25", "-1", "950", "text", "C")
+_TEXT = ("v", "25", "-1", "100", "text", "default", "2")
+_KEY = ("k", "25", "-1", "950", "text", "C", "1")
 
 
 def _state(oid: int | None = 10, columns: tuple[tuple[str, ...], ...] = (_KEY, _TEXT), storage=(("10", "5000", "t"),)):
@@ -22,11 +22,11 @@ def test_another_relation_or_none_under_the_name() -> None:
 
 
 def test_a_type_a_modifier_or_a_collation_that_changed_is_named() -> None:
-    numeric = ("v", "1700", "-1", "0", "numeric", "")
+    numeric = ("v", "1700", "-1", "0", "numeric", "", "2")
     assert source_changes(_state(), _state(columns=(_KEY, numeric)), storage=False) == [
         "column 'v' is now numeric (was text)"
     ]
-    posix = ("k", "25", "-1", "951", "text", "POSIX")
+    posix = ("k", "25", "-1", "951", "text", "POSIX", "1")
     assert source_changes(_state(), _state(columns=(posix, _TEXT)), storage=False) == [
         "column 'k' now has collation POSIX (was C)"
     ]
@@ -43,3 +43,23 @@ def test_storage_counts_only_inside_a_snapshot() -> None:
         "t_2025 is no longer part of it (detached or dropped)"
     ]
     assert source_changes(detached, partitioned, storage=True) == []  # a premade partition: nothing it could miss
+
+
+def test_a_wider_varchar_is_no_change_but_a_wider_char_or_numeric_is() -> None:
+    name = ("n", "1043", "14", "100", "character varying(10)", "default", "3")
+    wider = ("n", "1043", "24", "100", "character varying(20)", "default", "3")
+    assert source_changes(_state(columns=(name,)), _state(columns=(wider,)), storage=True) == []
+    char = ("c", "1042", "14", "100", "character(10)", "default", "3")
+    wider_char = ("c", "1042", "24", "100", "character(20)", "default", "3")
+    assert source_changes(_state(columns=(char,)), _state(columns=(wider_char,)), storage=False) == [
+        "column 'c' is now character(20) (was character(10))"
+    ]
+
+
+def test_a_column_swapped_for_another_of_its_name_counts_inside_a_snapshot() -> None:
+    """Added, filled, the old one dropped, renamed: the snapshot's row versions read the new one as NULL."""
+    swapped = ("v", "25", "-1", "100", "text", "default", "5")
+    assert source_changes(_state(), _state(columns=(_KEY, swapped)), storage=False) == []
+    assert source_changes(_state(), _state(columns=(_KEY, swapped)), storage=True) == [
+        "column 'v' is another column now (dropped and added again)"
+    ]
