@@ -239,3 +239,63 @@ def test_a_server_that_ends_idle_sessions_between_chunks_does_not_fail_the_check
     finally:
         admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
         admin.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+def test_a_key_renamed_into_another_columns_place_stops_a_run_without_a_snapshot(
+    pg: PgInfo, conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """Same name, type and collation, another column: keyset paging would go on by other values."""
+    table = f'"{schema}".renamed_keys'
+    admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, id2 int NOT NULL UNIQUE)")
+    admin.execute(f"INSERT INTO {table} SELECT g, 41 - g FROM generate_series(1, 40) g")
+    swap = AfterFirstChunk(
+        pg,
+        out_dir,
+        [
+            f"ALTER TABLE {table} RENAME COLUMN id TO tmp",
+            f"ALTER TABLE {table} RENAME COLUMN id2 TO id",
+            f"ALTER TABLE {table} RENAME COLUMN tmp TO id2",
+        ],
+    )
+    swap.start()
+    with pytest.raises(SourceChangedError, match="column 'id' is another column now"):
+        _extract(conn_id, out_dir, table)
+    assert swap.done.wait(30)
+    assert_nothing_left(admin)
+
+
+def test_a_view_redefined_mid_run_stops_the_run(
+    pg: PgInfo, conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    base, view = f'"{schema}".priced', f'"{schema}".prices'
+    admin.execute(f"CREATE TABLE {base} (id int PRIMARY KEY, amount int NOT NULL)")
+    admin.execute(f"INSERT INTO {base} SELECT g, g FROM generate_series(1, 30) g")
+    admin.execute(f"CREATE VIEW {view} AS SELECT id, amount FROM {base}")
+    redefine = AfterFirstChunk(
+        pg, out_dir, [f"CREATE OR REPLACE VIEW {view} AS SELECT id, amount * 100 AS amount FROM {base}"]
+    )
+    redefine.start()
+    with pytest.raises(SourceChangedError, match="prices was redefined"):
+        _extract(conn_id, out_dir, view, key_columns=["id"])
+    assert redefine.done.wait(30)
+    assert_nothing_left(admin)
+
+
+def test_a_views_other_rules_and_sequences_are_not_what_it_reads(
+    pg: PgInfo, conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """Under a snapshot: an INSTEAD rule's audit table and a sequence the view reads get new storage, harmlessly."""
+    base, view = f'"{schema}".ruled_base', f'"{schema}".ruled'
+    audit, counter = f'"{schema}".ruled_audit', f'"{schema}".ruled_seq'
+    admin.execute(f"CREATE TABLE {base} (id int PRIMARY KEY, v int NOT NULL)")
+    admin.execute(f"INSERT INTO {base} SELECT g, g FROM generate_series(1, 30) g")
+    admin.execute(f"CREATE TABLE {audit} (id int)")
+    admin.execute(f"CREATE SEQUENCE {counter}")
+    admin.execute(f"CREATE VIEW {view} AS SELECT id, v, (SELECT last_value FROM {counter}) > 0 AS used FROM {base}")
+    admin.execute(f"CREATE RULE audit_insert AS ON INSERT TO {view} DO INSTEAD INSERT INTO {audit} VALUES (NEW.id)")
+    maintenance = AfterFirstChunk(pg, out_dir, [f"TRUNCATE {audit}", f"ALTER SEQUENCE {counter} RESTART"])
+    maintenance.start()
+    result = _extract(conn_id, out_dir, view, key_columns=["id"], columns=["id", "v"], snapshot=True)
+    assert maintenance.done.wait(30)
+    assert result.rows == 30
+    assert_nothing_left(admin)

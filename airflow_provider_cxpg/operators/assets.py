@@ -38,7 +38,7 @@ def asset_uri(destination: str) -> str:
             destination = local_path(destination)
     if "://" in destination:
         return destination
-    return "file://" + quote(os.path.abspath(destination))
+    return "file://" + quote(os.path.abspath(os.path.expanduser(destination)))  # as Destination resolves it
 
 
 def _static_part(destination: Any) -> str | None:

@@ -13,11 +13,12 @@ new catalog, silently:
   partition detached mid-run went missing the same way).
 
 So the planner records, on its own connection (inside the snapshot when there is one), the relation
-the name resolves to, the type, modifier and collation of every column the run reads or filters by
-(the key, the watermark), and, for a snapshot run, each column's number and the storage
-(``relfilenode``) of the relation and of every relation whose rows it returns: partitions and
-children, and the tables a view reads (one created or attached since is no change: the snapshot
-sees in it only rows it could see).
+the name resolves to; the type, modifier, collation and number of every column the run reads or
+filters by (the key, the watermark): another number under the same name is another column (two
+renamed into each other's places); and every relation whose rows it returns (partitions and
+children, and what a view's ``_RETURN`` rule reads), with the version of a view's definition
+(``CREATE OR REPLACE VIEW``) and, compared for a snapshot run, the storage (``relfilenode``): one
+created or attached since is no change, the snapshot sees in it only rows it could see.
 After every chunk read the run reads the same again on its worker session's monitor connection
 (autocommit, outside any snapshot: the latest catalog), and stops before it keeps that chunk when anything differs
 (:class:`~airflow_provider_cxpg.exceptions.SourceChangedError`). A read and a DDL statement that
@@ -55,7 +56,8 @@ tree(oid) AS (
         SELECT d.refobjid FROM pg_catalog.pg_rewrite r
         JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid
          AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> t.oid
-        WHERE r.ev_class = t.oid  -- a view's: a materialized view holds rows of its own until REFRESH
+        WHERE r.ev_class = t.oid AND r.rulename = '_RETURN'  -- what the view returns, not its other rules
+          -- a view's: a materialized view holds rows of its own until REFRESH
           AND (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = t.oid) = 'v'
     ) below(oid)
 )
@@ -67,8 +69,12 @@ SELECT (SELECT oid FROM rel),
           LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
          WHERE a.attrelid = (SELECT oid FROM rel) AND a.attnum > 0 AND NOT a.attisdropped
            AND a.attname = ANY(%(columns)s::text[])),
-       (SELECT coalesce(array_agg(ARRAY[c.oid::text, c.relfilenode::text, c.relname::text] ORDER BY c.oid), '{}')
-          FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.oid)
+       (SELECT coalesce(array_agg(ARRAY[c.oid::text, c.relfilenode::text, c.relname::text,
+                                        coalesce((SELECT r.xmin::text FROM pg_catalog.pg_rewrite r
+                                                  WHERE r.ev_class = c.oid AND r.rulename = '_RETURN'), '')]
+                                  ORDER BY c.oid), '{}')
+          FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.oid
+         WHERE c.relkind <> 'S')  -- a sequence a view calls nextval() on holds no rows
 """
 
 
@@ -80,7 +86,8 @@ class SourceState:
     :param oid: the relation it resolves to (None: none).
     :param columns: ``(name, type oid, modifier, collation oid, type as SQL, collation name, attnum)`` of
         each column watched (read, key, watermark), by name.
-    :param storage: ``(oid, relfilenode, name)`` of the relation and every partition or child.
+    :param storage: ``(oid, relfilenode, name, view definition's version)`` of the relation and of
+        every relation whose rows it returns.
     """
 
     name: str
@@ -121,13 +128,17 @@ def source_changes(planned: SourceState, now: SourceState, *, storage: bool) -> 
             changes.append(f"column {column!r} is now {after[4]} (was {before[4]})")
         elif after[3] != before[3]:
             changes.append(f"column {column!r} now has collation {after[5] or 'none'} (was {before[5] or 'none'})")
-        elif storage and after[6:] != before[6:]:
-            # Another column of the same name and type (added, filled, the old one dropped, renamed):
-            # the snapshot's row versions do not hold it, and read it as NULL.
-            changes.append(f"column {column!r} is another column now (dropped and added again)")
+        elif after[6:] != before[6:]:
+            # Another column of the same name and type: two renamed into each other's places (a key
+            # then pages by other values), or added, filled and renamed after the old one was dropped
+            # (which a snapshot's row versions do not hold: read as NULL).
+            changes.append(f"column {column!r} is another column now (renamed or dropped and added again)")
+    old = {s[0]: s for s in planned.storage}
+    new = {s[0]: s for s in now.storage}
+    for oid in sorted(old.keys() & new.keys()):
+        if old[oid][3:] != new[oid][3:]:  # the xmin of a view's _RETURN rule: CREATE OR REPLACE VIEW
+            changes.append(f"{new[oid][2]} was redefined (CREATE OR REPLACE VIEW)")
     if storage and now.storage != planned.storage:
-        old = {s[0]: s for s in planned.storage}
-        new = {s[0]: s for s in now.storage}
         # A partition created or attached since is left alone: the snapshot sees in it only rows it
         # could see anyway, and partition maintenance (pg_partman's premade partitions) creates them.
         for oid in sorted(old):

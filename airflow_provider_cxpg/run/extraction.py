@@ -859,7 +859,12 @@ class Extraction:
         """The check after every chunk read that the source is still as planned (None: a query source)."""
         if self.planned_source is None:
             return None
-        return SourceWatch(self.planned_source, storage=self.snapshot_id is not None, query=session.monitor.read)
+        return SourceWatch(
+            self.planned_source,
+            storage=self.snapshot_id is not None,
+            query=session.monitor.read,
+            stop=lambda: self._aborted,
+        )
 
     def new_session(self, job_deadline: float | None) -> WorkerSession:
         """A worker session for this run (its application name, deadlines, snapshot, credentials)."""

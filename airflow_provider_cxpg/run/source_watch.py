@@ -13,9 +13,10 @@ from typing import Any
 
 import psycopg
 
-from airflow_provider_cxpg.exceptions import SourceChangedError
-from airflow_provider_cxpg.planning.catalog import classify_control_error
+from airflow_provider_cxpg.bounded import CallStopped
+from airflow_provider_cxpg.exceptions import ExtractionAborted, QueryError, ServerConnectionError, SourceChangedError
 from airflow_provider_cxpg.planning.source_state import SourceState, read_source_state, source_changes
+from airflow_provider_cxpg.supervisor.monitor import connection_ended
 
 __all__ = ["SourceWatch"]
 
@@ -26,22 +27,35 @@ class SourceWatch:
     :param planned: the state recorded when the run planned.
     :param storage: compare the storage too (the run reads inside one exported snapshot).
     :param query: runs ``fn(connection)`` on the monitor's connection (``ServerMonitor.read``).
+    :param stop: the run's abort reason, asked while the check waits (``on_kill``).
     """
 
     def __init__(
-        self, planned: SourceState, *, storage: bool, query: Callable[[str, Callable[[Any], Any]], Any]
+        self,
+        planned: SourceState,
+        *,
+        storage: bool,
+        query: Callable[..., Any],
+        stop: Callable[[], str | None] | None = None,
     ) -> None:
-        self.planned, self.storage, self._query = planned, storage, query
+        self.planned, self.storage, self._query, self._stop = planned, storage, query, stop
 
     def check(self, chunk: int) -> None:
         """:raises SourceChangedError: naming what changed; chunk ``chunk`` (read after it) is not kept."""
         columns = [c[0] for c in self.planned.columns]
         try:
             now = self._query(
-                "checking the source against the plan", lambda conn: read_source_state(conn, self.planned.name, columns)
+                "checking the source against the plan",
+                lambda conn: read_source_state(conn, self.planned.name, columns),
+                stop=self._stop,
             )
+        except CallStopped as stopped:
+            raise ExtractionAborted.because(stopped.reason) from None
         except psycopg.Error as exc:
-            raise classify_control_error(exc, "source check") from None
+            what = f"checking {self.planned.name} against the plan failed: {exc}".strip()
+            if connection_ended(exc):
+                raise ServerConnectionError(what, reason="connection") from None
+            raise QueryError(what, sqlstate=exc.sqlstate) from None
         changes = source_changes(self.planned, now, storage=self.storage)
         if changes:
             raise SourceChangedError(

@@ -38,7 +38,7 @@ from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, connect
 from airflow_provider_cxpg.control import ControlConnection
 from airflow_provider_cxpg.exceptions import ServerConnectionError
 
-__all__ = ["ActivitySampler", "BackendInfo", "Blocker", "ControlCancels", "ServerMonitor"]
+__all__ = ["ActivitySampler", "BackendInfo", "Blocker", "ControlCancels", "ServerMonitor", "connection_ended"]
 
 _ACTIVITY_SQL = """
 SELECT a.pid, a.state, a.wait_event_type, a.wait_event,
@@ -102,6 +102,16 @@ class BackendInfo:
         return f"backend {self.pid} {self.state or 'unknown'}{wait}{secs}{held}"
 
 
+#: SQLSTATEs of a server that ended the session: shutdown, crash, idle-session timeout (57P05).
+_SESSION_ENDED = {"57P01", "57P02", "57P03", "57P05"}
+
+
+def connection_ended(error: BaseException) -> bool:
+    """Whether ``error`` says the connection is gone (not that its statement failed)."""
+    state = getattr(error, "sqlstate", None)
+    return state is None or state.startswith("08") or state in _SESSION_ENDED
+
+
 class ServerMonitor:
     """Sample and signal the backends of one ``application_name``, never for longer than a deadline.
 
@@ -136,14 +146,24 @@ class ServerMonitor:
             self.server_version = self._conn.info.server_version
         return self._conn
 
-    def _call(self, what: str, fn: Callable[[Any], Any], *, raise_errors: bool = False) -> Any:
-        """Run ``fn(connection)`` on the monitor's thread under ``call_timeout``; None when it fails."""
+    def _call(
+        self,
+        what: str,
+        fn: Callable[[Any], Any],
+        *,
+        raise_errors: bool = False,
+        stop: Callable[[], str | None] | None = None,
+    ) -> Any:
+        """Run ``fn(connection)`` on the monitor's thread under ``call_timeout``; None when it fails.
+
+        :raises CallStopped: ``stop`` gave a reason first.
+        """
         if time.monotonic() < self._unreachable_until and not raise_errors:
             return None
         with self._lock:
             calls = self._calls
         try:
-            return calls.call(what, lambda: fn(self._connection()), self.call_timeout, wrap_errors=True)
+            return calls.call(what, lambda: fn(self._connection()), self.call_timeout, stop=stop, wrap_errors=True)
         except CallTimedOut as exc:
             # The thread is stuck on a socket nobody answers: abandon it with its connection, and
             # answer "unknown" at once for a while rather than wait again.
@@ -171,19 +191,23 @@ class ServerMonitor:
             with contextlib.suppress(CallRaised, CallTimedOut):  # on the monitor's own thread, where it is used
                 calls.call("closing the monitor connection", conn.close, self.call_timeout, wrap_errors=True)
 
-    def read(self, what: str, fn: Callable[[Any], Any]) -> Any:
+    def read(self, what: str, fn: Callable[[Any], Any], *, stop: Callable[[], str | None] | None = None) -> Any:
         """``fn(connection)`` on the monitor's connection (autocommit: the latest catalog), under ``call_timeout``.
 
         A connection the server ended since its last use (``idle_session_timeout``, a proxy's idle
         limit, an administrator) fails the first try; the call is made once more on a new connection.
+        Any other error (a statement timeout included) is not tried again.
 
         :raises ServerConnectionError: the server did not answer within ``call_timeout``.
-        :raises psycopg.Error: the server's own error, on the second try.
+        :raises CallStopped: ``stop`` gave a reason first (``on_kill``).
+        :raises psycopg.Error: the server's own error.
         """
         try:
-            return self._call(what, fn, raise_errors=True)
-        except psycopg.OperationalError:
-            return self._call(what, fn, raise_errors=True)
+            return self._call(what, fn, raise_errors=True, stop=stop)
+        except psycopg.OperationalError as exc:
+            if not connection_ended(exc):
+                raise
+            return self._call(what, fn, raise_errors=True, stop=stop)
 
     def check(self) -> int:
         """Connect now and return the server version: a typo in host or password fails here in

@@ -8,7 +8,9 @@ _TEXT = ("v", "25", "-1", "100", "text", "default", "2")
 _KEY = ("k", "25", "-1", "950", "text", "C", "1")
 
 
-def _state(oid: int | None = 10, columns: tuple[tuple[str, ...], ...] = (_KEY, _TEXT), storage=(("10", "5000", "t"),)):
+def _state(
+    oid: int | None = 10, columns: tuple[tuple[str, ...], ...] = (_KEY, _TEXT), storage=(("10", "5000", "t", ""),)
+):
     return SourceState('"public"."t"', oid, columns, storage)
 
 
@@ -34,11 +36,11 @@ def test_a_type_a_modifier_or_a_collation_that_changed_is_named() -> None:
 
 
 def test_storage_counts_only_inside_a_snapshot() -> None:
-    rewritten = _state(storage=(("10", "5001", "t"),))
+    rewritten = _state(storage=(("10", "5001", "t", ""),))
     assert source_changes(_state(), rewritten, storage=False) == []
     assert "got new storage" in source_changes(_state(), rewritten, storage=True)[0]
-    detached = _state(storage=(("10", "0", "t"), ("12", "6000", "t_2024")))
-    partitioned = _state(storage=(("10", "0", "t"), ("12", "6000", "t_2024"), ("13", "6001", "t_2025")))
+    detached = _state(storage=(("10", "0", "t", ""), ("12", "6000", "t_2024", "")))
+    partitioned = _state(storage=(("10", "0", "t", ""), ("12", "6000", "t_2024", ""), ("13", "6001", "t_2025", "")))
     assert source_changes(partitioned, detached, storage=True) == [
         "t_2025 is no longer part of it (detached or dropped)"
     ]
@@ -56,10 +58,16 @@ def test_a_wider_varchar_is_no_change_but_a_wider_char_or_numeric_is() -> None:
     ]
 
 
-def test_a_column_swapped_for_another_of_its_name_counts_inside_a_snapshot() -> None:
-    """Added, filled, the old one dropped, renamed: the snapshot's row versions read the new one as NULL."""
+def test_a_column_swapped_for_another_of_its_name_counts_in_every_run() -> None:
+    """Two renamed into each other's places (a key pages by other values), or dropped and added again."""
     swapped = ("v", "25", "-1", "100", "text", "default", "5")
-    assert source_changes(_state(), _state(columns=(_KEY, swapped)), storage=False) == []
-    assert source_changes(_state(), _state(columns=(_KEY, swapped)), storage=True) == [
-        "column 'v' is another column now (dropped and added again)"
-    ]
+    for storage in (False, True):
+        assert source_changes(_state(), _state(columns=(_KEY, swapped)), storage=storage) == [
+            "column 'v' is another column now (renamed or dropped and added again)"
+        ]
+
+
+def test_a_redefined_view_counts_in_every_run() -> None:
+    view = _state(storage=(("10", "0", "v", "731"),))
+    replaced = _state(storage=(("10", "0", "v", "802"),))
+    assert source_changes(view, replaced, storage=False) == ["v was redefined (CREATE OR REPLACE VIEW)"]
