@@ -8,9 +8,11 @@ for, that nothing it kept came from after the change, and that a retry ends exac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +29,30 @@ FAST = {"heartbeat_interval": 0.2, "heartbeat_timeout": 5.0, "cancel_grace": 2.0
 SLOW_CHUNKS = "(SELECT pg_sleep(0.2)) IS NOT NULL"
 
 
-class AfterFirstChunk(threading.Thread):
-    """Commits ``statements`` on its own connection once the run's manifest lists a chunk."""
+@contextlib.contextmanager
+def after_first_chunk(pg: PgInfo, destination: Path, statements: list[str]) -> Iterator[None]:
+    """Commit ``statements`` in one transaction, on a connection of their own, once the run started
+    inside the block has committed its first chunk; on leaving the block, check that they did."""
+    done = threading.Event()
 
-    def __init__(self, pg: PgInfo, destination: Path, statements: list[str]) -> None:
-        super().__init__(daemon=True)
-        self.pg, self.destination, self.statements = pg, destination, statements
-        self.done = threading.Event()
-
-    def run(self) -> None:
+    def migrate() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                if json.loads((self.destination / "_manifest.json").read_text())["chunks"]:
+                if json.loads((destination / "_manifest.json").read_text())["chunks"]:
                     break
             except (OSError, ValueError, KeyError):
                 pass
             time.sleep(0.01)
-        with psycopg.connect(self.pg.dsn, autocommit=True) as conn:
-            with conn.transaction():
-                for statement in self.statements:
-                    conn.execute(statement)
-        self.done.set()
+        with psycopg.connect(pg.dsn, autocommit=True) as conn, conn.transaction():
+            for statement in statements:
+                conn.execute(statement)
+        done.set()
+
+    thread = threading.Thread(target=migrate, daemon=True)
+    thread.start()
+    yield
+    assert done.wait(30), "the statements were not committed while the run read"
 
 
 def _extract(conn_id: str, destination: Path, table: str, **kwargs: Any) -> Any:
@@ -64,11 +68,11 @@ def test_a_column_whose_type_changes_mid_run_is_not_written_as_the_old_type(
     table = f'"{schema}".migrating'
     admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text NOT NULL)")
     admin.execute(f"INSERT INTO {table} SELECT g, '0.12345678901234567890123' FROM generate_series(1, 20) g")
-    migration = AfterFirstChunk(pg, out_dir, [f"ALTER TABLE {table} ALTER COLUMN v TYPE numeric USING v::numeric"])
-    migration.start()
-    with pytest.raises(SourceChangedError, match=r"column 'v' is now numeric \(was text\)"):
+    with (
+        after_first_chunk(pg, out_dir, [f"ALTER TABLE {table} ALTER COLUMN v TYPE numeric USING v::numeric"]),
+        pytest.raises(SourceChangedError, match=r"column 'v' is now numeric \(was text\)"),
+    ):
         _extract(conn_id, out_dir, table)
-    assert migration.done.wait(30)
     kept = read_output(out_dir)
     assert set(kept.column("v").to_pylist()) <= {"0.12345678901234567890123"}  # only chunks read before it
     assert manifest_of(out_dir)["status"] == "failed"
@@ -84,13 +88,13 @@ def test_a_table_truncated_and_reloaded_under_the_runs_snapshot_is_not_read_as_e
     table = f'"{schema}".reloaded'
     admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int NOT NULL)")
     admin.execute(f"INSERT INTO {table} SELECT g, g FROM generate_series(1, 30) g")
-    reload = AfterFirstChunk(
-        pg, out_dir, [f"TRUNCATE {table}", f"INSERT INTO {table} SELECT g, g FROM generate_series(1, 30) g"]
-    )
-    reload.start()
-    with pytest.raises(SourceChangedError, match="got new storage"):
+    with (
+        after_first_chunk(
+            pg, out_dir, [f"TRUNCATE {table}", f"INSERT INTO {table} SELECT g, g FROM generate_series(1, 30) g"]
+        ),
+        pytest.raises(SourceChangedError, match="got new storage"),
+    ):
         _extract(conn_id, out_dir, table, snapshot=True)
-    assert reload.done.wait(30)
     retried = _extract(conn_id, out_dir, table, snapshot=True)
     assert sorted(read_output(out_dir).column("id").to_pylist()) == list(range(1, 31))
     assert retried.resumed_from_chunk is not None  # same columns: it resumes, in a new snapshot
@@ -104,11 +108,11 @@ def test_a_key_whose_collation_changes_mid_run_stops_the_run(
     table = f'"{schema}".collated'
     admin.execute(f'CREATE TABLE {table} (k text COLLATE "C" PRIMARY KEY)')
     admin.execute(f"INSERT INTO {table} SELECT chr(64 + g) FROM generate_series(1, 26) g")
-    change = AfterFirstChunk(pg, out_dir, [f'ALTER TABLE {table} ALTER COLUMN k TYPE text COLLATE "POSIX"'])
-    change.start()
-    with pytest.raises(SourceChangedError, match="column 'k' now has collation POSIX"):
+    with (
+        after_first_chunk(pg, out_dir, [f'ALTER TABLE {table} ALTER COLUMN k TYPE text COLLATE "POSIX"']),
+        pytest.raises(SourceChangedError, match="column 'k' now has collation POSIX"),
+    ):
         _extract(conn_id, out_dir, table)
-    assert change.done.wait(30)
     _extract(conn_id, out_dir, table)
     assert sorted(read_output(out_dir).column("k").to_pylist()) == [chr(64 + g) for g in range(1, 27)]
     assert_nothing_left(admin)
@@ -121,10 +125,8 @@ def test_a_rewrite_of_a_table_read_without_a_snapshot_goes_on(
     table = f'"{schema}".vacuumed'
     admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int NOT NULL)")
     admin.execute(f"INSERT INTO {table} SELECT g, g FROM generate_series(1, 20) g")
-    rewrite = AfterFirstChunk(pg, out_dir, [f"ALTER TABLE {table} ADD COLUMN z float8 DEFAULT random()"])
-    rewrite.start()
-    result = _extract(conn_id, out_dir, table, columns=["id", "v"])
-    assert rewrite.done.wait(30)
+    with after_first_chunk(pg, out_dir, [f"ALTER TABLE {table} ADD COLUMN z float8 DEFAULT random()"]):
+        result = _extract(conn_id, out_dir, table, columns=["id", "v"])
     assert result.rows == 20 and sorted(read_output(out_dir).column("id").to_pylist()) == list(range(1, 21))
     assert_nothing_left(admin)
 
@@ -156,13 +158,13 @@ def test_a_view_whose_table_is_truncated_under_the_runs_snapshot_stops_the_run(
     admin.execute(f"CREATE TABLE {base} (id int PRIMARY KEY, v int NOT NULL)")
     admin.execute(f"INSERT INTO {base} SELECT g, g FROM generate_series(1, 30) g")
     admin.execute(f"CREATE VIEW {view} AS SELECT id, v FROM {base}")
-    reload = AfterFirstChunk(
-        pg, out_dir, [f"TRUNCATE {base}", f"INSERT INTO {base} SELECT g, g FROM generate_series(1, 30) g"]
-    )
-    reload.start()
-    with pytest.raises(SourceChangedError, match="viewed_base got new storage"):
+    with (
+        after_first_chunk(
+            pg, out_dir, [f"TRUNCATE {base}", f"INSERT INTO {base} SELECT g, g FROM generate_series(1, 30) g"]
+        ),
+        pytest.raises(SourceChangedError, match="viewed_base got new storage"),
+    ):
         _extract(conn_id, out_dir, view, key_columns=["id"], snapshot=True)
-    assert reload.done.wait(30)
     assert_nothing_left(admin)
 
 
@@ -177,13 +179,13 @@ def test_a_watermark_column_not_in_the_output_is_watched_too(
     admin.execute(
         f"INSERT INTO {table} SELECT g, '2024-01-01'::timestamp + g * interval '1 h' FROM generate_series(1, 20) g"
     )
-    migration = AfterFirstChunk(pg, out_dir, [f"ALTER TABLE {table} ALTER COLUMN ts TYPE timestamptz"])
-    migration.start()
-    with pytest.raises(SourceChangedError, match="column 'ts' is now timestamp with time zone"):
+    with (
+        after_first_chunk(pg, out_dir, [f"ALTER TABLE {table} ALTER COLUMN ts TYPE timestamptz"]),
+        pytest.raises(SourceChangedError, match="column 'ts' is now timestamp with time zone"),
+    ):
         _extract(
             conn_id, out_dir, table, columns=["id"], watermark=WatermarkSpec("ts", start="2023-12-31", one_off=True)
         )
-    assert migration.done.wait(30)
     assert_nothing_left(admin)
 
 
@@ -194,20 +196,20 @@ def test_a_column_swapped_for_a_new_one_under_the_runs_snapshot_stops_the_run(
     table = f'"{schema}".swapped'
     admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int NOT NULL)")
     admin.execute(f"INSERT INTO {table} SELECT g, g FROM generate_series(1, 24) g")
-    swap = AfterFirstChunk(
-        pg,
-        out_dir,
-        [
-            f"ALTER TABLE {table} ADD COLUMN v2 int",
-            f"UPDATE {table} SET v2 = v",
-            f"ALTER TABLE {table} DROP COLUMN v",
-            f"ALTER TABLE {table} RENAME COLUMN v2 TO v",
-        ],
-    )
-    swap.start()
-    with pytest.raises(SourceChangedError, match="column 'v' is another column now"):
+    with (
+        after_first_chunk(
+            pg,
+            out_dir,
+            [
+                f"ALTER TABLE {table} ADD COLUMN v2 int",
+                f"UPDATE {table} SET v2 = v",
+                f"ALTER TABLE {table} DROP COLUMN v",
+                f"ALTER TABLE {table} RENAME COLUMN v2 TO v",
+            ],
+        ),
+        pytest.raises(SourceChangedError, match="column 'v' is another column now"),
+    ):
         _extract(conn_id, out_dir, table, snapshot=True)
-    assert swap.done.wait(30)
     assert None not in read_output(out_dir).column("v").to_pylist()
     assert_nothing_left(admin)
 
@@ -248,19 +250,19 @@ def test_a_key_renamed_into_another_columns_place_stops_a_run_without_a_snapshot
     table = f'"{schema}".renamed_keys'
     admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, id2 int NOT NULL UNIQUE)")
     admin.execute(f"INSERT INTO {table} SELECT g, 41 - g FROM generate_series(1, 40) g")
-    swap = AfterFirstChunk(
-        pg,
-        out_dir,
-        [
-            f"ALTER TABLE {table} RENAME COLUMN id TO tmp",
-            f"ALTER TABLE {table} RENAME COLUMN id2 TO id",
-            f"ALTER TABLE {table} RENAME COLUMN tmp TO id2",
-        ],
-    )
-    swap.start()
-    with pytest.raises(SourceChangedError, match="column 'id' is another column now"):
+    with (
+        after_first_chunk(
+            pg,
+            out_dir,
+            [
+                f"ALTER TABLE {table} RENAME COLUMN id TO tmp",
+                f"ALTER TABLE {table} RENAME COLUMN id2 TO id",
+                f"ALTER TABLE {table} RENAME COLUMN tmp TO id2",
+            ],
+        ),
+        pytest.raises(SourceChangedError, match="column 'id' is another column now"),
+    ):
         _extract(conn_id, out_dir, table)
-    assert swap.done.wait(30)
     assert_nothing_left(admin)
 
 
@@ -271,13 +273,13 @@ def test_a_view_redefined_mid_run_stops_the_run(
     admin.execute(f"CREATE TABLE {base} (id int PRIMARY KEY, amount int NOT NULL)")
     admin.execute(f"INSERT INTO {base} SELECT g, g FROM generate_series(1, 30) g")
     admin.execute(f"CREATE VIEW {view} AS SELECT id, amount FROM {base}")
-    redefine = AfterFirstChunk(
-        pg, out_dir, [f"CREATE OR REPLACE VIEW {view} AS SELECT id, amount * 100 AS amount FROM {base}"]
-    )
-    redefine.start()
-    with pytest.raises(SourceChangedError, match="prices was redefined"):
+    with (
+        after_first_chunk(
+            pg, out_dir, [f"CREATE OR REPLACE VIEW {view} AS SELECT id, amount * 100 AS amount FROM {base}"]
+        ),
+        pytest.raises(SourceChangedError, match="prices was redefined"),
+    ):
         _extract(conn_id, out_dir, view, key_columns=["id"])
-    assert redefine.done.wait(30)
     assert_nothing_left(admin)
 
 
@@ -293,9 +295,7 @@ def test_a_views_other_rules_and_sequences_are_not_what_it_reads(
     admin.execute(f"CREATE SEQUENCE {counter}")
     admin.execute(f"CREATE VIEW {view} AS SELECT id, v, (SELECT last_value FROM {counter}) > 0 AS used FROM {base}")
     admin.execute(f"CREATE RULE audit_insert AS ON INSERT TO {view} DO INSTEAD INSERT INTO {audit} VALUES (NEW.id)")
-    maintenance = AfterFirstChunk(pg, out_dir, [f"TRUNCATE {audit}", f"ALTER SEQUENCE {counter} RESTART"])
-    maintenance.start()
-    result = _extract(conn_id, out_dir, view, key_columns=["id"], columns=["id", "v"], snapshot=True)
-    assert maintenance.done.wait(30)
+    with after_first_chunk(pg, out_dir, [f"TRUNCATE {audit}", f"ALTER SEQUENCE {counter} RESTART"]):
+        result = _extract(conn_id, out_dir, view, key_columns=["id"], columns=["id", "v"], snapshot=True)
     assert result.rows == 30
     assert_nothing_left(admin)

@@ -24,7 +24,7 @@ import pyarrow as pa
 from airflow_provider_cxpg.conninfo import PostgresEndpoint
 from airflow_provider_cxpg.exceptions import ServerConnectionError, WorkerError
 from airflow_provider_cxpg.output.destination import Destination
-from airflow_provider_cxpg.planning.plan import CTID, ExtractPlan, SourceSpec, build_read_plan
+from airflow_provider_cxpg.planning.plan import CTID, SourceSpec, build_read_plan
 from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.run.chunking import chunks_for, pipelined
 from airflow_provider_cxpg.run.extraction import Extraction
@@ -166,19 +166,6 @@ def _iterate(
         "job.start", source=spec.table or "sql", destination="iter_chunks", chunk_rows=extraction.sizer.chunk_rows
     )
     after: Sequence[Any] | None = lower if plan.pages is not None else None
-    yield from _read_chunks(extraction, plan, after, upper, spool, job_deadline, max_worker_restarts, started)
-
-
-def _read_chunks(
-    extraction: Extraction,
-    plan: ExtractPlan,
-    after: Sequence[Any] | None,
-    upper: Sequence[Any] | None,
-    spool: str,
-    job_deadline: float | None,
-    max_worker_restarts: int,
-    started: float,
-) -> Iterator[pa.Table]:
     index = rows = restarts = 0
     renewed_after: int | None = None
     while True:
