@@ -7,6 +7,7 @@ closed by that thread; one made after its deadline is closed when it arrives.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -183,3 +184,37 @@ def test_the_monitor_never_swallows_a_timeout_raised_into_its_wait(pg: PgInfo, a
         finally:
             proxy.thaw()
             monitor.close()
+
+
+def test_a_monitor_read_stopped_by_on_kill_leaves_the_monitor_able_to_stop_the_run(
+    pg: PgInfo, admin: psycopg.Connection, app: str
+) -> None:
+    """A stopped read goes on on its thread, which is then marked stuck: the stop's own cancel and
+    terminate were refused at once, and the run's query ran on on the server."""
+    from airflow_provider_cxpg.conninfo import Redactor
+    from airflow_provider_cxpg.supervisor.monitor import ServerMonitor
+
+    victim = psycopg.connect(pg.dsn, autocommit=True, application_name=app)
+    runner = threading.Thread(target=lambda: _run_quietly(victim, "SELECT pg_sleep(30)"), daemon=True)
+    runner.start()
+    monitor = ServerMonitor(_endpoint(pg), app, Redactor(), call_timeout=30)
+    try:
+        assert wait_until(lambda: any(b.state == "active" for b in monitor.backends() or ()), 10)
+        stop_at = time.monotonic() + 0.3
+        with pytest.raises(CallStopped):
+            monitor.read(
+                "a slow catalog read",
+                lambda conn: conn.execute("SELECT pg_sleep(3)"),
+                stop=lambda: "on_kill" if time.monotonic() > stop_at else None,
+            )
+        assert monitor.stop_backends(grace=2.0)  # the read's thread is still busy: a new one stops the run
+        runner.join(10)
+        assert not runner.is_alive()
+    finally:
+        monitor.close()
+        victim.close()
+
+
+def _run_quietly(conn: psycopg.Connection, sql: str) -> None:
+    with contextlib.suppress(psycopg.Error):
+        conn.execute(sql)

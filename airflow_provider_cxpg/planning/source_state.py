@@ -95,6 +95,15 @@ class SourceState:
     columns: tuple[tuple[str, ...], ...]
     storage: tuple[tuple[str, ...], ...]
 
+    def identity(self) -> list[Any]:
+        """What a retry must find unchanged to continue the run (part of its fingerprint): the watched
+        columns with their numbers, and each view's definition; not storage (a rewrite does not move
+        a key, and a retry reads in a snapshot of its own)."""
+        return [
+            [[*c[:4], c[6]] for c in self.columns],  # name, type, modifier, collation, number
+            [[s[0], s[3]] for s in self.storage if s[3]],  # each view's definition version
+        ]
+
 
 def read_source_state(conn: Any, name: str, columns: Sequence[str]) -> SourceState:
     """The state of the relation ``name`` (qualified) and of ``columns``, in ``conn``'s view of the catalog."""

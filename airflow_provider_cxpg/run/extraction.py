@@ -572,6 +572,10 @@ class Extraction:
             # The relation the name resolved to, not the name as given: a retry must not continue in
             # another table (the same name found first on the search_path, or dropped and created again).
             parts["relation"] = [plan.table.schema, plan.table.name, plan.table.oid]
+        if self.planned_source is not None:
+            # Nor after its columns or a view's definition changed in a way the names and types do not
+            # show: a key renamed into another column's place pages by other values (source_state.py).
+            parts["source_state"] = self.planned_source.identity()
         order = plan.key_order()
         if order is not None:  # a text key resumes only in the order it was paged in
             parts["key_order"] = order

@@ -53,7 +53,7 @@ class SourceWatch:
             raise ExtractionAborted.because(stopped.reason) from None
         except psycopg.Error as exc:
             what = f"checking {self.planned.name} against the plan failed: {exc}".strip()
-            if connection_ended(exc):
+            if isinstance(exc, psycopg.OperationalError) and connection_ended(exc):
                 raise ServerConnectionError(what, reason="connection") from None
             raise QueryError(what, sqlstate=exc.sqlstate) from None
         changes = source_changes(self.planned, now, storage=self.storage)

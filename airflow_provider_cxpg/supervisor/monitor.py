@@ -33,7 +33,7 @@ from typing import Any
 
 import psycopg
 
-from airflow_provider_cxpg.bounded import IDLE_SECONDS, CallRaised, CallTimedOut, SerialCalls
+from airflow_provider_cxpg.bounded import IDLE_SECONDS, CallRaised, CallStopped, CallTimedOut, SerialCalls
 from airflow_provider_cxpg.conninfo import PostgresEndpoint, Redactor, connect
 from airflow_provider_cxpg.control import ControlConnection
 from airflow_provider_cxpg.exceptions import ServerConnectionError
@@ -175,6 +175,14 @@ class ServerMonitor:
             if raise_errors:
                 raise ServerConnectionError(f"{self.last_error} ({exc})") from None
             return None
+        except CallStopped:
+            # The call goes on, on a thread that is now marked stuck: every later call (the stop's own
+            # cancel and terminate) would be refused at once. Abandon both, as after a timeout, but
+            # the server is not known to be unreachable.
+            with self._lock:
+                if self._calls is calls:
+                    self._calls, self._conn = SerialCalls("monitor"), None
+            raise
         except CallRaised as raised:  # a failing monitor must never fail the job by itself; but an
             # exception raised into this wait (AirflowTaskTimeout, an Exception on Airflow 2) goes on
             self.last_error = self._redact(str(raised.error))

@@ -9,8 +9,10 @@ _KEY = ("k", "25", "-1", "950", "text", "C", "1")
 
 
 def _state(
-    oid: int | None = 10, columns: tuple[tuple[str, ...], ...] = (_KEY, _TEXT), storage=(("10", "5000", "t", ""),)
-):
+    oid: int | None = 10,
+    columns: tuple[tuple[str, ...], ...] = (_KEY, _TEXT),
+    storage: tuple[tuple[str, ...], ...] = (("10", "5000", "t", ""),),
+) -> SourceState:
     return SourceState('"public"."t"', oid, columns, storage)
 
 
@@ -71,3 +73,12 @@ def test_a_redefined_view_counts_in_every_run() -> None:
     view = _state(storage=(("10", "0", "v", "731"),))
     replaced = _state(storage=(("10", "0", "v", "802"),))
     assert source_changes(view, replaced, storage=False) == ["v was redefined (CREATE OR REPLACE VIEW)"]
+
+
+def test_a_retry_continues_only_the_same_columns_and_view_definitions() -> None:
+    """The identity in the fingerprint: column numbers and view definitions; not storage (a rewrite)."""
+    swapped = ("v", "25", "-1", "100", "text", "default", "5")
+    assert _state().identity() != _state(columns=(_KEY, swapped)).identity()
+    assert _state().identity() == _state(storage=(("10", "5001", "t", ""),)).identity()
+    view = _state(storage=(("10", "0", "v", "731"),))
+    assert view.identity() != _state(storage=(("10", "0", "v", "802"),)).identity()
