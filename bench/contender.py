@@ -473,6 +473,92 @@ def cx_keyset_pipeline(run: Run) -> dict[str, Any]:
     return {"rows": rows, "files": files, "file_bytes": size, "end": end, "details": {"chunks": index}}
 
 
+@contender("cx_keyset_split")
+def cx_keyset_split(run: Run) -> dict[str, Any]:
+    """``cx_keyset_pipeline`` with each chunk read as two concurrent reads split by key *value*.
+
+    No probes: the split point is the chunk's first key plus half the previous chunk's key span.
+    ``key > last AND key <= split LIMIT half`` and ``key > split LIMIT rest`` run at once; when the
+    first fills its limit (the keys got denser) the second is dropped and the chunk is the first
+    alone, so the chunk is always every row of one key interval and never more than ``chunk_rows``.
+    """
+    import queue
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import connectorx as cx
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from airflow_provider_cxpg.worker.sinks import dictionary_columns
+
+    source, key = f"public.{run.table}", run.key
+    pending: queue.Queue[tuple[int, pa.Table] | None] = queue.Queue(maxsize=1)
+
+    def write() -> None:
+        while (item := pending.get()) is not None:
+            index, chunk = item
+            pq.write_table(
+                chunk,
+                run.out / f"part-{index:06d}.parquet",
+                compression="zstd",
+                use_dictionary=dictionary_columns(chunk),
+                row_group_size=65_536,
+            )
+
+    def read(sql: str) -> pa.Table:
+        return cx.read_sql(run.uri, sql, return_type="arrow")
+
+    writer = threading.Thread(target=write)
+    rows = index = dropped = 0
+    half = run.chunk_rows // 2
+    run.start()
+    writer.start()
+    with ThreadPoolExecutor(2) as pool:
+        last: int | None = None
+        span: int | None = None
+        while True:
+            if last is None or span is None:
+                after = f" WHERE {key} > {last}" if last is not None else ""
+                chunk = read(f"SELECT * FROM {source}{after} ORDER BY {key} LIMIT {run.chunk_rows}")
+                ended = chunk.num_rows < run.chunk_rows
+            else:
+                split = last + max(1, span // 2)
+                first, second = pool.map(
+                    read,
+                    [
+                        f"SELECT * FROM {source} WHERE {key} > {last} AND {key} <= {split} ORDER BY {key} LIMIT {half}",
+                        f"SELECT * FROM {source} WHERE {key} > {split} ORDER BY {key} LIMIT {run.chunk_rows - half}",
+                    ],
+                )
+                if first.num_rows == half and first.column(key)[-1].as_py() < split:  # denser: a gap
+                    chunk, ended, dropped = first, False, dropped + second.num_rows
+                else:
+                    chunk, ended = pa.concat_tables([first, second]), second.num_rows < run.chunk_rows - half
+                del first, second
+            rows += chunk.num_rows
+            if chunk.num_rows:
+                keys = chunk.column(key)
+                start, last = keys[0].as_py(), keys[-1].as_py()
+                span = last - start + 1
+                pending.put((index, chunk))
+                index += 1
+                del chunk, keys
+            if ended:
+                break
+    pending.put(None)
+    writer.join()
+    end = time.perf_counter()
+    files, size = _files(run.out)
+    return {
+        "rows": rows,
+        "files": files,
+        "file_bytes": size,
+        "end": end,
+        "details": {"chunks": index, "dropped_rows": dropped},
+    }
+
+
 # -- other readers ---------------------------------------------------------------------------------
 
 

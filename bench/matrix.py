@@ -28,6 +28,7 @@ ALL_CONTENDERS = (
     "cx_offset_parquet",
     "cx_keyset_pipeline",
     "cx_keyset_pipeline_2",
+    "cx_keyset_split",
     "adbc_stream",
     "airflow_get_df",
     "psycopg_copy",
@@ -131,6 +132,13 @@ def main_jobs(args: argparse.Namespace, rows: int) -> list[Job]:
             ("--partitions", "2"),
             False,
             "the same, each chunk read as 2 concurrent key-range reads",
+        ),
+        (
+            "cx_keyset_split",
+            "cx_keyset_split",
+            (),
+            False,
+            "the same, each chunk read as 2 concurrent reads split by key value (no probes)",
         ),
     )
     for name, contender_name, extra, provider, description in per_chunk:
