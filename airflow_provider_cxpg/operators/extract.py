@@ -20,7 +20,7 @@ from airflow_provider_cxpg.exceptions import ExtractionAborted, InvalidInputErro
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.assets import asset_uri, record_asset_event, stable_asset
 from airflow_provider_cxpg.output.destination import Destination
-from airflow_provider_cxpg.output.manifest import DATASET_MANIFEST, is_range_dir, planned_range_dirs
+from airflow_provider_cxpg.output.manifest import dataset_planning
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec
 from airflow_provider_cxpg.planning.watermark_state import (
     WatermarkState,
@@ -402,14 +402,10 @@ class PostgresExtractOperator(BaseOperator):
         if self.lower_key is None and self.upper_key is None:
             return
         destination = Destination(self._destination(), self.storage_options, timeout=self.storage_timeout)
-        if not is_range_dir(destination.name):
+        planning = dataset_planning(destination)
+        if planning is None:
             return
-        parent = destination.parent()
-        record = parent.read_json(DATASET_MANIFEST) if parent is not None else None
-        if parent is None or record is None:
-            return
-        if destination.name not in planned_range_dirs(record):
-            return
+        parent, record = planning
         if record.get("window"):
             raise InvalidInputError(
                 f"{destination.url} is a range of the partition plan at {parent.url}, which fixed a window for "

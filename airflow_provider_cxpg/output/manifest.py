@@ -35,6 +35,7 @@ __all__ = [
     "ChunkEntry",
     "Manifest",
     "chunk_file_name",
+    "dataset_planning",
     "fingerprint",
     "is_chunk_file",
     "is_range_dir",
@@ -67,6 +68,21 @@ def is_range_dir(name: str) -> bool:
 def planned_range_dirs(record: Mapping[str, Any]) -> set[str]:
     """The ``range=NNNN`` folder names a dataset record plans."""
     return {entry.get("path") or range_dir(entry["index"]) for entry in record.get("ranges") or ()}
+
+
+def dataset_planning(destination: Destination) -> tuple[Destination, dict[str, Any]] | None:
+    """The fanned-out dataset whose record plans ``destination`` as one of its ranges: (folder, record).
+
+    None when ``destination`` is not a ``range=NNNN`` folder, has no dataset record above it, or is a
+    folder that record does not plan (a stray range of an older, larger plan).
+    """
+    if not is_range_dir(destination.name):
+        return None
+    parent = destination.parent()
+    record = parent.read_json(DATASET_MANIFEST) if parent is not None else None
+    if parent is None or record is None or destination.name not in planned_range_dirs(record):
+        return None
+    return parent, record
 
 
 def chunk_file_name(index: int) -> str:

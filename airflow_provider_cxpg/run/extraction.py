@@ -39,10 +39,9 @@ from airflow_provider_cxpg.output.manifest import (
     ChunkEntry,
     Manifest,
     chunk_file_name,
+    dataset_planning,
     fingerprint,
     is_chunk_file,
-    is_range_dir,
-    planned_range_dirs,
     source_id,
 )
 from airflow_provider_cxpg.output.storage_env import WorkerStorage
@@ -841,14 +840,10 @@ class Extraction:
         """
         if SUCCESS_MARKER in entries:
             self.destination.remove(SUCCESS_MARKER)
-        if not is_range_dir(self.destination.name):
+        planning = dataset_planning(self.destination)
+        if planning is None:
             return
-        parent = self.destination.parent()
-        record = parent.read_json(DATASET_MANIFEST) if parent is not None else None
-        if parent is None or record is None:
-            return
-        if self.destination.name not in planned_range_dirs(record):
-            return
+        parent, record = planning
         if SUCCESS_MARKER in parent.list_entries():
             parent.remove(SUCCESS_MARKER)
         if record.get("status") != "running":  # in-process fan-out: already running, nothing to write
