@@ -387,6 +387,23 @@ def test_null_keys_past_the_first_chunk_are_an_error_before_any_data_moves(
     assert_nothing_left(admin)
 
 
+@pytest.mark.parametrize("pages", [False, True], ids=["keyset", "page-ranges"])
+def test_a_source_without_columns_is_refused_before_any_data_moves(
+    conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path, pages: bool
+) -> None:
+    admin.execute(f"CREATE TABLE {schema}.no_columns (id int PRIMARY KEY)")
+    admin.execute(f"INSERT INTO {schema}.no_columns SELECT generate_series(1, 3)")
+    admin.execute(f"ALTER TABLE {schema}.no_columns DROP COLUMN id")  # rows stay, columns go
+    arguments = {"key_columns": ["ctid"], "snapshot": True} if pages else {"sql": f"SELECT FROM {schema}.no_columns"}
+    table = {} if "sql" in arguments else {"table": f"{schema}.no_columns"}
+    with pytest.raises(InvalidInputError, match="returns no columns"):
+        ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(destination=str(out_dir), **table, **arguments, **FAST)
+    assert not out_dir.exists() or not list(out_dir.glob("part-*"))
+    if not pages:  # the whole-result read plans the same way
+        with pytest.raises(InvalidInputError, match="returns no columns"):
+            ConnectorXPostgresHook(postgres_conn_id=conn_id).read_arrow(arguments["sql"])
+
+
 def test_source_columns_named_like_the_hidden_fields_are_refused_before_any_data_moves(
     conn_id: str, orders: str, out_dir: Path
 ) -> None:

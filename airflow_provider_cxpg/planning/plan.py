@@ -486,14 +486,25 @@ def _plan_select(
     return columns, select_exprs
 
 
+def _column_names(source_cols: Sequence[SourceColumn], what: str) -> list[str]:
+    """The names of the columns ``what`` returns: at least one, each once."""
+    names = [c.name for c in source_cols]
+    if not names:  # Arrow and Parquet hold no rows without columns: refused now, not by connectorx at chunk 0
+        raise InvalidInputError(
+            f"{what} returns no columns (a table created without any, or with every column dropped): "
+            "there is nothing to write"
+        )
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise InvalidInputError(f"{what} returns duplicate column names {dupes}: alias them")
+    return names
+
+
 def build_read_plan(conn: Any, sql: str, column_casts: Mapping[str, str] | None = None) -> ExtractPlan:
     """Plan a single unchunked read of ``sql`` (no key): the same type handling as extraction."""
     spec = SourceSpec(sql=sql, column_casts=dict(column_casts or {}))
     from_clause, source_cols, _ = _source_columns(conn, spec)
-    names = [c.name for c in source_cols]
-    if len(set(names)) != len(names):
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        raise InvalidInputError(f"the query returns duplicate column names {dupes}: alias them")
+    names = _column_names(source_cols, "the query")
     unknown_casts = set(spec.column_casts) - set(names)
     if unknown_casts:
         raise SourceNotFoundError(f"column_casts names columns not in the output: {sorted(unknown_casts)}")
@@ -561,10 +572,7 @@ def build_plan(conn: Any, spec: SourceSpec) -> ExtractPlan:
     :raises InvalidInputError: and its subclasses, each naming what is wrong.
     """
     from_clause, source_cols, table = _source_columns(conn, spec)
-    names = [c.name for c in source_cols]
-    if len(set(names)) != len(names):
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        raise InvalidInputError(f"the source returns duplicate column names {dupes}: alias them")
+    names = _column_names(source_cols, "the source")
     reserved = [n for n in names if n.startswith(_HIDDEN_PREFIX)]
     if reserved:  # the chunk statements add fields of these names: refused now, not at chunk 0
         raise InvalidInputError(
