@@ -7,6 +7,11 @@ the supervisor's last escalation does), SIGTERM its process group, or let its ti
 inspect what is left on the server. The operator's arguments come as JSON in argv[1]; the
 structured query log goes to ``query_log_path``.
 
+``before_execute`` (seconds) stands for what Airflow 3's runner does between installing its SIGTERM
+handler and calling ``execute`` (clearing XComs, rendering templates, ``pre_execute``);
+``connection_lookup`` (seconds) for a slow secrets backend inside ``execute``, before there is an
+extraction to stop.
+
 ``CXPG_TEST_NO_LIVENESS=1`` makes the provider behave as on a server without
 ``client_connection_check_interval`` (PostgreSQL 13 and older), to test the fallback.
 ``CXPG_TEST_TOKEN_FILE=<path>`` stands in for an IAM token service: each token minted is that
@@ -19,11 +24,24 @@ import json
 import os
 import signal
 import sys
+import time
 
 
 def main() -> None:
     arguments = json.loads(sys.argv[1])
     timeout = arguments.pop("execution_timeout", None)
+    before_execute = float(arguments.pop("before_execute", 0))
+    connection_lookup = float(arguments.pop("connection_lookup", 0))
+    if connection_lookup:
+        from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+
+        lookup = ConnectorXPostgresHook.get_connection
+
+        def slow_lookup(cls: type, conn_id: str) -> object:
+            time.sleep(connection_lookup)
+            return lookup(conn_id)
+
+        ConnectorXPostgresHook.get_connection = classmethod(slow_lookup)  # type: ignore[method-assign,assignment]
     if os.environ.get("CXPG_TEST_NO_LIVENESS") == "1":
         import airflow_provider_cxpg.conninfo as conninfo
         import airflow_provider_cxpg.supervisor.session as supervisor
@@ -46,6 +64,7 @@ def main() -> None:
     op = PostgresExtractOperator(task_id="t", **arguments)
     signal.signal(signal.SIGTERM, lambda s, f: op.on_kill())
     print("ready", flush=True)
+    time.sleep(before_execute)
     try:
         if timeout:
             from airflow.providers.common.compat.sdk import AirflowTaskTimeout

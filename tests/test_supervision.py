@@ -25,6 +25,7 @@ import pytest
 
 from airflow_provider_cxpg.exceptions import (
     ConnectionConfigError,
+    ExtractionAborted,
     JobTimeoutError,
     QueryTimeoutError,
     StorageError,
@@ -531,6 +532,71 @@ def test_sigterm_to_the_task_process_group_ends_cleanly_with_the_query_cancelled
             assert not [e for e in events(tmp_path / "log.jsonl") if e["event"] == "worker.crash"]
         finally:
             holder.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+
+
+@pytest.mark.parametrize("when", ["before_execute", "connection_lookup"])
+def test_a_sigterm_before_there_is_an_extraction_still_fails_the_task_before_any_read(
+    pg: PgInfo, admin: psycopg.Connection, table: str, tmp_path: Path, when: str
+) -> None:
+    """Airflow 3's handler calls ``on_kill`` only; it is installed before templates are rendered and
+    ``pre_execute`` runs, and inside ``execute`` a slow secrets backend comes before the extraction.
+
+    Such a kill was forgotten: the run read every chunk and ended green, or read every chunk and
+    then failed. It now fails the task before the first query.
+    """
+    task = TaskProcess(
+        pg.airflow_conn_json(),
+        tmp_path / "log.jsonl",
+        table=table,
+        destination=str(tmp_path / "out"),
+        chunk_rows=100,
+        **{when: 3},
+    )
+    assert task.process.stdout is not None and task.process.stdout.readline().strip() == "ready"
+    time.sleep(0.5)  # inside the slow step
+    task.process.send_signal(signal.SIGTERM)
+    out = task.output(timeout=60)
+    assert "failed ExtractionAborted" in out, out
+    assert not [e for e in events(tmp_path / "log.jsonl") if e["event"] == "query.start"]
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
+    assert wait_until(lambda: not worker_pids(0), 10, 0.1)
+    assert_nothing_left(admin)
+
+
+def test_every_operator_fails_for_a_kill_before_execute_and_a_later_execute_starts_clean(
+    conn_id: str, admin: psycopg.Connection, table: str, tmp_path: Path
+) -> None:
+    from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+    from airflow_provider_cxpg.operators.partition import (
+        PostgresPartitionPlanOperator,
+        PostgresPartitionValidateOperator,
+    )
+
+    base = str(tmp_path / "dataset")
+    operators = [
+        PostgresPartitionPlanOperator(
+            task_id="plan", postgres_conn_id=conn_id, table=table, partitions=2, destination=base
+        ),
+        PostgresExtractOperator(
+            task_id="extract", postgres_conn_id=conn_id, table=table, destination=str(tmp_path / "one"), chunk_rows=100
+        ),
+        PostgresPartitionValidateOperator(
+            task_id="validate", postgres_conn_id=conn_id, destination=base, verify_count=True
+        ),
+    ]
+    for op in operators:
+        op.on_kill()
+        with pytest.raises(ExtractionAborted):
+            op.execute({})
+    assert not (tmp_path / "one").exists() and not (tmp_path / "dataset").exists()
+    ranges = operators[0].execute({})  # the kill is forgotten once execute has ended
+    assert operators[1].execute({})["rows"] == 600
+    for index, arguments in enumerate(ranges):
+        PostgresExtractOperator(
+            task_id=f"range{index}", postgres_conn_id=conn_id, table=table, chunk_rows=100, **arguments
+        ).execute({})
+    assert operators[2].execute({})["rows"] == 600
+    assert_nothing_left(admin)
 
 
 def test_execution_timeout_during_planning_cancels_the_query_stops_the_worker_and_says_why(

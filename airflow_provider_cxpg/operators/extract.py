@@ -16,9 +16,10 @@ from airflow_provider_cxpg.durations import (
     DEFAULT_STORAGE_TIMEOUT,
     as_seconds,
 )
-from airflow_provider_cxpg.exceptions import ExtractionAborted, InvalidInputError
+from airflow_provider_cxpg.exceptions import InvalidInputError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.assets import asset_uri, record_asset_event, stable_asset
+from airflow_provider_cxpg.operators.killing import attach, kill, killable, raise_if_killed
 from airflow_provider_cxpg.output.destination import Destination
 from airflow_provider_cxpg.output.manifest import dataset_planning
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec
@@ -28,7 +29,7 @@ from airflow_provider_cxpg.planning.watermark_state import (
     source_identity,
     spec_for_task,
 )
-from airflow_provider_cxpg.run.extraction import Extraction, ExtractResult, new_run_id
+from airflow_provider_cxpg.run.extraction import ExtractResult, new_run_id
 from airflow_provider_cxpg.run.options import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, positive_int
 from airflow_provider_cxpg.run.tables import check_table_arguments
 
@@ -433,7 +434,10 @@ class PostgresExtractOperator(BaseOperator):
     # -- execution ---------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> dict[str, Any]:
-        self._killed = None
+        with killable(self):
+            return self._execute(context)
+
+    def _execute(self, context: Context) -> dict[str, Any]:
         self._validate()
         settings = dict(self.worker_settings)
         common: dict[str, Any] = {
@@ -468,7 +472,7 @@ class PostgresExtractOperator(BaseOperator):
         if self.parallelism > 1:
             from airflow_provider_cxpg.run.parallel import ParallelExtraction
 
-            self._extraction = ParallelExtraction(
+            extraction: Any = ParallelExtraction(
                 self.hook,
                 parallelism=self.parallelism,
                 partition_method=self.partition_method,
@@ -476,7 +480,7 @@ class PostgresExtractOperator(BaseOperator):
                 **common,
             )
         elif self.table_format != "parquet":
-            self._extraction = self.hook.prepare_table_extraction(
+            extraction = self.hook.prepare_table_extraction(
                 table_format=self.table_format,
                 write_mode=self.write_mode,
                 run_key=self._run_key(context),
@@ -486,10 +490,10 @@ class PostgresExtractOperator(BaseOperator):
                 **common,
             )
         else:
-            self._extraction = self.hook.prepare_extraction(snapshot=bool(self.snapshot), **common)
-        result: ExtractResult = self._extraction.run()
-        if self._killed:  # on_kill landed as the run ended: a killed task must not end as success
-            raise ExtractionAborted.because(self._killed)
+            extraction = self.hook.prepare_extraction(snapshot=bool(self.snapshot), **common)
+        attach(self, extraction)
+        result: ExtractResult = extraction.run()
+        raise_if_killed(self)  # on_kill landed as the run ended: a killed task must not end as success
         self._result = result
         if self._watermark_state is not None and result.window is not None:
             dag_run = context.get("dag_run")
@@ -505,10 +509,7 @@ class PostgresExtractOperator(BaseOperator):
         ``execute`` then raises, wherever the run was: Airflow 3's SIGTERM handler only calls this,
         and a run that finished meanwhile must not end as success.
         """
-        self._killed = "on_kill"
-        extraction: Extraction | None = self._extraction
-        if extraction is not None:
-            extraction.abort("on_kill")
+        kill(self)
 
     # -- lineage -----------------------------------------------------------------------------------
 

@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import BaseOperator
 
 from airflow_provider_cxpg.durations import DEFAULT_QUERY_TIMEOUT, DEFAULT_STORAGE_TIMEOUT, as_seconds
-from airflow_provider_cxpg.exceptions import DataIntegrityError, ExtractionAborted, InvalidInputError, StorageError
+from airflow_provider_cxpg.exceptions import DataIntegrityError, InvalidInputError, StorageError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.assets import record_asset_event, stable_asset
+from airflow_provider_cxpg.operators.killing import attach, kill, killable, raise_if_killed
 from airflow_provider_cxpg.output.destination import Destination
 from airflow_provider_cxpg.output.manifest import SUCCESS_MARKER
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec
@@ -164,7 +165,10 @@ class PostgresPartitionPlanOperator(BaseOperator):
         )
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
-        self._killed = None
+        with killable(self):
+            return self._execute(context)
+
+    def _execute(self, context: Context) -> list[dict[str, Any]]:
         if isinstance(self.partitions, bool) or not isinstance(self.partitions, int) or self.partitions < 1:
             raise InvalidInputError(f"partitions must be a positive integer, got {self.partitions!r}")
         spec, state = self._watermark(context)
@@ -180,7 +184,7 @@ class PostgresPartitionPlanOperator(BaseOperator):
             watermark=spec,
             owner=f"{getattr(self, 'dag_id', None) or '_'}.{self.task_id}",
         )
-        self._extraction = coordinator  # on_kill cancels its planning queries
+        attach(self, coordinator)  # on_kill cancels its planning queries
         destination = coordinator.destination
         ranges, record = plan_or_reuse_ranges(coordinator, destination, self.partitions, self.method)
         extra: dict[str, Any] = {}
@@ -201,7 +205,7 @@ class PostgresPartitionPlanOperator(BaseOperator):
                 "watermark_start": window["start"],
                 "watermark_end": window["end"],
             }
-        _raise_if_killed(self)
+        raise_if_killed(self)
         base = destination.url
         return [
             {
@@ -216,21 +220,7 @@ class PostgresPartitionPlanOperator(BaseOperator):
 
     def on_kill(self) -> None:
         """Cancel the planning query (a lock wait may last ``query_timeout``); ``execute`` then raises."""
-        _kill(self)
-
-
-def _kill(operator: Any) -> None:
-    """``on_kill`` of the planner and the validator: their control queries are cancelled, and the
-    task fails wherever it was (Airflow 3's SIGTERM handler only calls ``on_kill``)."""
-    operator._killed = "on_kill"
-    extraction = operator._extraction
-    if extraction is not None:
-        extraction.abort("on_kill")
-
-
-def _raise_if_killed(operator: Any) -> None:
-    if operator._killed:
-        raise ExtractionAborted.because(operator._killed)
+        kill(self)
 
 
 #: Seconds the validator tries, at most, to withdraw ``_SUCCESS`` after a failed check.
@@ -299,7 +289,10 @@ class PostgresPartitionValidateOperator(BaseOperator):
         self.where = where
 
     def execute(self, context: Context) -> dict[str, Any]:
-        self._killed = None
+        with killable(self):
+            return self._execute(context)
+
+    def _execute(self, context: Context) -> dict[str, Any]:
         timeout = as_seconds("storage_timeout", self.storage_timeout, allow_none=True)
         as_seconds("query_timeout", self.query_timeout, allow_none=True)  # bad input fails before any read
         destination = Destination(self.destination, self.storage_options, timeout=timeout)
@@ -327,7 +320,7 @@ class PostgresPartitionValidateOperator(BaseOperator):
         except Exception:
             self._withdraw_success_marker(destination)
             raise
-        _raise_if_killed(self)
+        raise_if_killed(self)
         record.update(
             status="complete",
             rows=totals["rows"],
@@ -394,11 +387,11 @@ class PostgresPartitionValidateOperator(BaseOperator):
             watermark=WatermarkSpec.again(window) if window else None,
             query_timeout=self.query_timeout,
         )
-        self._extraction = extraction  # on_kill cancels the count
+        attach(self, extraction)  # on_kill cancels the count
         plan = extraction.windowed(extraction.build_plan(), None)
         with extraction.control_connection("count") as conn:
             return int(conn.execute(plan.count_sql()).fetchone()[0])
 
     def on_kill(self) -> None:
         """Cancel the ``verify_count`` query; ``execute`` then raises."""
-        _kill(self)
+        kill(self)
