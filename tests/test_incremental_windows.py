@@ -20,11 +20,14 @@ from typing import Any
 import psycopg
 import pytest
 
+from airflow_provider_cxpg.demo.embedded_postgres import EmbeddedPostgres
+from airflow_provider_cxpg.exceptions import SourceChangedError
+from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
 from airflow_provider_cxpg.operators.partition import PostgresPartitionPlanOperator, PostgresPartitionValidateOperator
-from airflow_provider_cxpg.planning.incremental import END_KEYS_MAX
+from airflow_provider_cxpg.planning.incremental import END_KEYS_MAX, WatermarkSpec
 from airflow_provider_cxpg.planning.watermark_state import WatermarkState, default_state_key
-from tests.helpers import read_output, register_dag
+from tests.helpers import PgInfo, read_output, register_dag
 from tests.test_operator_dags import run_dag, xcom_return
 
 pytestmark = pytest.mark.integration
@@ -786,3 +789,57 @@ def test_a_range_of_a_plan_without_a_watermark_cannot_keep_a_window_of_its_own(
         logged.out + logged.err + caplog.text
     )
     assert not list(tmp_path.glob("*/range=*/part-*.parquet"))  # refused before any data moved
+
+
+def test_an_xmin_task_moved_to_another_cluster_reads_every_row_there_and_goes_on_from_it(
+    pg: PgInfo,
+    admin: psycopg.Connection,
+    events: str,
+    tmp_path: Path,
+    airflow_db: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A restore into a new cluster, a move by logical replication: transaction ids start again.
+
+    The state's start was another cluster's transaction id, past every id here: each run read an
+    empty window and ended green, every row written on the new server lost. The window records the
+    cluster's system identifier; on another one the run reads every row (at least once) and the
+    chain goes on from there. A recorded window of the old cluster is not read again here.
+    """
+    definition = f"CREATE TABLE {events} (id int PRIMARY KEY, v int NOT NULL)"
+    admin.execute(definition)
+    admin.execute(f"INSERT INTO {events} SELECT g, g FROM generate_series(1, 30) g")
+    while int(admin.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0]) < 5000:
+        pass  # autocommit: one transaction id each, past anything a new cluster has used
+    moving = f"cxpg_moving_{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv(f"AIRFLOW_CONN_{moving.upper()}", pg.airflow_conn_json())
+    runs = Runs(
+        make_dag(
+            _dag_id("moved"),
+            postgres_conn_id=moving,
+            table=events,
+            watermark_column="xmin",
+            destination=str(tmp_path / "{{ run_id }}"),
+            chunk_rows=7,
+        )
+    )
+    assert sorted(runs.rows(runs.run())) == list(range(1, 31))
+    old_window = state(runs.dag.dag_id).last_window()
+    assert old_window is not None
+    with EmbeddedPostgres() as server, psycopg.connect(PgInfo.of(server).dsn, autocommit=True) as other:
+        other.execute(f"CREATE SCHEMA {events.split('.')[0]}")
+        other.execute(definition)
+        other.execute(f"INSERT INTO {events} SELECT g, g FROM generate_series(1, 30) g")  # the restore
+        other.execute(f"INSERT INTO {events} SELECT g, g FROM generate_series(31, 40) g")
+        other.execute(f"UPDATE {events} SET v = -5 WHERE id = 5")
+        monkeypatch.setenv(f"AIRFLOW_CONN_{moving.upper()}", PgInfo.of(server).airflow_conn_json())
+        assert sorted(runs.rows(runs.run())) == list(range(1, 41))
+        moved = state(runs.dag.dag_id).last_window()
+        assert moved is not None and "another cluster" in moved["note"]
+        assert None not in (moved["cluster"], old_window["cluster"]) and moved["cluster"] != old_window["cluster"]
+        other.execute(f"INSERT INTO {events} SELECT g, g FROM generate_series(41, 50) g")
+        assert sorted(runs.rows(runs.run())) == list(range(41, 51))
+        with pytest.raises(SourceChangedError, match="another PostgreSQL cluster"):
+            ConnectorXPostgresHook(postgres_conn_id=moving).extract(
+                table=events, destination=str(tmp_path / "again"), watermark=WatermarkSpec.again(old_window)
+            )

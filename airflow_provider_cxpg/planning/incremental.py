@@ -65,7 +65,7 @@ from typing import Any
 
 import psycopg
 
-from airflow_provider_cxpg.exceptions import InvalidInputError, SourceNotFoundError
+from airflow_provider_cxpg.exceptions import InvalidInputError, SourceChangedError, SourceNotFoundError
 from airflow_provider_cxpg.planning.catalog import query_column_collation
 from airflow_provider_cxpg.planning.plan import SOURCE_ALIAS, ExtractPlan
 from airflow_provider_cxpg.planning.sql import literal, quote_ident, text_form
@@ -127,6 +127,8 @@ class WatermarkSpec:
         it: rows written later below it would fall behind the next window's start.
     :param known_descendants: the source's partitions and children when the window this one follows
         was fixed (None: not known); those that arrived since are read whole, up to ``end``.
+    :param known_cluster: for xmin, the system identifier of the cluster whose transaction ids the
+        window this one follows counted (None: not known); on another cluster they mean nothing.
     """
 
     column: str
@@ -140,6 +142,7 @@ class WatermarkSpec:
     sequence: int | None = field(default=None, compare=False)
     one_off: bool = field(default=False, compare=False)
     known_descendants: tuple[int, ...] | None = field(default=None, compare=False)
+    known_cluster: str | None = field(default=None, compare=False)
 
     @property
     def window_sequence(self) -> int | None:
@@ -182,6 +185,7 @@ class WatermarkSpec:
                 first_run=False,
                 sequence=sequence,
                 known_descendants=known,
+                known_cluster=window.get("cluster"),
             )
         return cls(
             str(window["column"]),
@@ -213,6 +217,8 @@ class Window:
     :param sequence: its place in its task's chain of committed windows (see :class:`WatermarkSpec`).
     :param descendants: the source's partitions and children (OIDs) when the window was fixed.
     :param arrived: those of them the previous window did not know: read whole, up to ``end``.
+    :param cluster: for xmin, the system identifier of the cluster whose transaction ids ``start``
+        and ``end`` count (``pg_control_system()``; a physical standby shares its primary's).
     """
 
     column: str
@@ -236,6 +242,7 @@ class Window:
     sequence: int | None = None
     descendants: tuple[int, ...] | None = None
     arrived: tuple[int, ...] = ()
+    cluster: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Everything needed to read this window again, or the one after it (manifests, state)."""
@@ -259,6 +266,7 @@ class Window:
             "sequence": self.sequence,
             "descendants": list(self.descendants) if self.descendants is not None else None,
             "arrived": list(self.arrived),
+            "cluster": self.cluster,
         }
 
     def summary(self) -> dict[str, Any]:
@@ -647,8 +655,10 @@ def _rebuild(conn: Any, plan: ExtractPlan, recorded: Mapping[str, Any]) -> Windo
         sequence=recorded.get("sequence"),
         descendants=tuple(recorded["descendants"]) if isinstance(recorded.get("descendants"), list) else None,
         arrived=tuple(int(d) for d in recorded.get("arrived") or ()),
+        cluster=recorded.get("cluster"),
     )
     if column == XMIN:
+        _refuse_another_cluster(conn, window)
         return replace(window, filters=_xmin_filters(window))
     sql_type, typname, _ = _column_type(plan, column)
     return replace(
@@ -680,6 +690,10 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
             )
             end = settled
     start = None if _blank(spec.start) else _as_int(spec.start, "watermark_start")
+    cluster = _cluster(conn)
+    moved = start is not None and None not in (cluster, spec.known_cluster) and cluster != spec.known_cluster
+    if moved:  # another cluster's transaction ids (a restore, a logical migration): they select nothing here
+        start = None
     # At least once, honestly: a first run (or a too-wide window) reads every row, also rows
     # committed after ``end`` that the next window reads again, and a frozen tuple's raw xmin can
     # collide modulo 2^32 with a later window.
@@ -694,12 +708,19 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
         contract=AT_LEAST_ONCE,
         wal_position=_wal_position(conn),
         sequence=spec.window_sequence,
+        cluster=cluster,
     )
-    descendants, arrived = _descendants(plan, spec)
+    descendants, arrived = _descendants(plan, replace(spec, first_run=True) if moved else spec)
     window = replace(window, descendants=descendants, arrived=arrived)
     if arrived:
         note = "; ".join(n for n in (note, _arrived_note(arrived)) if n)
-    if start is None:
+    if moved:
+        window = replace(
+            window,
+            note=f"the last window counted the transaction ids of another cluster (system identifier "
+            f"{spec.known_cluster}; this server's is {cluster}): every row is read",
+        )
+    elif start is None:
         window = replace(window, note="first xmin run: every row is read")
     elif end - start <= 0:
         window = replace(window, high_watermark=max(start, end), note="empty xmin window")
@@ -711,6 +732,30 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
     if note is not None:
         window = replace(window, note="; ".join(n for n in (note, window.note) if n))
     return replace(window, filters=_xmin_filters(window))
+
+
+def _cluster(conn: Any) -> str | None:
+    """This server's system identifier: the same on a physical standby as on its primary, another
+    after a restore into a new cluster or a move by logical replication (None: not readable)."""
+    try:
+        row = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()
+    except psycopg.Error:  # not Exception: a deadline, an abort, AirflowTaskTimeout (Airflow 2) must go on
+        return None
+    return row[0] if row and row[0] else None
+
+
+def _refuse_another_cluster(conn: Any, window: Window) -> None:
+    """A recorded xmin window read again on a server of another cluster would select other rows."""
+    if window.cluster is None:
+        return
+    cluster = _cluster(conn)
+    if cluster is not None and cluster != window.cluster:
+        raise SourceChangedError(
+            f"this xmin window ({window.start}, {window.end}] was fixed on another PostgreSQL cluster (system "
+            f"identifier {window.cluster}; this server's is {cluster}): its transaction ids select other rows "
+            "here. Read it on the server it was fixed on, or start a new window on this one",
+            changes=[f"system identifier {window.cluster} -> {cluster}"],
+        )
 
 
 def _xmin_filters(window: Window) -> tuple[str, ...]:
