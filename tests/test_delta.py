@@ -107,6 +107,63 @@ def test_merge_upserts_by_the_key_so_the_table_equals_the_source_after_each_run(
     assert_nothing_left(admin)
 
 
+def test_a_merge_paged_by_a_column_that_is_not_unique_upserts_by_the_primary_key(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, items: str, out_dir: Path
+) -> None:
+    """``key_columns=["changed_at"]`` pages by (changed_at, id): the tie-breaker made it unique.
+
+    The merge matched rows by that paging key, so a row whose ``changed_at`` moved was inserted a
+    second time beside its old version, green. A table's rows are merged by its primary key.
+    """
+    admin.execute(f"CREATE INDEX ON {items} (changed_at)")
+    admin.execute(f"UPDATE {items} SET changed_at = '2024-01-01' WHERE id <= 10")  # ties: a real tie-breaker
+    uri = str(out_dir / "merged")
+    arguments = {"table": items, "table_format": "delta", "write_mode": "merge", "key_columns": ["changed_at"]}
+    hook.extract(destination=uri, chunk_rows=700, **arguments, **FAST)
+    admin.execute(f"UPDATE {items} SET changed_at = '2030-01-01', name = 'moved' WHERE id IN (5, 500)")
+    hook.extract(destination=uri, where="changed_at >= '2030-01-01'", **arguments, **FAST)
+    assert table_rows(uri) == source_rows(admin, items)
+    assert_nothing_left(admin)
+
+
+@pytest.mark.parametrize(
+    ("key_type", "old", "new", "message"),
+    [
+        ("numeric", "1.0", "1.00", "'1.0' and '1.00'"),
+        ("float8", "0", "-0", "0 and -0"),
+        ("citext", "'A'", "'a'", "citext"),
+        ("text COLLATE mergekeys.ci", "'A'", "'a'", "nondeterministic"),
+    ],
+    ids=["numeric", "float", "citext", "nondeterministic"],
+)
+def test_a_merge_by_a_key_whose_equal_values_differ_when_stored_is_refused_before_any_data_moves(
+    request: pytest.FixtureRequest, out_dir: Path, key_type: str, old: str, new: str, message: str
+) -> None:
+    """PostgreSQL finds ``new`` equal to ``old``, the merge compares stored values: an update from
+    one to the other left the old row beside the new one (both formats), green."""
+    system = "citext" in key_type or "COLLATE" in key_type  # the embedded server has neither ICU nor citext
+    admin: psycopg.Connection = request.getfixturevalue("system_admin" if system else "admin")
+    hook = ConnectorXPostgresHook(postgres_conn_id=request.getfixturevalue("system_conn_id" if system else "conn_id"))
+    admin.execute("DROP SCHEMA IF EXISTS mergekeys CASCADE")
+    admin.execute("CREATE SCHEMA mergekeys")
+    if system:
+        admin.execute("CREATE EXTENSION IF NOT EXISTS citext")
+        admin.execute(
+            "CREATE COLLATION mergekeys.ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false)"
+        )
+    admin.execute(f"CREATE TABLE mergekeys.keyed (k {key_type} PRIMARY KEY, v text)")
+    admin.execute(f"INSERT INTO mergekeys.keyed VALUES ({old}, 'old')")
+    uri = str(out_dir / "merged")
+    arguments = {"destination": uri, "table": "mergekeys.keyed", "table_format": "delta"}
+    with pytest.raises(InvalidInputError, match=message):
+        hook.extract(write_mode="merge", **arguments, **FAST)
+    assert not (out_dir / "merged").exists() or not list((out_dir / "merged").rglob("*.parquet"))
+    admin.execute(f"UPDATE mergekeys.keyed SET k = {new}")  # the same key to PostgreSQL
+    hook.extract(write_mode="append", **arguments, **FAST)  # an append keeps it as read
+    assert len(table_rows(uri, ("k", "v"))) == 1
+    admin.execute("DROP SCHEMA mergekeys CASCADE")
+
+
 def test_a_merge_whose_run_repeats_a_key_is_refused_before_its_commit_and_read_again_on_retry(
     hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, out_dir: Path
 ) -> None:

@@ -115,6 +115,19 @@ def test_append_overwrite_and_merge_each_commit_once_and_the_table_equals_the_so
     assert_nothing_left(admin)
 
 
+def test_a_merge_paged_by_a_column_that_is_not_unique_upserts_by_the_primary_key(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, items: str, catalog: dict[str, Any]
+) -> None:
+    """Paged by (changed_at, id), the upsert once matched by that pair: a moved row was inserted twice."""
+    admin.execute(f"CREATE INDEX ON {items} (changed_at)")
+    arguments = {"table": items, "table_format": "iceberg", "write_mode": "merge", "key_columns": ["changed_at"]}
+    hook.extract(destination="lake.items", chunk_rows=700, **arguments, **catalog, **FAST)
+    admin.execute(f"UPDATE {items} SET changed_at = '2030-01-01', name = 'moved' WHERE id IN (5, 500)")
+    hook.extract(destination="lake.items", where="changed_at >= '2030-01-01'", **arguments, **catalog, **FAST)
+    assert table_rows(catalog, "lake.items") == source_rows(admin, items)
+    assert_nothing_left(admin)
+
+
 def test_a_killed_worker_and_retries_give_one_commit_without_duplicates(
     hook: ConnectorXPostgresHook, admin: psycopg.Connection, items: str, catalog: dict[str, Any]
 ) -> None:

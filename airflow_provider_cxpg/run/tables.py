@@ -29,7 +29,8 @@ from airflow_provider_cxpg.output.iceberg import IcebergTarget
 from airflow_provider_cxpg.output.manifest import Manifest
 from airflow_provider_cxpg.output.table_calls import StagedFile
 from airflow_provider_cxpg.output.verify import output_problems
-from airflow_provider_cxpg.planning.plan import key_to_json
+from airflow_provider_cxpg.planning.merge_key import MergeKey, merge_key
+from airflow_provider_cxpg.planning.plan import ExtractPlan, key_to_json
 from airflow_provider_cxpg.run.extraction import Extraction, ExtractResult
 
 __all__ = ["TABLE_FORMATS", "TableExtraction", "check_table_arguments", "staging_name"]
@@ -206,9 +207,9 @@ class TableExtraction:
             self._stage(plan.schema)
             log.emit("job.plan", note=f"run {self.run_key} is already table version {version}: not committed again")
             return self._result_of_earlier_try(version)
-        if self.write_mode == "merge" and not plan.key_names:
-            raise InvalidInputError("write_mode='merge' needs a key: the source has none (key_columns=['ctid'])")
-        new_columns = self.target.check_schema(plan.schema, write_mode=self.write_mode, key=plan.key_names)
+        merging = self._merge_key(plan) if self.write_mode == "merge" else None
+        key = merging.names if merging is not None else plan.key_names
+        new_columns = self.target.check_schema(plan.schema, write_mode=self.write_mode, key=key)
         self._stage(plan.schema)
         recorded = Manifest.load(self.destination)
         if recorded is not None and recorded.table is not None:
@@ -230,15 +231,15 @@ class TableExtraction:
             assert manifest is not None and manifest.status == "complete"
         if self.extraction._aborted:  # on_kill before the commit: nothing is committed, the task fails
             raise ExtractionAborted.because(self.extraction._aborted)
-        if self.write_mode == "merge" and not plan.key_unique:
-            self._refuse_repeated_keys(list(plan.key_names), manifest)
+        if merging is not None and not merging.unique:
+            self._refuse_repeated_keys(list(merging.names), manifest)
         files = [StagedFile(f"{self.staging}/{c.file}", c.bytes, c.rows) for c in manifest.chunks if c.file]
         committing = time.monotonic()
         version = self.target.committed(self.app_id)  # the retry of a commit that timed out
         referenced = True
         if version is None:
             metadata = {"cxpg.run_id": result.run_id, "cxpg.rows": result.rows}
-            arguments: dict[str, Any] = {"write_mode": self.write_mode, "key": plan.key_names, "app_id": self.app_id}
+            arguments: dict[str, Any] = {"write_mode": self.write_mode, "key": key, "app_id": self.app_id}
             if isinstance(self.target, IcebergTarget):
                 assert self._root is not None
                 version, referenced = self.target.commit(
@@ -267,6 +268,10 @@ class TableExtraction:
                 self.destination.remove(name)
             result.files = []
         return self._with_table(result, version)
+
+    def _merge_key(self, plan: ExtractPlan) -> MergeKey:
+        with self.extraction.control_connection("plan") as conn:
+            return merge_key(conn, plan)
 
     def _refuse_repeated_keys(self, key: list[str], manifest: Manifest) -> None:
         """A merge matches each key to one row: refuse a run in which a key repeats, before the commit.
