@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pyarrow as pa
 import pytest
 
 from airflow_provider_cxpg.exceptions import CxpgError, DataIntegrityError, InvalidInputError
@@ -386,6 +387,60 @@ def test_runs_that_cannot_be_one_faithful_version_are_refused(
     with pytest.raises(InvalidInputError, match="S3"):
         hook.extract(destination="memory://bucket/t", table=items, table_format="delta", **FAST)
     assert not (out_dir / "never").exists() and not (out_dir / "objects").exists()
+
+
+@pytest.mark.parametrize("made", ["partitioned", "check", "invariant", "generated"])
+def test_a_table_whose_writers_must_compute_or_check_values_is_refused_before_any_data_moves(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, out_dir: Path, made: str
+) -> None:
+    """The commit adds the staged files as they are; delta-rs's own writer would have filled in
+    partition values, evaluated constraints, computed columns. Added anyway, every row of a table
+    partitioned by ``region`` read back with ``region`` NULL, and rows breaking a CHECK landed."""
+    table = f'"{schema}".orders'
+    admin.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, region text, amount bigint)")
+    admin.execute(
+        f"INSERT INTO {table} SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, g - 3 FROM generate_series(1, 6) g"
+    )
+    uri = str(out_dir / made)
+    fields = [pa.field("id", pa.int64()), pa.field("region", pa.string()), pa.field("amount", pa.int64())]
+    if made in ("invariant", "generated"):
+        key, value = {
+            "invariant": ("delta.invariants", '{"expression": {"expression": "amount > 0"}}'),
+            "generated": ("delta.generationExpression", "id * 2"),
+        }[made]
+        fields[2] = fields[2].with_metadata({key: value})
+    deltalake.write_deltalake(
+        uri, pa.schema(fields).empty_table(), partition_by=["region"] if made == "partitioned" else None
+    )
+    if made == "check":
+        deltalake.DeltaTable(uri).alter.add_constraint({"amount_positive": "amount > 0"})
+    before = deltalake.DeltaTable(uri).version()
+    with pytest.raises(InvalidInputError, match="cannot take the run's files"):
+        hook.extract(destination=uri, table=table, table_format="delta", **FAST)
+    assert deltalake.DeltaTable(uri).version() == before and not list(Path(uri).glob("cxpg-*/*.parquet"))
+    assert_nothing_left(admin)
+
+
+def test_null_in_a_column_the_table_declares_not_null_is_refused_before_the_commit(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    table = f'"{schema}".orders'
+    admin.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, amount bigint)")
+    admin.execute(
+        f"INSERT INTO {table} SELECT g, CASE WHEN g = 250 THEN NULL ELSE g END FROM generate_series(1, 300) g"
+    )
+    uri = str(out_dir / "strict")
+    required = pa.schema([pa.field("id", pa.int64(), nullable=False), pa.field("amount", pa.int64(), nullable=False)])
+    deltalake.write_deltalake(uri, required.empty_table())
+    with pytest.raises(DataIntegrityError, match=r"declares \['amount'\] NOT NULL"):
+        hook.extract(destination=uri, table=table, table_format="delta", chunk_rows=100, **FAST)
+    assert deltalake.DeltaTable(uri).version() == 0
+    admin.execute(
+        f"UPDATE {table} SET amount = 0 WHERE amount IS NULL"
+    )  # fixed at the source: the retry reads it again
+    run = hook.extract(destination=uri, table=table, table_format="delta", chunk_rows=100, **FAST)
+    assert run.rows == 300 and table_rows(uri, ("id", "amount")) == source_rows(admin, table, "id, amount")
+    assert_nothing_left(admin)
 
 
 def test_a_damaged_staged_run_is_read_again_not_committed(

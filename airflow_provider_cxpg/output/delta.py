@@ -66,6 +66,11 @@ _SECRET_OPTIONS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TO
 UNKNOWN_VERSION = -1
 #: How many of the newest commit files are searched for a run's commit before the history.
 _LOG_SCAN = 1_000
+#: Table properties of CHECK constraints (``delta.constraints.<name>``: a SQL expression).
+_CONSTRAINT = "delta.constraints."
+#: Field metadata of columns a writer computes or checks: ``delta.invariants``,
+#: ``delta.generationExpression``, ``delta.identity.*``.
+_COMPUTED_COLUMN = ("delta.invariants", "delta.generationExpression", "delta.identity.")
 
 
 def require_deltalake() -> Any:
@@ -221,11 +226,55 @@ class DeltaTarget:
         table = self._open()
         if table is None:
             return []
+        self._refuse_what_added_files_cannot_honour(table)
         existing = self._call("reading the Delta schema", lambda: table.schema().to_arrow())
         existing = pa.schema(existing)
         theirs = {f.name: f.type for f in existing}
         ours = {f.name: _delta_type(deltalake, f) for f in schema}
         return new_columns_or_refuse(theirs, ours, f"(Delta) {self.uri}", same=_same, addable="new nullable columns")
+
+    def _refuse_what_added_files_cannot_honour(self, table: Any) -> None:
+        """The commit adds the staged files as they are: a table that needs more of its writers is refused.
+
+        delta-rs's own writer evaluates these; adding files bypasses it. Measured: files added to a
+        table partitioned by ``region`` read back with ``region`` NULL in every row, and rows breaking
+        a CHECK constraint or an invariant were committed.
+        """
+        metadata = self._call("reading the Delta metadata", lambda: table.metadata())
+        configuration = dict(metadata.configuration or {})
+        problems = []
+        if metadata.partition_columns:
+            problems.append(
+                f"it is partitioned by {list(metadata.partition_columns)} (the files carry no partition values)"
+            )
+        checks = {k.removeprefix(_CONSTRAINT): v for k, v in configuration.items() if k.startswith(_CONSTRAINT)}
+        if checks:
+            problems.append(f"it has CHECK constraints {checks} (adding files evaluates none)")
+        mapping = configuration.get("delta.columnMapping.mode", "none")
+        if mapping != "none":
+            problems.append(
+                f"it maps column names (delta.columnMapping.mode={mapping}; the files use the logical names)"
+            )
+        fields = self._call("reading the Delta schema", lambda: table.schema().fields)
+        for field in fields:
+            computed = sorted(k for k in (field.metadata or {}) if k.startswith(_COMPUTED_COLUMN))
+            if computed:
+                problems.append(
+                    f"column {field.name!r} has {', '.join(computed)} (adding files computes or checks none)"
+                )
+        if problems:
+            raise InvalidInputError(
+                f"the Delta table {self.uri} cannot take the run's files as they are: {'; '.join(problems)}. "
+                "Write to a table without these, or to a new one the run creates"
+            )
+
+    def required_columns(self) -> list[str]:
+        """The table's NOT NULL columns (none before the table exists): the commit checks no value."""
+        table = self._open()
+        if table is None:
+            return []
+        fields = self._call("reading the Delta schema", lambda: table.schema().fields)
+        return [f.name for f in fields if not f.nullable]
 
     # -- the commit --------------------------------------------------------------------------------
 

@@ -348,10 +348,19 @@ class Destination:
 
     def read_footer(self, name: str) -> tuple[int, dict[str, str]]:
         """A Parquet file's row count and key-value metadata, from its footer (no data pages read)."""
+        meta = self.read_metadata(name)
+        try:
+            pairs = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if not k.startswith(b"ARROW:")}
+        except UnicodeDecodeError as exc:
+            raise DamagedFile(f"not a Parquet file (its footer does not parse: {exc})") from exc
+        return int(meta.num_rows), pairs
+
+    def read_metadata(self, name: str) -> Any:
+        """A Parquet file's footer as ``pyarrow.parquet.FileMetaData`` (no data pages read)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        def footer() -> tuple[int, dict[str, str]]:
+        def footer() -> Any:
             path = self._path(name)  # on this helper thread: not through self.size(), which queues behind it
             size = os.path.getsize(path) if self.is_local else int(self._fs.size(path))
             tail = self._read_range(name, max(0, size - _FOOTER_GUESS), size)
@@ -363,13 +372,9 @@ class Destination:
             if length + 8 > len(tail):
                 tail = self._read_range(name, size - length - 8, size)
             try:  # the footer alone, framed as a file: the data pages are never read
-                meta = pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-(length + 8) :]))
-                pairs = {
-                    k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if not k.startswith(b"ARROW:")
-                }
+                return pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-(length + 8) :]))
             except Exception as exc:  # bytes that were read but do not parse (pyarrow says OSError for some)
                 raise DamagedFile(f"not a Parquet file (its footer does not parse: {exc})") from exc
-            return int(meta.num_rows), pairs
 
         return self._bounded(f"reading the footer of {name}", footer)
 

@@ -233,6 +233,8 @@ class TableExtraction:
             raise ExtractionAborted.because(self.extraction._aborted)
         if merging is not None and not merging.unique:
             self._refuse_repeated_keys(list(merging.names), manifest)
+        if isinstance(self.target, DeltaTarget):
+            self._refuse_nulls([c for c in self.target.required_columns() if c in plan.schema.names], manifest)
         files = [StagedFile(f"{self.staging}/{c.file}", c.bytes, c.rows) for c in manifest.chunks if c.file]
         committing = time.monotonic()
         version = self.target.committed(self.app_id)  # the retry of a commit that timed out
@@ -272,6 +274,38 @@ class TableExtraction:
     def _merge_key(self, plan: ExtractPlan) -> MergeKey:
         with self.extraction.control_connection("plan") as conn:
             return merge_key(conn, plan)
+
+    def _refuse_nulls(self, columns: list[str], manifest: Manifest) -> None:
+        """The table declares ``columns`` NOT NULL, and adding files checks no value: the run's are checked here."""
+        for name in manifest.files if columns else ():
+            nulls = {c: n for c, n in self._null_counts(name, columns).items() if n}
+            if nulls:
+                message = (
+                    f"the Delta table {self.table_url} declares {sorted(nulls)} NOT NULL, and this run holds "
+                    f"NULL there ({nulls} in {name}): nothing is committed. Filter them out with `where`, or "
+                    "make the column nullable"
+                )
+                manifest.status, manifest.error = "refused", message  # a retry reads the source again
+                manifest.save(self.destination)
+                raise DataIntegrityError(message, column=sorted(nulls)[0])
+
+    def _null_counts(self, name: str, columns: list[str]) -> dict[str, int]:
+        """NULLs per column of a staged file: from its footer's statistics, or its values where they say none."""
+        metadata = self.destination.read_metadata(name)
+        paths = {metadata.schema.column(i).path: i for i in range(metadata.num_columns)}
+        counts: dict[str, int] = {}
+        for column in columns:
+            index = paths.get(column)  # a nested column has leaves of other paths: its values are read
+            if index is None:
+                continue
+            statistics = [metadata.row_group(g).column(index).statistics for g in range(metadata.num_row_groups)]
+            if all(s is not None and s.has_null_count for s in statistics):
+                counts[column] = sum(s.null_count for s in statistics)
+        unknown = [c for c in columns if c not in counts]
+        if unknown:
+            values = self.destination.read_columns(name, unknown)
+            counts.update({c: values.column(c).null_count for c in unknown})
+        return counts
 
     def _refuse_repeated_keys(self, key: list[str], manifest: Manifest) -> None:
         """A merge matches each key to one row: refuse a run in which a key repeats, before the commit.
