@@ -36,6 +36,8 @@ from airflow_provider_cxpg.exceptions import (
     WorkerCrashedError,
 )
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+from airflow_provider_cxpg.output.destination import Destination
+from airflow_provider_cxpg.output.manifest import Manifest
 from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.supervisor.session import WorkerSession
 from airflow_provider_cxpg.supervisor.settings import WorkerSettings
@@ -247,6 +249,49 @@ def test_sigstop_on_worker_is_detected_by_heartbeat_loss(conn_id: str, table: st
     assert frozen
     assert time.monotonic() - started < 0.5 + FAST["heartbeat_timeout"] + GRACE
     assert failure.value.limit == "heartbeat_timeout"
+
+
+def test_a_zombie_attempt_failing_after_its_retry_completed_leaves_the_retrys_output(
+    conn_id: str, table: str, out_dir: Path
+) -> None:
+    """Two attempts of one task in one destination: the zombie's worker froze, its retry resumed the
+    zombie's manifest and completed, then the zombie failed on the lost heartbeat and wrote its older
+    manifest over the retry's: ``failed``, a quarter of the chunks, beside ``_SUCCESS``."""
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+    destination = Destination(str(out_dir / "out"))
+    arguments = {"destination": destination.url, "table": table, "chunk_rows": 500, "query_timeout": 60, **FAST}
+    zombie: list[BaseException] = []
+
+    def first_attempt() -> None:
+        try:
+            hook.extract(where="(SELECT pg_sleep(0.3)) IS NOT NULL", max_worker_restarts=0, **arguments)
+        except BaseException as exc:  # kept for the assertion below
+            zombie.append(exc)
+
+    thread = threading.Thread(target=first_attempt, daemon=True)
+    thread.start()
+
+    def committed() -> int:
+        manifest = Manifest.load(destination)
+        return len(manifest.chunks) if manifest is not None else 0
+
+    assert wait_until(lambda: committed() >= 2, 30, 0.05)
+    frozen = worker_pids()
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        retry = hook.extract(where="(SELECT pg_sleep(0.3)) IS NOT NULL", **arguments)
+        assert retry.rows == 5000
+        thread.join(30)
+        assert zombie and isinstance(zombie[0], HeartbeatLostError), zombie
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    final = Manifest.load(destination)
+    assert final is not None and final.status == "complete" and final.rows == 5000, final
+    assert (out_dir / "out" / "_SUCCESS").exists()
+    assert read_output(out_dir / "out").num_rows == 5000
 
 
 def test_sigkill_on_worker_is_reported_at_once_as_a_crash(conn_id: str, table: str, out_dir: Path) -> None:

@@ -198,7 +198,7 @@ class Destination:
 
         self._bounded("creating the destination", ensure)
 
-    def read_json(self, name: str) -> dict[str, Any] | None:
+    def read_json(self, name: str, *, timeout: float | None = None, abortable: bool = True) -> dict[str, Any] | None:
         path = self._path(name)
 
         def read() -> dict[str, Any] | None:
@@ -212,7 +212,7 @@ class Destination:
             with self._fs.open(path, "rb") as handle:
                 return json.loads(handle.read().decode("utf-8"))
 
-        return self._bounded(f"reading {name}", read)
+        return self._bounded(f"reading {name}", read, timeout, abortable=abortable)
 
     def write_json(
         self, name: str, data: dict[str, Any], *, timeout: float | None = None, abortable: bool = True
@@ -348,35 +348,41 @@ class Destination:
 
     def read_footer(self, name: str) -> tuple[int, dict[str, str]]:
         """A Parquet file's row count and key-value metadata, from its footer (no data pages read)."""
-        meta = self.read_metadata(name)
-        try:
-            pairs = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if not k.startswith(b"ARROW:")}
-        except UnicodeDecodeError as exc:
-            raise DamagedFile(f"not a Parquet file (its footer does not parse: {exc})") from exc
-        return int(meta.num_rows), pairs
+
+        def footer() -> tuple[int, dict[str, str]]:
+            meta = self._footer(name)
+            try:
+                pairs = {
+                    k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if not k.startswith(b"ARROW:")
+                }
+            except UnicodeDecodeError as exc:
+                raise DamagedFile(f"not a Parquet file (its footer does not parse: {exc})") from exc
+            return int(meta.num_rows), pairs
+
+        return self._bounded(f"reading the footer of {name}", footer)
 
     def read_metadata(self, name: str) -> Any:
         """A Parquet file's footer as ``pyarrow.parquet.FileMetaData`` (no data pages read)."""
+        return self._bounded(f"reading the footer of {name}", lambda: self._footer(name))
+
+    def _footer(self, name: str) -> Any:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        def footer() -> Any:
-            path = self._path(name)  # on this helper thread: not through self.size(), which queues behind it
-            size = os.path.getsize(path) if self.is_local else int(self._fs.size(path))
-            tail = self._read_range(name, max(0, size - _FOOTER_GUESS), size)
-            if len(tail) < 12 or tail[-4:] != b"PAR1":
-                raise DamagedFile(f"not a Parquet file ({size} bytes, no footer)")
-            length = int.from_bytes(tail[-8:-4], "little")
-            if length + 12 > size:
-                raise DamagedFile(f"not a Parquet file (a footer of {length} bytes in {size})")
-            if length + 8 > len(tail):
-                tail = self._read_range(name, size - length - 8, size)
-            try:  # the footer alone, framed as a file: the data pages are never read
-                return pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-(length + 8) :]))
-            except Exception as exc:  # bytes that were read but do not parse (pyarrow says OSError for some)
-                raise DamagedFile(f"not a Parquet file (its footer does not parse: {exc})") from exc
-
-        return self._bounded(f"reading the footer of {name}", footer)
+        path = self._path(name)  # on the helper thread: not through self.size(), which queues behind it
+        size = os.path.getsize(path) if self.is_local else int(self._fs.size(path))
+        tail = self._read_range(name, max(0, size - _FOOTER_GUESS), size)
+        if len(tail) < 12 or tail[-4:] != b"PAR1":
+            raise DamagedFile(f"not a Parquet file ({size} bytes, no footer)")
+        length = int.from_bytes(tail[-8:-4], "little")
+        if length + 12 > size:
+            raise DamagedFile(f"not a Parquet file (a footer of {length} bytes in {size})")
+        if length + 8 > len(tail):
+            tail = self._read_range(name, size - length - 8, size)
+        try:  # the footer alone, framed as a file: the data pages are never read
+            return pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-(length + 8) :]))
+        except Exception as exc:  # bytes that were read but do not parse (pyarrow says OSError for some)
+            raise DamagedFile(f"not a Parquet file (its footer does not parse: {exc})") from exc
 
     def _read_range(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
         """Bytes of ``name`` (all, or ``[start, end)``), read by Python, not by pyarrow.

@@ -216,9 +216,20 @@ class Manifest:
         destination.write_json(MANIFEST_NAME, self.to_json(), timeout=timeout, abortable=abortable)
 
     @classmethod
-    def load(cls, destination: Destination) -> Manifest | None:
-        data = destination.read_json(MANIFEST_NAME)
+    def load(cls, destination: Destination, *, timeout: float | None = None, abortable: bool = True) -> Manifest | None:
+        data = destination.read_json(MANIFEST_NAME, timeout=timeout, abortable=abortable)
         return None if data is None else cls.from_json(data)
+
+    def overtaken_by(self, stored: Manifest | None) -> bool:
+        """Whether ``stored`` (the destination's manifest now) is another attempt's later work than this.
+
+        Two attempts of one task can write one destination (a zombie and its retry): the retry
+        resumes the zombie's manifest, completes, and the zombie, failing late, wrote its older
+        copy over the retry's, ``failed`` beside ``_SUCCESS`` and missing most chunks.
+        """
+        if stored is None:
+            return False
+        return stored.status == "complete" or stored.run_id != self.run_id or len(stored.chunks) > len(self.chunks)
 
     def stray_files(self, names: list[str]) -> list[str]:
         """Chunk files and temporaries in ``names`` that this manifest does not list."""

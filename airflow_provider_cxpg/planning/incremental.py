@@ -611,9 +611,26 @@ def _replay_guard(wal_position: str) -> str:
 _WAL_POSITION = "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END"
 
 
+def _in_recovery(conn: Any) -> bool:
+    row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    return bool(row and row[0])
+
+
+def _may_call(conn: Any, *functions: str) -> bool:
+    """Whether this role may call these ``pg_catalog`` functions. Asked first, in a statement of its
+    own: a call refused for want of privilege would abort the transaction a run's snapshot holds,
+    and every later planning statement with it (the check happens when a statement starts, so a
+    ``CASE`` around the call does not help)."""
+    checks = " AND ".join(f"has_function_privilege({literal('pg_catalog.' + f, 'text')}, 'EXECUTE')" for f in functions)
+    row = conn.execute(f"SELECT {checks}").fetchone()
+    return bool(row and row[0])
+
+
 def _wal_position(conn: Any) -> str | None:
     """The WAL position every row the window's end saw is visible at (for :func:`_replay_guard`)."""
     try:
+        if not _may_call(conn, "pg_current_wal_insert_lsn()", "pg_last_wal_replay_lsn()"):
+            return None
         row = conn.execute(f"SELECT ({_WAL_POSITION})::text").fetchone()
     except psycopg.Error:  # not Exception: a deadline, an abort, AirflowTaskTimeout (Airflow 2) must go on
         return None
@@ -692,7 +709,18 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
     start = None if _blank(spec.start) else _as_int(spec.start, "watermark_start")
     cluster = _cluster(conn)
     moved = start is not None and None not in (cluster, spec.known_cluster) and cluster != spec.known_cluster
-    if moved:  # another cluster's transaction ids (a restore, a logical migration): they select nothing here
+    # The same cluster whose transaction ids went back: a physical restore (PITR, a snapshot, a
+    # clone) or a failover that lost transactions keeps the system identifier. On a primary the
+    # ids never go back otherwise; a standby behind the server the last window was read on may.
+    rewound = (
+        not moved
+        and not spec.one_off
+        and start is not None
+        and _blank(spec.end)
+        and settled < start
+        and not _in_recovery(conn)
+    )
+    if moved or rewound:  # ids that mean other rows here: a window from ``start`` would select nothing
         start = None
     # At least once, honestly: a first run (or a too-wide window) reads every row, also rows
     # committed after ``end`` that the next window reads again, and a frozen tuple's raw xmin can
@@ -710,7 +738,7 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
         sequence=spec.window_sequence,
         cluster=cluster,
     )
-    descendants, arrived = _descendants(plan, replace(spec, first_run=True) if moved else spec)
+    descendants, arrived = _descendants(plan, replace(spec, first_run=True) if moved or rewound else spec)
     window = replace(window, descendants=descendants, arrived=arrived)
     if arrived:
         note = "; ".join(n for n in (note, _arrived_note(arrived)) if n)
@@ -719,6 +747,12 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
             window,
             note=f"the last window counted the transaction ids of another cluster (system identifier "
             f"{spec.known_cluster}; this server's is {cluster}): every row is read",
+        )
+    elif rewound:
+        window = replace(
+            window,
+            note=f"this primary's transaction ids went back below the last window's end ({spec.start}; now "
+            f"{settled}: a restore from a backup, a failover that lost transactions): every row is read",
         )
     elif start is None:
         window = replace(window, note="first xmin run: every row is read")
@@ -738,7 +772,9 @@ def _cluster(conn: Any) -> str | None:
     """This server's system identifier: the same on a physical standby as on its primary, another
     after a restore into a new cluster or a move by logical replication (None: not readable)."""
     try:
-        row = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()
+        if not _may_call(conn, "pg_control_system()"):
+            return None
+        row = conn.execute("SELECT system_identifier::text FROM pg_catalog.pg_control_system()").fetchone()
     except psycopg.Error:  # not Exception: a deadline, an abort, AirflowTaskTimeout (Airflow 2) must go on
         return None
     return row[0] if row and row[0] else None

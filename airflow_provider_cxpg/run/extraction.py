@@ -731,12 +731,15 @@ class Extraction:
         error = self.redactor(f"{type(exc).__name__}: {exc}")[:2000]
         if manifest is not None and manifest.status != "complete":
             with contextlib.suppress(Exception):
-                manifest.status = "failed"
-                manifest.error = error
                 # best effort, briefly: the store may be what failed, and a retry resumes from
-                # "running" as from "failed"
+                # "running" as from "failed"; written after the abort
                 limit = min(self.destination.timeout or _FAILURE_WRITE_SECONDS, _FAILURE_WRITE_SECONDS)
-                manifest.save(self.destination, timeout=limit, abortable=False)  # written after the abort
+                if manifest.overtaken_by(Manifest.load(self.destination, timeout=limit, abortable=False)):
+                    self.log.emit("job.plan", note="another attempt wrote this destination since: its manifest stays")
+                else:
+                    manifest.status = "failed"
+                    manifest.error = error
+                    manifest.save(self.destination, timeout=limit, abortable=False)
         self.log.emit("job.failed", reason=reason, error=error)
 
     def source_id(self, plan: ExtractPlan) -> str:

@@ -83,6 +83,19 @@ def test_a_footer_that_does_not_parse_is_damage_whatever_pyarrow_raises(tmp_path
     assert len(problems) == 1 and "not a readable Parquet file" in problems[0]
 
 
+def test_a_footer_whose_key_value_metadata_is_not_text_is_damage(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": [1, 2, 3]}).replace_schema_metadata({b"cxpg.bad": b"\xff\xfe"})
+    pq.write_table(table, tmp_path / chunk_file_name(0))
+    size = (tmp_path / chunk_file_name(0)).stat().st_size
+    manifest = Manifest("r1", fingerprint({}), {}, ["id"], [], 10)
+    manifest.chunks.append(ChunkEntry(0, chunk_file_name(0), 3, size, [1], [3], 0.1))
+    problems = output_problems(Destination(str(tmp_path)), manifest)
+    assert len(problems) == 1 and "not a readable Parquet file" in problems[0]
+
+
 @pytest.mark.parametrize("form", ["{p}", "file://{p}", "file://localhost{p}", "file:{p}", "{p}/"])
 def test_every_local_form_of_one_folder_is_one_asset(tmp_path: Path, form: str) -> None:
     from airflow_provider_cxpg.operators.assets import asset_uri
