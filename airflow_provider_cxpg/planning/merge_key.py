@@ -3,10 +3,10 @@
 A merge matches each staged row to a table row by comparing *stored* values (Arrow, in delta-rs's
 MERGE or pyiceberg's ``upsert``), never by PostgreSQL's equality. Two rules follow:
 
-* **The row's identity, not the paging key.** A table's primary key names a row across runs; a
-  paging key that is not unique had the primary key appended as a tie-breaker, and a merge by
-  ``(changed_at, id)`` added a second row for ``id`` whenever ``changed_at`` changed. A table with
-  a primary key is merged by it (its columns must be in the output); other sources by the key.
+* **The row's identity, not a tie-breaker.** A paging key that is not unique gets the table's
+  primary key appended, and a merge by ``(changed_at, id)`` added a second row for ``id``
+  whenever ``changed_at`` changed: such a run merges by the primary key. A key the catalog proves
+  unique (the primary key by default, or a unique ``key_columns``) is merged by as it is.
 * **Stored values equal exactly when PostgreSQL's are.** Where PostgreSQL compares two different
   stored forms equal, an update that turned one into the other (``1.0`` into ``1.00`` of a
   ``numeric`` read as text, ``0`` into ``-0``, ``'A'`` into ``'a'`` under a case-insensitive
@@ -27,14 +27,12 @@ from airflow_provider_cxpg.planning.sql import quote_ident
 
 __all__ = ["MergeKey", "merge_key"]
 
-#: The key types (see ``planning.pgtypes.KEY_TYPES``) that carry a collation.
-_COLLATABLE = frozenset({"text", "varchar", "bpchar", "name"})
-
 
 @dataclass(frozen=True)
 class MergeKey:
     """:param names: the columns a merge matches rows by.
-    :param unique: the catalog proves them unique over every row read (else the run is checked)."""
+    :param unique: the catalog proves the paging key unique over every row read (else the run's keys
+        are checked; the primary key a tie-breaker came from is unique when the paging key is)."""
 
     names: tuple[str, ...]
     unique: bool
@@ -44,18 +42,10 @@ def merge_key(conn: Any, plan: ExtractPlan) -> MergeKey:
     """The key ``plan``'s run merges by; :class:`InvalidInputError` where a merge by it would be inexact."""
     if not plan.key_names:
         raise InvalidInputError("write_mode='merge' needs a key: the source has none (key_columns=['ctid'])")
-    table = plan.table
-    if table is not None and table.primary_key:
-        names = tuple(table.primary_key)
-        unique = table.indexes_cover_rows and not table.foreign_descendants  # as for a key given (plan.py)
-        missing = [n for n in names if n not in {c.name for c in plan.columns}]
-        if missing:
-            raise InvalidInputError(
-                f"write_mode='merge' upserts {table.schema}.{table.name} by its primary key {list(names)}: "
-                f"add {missing} to `columns`"
-            )
-    else:
-        names, unique = plan.key_names, plan.key_unique
+    names = plan.key_names
+    given, table = plan.source.key_columns, plan.table
+    if given is not None and table is not None and table.primary_key and len(names) > len(given):
+        names = tuple(table.primary_key)  # the key given is not unique: the primary key was appended to it
     inexact = [reason for name in names if (reason := _inexact(conn, plan, name))]
     if inexact:
         raise InvalidInputError(
@@ -64,22 +54,32 @@ def merge_key(conn: Any, plan: ExtractPlan) -> MergeKey:
             + ": an update that turns one form into the other would leave the old row beside the new one. "
             "Merge by a key of exact values, or use append or overwrite"
         )
-    return MergeKey(names, unique)
+    return MergeKey(names, plan.key_unique)
+
+
+#: Types whose stored values are equal exactly when PostgreSQL finds them equal.
+_EXACT = frozenset({"int2", "int4", "int8", "oid", "uuid", "date", "time", "timestamp", "timestamptz", "bool", "bytea"})
 
 
 def _inexact(conn: Any, plan: ExtractPlan, name: str) -> str | None:
     """Why PostgreSQL can find two different stored values of column ``name`` equal (None: it cannot)."""
     column = next(c for c in plan.columns if c.name == name)
-    typname = column.pg.typname
-    if typname in ("float4", "float8"):
-        return f"{name!r} is {typname}: PostgreSQL compares 0 and -0 equal, and NaN equal to NaN"
-    if typname == "numeric" and not pa.types.is_decimal(column.arrow_type):
-        return f"{name!r} is numeric without a fixed scale, stored as text: PostgreSQL compares '1.0' and '1.00' equal"
-    if typname == "citext":
-        return f"{name!r} is citext: PostgreSQL compares 'A' and 'a' equal"
-    if typname not in _COLLATABLE:
+    pg = column.pg
+    if pg.typname in _EXACT or pg.typtype == "e":  # an enum is stored as its label
         return None
-    collation, deterministic = query_column_collation(conn, plan.from_clause, f"{SOURCE_ALIAS}.{quote_ident(name)}")
-    if deterministic is False:
-        return f"{name!r} has the nondeterministic collation {collation}: PostgreSQL compares some other strings equal"
-    return None
+    if pg.typname in ("float4", "float8"):
+        return f"{name!r} is {pg.typname}: PostgreSQL compares 0 and -0 equal, and NaN equal to NaN"
+    if pg.typname == "numeric":
+        if pa.types.is_decimal(column.arrow_type):
+            return None
+        return f"{name!r} is numeric without a fixed scale, stored as text: PostgreSQL compares '1.0' and '1.00' equal"
+    if pg.typname == "citext":
+        return f"{name!r} is citext: PostgreSQL compares 'A' and 'a' equal"
+    if pg.typname == "bpchar" and "(" not in pg.sql_name:
+        return f"{name!r} is character without a length: PostgreSQL compares 'a' and 'a ' equal"
+    if pg.typname in ("text", "varchar", "name", "bpchar"):
+        collation, deterministic = query_column_collation(conn, plan.from_clause, f"{SOURCE_ALIAS}.{quote_ident(name)}")
+        if deterministic is False:
+            return f"{name!r} has the nondeterministic collation {collation}: PostgreSQL compares other strings equal"
+        return None
+    return f"{name!r} is {pg.sql_name}, whose equality in PostgreSQL is not that of its stored values"
