@@ -407,7 +407,7 @@ def test_runs_that_cannot_be_one_faithful_version_are_refused(
     assert not (out_dir / "never").exists() and not (out_dir / "objects").exists()
 
 
-@pytest.mark.parametrize("made", ["partitioned", "check", "invariant", "generated"])
+@pytest.mark.parametrize("made", ["partitioned", "check", "invariant", "generated", "append-only"])
 def test_a_table_whose_writers_must_compute_or_check_values_is_refused_before_any_data_moves(
     hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, out_dir: Path, made: str
 ) -> None:
@@ -432,9 +432,12 @@ def test_a_table_whose_writers_must_compute_or_check_values_is_refused_before_an
     )
     if made == "check":
         deltalake.DeltaTable(uri).alter.add_constraint({"amount_positive": "amount > 0"})
+    if made == "append-only":
+        deltalake.DeltaTable(uri).alter.set_table_properties({"delta.appendOnly": "true"})
     before = deltalake.DeltaTable(uri).version()
     with pytest.raises(InvalidInputError, match="cannot take the run's files"):
-        hook.extract(destination=uri, table=table, table_format="delta", **FAST)
+        mode = "overwrite" if made == "append-only" else "append"
+        hook.extract(destination=uri, table=table, table_format="delta", write_mode=mode, **FAST)
     assert deltalake.DeltaTable(uri).version() == before and not list(Path(uri).glob("cxpg-*/*.parquet"))
     assert_nothing_left(admin)
 

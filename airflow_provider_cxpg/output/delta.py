@@ -226,14 +226,14 @@ class DeltaTarget:
         table = self._open()
         if table is None:
             return []
-        self._refuse_what_added_files_cannot_honour(table)
+        self._refuse_what_added_files_cannot_honour(table, write_mode)
         existing = self._call("reading the Delta schema", lambda: table.schema().to_arrow())
         existing = pa.schema(existing)
         theirs = {f.name: f.type for f in existing}
         ours = {f.name: _delta_type(deltalake, f) for f in schema}
         return new_columns_or_refuse(theirs, ours, f"(Delta) {self.uri}", same=_same, addable="new nullable columns")
 
-    def _refuse_what_added_files_cannot_honour(self, table: Any) -> None:
+    def _refuse_what_added_files_cannot_honour(self, table: Any, write_mode: str) -> None:
         """The commit adds the staged files as they are: a table that needs more of its writers is refused.
 
         delta-rs's own writer evaluates these; adding files bypasses it. Measured: files added to a
@@ -250,6 +250,8 @@ class DeltaTarget:
         checks = {k.removeprefix(_CONSTRAINT): v for k, v in configuration.items() if k.startswith(_CONSTRAINT)}
         if checks:
             problems.append(f"it has CHECK constraints {checks} (adding files evaluates none)")
+        if write_mode != "append" and configuration.get("delta.appendOnly", "false").lower() == "true":
+            problems.append(f"it is append-only (delta.appendOnly), and write_mode={write_mode!r} removes rows")
         mapping = configuration.get("delta.columnMapping.mode", "none")
         if mapping != "none":
             problems.append(
