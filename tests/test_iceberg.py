@@ -178,6 +178,38 @@ def test_schema_changes_evolve_or_fail_before_data_moves(
     assert_nothing_left(admin)
 
 
+def test_a_partitioned_table_made_elsewhere_is_refused_before_any_data_moves(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, catalog: dict[str, Any]
+) -> None:
+    """Files added to a table partitioned by ``k`` got their partition from column statistics, which
+    skip NULLs: a file of ``k`` 1 and NULL was partition ``k = 1``, and ``k IS NULL`` read 0 of 10 rows."""
+    from pyiceberg.partitioning import PartitionField, PartitionSpec
+    from pyiceberg.schema import Schema
+    from pyiceberg.transforms import IdentityTransform
+    from pyiceberg.types import IntegerType, LongType, NestedField
+
+    table = f'"{schema}".parts'
+    admin.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, k int)")
+    admin.execute(
+        f"INSERT INTO {table} SELECT g, CASE WHEN g % 3 = 0 THEN NULL ELSE 1 END FROM generate_series(1, 30) g"
+    )
+    made = load_catalog(catalog["iceberg_catalog"], **catalog["iceberg_catalog_properties"])
+    made.create_namespace_if_not_exists("pre")
+    made.create_table(
+        "pre.parts",
+        schema=Schema(
+            NestedField(1, "id", LongType(), required=False), NestedField(2, "k", IntegerType(), required=False)
+        ),
+        partition_spec=PartitionSpec(
+            PartitionField(source_id=2, field_id=1000, transform=IdentityTransform(), name="k")
+        ),
+    )
+    with pytest.raises(InvalidInputError, match="is partitioned"):
+        hook.extract(destination="pre.parts", table=table, table_format="iceberg", **catalog, **FAST)
+    assert iceberg_table(catalog, "pre.parts").current_snapshot() is None
+    assert_nothing_left(admin)
+
+
 def test_the_operator_commits_once_per_dag_run(
     conn_id: str, admin: psycopg.Connection, items: str, catalog: dict[str, Any]
 ) -> None:

@@ -283,6 +283,15 @@ class IcebergTable:
         table = self._table()
         if table is None:
             return []
+        spec = table.spec()
+        if not spec.is_unpartitioned():
+            # add_files derives each file's partition from its column statistics, which skip NULLs:
+            # a file holding k = 1 and NULLs was recorded as partition k = 1, and readers pruning by
+            # partition never saw the NULL rows (a file spanning values fails only at the commit)
+            raise InvalidInputError(
+                f"the Iceberg table {self.identifier} is partitioned ({spec}): the run's files are added as "
+                "they are and hold rows of every partition; write to an unpartitioned table, or a new one"
+            )
         required = [f.name for f in table.schema().fields if f.required]
         if required:
             raise InvalidInputError(
