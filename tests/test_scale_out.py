@@ -701,6 +701,48 @@ def test_the_validator_refuses_a_range_read_from_another_source_filter_or_schema
     assert dataset_rows(out_dir) == all_rows(admin, events_table)
 
 
+def test_the_validator_refuses_files_a_reader_would_read_that_no_range_wrote(
+    conn_id: str, admin: psycopg.Connection, events_table: str, out_dir: Path
+) -> None:
+    """It checked the files the manifests list, and wrote ``_SUCCESS`` over folders holding more:
+    a chunk copied beside the others was read twice by every dataset reader."""
+    ranges = PostgresPartitionPlanOperator(
+        task_id="plan",
+        postgres_conn_id=conn_id,
+        table=events_table,
+        partitions=2,
+        method="ntile",
+        destination=str(out_dir),
+    ).execute({})
+    for entry in ranges:
+        PostgresExtractOperator(
+            task_id="e", postgres_conn_id=conn_id, worker_settings=FAST, table=events_table, chunk_rows=200, **entry
+        ).execute({})
+
+    def validate() -> dict[str, Any]:
+        return PostgresPartitionValidateOperator(task_id="v", destination=str(out_dir)).execute({})
+
+    second = Path(ranges[1]["destination"])
+    chunk = sorted(second.glob("part-*.parquet"))[1]
+    for stray in (second / "part-999999.parquet", second / "nested" / "part-000000.parquet", out_dir / "extra.parquet"):
+        stray.parent.mkdir(exist_ok=True)
+        shutil.copy(chunk, stray)
+        with pytest.raises(StorageError, match="which (no range wrote|its manifest omits)"):
+            validate()
+        assert not (out_dir / "_SUCCESS").exists()
+        stray.unlink()
+        if stray.parent.name == "nested":
+            stray.parent.rmdir()
+    (second / ".hidden.tmp").write_bytes(b"x")  # readers skip names starting with . or _
+    assert validate()["rows"] == ROWS
+    manifest = json.loads((second / "_manifest.json").read_text())
+    gone = manifest["chunks"].pop(1)  # a chunk's entry and file both gone: every listed file checks out
+    (second / gone["file"]).unlink()
+    (second / "_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StorageError, match="a chunk is missing"):
+        validate()
+
+
 def test_fan_out_example_dag(orders_db_for_fanout: Path, admin: psycopg.Connection) -> None:
     import importlib.util
 

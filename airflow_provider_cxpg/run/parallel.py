@@ -74,6 +74,13 @@ def _same_window(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     return all(a.get(f) == b.get(f) for f in _WINDOW_FIELDS)
 
 
+def _read_by_readers(names: list[str], folders: list[str]) -> list[str]:
+    """Those of ``names`` (files) and ``folders`` a dataset reader reads: Spark, Hive and pyarrow's
+    datasets skip names starting with ``_`` or ``.`` (markers, manifests, temporaries), none other."""
+    seen = [n for n in names if not n.startswith(("_", "."))]
+    return sorted(seen + [f"{d}/" for d in folders if not d.startswith(("_", "."))])
+
+
 def validate_dataset(
     destination: Destination,
     ranges: list[dict[str, Any]],
@@ -85,11 +92,13 @@ def validate_dataset(
     """Check that the dataset is complete and return its totals.
 
     Checks that every range's extraction is complete with the planned bounds and ``window``, that the
-    ranges tile the key space, that no ``range=NNNN/`` folder outside the plan remains, and (with
-    ``check_files``) that every file each manifest lists is there, whole, and its own (see
-    :mod:`~airflow_provider_cxpg.output.verify`). With ``planned`` (the dataset manifest's record),
-    also that every range read the planned source, ``where`` and key, and that all ranges wrote one
-    schema: a mapped range given another table or filter would otherwise pass with the wrong rows.
+    ranges tile the key space, that no ``range=NNNN/`` folder outside the plan remains, that each
+    manifest lists its chunks 0..n-1, that no file a reader would read lies outside the ranges' files,
+    and (with ``check_files``) that every file each manifest lists is there, whole, and its own (see
+    :mod:`~airflow_provider_cxpg.output.verify`) and that its folder holds no other. With ``planned``
+    (the dataset manifest's record), also that every range read the planned source, ``where`` and
+    key, and that all ranges wrote one schema: a mapped range given another table or filter would
+    otherwise pass with the wrong rows.
 
     :raises StorageError: naming every problem found.
     """
@@ -97,9 +106,13 @@ def validate_dataset(
     partitions: list[dict[str, Any]] = []
     schema: list[dict[str, str]] | None = None
     in_plan = {entry.get("path") or range_dir(entry["index"]) for entry in ranges}
-    stale = sorted(d for d in destination.list_dirs() if is_range_dir(d) and d not in in_plan)
+    folders = destination.list_dirs()
+    stale = sorted(d for d in folders if is_range_dir(d) and d not in in_plan)
     if stale:
         problems.append(f"folders outside the plan remain: {', '.join(stale)} (an earlier plan's ranges?)")
+    foreign = _read_by_readers(destination.list_names(), [d for d in folders if not is_range_dir(d)])
+    if foreign:
+        problems.append(f"{destination.url} holds {', '.join(foreign)}, which no range wrote: readers would read it")
     for position, entry in enumerate(ranges):
         if position and entry.get("lower") != ranges[position - 1].get("upper"):
             problems.append(f"range {position}: lower bound {entry.get('lower')} is not the previous upper bound")
@@ -124,8 +137,20 @@ def validate_dataset(
             schema = manifest.schema
         elif manifest.schema != schema:
             problems.append(f"range {position}: its schema {_schema_text(manifest.schema)} is not range 0's")
+        misplaced = next((n for n, chunk in enumerate(manifest.chunks) if chunk.index != n), None)
+        if misplaced is not None:
+            problems.append(
+                f"range {position}: its manifest lists chunk {manifest.chunks[misplaced].index} where chunk "
+                f"{misplaced} belongs (a chunk is missing)"
+            )
         if check_files:
             problems.extend(f"range {position}: {p}" for p in output_problems(sub, manifest))
+            listed = set(manifest.files)
+            extra = _read_by_readers([n for n in sub.list_names() if n not in listed], sub.list_dirs())
+            if extra:
+                problems.append(
+                    f"range {position}: {sub.url} holds {', '.join(extra)}, which its manifest omits"
+                )
         partitions.append(
             {
                 "index": position,
