@@ -10,6 +10,7 @@ import shutil
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -699,6 +700,48 @@ def test_the_validator_refuses_a_range_read_from_another_source_filter_or_schema
     extract(ranges[1])
     assert validate()["rows"] == ROWS
     assert dataset_rows(out_dir) == all_rows(admin, events_table)
+
+
+def test_the_validator_refuses_a_range_read_from_a_table_of_the_same_name_in_another_database(
+    pg: PgInfo,
+    conn_id: str,
+    admin: psycopg.Connection,
+    schema: str,
+    events_table: str,
+    out_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Source, ``where``, key and schema all match by name: the validator passed a range of another
+    database's rows (with ``verify_count`` off), and wrote ``_SUCCESS`` over it."""
+    other_db = f"other_{uuid.uuid4().hex[:8]}"
+    admin.execute(f"CREATE DATABASE {other_db}")
+    try:
+        with psycopg.connect(pg.dsn.rsplit("/", 1)[0] + f"/{other_db}", autocommit=True) as other:
+            other.execute(f'CREATE SCHEMA "{schema}"')
+            other.execute(
+                f"CREATE TABLE {events_table} (tenant int NOT NULL, seq bigint NOT NULL, kind text NOT NULL, "
+                "payload text, PRIMARY KEY (tenant, seq))"
+            )
+            other.execute(f"INSERT INTO {events_table} SELECT g % 7, g, 'z', 'other' FROM generate_series(1, 500) g")
+        elsewhere = f"cxpg_other_{uuid.uuid4().hex[:8]}"
+        monkeypatch.setenv(f"AIRFLOW_CONN_{elsewhere.upper()}", pg.airflow_conn_json(schema=other_db))
+        ranges = PostgresPartitionPlanOperator(
+            task_id="plan",
+            postgres_conn_id=conn_id,
+            table=events_table,
+            partitions=2,
+            method="ntile",
+            destination=str(out_dir),
+        ).execute({})
+        for entry, connection in zip(ranges, (conn_id, elsewhere), strict=True):
+            PostgresExtractOperator(
+                task_id="e", postgres_conn_id=connection, worker_settings=FAST, table=events_table, **entry
+            ).execute({})
+        with pytest.raises(StorageError, match="another table of that name"):
+            PostgresPartitionValidateOperator(task_id="v", destination=str(out_dir)).execute({})
+        assert not (out_dir / "_SUCCESS").exists()
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {other_db} WITH (FORCE)")
 
 
 def test_the_validator_refuses_files_a_reader_would_read_that_no_range_wrote(

@@ -149,6 +149,9 @@ class Manifest:
     owner: str | None = None
     #: For a table format: the commit of this run's files (``format``, ``uri``, ``version``, ``write_mode``).
     table: dict[str, Any] | None = None
+    #: For a table source: the relation read (``cluster``, ``database``, ``oid``; see
+    #: :func:`~airflow_provider_cxpg.planning.catalog.relation_identity`).
+    relation: dict[str, Any] | None = None
 
     # -- derived -----------------------------------------------------------------------------------
 

@@ -360,3 +360,31 @@ def classify_control_error(exc: BaseException, doing: str) -> Exception:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def may_call(conn: Any, *functions: str) -> bool:
+    """Whether this role may call these ``pg_catalog`` functions. Asked first, in a statement of its
+    own: a call refused for want of privilege would abort the transaction a run's snapshot holds,
+    and every later planning statement with it (the check happens when a statement starts, so a
+    ``CASE`` around the call does not help)."""
+    checks = " AND ".join(f"has_function_privilege('pg_catalog.{f}', 'EXECUTE')" for f in functions)
+    row = conn.execute(f"SELECT {checks}").fetchone()
+    return bool(row and row[0])
+
+
+def cluster_identifier(conn: Any) -> str | None:
+    """This server's system identifier: the same on a physical standby as on its primary, another
+    after a restore into a new cluster or a move by logical replication (None: not readable)."""
+    try:
+        if not may_call(conn, "pg_control_system()"):
+            return None
+        row = conn.execute("SELECT system_identifier::text FROM pg_catalog.pg_control_system()").fetchone()
+    except psycopg.Error:  # not Exception: a deadline, an abort, AirflowTaskTimeout (Airflow 2) must go on
+        return None
+    return row[0] if row and row[0] else None
+
+
+def relation_identity(conn: Any, table: TableInfo) -> dict[str, Any]:
+    """Which relation of which database of which cluster ``table`` is: the same on a physical replica."""
+    row = conn.execute("SELECT current_database()").fetchone()
+    return {"cluster": cluster_identifier(conn), "database": row[0] if row else None, "oid": table.oid}

@@ -66,7 +66,7 @@ from typing import Any
 import psycopg
 
 from airflow_provider_cxpg.exceptions import InvalidInputError, SourceChangedError, SourceNotFoundError
-from airflow_provider_cxpg.planning.catalog import query_column_collation
+from airflow_provider_cxpg.planning.catalog import cluster_identifier, may_call, query_column_collation
 from airflow_provider_cxpg.planning.plan import SOURCE_ALIAS, ExtractPlan
 from airflow_provider_cxpg.planning.sql import literal, quote_ident, text_form
 
@@ -616,20 +616,10 @@ def _in_recovery(conn: Any) -> bool:
     return bool(row and row[0])
 
 
-def _may_call(conn: Any, *functions: str) -> bool:
-    """Whether this role may call these ``pg_catalog`` functions. Asked first, in a statement of its
-    own: a call refused for want of privilege would abort the transaction a run's snapshot holds,
-    and every later planning statement with it (the check happens when a statement starts, so a
-    ``CASE`` around the call does not help)."""
-    checks = " AND ".join(f"has_function_privilege({literal('pg_catalog.' + f, 'text')}, 'EXECUTE')" for f in functions)
-    row = conn.execute(f"SELECT {checks}").fetchone()
-    return bool(row and row[0])
-
-
 def _wal_position(conn: Any) -> str | None:
     """The WAL position every row the window's end saw is visible at (for :func:`_replay_guard`)."""
     try:
-        if not _may_call(conn, "pg_current_wal_insert_lsn()", "pg_last_wal_replay_lsn()"):
+        if not may_call(conn, "pg_current_wal_insert_lsn()", "pg_last_wal_replay_lsn()"):
             return None
         row = conn.execute(f"SELECT ({_WAL_POSITION})::text").fetchone()
     except psycopg.Error:  # not Exception: a deadline, an abort, AirflowTaskTimeout (Airflow 2) must go on
@@ -707,7 +697,7 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
             )
             end = settled
     start = None if _blank(spec.start) else _as_int(spec.start, "watermark_start")
-    cluster = _cluster(conn)
+    cluster = cluster_identifier(conn)
     moved = start is not None and None not in (cluster, spec.known_cluster) and cluster != spec.known_cluster
     # The same cluster whose transaction ids went back: a physical restore (PITR, a snapshot, a
     # clone) or a failover that lost transactions keeps the system identifier. On a primary the
@@ -768,23 +758,11 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
     return replace(window, filters=_xmin_filters(window))
 
 
-def _cluster(conn: Any) -> str | None:
-    """This server's system identifier: the same on a physical standby as on its primary, another
-    after a restore into a new cluster or a move by logical replication (None: not readable)."""
-    try:
-        if not _may_call(conn, "pg_control_system()"):
-            return None
-        row = conn.execute("SELECT system_identifier::text FROM pg_catalog.pg_control_system()").fetchone()
-    except psycopg.Error:  # not Exception: a deadline, an abort, AirflowTaskTimeout (Airflow 2) must go on
-        return None
-    return row[0] if row and row[0] else None
-
-
 def _refuse_another_cluster(conn: Any, window: Window) -> None:
     """A recorded xmin window read again on a server of another cluster would select other rows."""
     if window.cluster is None:
         return
-    cluster = _cluster(conn)
+    cluster = cluster_identifier(conn)
     if cluster is not None and cluster != window.cluster:
         raise SourceChangedError(
             f"this xmin window ({window.start}, {window.end}] was fixed on another PostgreSQL cluster (system "

@@ -46,7 +46,7 @@ from airflow_provider_cxpg.output.manifest import (
 )
 from airflow_provider_cxpg.output.storage_env import WorkerStorage
 from airflow_provider_cxpg.output.verify import FOOTER_CHUNK, FOOTER_RUN_ID, check_output, output_problems
-from airflow_provider_cxpg.planning.catalog import classify_control_error, describe_query
+from airflow_provider_cxpg.planning.catalog import classify_control_error, describe_query, relation_identity
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec, Window, check_watermark, resolve_window
 from airflow_provider_cxpg.planning.plan import CTID, ExtractPlan, SourceSpec, build_plan, key_to_json
 from airflow_provider_cxpg.planning.snapshot import ExportedSnapshot, import_statements
@@ -330,6 +330,8 @@ class Extraction:
         self.plan: ExtractPlan | None = None
         #: The table source as the plan saw it, compared after every chunk read (None: a query source).
         self.planned_source: SourceState | None = None
+        #: The relation a table source resolved to, recorded in the manifest (see ``relation_identity``).
+        self.relation: dict[str, Any] | None = None
         self.estimated_rows: int | None = None
 
     # -- storage -----------------------------------------------------------------------------------
@@ -527,6 +529,7 @@ class Extraction:
                 if self.watermark is not None and self.watermark.column != "xmin":
                     watched.append(self.watermark.column)
                 self.planned_source = read_source_state(conn, plan.table.qualified_name, sorted(set(watched)))
+                self.relation = relation_identity(conn, plan.table)
         for note in plan.notes:
             self.log.emit("job.plan", note=note)
         self.plan = plan
@@ -824,6 +827,7 @@ class Extraction:
             else None,
             source_id=sid,
             owner=self.owner,
+            relation=self.relation,
         )
         # The new record first: a removal that fails (or is interrupted) half-way must leave a manifest
         # that says "running", never the old one still saying "complete" over files that are gone.

@@ -148,9 +148,7 @@ def validate_dataset(
             listed = set(manifest.files)
             extra = _read_by_readers([n for n in sub.list_names() if n not in listed], sub.list_dirs())
             if extra:
-                problems.append(
-                    f"range {position}: {sub.url} holds {', '.join(extra)}, which its manifest omits"
-                )
+                problems.append(f"range {position}: {sub.url} holds {', '.join(extra)}, which its manifest omits")
         partitions.append(
             {
                 "index": position,
@@ -188,11 +186,29 @@ def _source_problems(manifest: Manifest, planned: dict[str, Any]) -> list[str]:
         problems.append(
             f"it read where={got_where!r}, the plan's is where={where!r} (pass the planner's to every range)"
         )
+    relation, got_relation = planned.get("relation"), manifest.relation
+    if relation and got_relation and not _same_relation(relation, got_relation):
+        problems.append(
+            f"it read relation {got_relation['oid']} of database {got_relation['database']!r} (cluster "
+            f"{got_relation['cluster']}), the plan is of relation {relation['oid']} of database "
+            f"{relation['database']!r} (cluster {relation['cluster']}): another table of that name"
+        )
     keys = planned.get("key_columns")
     got_keys = manifest.key_columns or ["ctid"]  # page ranges record no key column
     if keys and got_keys != keys:
         problems.append(f"it paged by {got_keys}, the ranges are of {keys}")
     return problems
+
+
+def _same_relation(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """One relation: the same OID in the same database, of one cluster where both clusters are known
+    (a role that may not read the control data records none; a physical replica shares its primary's)."""
+    clusters = (a.get("cluster"), b.get("cluster"))
+    return (
+        a.get("oid") == b.get("oid")
+        and a.get("database") == b.get("database")
+        and (None in clusters or clusters[0] == clusters[1])
+    )
 
 
 def _schema_text(schema: list[dict[str, Any]]) -> str:
@@ -328,6 +344,7 @@ def plan_or_reuse_ranges(
         "owner": coordinator.owner,
         "run_id": coordinator.run_id,
         "source": plan.source.describe(),
+        "relation": coordinator.relation,
         "key_columns": list(plan.key_names) or ["ctid"],
         "partition_method": used,
         "planning_seconds": round(seconds, 4),
