@@ -395,6 +395,26 @@ def cx_offset_parquet(run: Run) -> dict[str, Any]:
     }
 
 
+def _chunk_writer(run: Run, pending: Any) -> Callable[[], None]:
+    """The bare pipelines' writer thread: each chunk ``pending`` hands over to Parquet as the worker writes it."""
+    import pyarrow.parquet as pq
+
+    from airflow_provider_cxpg.worker.sinks import dictionary_columns
+
+    def write() -> None:
+        while (item := pending.get()) is not None:
+            index, chunk = item
+            pq.write_table(
+                chunk,
+                run.out / f"part-{index:06d}.parquet",
+                compression="zstd",
+                use_dictionary=dictionary_columns(chunk),
+                row_group_size=65_536,
+            )
+
+    return write
+
+
 @contender("cx_keyset_pipeline")
 def cx_keyset_pipeline(run: Run) -> dict[str, Any]:
     """The provider's data path bare, in one process: the ceiling of reading beside writing.
@@ -413,23 +433,9 @@ def cx_keyset_pipeline(run: Run) -> dict[str, Any]:
     import connectorx as cx
     import psycopg
     import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from airflow_provider_cxpg.worker.sinks import dictionary_columns
 
     source, key, slices = f"public.{run.table}", run.key, max(1, run.partitions)
     pending: queue.Queue[tuple[int, pa.Table] | None] = queue.Queue(maxsize=1)  # one written, one read
-
-    def write() -> None:
-        while (item := pending.get()) is not None:
-            index, chunk = item
-            pq.write_table(
-                chunk,
-                run.out / f"part-{index:06d}.parquet",
-                compression="zstd",
-                use_dictionary=dictionary_columns(chunk),
-                row_group_size=65_536,
-            )
 
     def where(low: Any, high: Any = None) -> str:
         conditions = [f"{key} > {low}"] if low is not None else []
@@ -439,7 +445,7 @@ def cx_keyset_pipeline(run: Run) -> dict[str, Any]:
     def read(sql: str) -> pa.Table:
         return cx.read_sql(run.uri, sql, return_type="arrow")
 
-    writer = threading.Thread(target=write)
+    writer = threading.Thread(target=_chunk_writer(run, pending))
     rows = index = 0
     run.start()
     writer.start()
@@ -488,28 +494,14 @@ def cx_keyset_split(run: Run) -> dict[str, Any]:
 
     import connectorx as cx
     import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from airflow_provider_cxpg.worker.sinks import dictionary_columns
 
     source, key = f"public.{run.table}", run.key
     pending: queue.Queue[tuple[int, pa.Table] | None] = queue.Queue(maxsize=1)
 
-    def write() -> None:
-        while (item := pending.get()) is not None:
-            index, chunk = item
-            pq.write_table(
-                chunk,
-                run.out / f"part-{index:06d}.parquet",
-                compression="zstd",
-                use_dictionary=dictionary_columns(chunk),
-                row_group_size=65_536,
-            )
-
     def read(sql: str) -> pa.Table:
         return cx.read_sql(run.uri, sql, return_type="arrow")
 
-    writer = threading.Thread(target=write)
+    writer = threading.Thread(target=_chunk_writer(run, pending))
     rows = index = dropped = 0
     half = run.chunk_rows // 2
     run.start()

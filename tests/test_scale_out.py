@@ -662,43 +662,44 @@ def test_fan_out_operators_with_a_failed_range_retried_alone(
     assert json.loads((out_dir / "_dataset_manifest.json").read_text())["status"] == "complete"
 
 
+def plan_two_ranges(conn_id: str, table: str, out_dir: Path) -> list[dict[str, Any]]:
+    return PostgresPartitionPlanOperator(
+        task_id="plan", postgres_conn_id=conn_id, table=table, partitions=2, method="ntile", destination=str(out_dir)
+    ).execute({})
+
+
+def extract_range(conn_id: str, source: str, entry: dict[str, Any], /, **more: Any) -> None:
+    """Extract one planned range of ``source`` (``more`` may override its arguments, ``table`` too)."""
+    PostgresExtractOperator(
+        task_id="e", postgres_conn_id=conn_id, worker_settings=FAST, **{"table": source, **entry, **more}
+    ).execute({})
+
+
+def validate(out_dir: Path) -> dict[str, Any]:
+    return PostgresPartitionValidateOperator(task_id="v", destination=str(out_dir)).execute({})
+
+
 def test_the_validator_refuses_a_range_read_from_another_source_filter_or_schema(
     conn_id: str, admin: psycopg.Connection, schema: str, events_table: str, out_dir: Path
 ) -> None:
     """Bounds, window and files can all be right while a mapped range read the wrong rows."""
     admin.execute(f'CREATE TABLE "{schema}".copy (LIKE {events_table} INCLUDING ALL)')
     admin.execute(f'INSERT INTO "{schema}".copy SELECT * FROM {events_table}')
-    ranges = PostgresPartitionPlanOperator(
-        task_id="plan",
-        postgres_conn_id=conn_id,
-        table=events_table,
-        partitions=2,
-        method="ntile",
-        destination=str(out_dir),
-    ).execute({})
-
-    def extract(kwargs: dict[str, Any], **more: Any) -> None:
-        PostgresExtractOperator(
-            task_id="e", postgres_conn_id=conn_id, worker_settings=FAST, **{"table": events_table, **kwargs, **more}
-        ).execute({})
-
-    def validate() -> dict[str, Any]:
-        return PostgresPartitionValidateOperator(task_id="v", destination=str(out_dir)).execute({})
-
-    extract(ranges[0])
+    ranges = plan_two_ranges(conn_id, events_table, out_dir)
+    extract_range(conn_id, events_table, ranges[0])
     second = Path(ranges[1]["destination"])
     for wrong, problem in (
         ({"table": f"{schema}.copy"}, "the plan is of"),
         ({"where": "seq % 2 = 0"}, "where="),
         ({"columns": ["tenant", "seq", "kind"]}, "schema"),
     ):
-        extract(ranges[1], **wrong)
+        extract_range(conn_id, events_table, ranges[1], **wrong)
         with pytest.raises(StorageError, match=problem):
-            validate()
+            validate(out_dir)
         assert not (out_dir / "_SUCCESS").exists()
         shutil.rmtree(second)
-    extract(ranges[1])
-    assert validate()["rows"] == ROWS
+    extract_range(conn_id, events_table, ranges[1])
+    assert validate(out_dir)["rows"] == ROWS
     assert dataset_rows(out_dir) == all_rows(admin, events_table)
 
 
@@ -725,20 +726,11 @@ def test_the_validator_refuses_a_range_read_from_a_table_of_the_same_name_in_ano
             other.execute(f"INSERT INTO {events_table} SELECT g % 7, g, 'z', 'other' FROM generate_series(1, 500) g")
         elsewhere = f"cxpg_other_{uuid.uuid4().hex[:8]}"
         monkeypatch.setenv(f"AIRFLOW_CONN_{elsewhere.upper()}", pg.airflow_conn_json(schema=other_db))
-        ranges = PostgresPartitionPlanOperator(
-            task_id="plan",
-            postgres_conn_id=conn_id,
-            table=events_table,
-            partitions=2,
-            method="ntile",
-            destination=str(out_dir),
-        ).execute({})
+        ranges = plan_two_ranges(conn_id, events_table, out_dir)
         for entry, connection in zip(ranges, (conn_id, elsewhere), strict=True):
-            PostgresExtractOperator(
-                task_id="e", postgres_conn_id=connection, worker_settings=FAST, table=events_table, **entry
-            ).execute({})
+            extract_range(connection, events_table, entry)
         with pytest.raises(StorageError, match="another table of that name"):
-            PostgresPartitionValidateOperator(task_id="v", destination=str(out_dir)).execute({})
+            validate(out_dir)
         assert not (out_dir / "_SUCCESS").exists()
     finally:
         admin.execute(f"DROP DATABASE IF EXISTS {other_db} WITH (FORCE)")
@@ -749,21 +741,9 @@ def test_the_validator_refuses_files_a_reader_would_read_that_no_range_wrote(
 ) -> None:
     """It checked the files the manifests list, and wrote ``_SUCCESS`` over folders holding more:
     a chunk copied beside the others was read twice by every dataset reader."""
-    ranges = PostgresPartitionPlanOperator(
-        task_id="plan",
-        postgres_conn_id=conn_id,
-        table=events_table,
-        partitions=2,
-        method="ntile",
-        destination=str(out_dir),
-    ).execute({})
+    ranges = plan_two_ranges(conn_id, events_table, out_dir)
     for entry in ranges:
-        PostgresExtractOperator(
-            task_id="e", postgres_conn_id=conn_id, worker_settings=FAST, table=events_table, chunk_rows=200, **entry
-        ).execute({})
-
-    def validate() -> dict[str, Any]:
-        return PostgresPartitionValidateOperator(task_id="v", destination=str(out_dir)).execute({})
+        extract_range(conn_id, events_table, entry, chunk_rows=200)
 
     second = Path(ranges[1]["destination"])
     chunk = sorted(second.glob("part-*.parquet"))[1]
@@ -771,19 +751,19 @@ def test_the_validator_refuses_files_a_reader_would_read_that_no_range_wrote(
         stray.parent.mkdir(exist_ok=True)
         shutil.copy(chunk, stray)
         with pytest.raises(StorageError, match="which (no range wrote|its manifest omits)"):
-            validate()
+            validate(out_dir)
         assert not (out_dir / "_SUCCESS").exists()
         stray.unlink()
         if stray.parent.name == "nested":
             stray.parent.rmdir()
     (second / ".hidden.tmp").write_bytes(b"x")  # readers skip names starting with . or _
-    assert validate()["rows"] == ROWS
+    assert validate(out_dir)["rows"] == ROWS
     manifest = json.loads((second / "_manifest.json").read_text())
     gone = manifest["chunks"].pop(1)  # a chunk's entry and file both gone: every listed file checks out
     (second / gone["file"]).unlink()
     (second / "_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(StorageError, match="a chunk is missing"):
-        validate()
+        validate(out_dir)
 
 
 def test_fan_out_example_dag(orders_db_for_fanout: Path, admin: psycopg.Connection) -> None:
