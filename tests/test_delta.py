@@ -108,8 +108,9 @@ def test_merge_upserts_by_the_key_so_the_table_equals_the_source_after_each_run(
     assert_nothing_left(admin)
 
 
+@pytest.mark.parametrize("key", [["changed_at"], ["changed_at", "id"]], ids=["tie-breaker", "given"])
 def test_a_merge_paged_by_a_column_that_is_not_unique_upserts_by_the_primary_key(
-    hook: ConnectorXPostgresHook, admin: psycopg.Connection, items: str, out_dir: Path
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, items: str, out_dir: Path, key: list[str]
 ) -> None:
     """``key_columns=["changed_at"]`` pages by (changed_at, id): the tie-breaker made it unique.
 
@@ -119,11 +120,30 @@ def test_a_merge_paged_by_a_column_that_is_not_unique_upserts_by_the_primary_key
     admin.execute(f"CREATE INDEX ON {items} (changed_at)")
     admin.execute(f"UPDATE {items} SET changed_at = '2024-01-01' WHERE id <= 10")  # ties: a real tie-breaker
     uri = str(out_dir / "merged")
-    arguments = {"table": items, "table_format": "delta", "write_mode": "merge", "key_columns": ["changed_at"]}
+    arguments = {"table": items, "table_format": "delta", "write_mode": "merge", "key_columns": key}
     hook.extract(destination=uri, chunk_rows=700, **arguments, **FAST)
     admin.execute(f"UPDATE {items} SET changed_at = '2030-01-01', name = 'moved' WHERE id IN (5, 500)")
     hook.extract(destination=uri, where="changed_at >= '2030-01-01'", **arguments, **FAST)
     assert table_rows(uri) == source_rows(admin, items)
+    assert_nothing_left(admin)
+
+
+def test_a_merge_by_a_key_nothing_proves_unique_upserts_by_the_primary_key(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """Inheritance children: no index proves ``changed_at`` unique, no tie-breaker is appended, and
+    the merge matched by ``changed_at``: a moved row was added a second time."""
+    parent = f'"{schema}".parent'
+    admin.execute(f"CREATE TABLE {parent} (id int PRIMARY KEY, changed_at int NOT NULL, v text)")
+    admin.execute(f'CREATE TABLE "{schema}".child (PRIMARY KEY (id)) INHERITS ({parent})')
+    admin.execute(f"INSERT INTO {parent} SELECT g, g, 'old' FROM generate_series(1, 5) g")
+    admin.execute(f"INSERT INTO \"{schema}\".child SELECT g, g, 'old' FROM generate_series(6, 9) g")
+    uri = str(out_dir / "merged")
+    arguments = {"table": parent, "table_format": "delta", "write_mode": "merge", "key_columns": ["changed_at"]}
+    hook.extract(destination=uri, chunk_rows=3, **arguments, **FAST)
+    admin.execute(f"UPDATE {parent} SET changed_at = 100, v = 'new' WHERE id IN (3, 7)")
+    hook.extract(destination=uri, chunk_rows=3, **arguments, **FAST)
+    assert table_rows(uri, ("id", "v")) == source_rows(admin, parent, "id, v")
     assert_nothing_left(admin)
 
 
@@ -150,7 +170,7 @@ def test_a_merge_by_a_unique_key_columns_is_by_that_key_whatever_the_primary_key
         ("numeric", "1.0", "1.00", "'1.0' and '1.00'"),
         ("float8", "0", "-0", "0 and -0"),
         ("bpchar", "'a'", "'a '", "'a' and 'a '"),
-        ("citext", "'A'", "'a'", "citext"),
+        ("mergekeys.citext", "'A'", "'a'", "citext"),
         ("text COLLATE mergekeys.ci", "'A'", "'a'", "nondeterministic"),
     ],
     ids=["numeric", "float", "bpchar", "citext", "nondeterministic"],
@@ -166,7 +186,8 @@ def test_a_merge_by_a_key_whose_equal_values_differ_when_stored_is_refused_befor
     admin.execute("DROP SCHEMA IF EXISTS mergekeys CASCADE")
     admin.execute("CREATE SCHEMA mergekeys")
     if system:
-        admin.execute("CREATE EXTENSION IF NOT EXISTS citext")
+        admin.execute("DROP EXTENSION IF EXISTS citext CASCADE")  # into this schema, and gone with it
+        admin.execute("CREATE EXTENSION citext SCHEMA mergekeys")
         admin.execute(
             "CREATE COLLATION mergekeys.ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false)"
         )

@@ -134,6 +134,32 @@ def test_extract_to_s3_writes_every_chunk_and_a_manifest_that_lists_them(
     assert got == reference_rows(pg, source)
 
 
+def test_folder_markers_of_consoles_and_s3a_are_no_files_of_the_dataset(
+    conn_id: str, admin: psycopg.Connection, s3: S3Server, bucket: str, source: str
+) -> None:
+    """A zero-byte ``prefix/`` object listed as a file named like its folder: the validator took it
+    for a file no range wrote, and the dataset could never be proven complete."""
+    from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+    from airflow_provider_cxpg.operators.partition import (
+        PostgresPartitionPlanOperator,
+        PostgresPartitionValidateOperator,
+    )
+
+    base, options = f"s3://{bucket}/ds", s3.storage_options()
+    ranges = PostgresPartitionPlanOperator(
+        task_id="plan", postgres_conn_id=conn_id, table=source, partitions=2, destination=base, storage_options=options
+    ).execute({})
+    for key in ("ds/", "ds/range=0000/", "ds/range=0001/"):
+        s3.client().put_object(Bucket=bucket, Key=key, Body=b"")
+    for entry in ranges:
+        PostgresExtractOperator(
+            task_id="e", postgres_conn_id=conn_id, table=source, chunk_rows=CHUNK_ROWS, storage_options=options, **entry
+        ).execute({})
+    summary = PostgresPartitionValidateOperator(task_id="v", destination=base, storage_options=options).execute({})
+    assert summary["rows"] == ROWS
+    assert_nothing_left(admin)
+
+
 def test_extract_to_s3_through_a_upath_carries_its_storage_options(
     hook: ConnectorXPostgresHook, admin: psycopg.Connection, pg: PgInfo, s3: S3Server, bucket: str, source: str
 ) -> None:

@@ -273,10 +273,14 @@ class Destination:
             if not self._fs.exists(self.root):
                 return {}
             self._fs.invalidate_cache(self.root)
+            here = self.root.rstrip("/")
             return {
                 posixpath.basename(info["name"].rstrip("/")): int(info.get("size") or 0)
                 for info in self._fs.ls(self.root, detail=True)
+                # a "folder" marker (a zero-byte "prefix/" object of a console or S3A) is no file
                 if info.get("type") != "directory"
+                and not info["name"].endswith("/")
+                and info["name"].rstrip("/") != here
             }
 
         return self._bounded("listing", entries)

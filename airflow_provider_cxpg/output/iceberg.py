@@ -264,6 +264,7 @@ class IcebergTable:
         """Refuse what the table cannot take; return the source columns the table will gain."""
         # pyiceberg's own Arrow-to-Iceberg conversion, as create_table uses it (private in 0.12)
         from pyiceberg.io.pyarrow import _pyarrow_to_schema_without_ids
+        from pyiceberg.transforms import VoidTransform
 
         unstorable = []
         for field in schema:
@@ -284,7 +285,7 @@ class IcebergTable:
         if table is None:
             return []
         spec = table.spec()
-        if not spec.is_unpartitioned():
+        if any(not isinstance(f.transform, VoidTransform) for f in spec.fields):  # a v1 table's dropped fields: void
             # add_files derives each file's partition from its column statistics, which skip NULLs:
             # a file holding k = 1 and NULLs was recorded as partition k = 1, and readers pruning by
             # partition never saw the NULL rows (a file spanning values fails only at the commit)

@@ -230,8 +230,8 @@ class Manifest:
         resumes the zombie's manifest, completes, and the zombie, failing late, wrote its older
         copy over the retry's, ``failed`` beside ``_SUCCESS`` and missing most chunks.
         """
-        if stored is None:
-            return False
+        if stored is None:  # every run saves its manifest before anything else: someone removed it since
+            return True
         return stored.status == "complete" or stored.run_id != self.run_id or len(stored.chunks) > len(self.chunks)
 
     def stray_files(self, names: list[str]) -> list[str]:

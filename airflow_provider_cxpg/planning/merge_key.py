@@ -3,10 +3,11 @@
 A merge matches each staged row to a table row by comparing *stored* values (Arrow, in delta-rs's
 MERGE or pyiceberg's ``upsert``), never by PostgreSQL's equality. Two rules follow:
 
-* **The row's identity, not a tie-breaker.** A paging key that is not unique gets the table's
-  primary key appended, and a merge by ``(changed_at, id)`` added a second row for ``id``
-  whenever ``changed_at`` changed: such a run merges by the primary key. A key the catalog proves
-  unique (the primary key by default, or a unique ``key_columns``) is merged by as it is.
+* **The row's identity, not the paging key.** A merge by ``(changed_at, id)`` added a second row
+  for ``id`` whenever ``changed_at`` changed (a paging key with the primary key appended as a
+  tie-breaker, or given so). A table is merged by the columns of the unique index that proves the
+  key given unique (``id`` there), and by its primary key where nothing proves it (a tie-breaker
+  was appended, inheritance children, foreign partitions); other sources by their key.
 * **Stored values equal exactly when PostgreSQL's are.** Where PostgreSQL compares two different
   stored forms equal, an update that turned one into the other (``1.0`` into ``1.00`` of a
   ``numeric`` read as text, ``0`` into ``-0``, ``'A'`` into ``'a'`` under a case-insensitive
@@ -44,8 +45,20 @@ def merge_key(conn: Any, plan: ExtractPlan) -> MergeKey:
         raise InvalidInputError("write_mode='merge' needs a key: the source has none (key_columns=['ctid'])")
     names = plan.key_names
     given, table = plan.source.key_columns, plan.table
-    if given is not None and table is not None and table.primary_key and len(names) > len(given):
-        names = tuple(table.primary_key)  # the key given is not unique: the primary key was appended to it
+    if given is not None and table is not None:
+        proof = (
+            table.proving_index(tuple(given)) if table.indexes_cover_rows and not table.foreign_descendants else None
+        )
+        if proof is not None:  # the columns that make a row one row: (changed_at, id) is merged by id
+            names = tuple(proof.columns)
+        elif table.primary_key:  # a tie-breaker was appended, or nothing proves the key given unique
+            names = tuple(table.primary_key)
+            missing = [n for n in names if n not in {c.name for c in plan.columns}]
+            if missing:
+                raise InvalidInputError(
+                    f"write_mode='merge' by {list(given)}: nothing proves it unique in {table.schema}.{table.name}, "
+                    f"so the run merges by the primary key {list(names)}: add {missing} to `columns`"
+                )
     inexact = [reason for name in names if (reason := _inexact(conn, plan, name))]
     if inexact:
         raise InvalidInputError(

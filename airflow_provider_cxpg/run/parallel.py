@@ -137,7 +137,9 @@ def validate_dataset(
             schema = manifest.schema
         elif manifest.schema != schema:
             problems.append(f"range {position}: its schema {_schema_text(manifest.schema)} is not range 0's")
-        misplaced = next((n for n, chunk in enumerate(manifest.chunks) if chunk.index != n), None)
+        # Keyset chunks are numbered 0..n-1; page ranges skip the numbers of ranges without a live row.
+        numbered = bool(manifest.key_columns)
+        misplaced = next((n for n, chunk in enumerate(manifest.chunks) if numbered and chunk.index != n), None)
         if misplaced is not None:
             problems.append(
                 f"range {position}: its manifest lists chunk {manifest.chunks[misplaced].index} where chunk "
