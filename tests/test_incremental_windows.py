@@ -897,3 +897,34 @@ def test_an_xmin_task_whose_primary_went_back_in_transaction_ids_reads_every_row
         table=events, destination=str(tmp_path / "third"), watermark=WatermarkSpec.following(second.window)
     )
     assert third.rows == 0  # and on from there
+
+
+def test_a_fan_out_planner_run_again_alone_keeps_its_validated_dataset(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path
+) -> None:
+    """Clearing only the planner of a validated DAG run planned the dataset again: every range folder
+    was removed while the window stayed committed, and the next run started after it: those rows
+    were in no dataset, green. The planner of the same DAG run reuses its complete plan."""
+    from airflow_provider_cxpg.version_compat import AIRFLOW_V_3_0_PLUS
+
+    admin.execute(f"CREATE TABLE {events} (id int PRIMARY KEY, updated_at timestamptz NOT NULL, note text)")
+    admin.execute(
+        f"INSERT INTO {events} SELECT g, '2024-01-01'::timestamptz + g * interval '1 s', 'a' FROM generate_series(1, 200) g"
+    )
+    admin.execute(f"ANALYZE {events}")
+    dag = fan_out_dag(_dag_id("planner_again"), conn_id, events, tmp_path, partitions=3)
+    when = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
+
+    def run(**kwargs: Any) -> Any:
+        if AIRFLOW_V_3_0_PLUS:
+            return dag.test(logical_date=when, run_after=when, **kwargs)
+        return dag.test(execution_date=when, **kwargs)
+
+    first = run()
+    assert "success" in str(first.state)
+    base = tmp_path / first.run_id
+    assert sorted(dataset_ids(base)) == list(range(1, 201))
+    again = run(mark_success_pattern="^(extract|damage|validate)$")  # the planner alone runs again
+    assert "success" in str(again.state) and again.run_id == first.run_id
+    assert sorted(dataset_ids(base)) == list(range(1, 201)) and (base / "_SUCCESS").exists()
+    assert json.loads((base / "_dataset_manifest.json").read_text())["status"] == "complete"

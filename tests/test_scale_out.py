@@ -24,6 +24,7 @@ from airflow_provider_cxpg.conninfo import connect
 from airflow_provider_cxpg.exceptions import (
     CxpgError,
     DataIntegrityError,
+    DestinationConflictError,
     QueryError,
     StorageError,
     WorkerCrashedError,
@@ -779,6 +780,27 @@ def test_the_validator_refuses_files_a_reader_would_read_that_no_range_wrote(
     (second / "_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(StorageError, match="a chunk is missing"):
         validate(out_dir)
+
+
+def test_a_file_no_range_would_write_is_refused_before_the_ranges_run(
+    conn_id: str, events_table: str, out_dir: Path
+) -> None:
+    """Taken over from a single extraction, a stray file at the base was left; every range ran, and
+    the dataset check then failed on it, on every retry."""
+    ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+        destination=str(out_dir), table=events_table, chunk_rows=10_000, **FAST
+    )
+    shutil.copy(out_dir / "part-000000.parquet", out_dir / "part-000099.parquet")
+    with pytest.raises(DestinationConflictError, match="part-000099.parquet"):
+        PostgresExtractOperator(
+            task_id="p",
+            postgres_conn_id=conn_id,
+            table=events_table,
+            destination=str(out_dir),
+            parallelism=2,
+            worker_settings=FAST,
+        ).execute({})
+    assert not list(out_dir.glob("range=*")) and (out_dir / "_manifest.json").exists()  # nothing removed either
 
 
 def test_fan_out_example_dag(orders_db_for_fanout: Path, admin: psycopg.Connection) -> None:

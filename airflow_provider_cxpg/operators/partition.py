@@ -186,17 +186,17 @@ class PostgresPartitionPlanOperator(BaseOperator):
         )
         attach(self, coordinator)  # on_kill cancels its planning queries
         destination = coordinator.destination
-        ranges, record = plan_or_reuse_ranges(coordinator, destination, self.partitions, self.method)
+        dag_run_id = getattr(context.get("dag_run"), "run_id", None)
+        ranges, record = plan_or_reuse_ranges(coordinator, destination, self.partitions, self.method, dag_run_id)
         extra: dict[str, Any] = {}
         if coordinator.watermark is not None:
             coordinator.windowed(coordinator.build_plan(), record.get("window"))
             assert coordinator.window is not None
             window = coordinator.window.to_json()
             record["window"] = window
-            dag_run = context.get("dag_run")
             record["watermark_state"] = {
                 "key": state.key if state is not None else None,
-                "dag_run_id": getattr(dag_run, "run_id", None),
+                "dag_run_id": dag_run_id,
                 "source": self._source_identity(),
             }
             destination.write_json(DATASET_MANIFEST, record)

@@ -277,11 +277,14 @@ def recorded_window(destination: Destination, reference: dict[str, Any]) -> dict
 
 
 def plan_or_reuse_ranges(
-    coordinator: Extraction, destination: Destination, partitions: int, method: str
+    coordinator: Extraction, destination: Destination, partitions: int, method: str, dag_run_id: str | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The ranges recorded by an unfinished run of the same extraction, or new ones (then recorded).
 
-    Reusing them is what lets every range resume from its own manifest after a retry. A new plan
+    Reusing them is what lets every range resume from its own manifest after a retry. A complete
+    dataset planned by the same DAG run (``dag_run_id``: its planner cleared and run again) is
+    reused as it is: planned again, its ranges were removed while its window stayed committed, and
+    the rows were in no dataset once the next run started after that window. A new plan
     replaces an earlier dataset of the same source (its ``range=NNNN/`` folders are removed first, so
     none of them outlives it); another source's dataset, or a single extraction's files, are not
     taken over.
@@ -306,9 +309,22 @@ def plan_or_reuse_ranges(
     if order is not None:  # ranges planned in one key order do not tile another
         parts["key_order"] = order
     fp = fingerprint(parts)
+    # The same plan whatever window a re-run asks for (a re-run asks for the recorded one again).
+    layout = fingerprint({k: v for k, v in parts.items() if k != "watermark"})
     existing = destination.read_json(DATASET_MANIFEST)
     if existing and existing.get("fingerprint") == fp and existing.get("status") == "running":
         coordinator.log.emit("job.resume", note="reusing the recorded key ranges", ranges=len(existing["ranges"]))
+        return existing["ranges"], existing
+    if (
+        existing
+        and existing.get("status") == "complete"
+        and dag_run_id is not None
+        and existing.get("dag_run_id") == dag_run_id
+        and existing.get("layout") == layout
+    ):
+        coordinator.log.emit(
+            "job.plan", note=f"this DAG run's dataset is complete: reusing its plan ({len(existing['ranges'])} ranges)"
+        )
         return existing["ranges"], existing
     if existing and existing.get("source_id") not in (None, sid) and existing.get("owner") != coordinator.owner:
         raise DestinationConflictError(
@@ -317,12 +333,21 @@ def plan_or_reuse_ranges(
             destination=destination.url,
         )
     single = Manifest.load(destination)
-    if single is not None:
-        if not single.same_source(sid, coordinator.owner):
-            raise DestinationConflictError(
-                f"{destination.url} holds a single extraction of another source ({single.source_id}): not replacing it",
-                destination=destination.url,
-            )
+    if single is not None and not single.same_source(sid, coordinator.owner):
+        raise DestinationConflictError(
+            f"{destination.url} holds a single extraction of another source ({single.source_id}): not replacing it",
+            destination=destination.url,
+        )
+    folders = destination.list_dirs()
+    names = [n for n in destination.list_names() if single is None or n not in single.files]
+    foreign = _read_by_readers(names, [d for d in folders if not is_range_dir(d)])
+    if foreign:  # refused now, before anything is removed: the validator would refuse the dataset at the end
+        raise DestinationConflictError(
+            f"{destination.url} holds {', '.join(foreign)}, which no range would write and every dataset reader "
+            "would read: remove them or choose another destination",
+            destination=destination.url,
+        )
+    if single is not None:  # the same source's single extraction: the dataset replaces it
         if SUCCESS_MARKER in destination.list_entries():  # first: never a marker over removed files
             destination.remove(SUCCESS_MARKER)
         for name in [*single.files, MANIFEST_NAME]:
@@ -342,6 +367,8 @@ def plan_or_reuse_ranges(
         "format": _FORMAT,
         "status": "running",
         "fingerprint": fp,
+        "layout": layout,
+        "dag_run_id": dag_run_id,
         "source_id": sid,
         "owner": coordinator.owner,
         "run_id": coordinator.run_id,
