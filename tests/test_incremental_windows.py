@@ -897,6 +897,14 @@ def test_an_xmin_task_whose_primary_went_back_in_transaction_ids_reads_every_row
         table=events, destination=str(tmp_path / "third"), watermark=WatermarkSpec.following(second.window)
     )
     assert third.rows == 0  # and on from there
+    assert third.window is not None and isinstance(third.window["timeline"], int)
+    # A point-in-time restore or a promotion starts a new timeline: once enough ids were issued
+    # again, only the timeline shows that transactions of the last window's history were lost.
+    branched = {**third.window, "timeline": third.window["timeline"] + 1}
+    fourth = hook.extract(
+        table=events, destination=str(tmp_path / "fourth"), watermark=WatermarkSpec.following(branched)
+    )
+    assert fourth.rows == 35 and fourth.window is not None and "timeline" in fourth.window["note"]
 
 
 def test_a_fan_out_planner_run_again_alone_keeps_its_validated_dataset(

@@ -384,6 +384,18 @@ def cluster_identifier(conn: Any) -> str | None:
     return row[0] if row and row[0] else None
 
 
+def timeline_identifier(conn: Any) -> int | None:
+    """The timeline of this server's last checkpoint (restartpoint on a standby): a new one after a
+    point-in-time restore or a promotion (None: not readable)."""
+    try:
+        if not may_call(conn, "pg_control_checkpoint()"):
+            return None
+        row = conn.execute("SELECT timeline_id FROM pg_catalog.pg_control_checkpoint()").fetchone()
+    except psycopg.Error:  # not Exception: a deadline, an abort, AirflowTaskTimeout (Airflow 2) must go on
+        return None
+    return int(row[0]) if row and row[0] is not None else None
+
+
 def relation_identity(conn: Any, table: TableInfo) -> dict[str, Any]:
     """Which relation of which database of which cluster ``table`` is: the same on a physical replica."""
     row = conn.execute("SELECT current_database()").fetchone()

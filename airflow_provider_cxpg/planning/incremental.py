@@ -66,7 +66,12 @@ from typing import Any
 import psycopg
 
 from airflow_provider_cxpg.exceptions import InvalidInputError, SourceChangedError, SourceNotFoundError
-from airflow_provider_cxpg.planning.catalog import cluster_identifier, may_call, query_column_collation
+from airflow_provider_cxpg.planning.catalog import (
+    cluster_identifier,
+    may_call,
+    query_column_collation,
+    timeline_identifier,
+)
 from airflow_provider_cxpg.planning.plan import SOURCE_ALIAS, ExtractPlan
 from airflow_provider_cxpg.planning.sql import literal, quote_ident, text_form
 
@@ -143,6 +148,7 @@ class WatermarkSpec:
     one_off: bool = field(default=False, compare=False)
     known_descendants: tuple[int, ...] | None = field(default=None, compare=False)
     known_cluster: str | None = field(default=None, compare=False)
+    known_timeline: int | None = field(default=None, compare=False)
 
     @property
     def window_sequence(self) -> int | None:
@@ -186,6 +192,7 @@ class WatermarkSpec:
                 sequence=sequence,
                 known_descendants=known,
                 known_cluster=window.get("cluster"),
+                known_timeline=window.get("timeline"),
             )
         return cls(
             str(window["column"]),
@@ -243,6 +250,7 @@ class Window:
     descendants: tuple[int, ...] | None = None
     arrived: tuple[int, ...] = ()
     cluster: str | None = None
+    timeline: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Everything needed to read this window again, or the one after it (manifests, state)."""
@@ -267,6 +275,7 @@ class Window:
             "descendants": list(self.descendants) if self.descendants is not None else None,
             "arrived": list(self.arrived),
             "cluster": self.cluster,
+            "timeline": self.timeline,
         }
 
     def summary(self) -> dict[str, Any]:
@@ -663,6 +672,7 @@ def _rebuild(conn: Any, plan: ExtractPlan, recorded: Mapping[str, Any]) -> Windo
         descendants=tuple(recorded["descendants"]) if isinstance(recorded.get("descendants"), list) else None,
         arrived=tuple(int(d) for d in recorded.get("arrived") or ()),
         cluster=recorded.get("cluster"),
+        timeline=recorded.get("timeline"),
     )
     if column == XMIN:
         _refuse_another_cluster(conn, window)
@@ -702,13 +712,17 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
     # The same cluster whose transaction ids went back: a physical restore (PITR, a snapshot, a
     # clone) or a failover that lost transactions keeps the system identifier. On a primary the
     # ids never go back otherwise; a standby behind the server the last window was read on may.
+    # A restore (PITR) or a promotion starts a new timeline: transactions of the old one past the
+    # branch point were lost and their ids are issued again, and once enough are, the ids alone no
+    # longer show it. A restore that keeps the timeline (a volume snapshot) shows only while the ids
+    # are still below the last window's end.
+    timeline = timeline_identifier(conn)
+    branched = None not in (timeline, spec.known_timeline) and timeline != spec.known_timeline
     rewound = (
         not moved
         and not spec.one_off
         and start is not None
-        and _blank(spec.end)
-        and settled < start
-        and not _in_recovery(conn)
+        and (branched or (settled < start and not _in_recovery(conn)))
     )
     if moved or rewound:  # ids that mean other rows here: a window from ``start`` would select nothing
         start = None
@@ -727,6 +741,7 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
         wal_position=_wal_position(conn),
         sequence=spec.window_sequence,
         cluster=cluster,
+        timeline=timeline,
     )
     descendants, arrived = _descendants(plan, replace(spec, first_run=True) if moved or rewound else spec)
     window = replace(window, descendants=descendants, arrived=arrived)
@@ -739,10 +754,15 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
             f"{spec.known_cluster}; this server's is {cluster}): every row is read",
         )
     elif rewound:
+        went = (
+            f"the server is on timeline {timeline}, the last window was read on timeline {spec.known_timeline}"
+            if branched
+            else f"this primary's transaction ids went back below the last window's end ({spec.start}; now {settled})"
+        )
         window = replace(
             window,
-            note=f"this primary's transaction ids went back below the last window's end ({spec.start}; now "
-            f"{settled}: a restore from a backup, a failover that lost transactions): every row is read",
+            note=f"{went} (a restore from a backup, a failover): transactions may have been lost and their ids "
+            "issued again; every row is read",
         )
     elif start is None:
         window = replace(window, note="first xmin run: every row is read")

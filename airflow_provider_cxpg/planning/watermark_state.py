@@ -38,6 +38,7 @@ __all__ = [
     "WatermarkState",
     "default_state_key",
     "describe_window",
+    "run_date",
     "source_identity",
     "spec_for_run",
     "spec_for_task",
@@ -126,11 +127,14 @@ class WatermarkState:
 
     # -- writing -----------------------------------------------------------------------------------
 
-    def commit(self, window: Mapping[str, Any], dag_run_id: str | None, source: str | None = None) -> None:
+    def commit(
+        self, window: Mapping[str, Any], dag_run_id: str | None, source: str | None = None, run_date: str | None = None
+    ) -> None:
         """Record ``window`` as read, for the next run and for re-runs of ``dag_run_id``.
 
         A window that ends before the committed one (a re-run of an older DAG run) is recorded for its
-        run but does not move the next start back.
+        run but does not move the next start back. ``run_date`` (:func:`run_date`) orders DAG runs:
+        the newest of those whose windows are no longer kept is remembered (``evicted_until``).
         """
         data = self.load() or {"format": FORMAT, "runs": {}}
         current = data.get("window")
@@ -142,10 +146,18 @@ class WatermarkState:
         if source is not None:
             data["source"] = source
         runs: dict[str, Any] = dict(data.get("runs") or {})
+        dates: dict[str, str] = dict(data.get("run_dates") or {})
         if dag_run_id:
             runs.pop(dag_run_id, None)
             runs[dag_run_id] = dict(window)
-        data["runs"] = dict(list(runs.items())[-_RUNS_KEPT:])
+            if run_date:
+                dates[dag_run_id] = run_date
+        kept = dict(list(runs.items())[-_RUNS_KEPT:])
+        evicted = [dates[r] for r in runs if r not in kept and r in dates]
+        if evicted:
+            data["evicted_until"] = max([*evicted, *([data["evicted_until"]] if data.get("evicted_until") else [])])
+        data["runs"] = kept
+        data["run_dates"] = {r: dates[r] for r in kept if r in dates}
         data["updated_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self.store.set(
             self.key,
@@ -212,7 +224,14 @@ def spec_for_task(
     state = WatermarkState.for_task(context, task_id, state_key)
     dag_run = context.get("dag_run")
     spec = spec_for_run(
-        state, column, dag_run_id=getattr(dag_run, "run_id", None), end=end, lag=lag, log=log, source=source
+        state,
+        column,
+        dag_run_id=getattr(dag_run, "run_id", None),
+        end=end,
+        lag=lag,
+        log=log,
+        source=source,
+        run_date=run_date(dag_run),
     )
     return spec, state
 
@@ -226,11 +245,15 @@ def spec_for_run(
     lag: Any = None,
     log: Any = None,
     source: str | None = None,
+    run_date: str | None = None,
 ) -> WatermarkSpec:
     """The window a run reads: its own again (a re-run), the one after the last committed, or a first.
 
     A state kept for another source (the task's table, query, ``where`` or key changed; a mapped
     task's list was reordered) is not continued: the run is a first run, a full copy.
+
+    :raises InvalidInputError: a DAG run no newer than runs whose windows are no longer kept: if it
+        read a window, that window is gone, and the next one in its output would replace its rows.
     """
     say = log.info if log is not None else (lambda *a: None)
     if state is None:
@@ -243,12 +266,30 @@ def spec_for_run(
     if again is not None and again.get("column") == column:
         say("DAG run %s read this window before; reading it again: %s", dag_run_id, describe_window(again))
         return WatermarkSpec.again(again)
+    evicted_until = state.load().get("evicted_until")
+    if run_date and evicted_until and run_date <= evicted_until:
+        raise InvalidInputError(
+            f"DAG run {dag_run_id} ({run_date}) is no newer than DAG runs whose windows Variable {state.key} no "
+            f"longer keeps (the last {_RUNS_KEPT} are kept): if it read a window, that window cannot be read "
+            "again, and the next one would put other rows in its place. Give it watermark_start and "
+            "watermark_end (a one-off window), or run a newer DAG run"
+        )
     last = state.last_window()
     if last is None or last.get("column") != column:
         say("no committed window in Variable %s: this first run reads every row", state.key)
         return WatermarkSpec(column, None, end, lag)
     say("continuing after the window committed in Variable %s: %s", state.key, describe_window(last))
     return WatermarkSpec.following(last, end=end, lag=lag)
+
+
+def run_date(dag_run: Any) -> str | None:
+    """When a DAG run is for, in UTC ISO form: its logical date, or when it may run (Airflow 3 runs
+    triggered without one); None outside a DAG run."""
+    for name in ("logical_date", "execution_date", "run_after"):
+        value = getattr(dag_run, name, None)
+        if isinstance(value, dt.datetime):
+            return value.astimezone(dt.UTC).isoformat()
+    return None
 
 
 def describe_window(window: Mapping[str, Any]) -> str:
