@@ -782,6 +782,37 @@ def test_the_validator_refuses_files_a_reader_would_read_that_no_range_wrote(
         validate(out_dir)
 
 
+def test_a_dag_runs_planner_run_again_with_another_window_plans_again(
+    conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """Only the same window of the same DAG run reuses its complete dataset: a one-off window changed
+    (the DAG fixed, its run cleared) once got the old dataset and the old window, green."""
+    from types import SimpleNamespace
+
+    admin.execute(f'CREATE TABLE "{schema}".t (id int PRIMARY KEY, v int NOT NULL)')
+    admin.execute(f'INSERT INTO "{schema}".t SELECT g, g FROM generate_series(1, 100) g')
+    context = {"dag_run": SimpleNamespace(run_id="manual__1")}
+
+    def plan(start: int, end: int) -> list[dict[str, Any]]:
+        return PostgresPartitionPlanOperator(
+            task_id="plan",
+            postgres_conn_id=conn_id,
+            table=f"{schema}.t",
+            partitions=2,
+            method="ntile",
+            destination=str(out_dir),
+            watermark_column="v",
+            watermark_start=start,
+            watermark_end=end,
+        ).execute(context)
+
+    for entry in plan(10, 20):
+        extract_range(conn_id, f"{schema}.t", entry, watermark_column="v")
+    validate(out_dir)
+    again = plan(50, 60)
+    assert [(e["watermark_start"], e["watermark_end"]) for e in again] == [(50, 60), (50, 60)]
+
+
 def test_a_file_no_range_would_write_is_refused_before_the_ranges_run(
     conn_id: str, events_table: str, out_dir: Path
 ) -> None:
@@ -790,8 +821,9 @@ def test_a_file_no_range_would_write_is_refused_before_the_ranges_run(
     ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
         destination=str(out_dir), table=events_table, chunk_rows=10_000, **FAST
     )
-    shutil.copy(out_dir / "part-000000.parquet", out_dir / "part-000099.parquet")
-    with pytest.raises(DestinationConflictError, match="part-000099.parquet"):
+    shutil.copy(out_dir / "part-000000.parquet", out_dir / "part-000099.parquet")  # its own stray: replaced
+    shutil.copy(out_dir / "part-000000.parquet", out_dir / "extra.parquet")
+    with pytest.raises(DestinationConflictError, match="holds extra.parquet, which"):
         PostgresExtractOperator(
             task_id="p",
             postgres_conn_id=conn_id,

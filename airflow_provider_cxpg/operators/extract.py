@@ -26,7 +26,6 @@ from airflow_provider_cxpg.planning.incremental import WatermarkSpec
 from airflow_provider_cxpg.planning.watermark_state import (
     WatermarkState,
     describe_window,
-    run_date,
     source_identity,
     spec_for_task,
 )
@@ -498,9 +497,7 @@ class PostgresExtractOperator(BaseOperator):
         self._result = result
         if self._watermark_state is not None and result.window is not None:
             dag_run = context.get("dag_run")
-            self._watermark_state.commit(
-                result.window, getattr(dag_run, "run_id", None), self._source_identity(), run_date(dag_run)
-            )
+            self._watermark_state.commit(result.window, getattr(dag_run, "run_id", None), self._source_identity())
         summary = result.summary()
         summary["watermark_column"] = self.watermark_column
         self._emit_asset(context, summary)

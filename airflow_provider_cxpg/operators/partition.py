@@ -39,7 +39,7 @@ from airflow_provider_cxpg.operators.killing import attach, kill, killable, rais
 from airflow_provider_cxpg.output.destination import Destination
 from airflow_provider_cxpg.output.manifest import SUCCESS_MARKER
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec
-from airflow_provider_cxpg.planning.watermark_state import WatermarkState, run_date, source_identity, spec_for_task
+from airflow_provider_cxpg.planning.watermark_state import WatermarkState, source_identity, spec_for_task
 from airflow_provider_cxpg.run.parallel import (
     DATASET_MANIFEST,
     changed_ranges,
@@ -197,7 +197,6 @@ class PostgresPartitionPlanOperator(BaseOperator):
             record["watermark_state"] = {
                 "key": state.key if state is not None else None,
                 "dag_run_id": dag_run_id,
-                "run_date": run_date(context.get("dag_run")),
                 "source": self._source_identity(),
             }
             destination.write_json(DATASET_MANIFEST, record)
@@ -344,9 +343,7 @@ class PostgresPartitionValidateOperator(BaseOperator):
             )
         state = record.get("watermark_state") or {}
         if window is not None and state.get("key"):
-            WatermarkState(state["key"]).commit(
-                window, state.get("dag_run_id"), state.get("source"), state.get("run_date")
-            )
+            WatermarkState(state["key"]).commit(window, state.get("dag_run_id"), state.get("source"))
             self.log.info("committed the window in Variable %s: the next run starts after it", state["key"])
         summary = {
             "rows": totals["rows"],

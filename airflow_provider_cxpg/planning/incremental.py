@@ -717,7 +717,8 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
     # longer show it. A restore that keeps the timeline (a volume snapshot) shows only while the ids
     # are still below the last window's end.
     timeline = timeline_identifier(conn)
-    branched = None not in (timeline, spec.known_timeline) and timeline != spec.known_timeline
+    # Timelines only grow: a lower one is a server behind (a standby before its next restartpoint).
+    branched = timeline is not None and spec.known_timeline is not None and timeline > spec.known_timeline
     rewound = (
         not moved
         and not spec.one_off

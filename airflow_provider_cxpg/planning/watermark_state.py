@@ -38,7 +38,6 @@ __all__ = [
     "WatermarkState",
     "default_state_key",
     "describe_window",
-    "run_date",
     "source_identity",
     "spec_for_run",
     "spec_for_task",
@@ -47,6 +46,8 @@ __all__ = [
 FORMAT = "cxpg-watermark-state/1"
 #: Windows of this many recent DAG runs are kept, so a re-run of one reads the same window.
 _RUNS_KEPT = 10
+#: DAG runs whose windows were dropped are remembered (12 hex characters each) this far back.
+_FORGOTTEN_KEPT = 5_000
 
 
 def default_state_key(dag_id: str | None, task_id: str, map_index: int | None = None) -> str:
@@ -127,37 +128,34 @@ class WatermarkState:
 
     # -- writing -----------------------------------------------------------------------------------
 
-    def commit(
-        self, window: Mapping[str, Any], dag_run_id: str | None, source: str | None = None, run_date: str | None = None
-    ) -> None:
+    def commit(self, window: Mapping[str, Any], dag_run_id: str | None, source: str | None = None) -> None:
         """Record ``window`` as read, for the next run and for re-runs of ``dag_run_id``.
 
         A window that ends before the committed one (a re-run of an older DAG run) is recorded for its
-        run but does not move the next start back. ``run_date`` (:func:`run_date`) orders DAG runs:
-        the newest of those whose windows are no longer kept is remembered (``evicted_until``).
+        run but does not move the next start back. DAG runs whose windows are no longer kept are
+        remembered as such (``forgotten``, a short digest each), so that a re-run of one is refused.
         """
         data = self.load() or {"format": FORMAT, "runs": {}}
         current = data.get("window")
+        forgotten: list[str] = list(data.get("forgotten") or [])
         if source is not None and data.get("source") not in (None, source):
             current = None  # another source's windows: this one's replace them
+            forgotten += [_digest(r) for r in data.get("runs") or {}]
             data["runs"] = {}
         if current is None or _advances(current, window):
             data["window"] = dict(window)
         if source is not None:
             data["source"] = source
         runs: dict[str, Any] = dict(data.get("runs") or {})
-        dates: dict[str, str] = dict(data.get("run_dates") or {})
         if dag_run_id:
             runs.pop(dag_run_id, None)
             runs[dag_run_id] = dict(window)
-            if run_date:
-                dates[dag_run_id] = run_date
         kept = dict(list(runs.items())[-_RUNS_KEPT:])
-        evicted = [dates[r] for r in runs if r not in kept and r in dates]
-        if evicted:
-            data["evicted_until"] = max([*evicted, *([data["evicted_until"]] if data.get("evicted_until") else [])])
+        forgotten += [_digest(r) for r in runs if r not in kept]
+        if dag_run_id and _digest(dag_run_id) in forgotten:  # committed again: its window is kept once more
+            forgotten = [d for d in forgotten if d != _digest(dag_run_id)]
         data["runs"] = kept
-        data["run_dates"] = {r: dates[r] for r in kept if r in dates}
+        data["forgotten"] = forgotten[-_FORGOTTEN_KEPT:]
         data["updated_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self.store.set(
             self.key,
@@ -231,7 +229,6 @@ def spec_for_task(
         lag=lag,
         log=log,
         source=source,
-        run_date=run_date(dag_run),
     )
     return spec, state
 
@@ -245,15 +242,14 @@ def spec_for_run(
     lag: Any = None,
     log: Any = None,
     source: str | None = None,
-    run_date: str | None = None,
 ) -> WatermarkSpec:
     """The window a run reads: its own again (a re-run), the one after the last committed, or a first.
 
     A state kept for another source (the task's table, query, ``where`` or key changed; a mapped
     task's list was reordered) is not continued: the run is a first run, a full copy.
 
-    :raises InvalidInputError: a DAG run no newer than runs whose windows are no longer kept: if it
-        read a window, that window is gone, and the next one in its output would replace its rows.
+    :raises InvalidInputError: a re-run of a DAG run whose window is no longer kept: the next window
+        in its output would replace its rows.
     """
     say = log.info if log is not None else (lambda *a: None)
     if state is None:
@@ -266,13 +262,11 @@ def spec_for_run(
     if again is not None and again.get("column") == column:
         say("DAG run %s read this window before; reading it again: %s", dag_run_id, describe_window(again))
         return WatermarkSpec.again(again)
-    evicted_until = state.load().get("evicted_until")
-    if run_date and evicted_until and run_date <= evicted_until:
+    if dag_run_id and _digest(dag_run_id) in (state.load().get("forgotten") or ()):
         raise InvalidInputError(
-            f"DAG run {dag_run_id} ({run_date}) is no newer than DAG runs whose windows Variable {state.key} no "
-            f"longer keeps (the last {_RUNS_KEPT} are kept): if it read a window, that window cannot be read "
-            "again, and the next one would put other rows in its place. Give it watermark_start and "
-            "watermark_end (a one-off window), or run a newer DAG run"
+            f"DAG run {dag_run_id} read a window that Variable {state.key} no longer keeps (the windows of the "
+            f"last {_RUNS_KEPT} DAG runs are kept): it cannot read it again, and the next window would put other "
+            "rows in place of its own. Give it watermark_start and watermark_end (a one-off window)"
         )
     last = state.last_window()
     if last is None or last.get("column") != column:
@@ -282,14 +276,10 @@ def spec_for_run(
     return WatermarkSpec.following(last, end=end, lag=lag)
 
 
-def run_date(dag_run: Any) -> str | None:
-    """When a DAG run is for, in UTC ISO form: its logical date, or when it may run (Airflow 3 runs
-    triggered without one); None outside a DAG run."""
-    for name in ("logical_date", "execution_date", "run_after"):
-        value = getattr(dag_run, name, None)
-        if isinstance(value, dt.datetime):
-            return value.astimezone(dt.UTC).isoformat()
-    return None
+def _digest(dag_run_id: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(dag_run_id.encode("utf-8")).hexdigest()[:12]
 
 
 def describe_window(window: Mapping[str, Any]) -> str:

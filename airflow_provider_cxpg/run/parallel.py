@@ -315,12 +315,15 @@ def plan_or_reuse_ranges(
     if existing and existing.get("fingerprint") == fp and existing.get("status") == "running":
         coordinator.log.emit("job.resume", note="reusing the recorded key ranges", ranges=len(existing["ranges"]))
         return existing["ranges"], existing
+    spec = coordinator.watermark
     if (
         existing
         and existing.get("status") == "complete"
         and dag_run_id is not None
         and existing.get("dag_run_id") == dag_run_id
         and existing.get("layout") == layout
+        # the same window: the state's record of this DAG run's own (never a one-off or a first run)
+        and (spec is None or (spec.recorded is not None and _same_window(dict(spec.recorded), existing.get("window"))))
     ):
         coordinator.log.emit(
             "job.plan", note=f"this DAG run's dataset is complete: reusing its plan ({len(existing['ranges'])} ranges)"
@@ -338,9 +341,9 @@ def plan_or_reuse_ranges(
             f"{destination.url} holds a single extraction of another source ({single.source_id}): not replacing it",
             destination=destination.url,
         )
-    folders = destination.list_dirs()
-    names = [n for n in destination.list_names() if single is None or n not in single.files]
-    foreign = _read_by_readers(names, [d for d in folders if not is_range_dir(d)])
+    folders, names = destination.list_dirs(), destination.list_names()
+    replaced = [*single.files, *single.stray_files(names)] if single is not None else []  # its own, all of them
+    foreign = _read_by_readers([n for n in names if n not in replaced], [d for d in folders if not is_range_dir(d)])
     if foreign:  # refused now, before anything is removed: the validator would refuse the dataset at the end
         raise DestinationConflictError(
             f"{destination.url} holds {', '.join(foreign)}, which no range would write and every dataset reader "
@@ -350,7 +353,7 @@ def plan_or_reuse_ranges(
     if single is not None:  # the same source's single extraction: the dataset replaces it
         if SUCCESS_MARKER in destination.list_entries():  # first: never a marker over removed files
             destination.remove(SUCCESS_MARKER)
-        for name in [*single.files, MANIFEST_NAME]:
+        for name in [*replaced, MANIFEST_NAME]:
             destination.remove(name)
     with coordinator.control_connection("partition") as conn:
         ranges, used, seconds = plan_key_ranges(conn, plan, partitions, method)

@@ -50,7 +50,7 @@ def test_windows_recorded_before_sequences_still_compare_by_value() -> None:
     assert spec_for_run(kept, "v", dag_run_id="run-3").sequence is None
 
 
-def test_a_dag_run_older_than_the_runs_kept_is_refused_not_given_the_next_window() -> None:
+def test_a_re_run_of_a_dag_run_whose_window_is_no_longer_kept_is_refused() -> None:
     """Twelve hourly runs, then the first cleared: its window was no longer kept, it read the window
     after the last one into its own output (replacing its rows) and moved the state on, green."""
     import pytest
@@ -60,12 +60,14 @@ def test_a_dag_run_older_than_the_runs_kept_is_refused_not_given_the_next_window
     kept = WatermarkState("cxpg_watermark.test.old", store=MemoryStore())
     for hour in range(12):
         window = {"column": "v", "high_watermark": str(hour), "end": str(hour), "sequence": hour + 1}
-        kept.commit(window, f"run-{hour}", run_date=f"2024-06-01T{hour:02d}:00:00+00:00")
-    assert spec_for_run(kept, "v", dag_run_id="run-5", run_date="2024-06-01T05:00:00+00:00").recorded is not None
-    with pytest.raises(InvalidInputError, match="no newer than DAG runs whose windows"):
-        spec_for_run(kept, "v", dag_run_id="run-0", run_date="2024-06-01T00:00:00+00:00")
-    with pytest.raises(InvalidInputError, match="watermark_start and watermark_end"):  # a backfill of an older hour
-        spec_for_run(kept, "v", dag_run_id="backfill", run_date="2024-06-01T00:30:00+00:00")
-    newer = spec_for_run(kept, "v", dag_run_id="run-12", run_date="2024-06-01T12:00:00+00:00")
+        kept.commit(window, f"run-{hour}", source="s1")
+    assert spec_for_run(kept, "v", dag_run_id="run-5", source="s1").recorded is not None
+    with pytest.raises(InvalidInputError, match="no longer keeps"):
+        spec_for_run(kept, "v", dag_run_id="run-0", source="s1")
+    # Runs that never committed (a manual run, a backfill) go on after the last window, whatever their dates.
+    newer = spec_for_run(kept, "v", dag_run_id="manual__2024-05-01", source="s1")
     assert newer.start == "11" and newer.sequence == 13
-    assert spec_for_run(kept, "v", dag_run_id="manual", run_date=None).start == "11"  # no date: as before
+    # The windows of a source the task no longer reads are dropped too: a re-run of one is refused as well.
+    kept.commit({"column": "v", "high_watermark": "100", "end": "100", "sequence": 1}, "run-12", source="other")
+    with pytest.raises(InvalidInputError, match="no longer keeps"):
+        spec_for_run(kept, "v", dag_run_id="run-7", source="other")
