@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import socket
 import struct
 import subprocess
@@ -99,9 +100,24 @@ class Proxy:
     port: int
 
     def freeze(self) -> None:
+        """Stop the proxy, and return once every one of its threads is stopped.
+
+        SIGSTOP takes effect per thread as each next leaves the kernel: on a loaded machine a pump
+        thread could still forward the next statement (and its answer) after ``send_signal`` returned.
+        """
         import signal
 
         self.process.send_signal(signal.SIGSTOP)
+        tasks = f"/proc/{self.process.pid}/task"
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            try:
+                states = [_thread_state(f"{tasks}/{t}/stat") for t in os.listdir(tasks)]
+            except OSError:  # a thread ended while listed: look again
+                continue
+            if all(state in ("T", "t") for state in states):
+                return
+            time.sleep(0.002)
 
     def thaw(self) -> None:
         import signal
@@ -166,3 +182,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _thread_state(path: str) -> str:
+    """The state letter of ``/proc/<pid>/task/<tid>/stat`` (after the command name in parentheses)."""
+    with open(path) as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0]
