@@ -375,25 +375,26 @@ def may_call(conn: Any, *functions: str) -> bool:
 def cluster_identifier(conn: Any) -> str | None:
     """This server's system identifier: the same on a physical standby as on its primary, another
     after a restore into a new cluster or a move by logical replication (None: not readable)."""
-    try:
-        if not may_call(conn, "pg_control_system()"):
-            return None
-        row = conn.execute("SELECT system_identifier::text FROM pg_catalog.pg_control_system()").fetchone()
-    except psycopg.Error:  # not Exception: a deadline, an abort, AirflowTaskTimeout (Airflow 2) must go on
-        return None
-    return row[0] if row and row[0] else None
+    value = _control_value(conn, "pg_control_system()", "system_identifier::text")
+    return str(value) if value else None
 
 
 def timeline_identifier(conn: Any) -> int | None:
     """The timeline of this server's last checkpoint (restartpoint on a standby): a new one after a
     point-in-time restore or a promotion (None: not readable)."""
+    value = _control_value(conn, "pg_control_checkpoint()", "timeline_id")
+    return int(value) if value is not None else None
+
+
+def _control_value(conn: Any, function: str, column: str) -> Any:
+    """``column`` of a ``pg_catalog`` control-data function, or None where this role may not call it."""
     try:
-        if not may_call(conn, "pg_control_checkpoint()"):
+        if not may_call(conn, function):
             return None
-        row = conn.execute("SELECT timeline_id FROM pg_catalog.pg_control_checkpoint()").fetchone()
+        row = conn.execute(f"SELECT {column} FROM pg_catalog.{function}").fetchone()
     except psycopg.Error:  # not Exception: a deadline, an abort, AirflowTaskTimeout (Airflow 2) must go on
         return None
-    return int(row[0]) if row and row[0] is not None else None
+    return row[0] if row else None
 
 
 def relation_identity(conn: Any, table: TableInfo) -> dict[str, Any]:
