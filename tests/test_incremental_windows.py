@@ -25,7 +25,7 @@ from airflow_provider_cxpg.exceptions import SourceChangedError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
 from airflow_provider_cxpg.operators.partition import PostgresPartitionPlanOperator, PostgresPartitionValidateOperator
-from airflow_provider_cxpg.planning.incremental import END_KEYS_MAX, WatermarkSpec
+from airflow_provider_cxpg.planning.incremental import END_KEYS_CHARS_MAX, END_KEYS_MAX, WatermarkSpec
 from airflow_provider_cxpg.planning.watermark_state import WatermarkState, default_state_key
 from tests.helpers import PgInfo, read_output, register_dag
 from tests.test_operator_dags import run_dag, xcom_return
@@ -179,6 +179,40 @@ def test_too_many_rows_at_the_end_are_left_whole_for_the_next_run(
     second = runs.run()
     # the whole crowded day once, and the one row of the new end (few enough to remember)
     assert sorted(runs.rows(second)) == [*range(101, 101 + crowd), *range(5000, 5010), 6000]
+    assert second["window"]["end_mode"] == "keys" and second["window"]["boundary_keys"] == 1
+
+
+def test_long_keys_at_the_end_are_left_whole_for_the_next_run(
+    conn_id: str, admin: psycopg.Connection, events: str, tmp_path: Path, airflow_db: Path
+) -> None:
+    """Few rows, but keys too long to carry in every chunk's SQL and in the state Variable."""
+    admin.execute(f"CREATE TABLE {events} (code text PRIMARY KEY, day date NOT NULL)")
+    admin.execute(f"INSERT INTO {events} SELECT 'a' || g, '2024-01-01' FROM generate_series(1, 10) g")
+    long_keys = END_KEYS_CHARS_MAX // 2000 + 5  # 2000-character keys: a few more than fit
+    admin.execute(
+        f"INSERT INTO {events} SELECT 'b' || g || repeat('x', 2000), '2024-01-02' "
+        f"FROM generate_series(1, {long_keys}) g"
+    )
+    runs = Runs(
+        make_dag(
+            _dag_id("longkeys"),
+            postgres_conn_id=conn_id,
+            table=events,
+            watermark_column="day",
+            destination=str(tmp_path / "{{ run_id }}"),
+        )
+    )
+
+    def codes(summary: dict) -> list[str]:
+        return sorted(c[:8] for c in runs.rows(summary, "code"))
+
+    first = runs.run()
+    assert first["window"]["end_mode"] == "exclusive"  # far fewer rows than END_KEYS_MAX
+    assert codes(first) == sorted(f"a{g}" for g in range(1, 11))
+    admin.execute(f"INSERT INTO {events} VALUES ('c1', '2024-01-03')")
+    second = runs.run()
+    # the long-keyed day whole, once, and the new end (one short key: remembered)
+    assert codes(second) == sorted([*(f"b{g}xxxxxxxx"[:8] for g in range(1, long_keys + 1)), "c1"])
     assert second["window"]["end_mode"] == "keys" and second["window"]["boundary_keys"] == 1
 
 

@@ -16,9 +16,10 @@ run starts and reads::
   ``end``, inclusive, and skips only the remembered versions. This is exactly once, and the summary
   says so (``watermark_contract="exactly_once"``). A source without row versions (a query, a view)
   cannot remember them: its window ends before ``end``, and the rows holding it are the next run's.
-* When more than :data:`END_KEYS_MAX` rows hold ``end`` (a ``date`` watermark on a busy table), they
-  are too many to remember: the window ends *before* ``end`` (``wm < end``) and those rows are read by
-  the next run, still exactly once, one run later.
+* When more than :data:`END_KEYS_MAX` rows hold ``end`` (a ``date`` watermark on a busy table), or
+  their keys take more than :data:`END_KEYS_CHARS_MAX` characters, they are too many to remember: the
+  window ends *before* ``end`` (``wm < end``) and those rows are read by the next run, still exactly
+  once, one run later.
 * ``lag`` re-reads a trailing interval for writers whose commits arrive late (as dlt's ``lag``): the
   window starts at ``start - lag``, inclusive, and remembers nothing. Rows in that interval are read
   again (``watermark_contract="at_least_once"``): upsert by key downstream.
@@ -77,6 +78,7 @@ from airflow_provider_cxpg.planning.sql import literal, quote_ident, text_form
 
 __all__ = [
     "AT_LEAST_ONCE",
+    "END_KEYS_CHARS_MAX",
     "END_KEYS_MAX",
     "EXACTLY_ONCE",
     "XMIN",
@@ -91,6 +93,10 @@ EXACTLY_ONCE = "exactly_once"
 AT_LEAST_ONCE = "at_least_once"
 #: At most this many keys holding the window's end are remembered; with more, the end is exclusive.
 END_KEYS_MAX = 1000
+#: ... and at most this many characters of them (key texts and row versions together). Every chunk of
+#: the next run carries them in its SQL, and the state Variable keeps them for 10 runs: 1000 long text
+#: keys would make both megabytes (a MySQL metadata database refuses a Variable over 16 MB).
+END_KEYS_CHARS_MAX = 256 * 1024
 
 _XID_MODULO = 1 << 32
 _XID_HALF = 1 << 31
@@ -422,11 +428,11 @@ def _column_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
     end_mode, end_keys = "keys", ()
     versioned = _has_row_versions(plan)
     if end is not None:
-        found = _keys_at(conn, plan, expr, literal(end, sql_type), where) if versioned else None
+        found, too_many = _keys_at(conn, plan, expr, literal(end, sql_type), where) if versioned else (None, "")
         if found is None:
             end_mode = "exclusive"
             notes.append(
-                f"more than {END_KEYS_MAX} rows hold the window's end {end!r}: they are left for the next run"
+                f"{too_many} hold the window's end {end!r}: they are left for the next run"
                 if versioned
                 else "the source has no row versions to remember the rows at the window's end by (a query, a "
                 "view, a materialized view, a foreign table or one among its partitions): they are left for the "
@@ -525,8 +531,9 @@ def _versioned_in(plan: ExtractPlan, entries: Keys) -> str:
     return f"({', '.join(exprs)}) IN ({', '.join('(' + ', '.join(r) + ')' for r in rows)})"
 
 
-def _keys_at(conn: Any, plan: ExtractPlan, expr: str, end_literal: str, where: str) -> Keys | None:
-    """Keys and row versions of the rows holding the end value now (None: more than :data:`END_KEYS_MAX`)."""
+def _keys_at(conn: Any, plan: ExtractPlan, expr: str, end_literal: str, where: str) -> tuple[Keys | None, str]:
+    """Keys and row versions of the rows holding the end value now; or None and what made them too
+    many to remember (more than :data:`END_KEYS_MAX` rows, or :data:`END_KEYS_CHARS_MAX` characters)."""
     texts = ", ".join(f"({k.expr})::text" for k in plan.key) + f", {SOURCE_ALIAS}.xmin::text"
     order = ", ".join(k.expr for k in plan.key)
     rows = conn.execute(
@@ -534,8 +541,13 @@ def _keys_at(conn: Any, plan: ExtractPlan, expr: str, end_literal: str, where: s
         f"ORDER BY {order} LIMIT {END_KEYS_MAX + 1}"
     ).fetchall()
     if len(rows) > END_KEYS_MAX:
-        return None
-    return tuple((*_typed_key(plan, row[:-1]), row[-1]) for row in rows)
+        return None, f"more than {END_KEYS_MAX} rows"
+    # A btree key is at most ~2.7 kB a column, so the rows fetched above are bounded; their texts are not
+    # small enough to keep when the keys are long.
+    chars = sum(len(v) for row in rows for v in row if v is not None)
+    if chars > END_KEYS_CHARS_MAX:
+        return None, f"{len(rows)} rows whose keys take {chars} characters (more than {END_KEYS_CHARS_MAX})"
+    return tuple((*_typed_key(plan, row[:-1]), row[-1]) for row in rows), ""
 
 
 def _typed_key(plan: ExtractPlan, row: Sequence[Any]) -> tuple[Any, ...]:
