@@ -17,8 +17,15 @@ import psycopg
 import pyarrow.parquet as pq
 import pytest
 
-from airflow_provider_cxpg.exceptions import DataIntegrityError, InvalidInputError, StorageError, WorkerCrashedError
+from airflow_provider_cxpg.exceptions import (
+    DataIntegrityError,
+    InvalidInputError,
+    QueryError,
+    StorageError,
+    WorkerCrashedError,
+)
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
+from airflow_provider_cxpg.planning.incremental import WatermarkSpec
 from airflow_provider_cxpg.worker.boot import _pyarrow_requires_numpy
 from tests.helpers import assert_nothing_left, manifest_of, read_output, wait_until, worker_pids
 
@@ -415,6 +422,23 @@ def test_source_columns_named_like_the_hidden_fields_are_refused_before_any_data
             **FAST,
         )
     assert not out_dir.exists() or not list(out_dir.glob("part-*"))
+
+
+def test_an_error_the_server_meets_while_planning_is_a_query_error_not_bad_input(
+    conn_id: str, admin: psycopg.Connection, schema: str, orders: str, out_dir: Path
+) -> None:
+    """The window's end is read with the ``where`` applied: a function it calls raises there."""
+    admin.execute(
+        f"CREATE FUNCTION {schema}.gate(i bigint) RETURNS boolean LANGUAGE plpgsql AS "
+        "$$ BEGIN IF i > 5 THEN RAISE EXCEPTION 'gate closed at %', i; END IF; RETURN true; END $$"
+    )
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+    arguments: dict[str, Any] = {"table": orders, "watermark": WatermarkSpec("id"), **FAST}
+    with pytest.raises(QueryError, match="gate closed") as raised:
+        hook.extract(destination=str(out_dir / "raised"), where=f"{schema}.gate(id)", **arguments)
+    assert raised.value.sqlstate == "P0001" and not isinstance(raised.value, InvalidInputError)
+    with pytest.raises(InvalidInputError, match="not valid"):  # a query that cannot run at all still is
+        hook.extract(destination=str(out_dir / "invalid"), where=f"{schema}.gate(no_such_column)", **arguments)
 
 
 def test_unquoted_non_ascii_table_names_fold_as_postgresql_folds_them(

@@ -15,6 +15,7 @@ import psycopg
 from airflow_provider_cxpg.exceptions import (
     CxpgError,
     InvalidInputError,
+    QueryError,
     QueryTimeoutError,
     ServerConnectionError,
     SourceNotFoundError,
@@ -36,6 +37,10 @@ __all__ = [
 
 #: query_canceled (statement_timeout) and lock_not_available (lock_timeout)
 _TIMEOUT_SQLSTATES = frozenset({"57014", "55P03"})
+#: SQLSTATE classes that say the query itself is wrong: feature not supported (0A), data exception
+#: (22: a literal of the wrong type), invalid catalog or schema name (3D, 3F), syntax error or access
+#: rule violation (42: an unknown column, a missing privilege), program limit exceeded (54).
+_INPUT_SQLSTATE_CLASSES = ("0A", "22", "3D", "3F", "42", "54")
 
 _RELKINDS = {"r": "table", "p": "partitioned table", "v": "view", "m": "materialized view", "f": "foreign table"}
 
@@ -354,7 +359,11 @@ def classify_control_error(exc: BaseException, doing: str) -> Exception:
         )
     if sqlstate is None or sqlstate.startswith(("08", "57P")):
         return ServerConnectionError(f"{doing} failed: {_first_line(exc)}")
-    return InvalidInputError(f"the source query is not valid: {_first_line(exc)}", sqlstate=sqlstate)
+    if sqlstate.startswith(_INPUT_SQLSTATE_CLASSES):
+        return InvalidInputError(f"the source query is not valid: {_first_line(exc)}", sqlstate=sqlstate)
+    # What the server met while running it: an error a function raised, a deadlock, a conflict with
+    # recovery on a standby, no memory or disk left. Not the input's fault; a retry may succeed.
+    return QueryError(f"{doing} failed on the server: {_first_line(exc)}", sqlstate=sqlstate)
 
 
 def _first_line(exc: Exception) -> str:
