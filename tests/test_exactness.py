@@ -310,6 +310,43 @@ def test_decimals_arrive_exactly_at_the_edges_of_their_type_whole_and_streamed(
     assert manifest_of(tmp_path / "out")["chunks"][-1]["last_key"] == ["9999999999.99"]
 
 
+@pytest.mark.parametrize("stream_rows", [0, 2], ids=["whole-chunks", "streamed"])
+def test_decimals_with_more_than_18_integer_digits_arrive_exactly(
+    conn_id: str, admin: psycopg.Connection, schema: str, tmp_path: Path, stream_rows: int
+) -> None:
+    """connectorx rescales every numeric to 10 decimals in a 96-bit mantissa: from 10^18 on
+    (7922816251426433760 in numeric(19,0)) the read failed, or panicked streamed, after earlier chunks
+    were committed; a numeric(20,0) key (an unsigned 64-bit id) could not be read at all."""
+    admin.execute(
+        f"""CREATE TABLE "{schema}".u (k numeric(20,0) PRIMARY KEY, a numeric(19,0), b numeric(25,2),
+            c numeric(28,0), d numeric(16,-3), e numeric(18,0))"""
+    )
+    admin.execute(
+        f"""INSERT INTO "{schema}".u VALUES
+            (18446744073709551615, 9999999999999999999, 99999999999999999999999.99,
+             9999999999999999999999999999, 9999999999999999000, 999999999999999999),
+            (7922816251426433760, 7922816251426433760, -7922816251426433760.01,
+             -9999999999999999999999999999, -9999999999999999000, -999999999999999999),
+            (7922816251426433759, 7922816251426433759, 0.01, 1, 1000, 1),
+            (0, NULL, NULL, NULL, NULL, NULL)"""
+    )
+    extract(conn_id, tmp_path / "out", table=f"{schema}.u", chunk_rows=1, stream_rows=stream_rows)
+    table = read_output(tmp_path / "out")
+    columns = ("k", "a", "b", "c", "d", "e")
+    assert [str(table.schema.field(c).type) for c in columns] == [
+        "decimal128(20, 0)",
+        "decimal128(19, 0)",
+        "decimal128(25, 2)",
+        "decimal128(28, 0)",
+        "decimal128(19, 0)",
+        "decimal128(18, 0)",
+    ]
+    expected = admin.execute(f'SELECT {", ".join(columns)} FROM "{schema}".u ORDER BY k').fetchall()
+    got = sorted(zip(*(table.column(c).to_pylist() for c in columns), strict=True))
+    assert got == expected and len(got) == 4
+    assert manifest_of(tmp_path / "out")["chunks"][-1]["last_key"] == ["18446744073709551615"]
+
+
 @pytest.mark.parametrize("stream_rows", [0, 2])
 def test_decimals_wider_than_connectorxs_28_digits_arrive_exactly(
     conn_id: str, admin: psycopg.Connection, schema: str, tmp_path: Path, stream_rows: int

@@ -6,15 +6,15 @@ read as decimal128(38,10), rounding anything finer). The rule here is simple and
 
 * a type in :data:`NATIVE` is read by connectorx and cast to the precise Arrow type in the worker
   (the stream path widens int2/int4/float4 and numeric; the cast puts the declared type back);
-* ``numeric(p, s)`` is native only where decimal128(38,10) holds every value exactly, and written as
-  the narrowest decimal that holds every value the column accepts: ``decimal128(p, s)`` when
-  ``0 <= s <= p`` (``s <= 10``, ``p <= 28``: connectorx's decoder holds 28 significant digits);
-  ``decimal128(s, s)`` when ``s > p`` (PostgreSQL 15+: only fractional digits, ``s <= 10``);
-  ``decimal128(p - s, 0)`` when ``s < 0`` (PostgreSQL 15+: integers rounded to ``10^-s``,
-  ``p - s <= 28``). Parquet's DECIMAL needs ``0 <= scale <= precision``, so ``decimal128(p, s)``
-  itself would be unwritable in the last two cases. ``numeric(p, s)`` with ``p > 28``, ``s <= 10`` and
-  ``p - s <= 28`` is read as text and still written as ``decimal128(p, s)`` (the worker's cast parses
-  it and refuses any loss);
+* ``numeric(p, s)`` is written as the narrowest decimal that holds every value the column accepts:
+  ``decimal128(p, s)`` when ``0 <= s <= p`` (``s <= 10``, ``p - s <= 28``); ``decimal128(s, s)``
+  when ``s > p`` (PostgreSQL 15+: only fractional digits, ``s <= 10``); ``decimal128(p - s, 0)``
+  when ``s < 0`` (PostgreSQL 15+: integers rounded to ``10^-s``, ``p - s <= 28``). Parquet's
+  DECIMAL needs ``0 <= scale <= precision``, so ``decimal128(p, s)`` itself would be unwritable in
+  the last two cases. It is read natively only where connectorx's decoder holds every value (at
+  most 18 integer digits: it rescales every value to 10 decimals in a 96-bit mantissa); a wider one
+  (``numeric(20,0)``, ``numeric(38,10)``) is read as text and the worker's cast parses it into the
+  same decimal, refusing any loss;
 * every other type, unconstrained ``numeric`` included, is selected as ``expr::text``: PostgreSQL's
   own text form, exact by construction. ``json``/``jsonb`` are among them (connectorx re-parses
   their numbers as 64-bit floats and reorders json keys), and ``inet`` (connectorx rewrites some
@@ -27,7 +27,15 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-__all__ = ["KEY_TYPES", "NATIVE", "ColumnRead", "PgType", "numeric_arrow_type", "numeric_text_type", "plan_column"]
+__all__ = [
+    "KEY_TYPES",
+    "NATIVE",
+    "ColumnRead",
+    "PgType",
+    "numeric_decimal_type",
+    "numeric_reads_natively",
+    "plan_column",
+]
 
 #: typname -> Arrow type for the types connectorx reads exactly.
 NATIVE: dict[str, pa.DataType] = {
@@ -87,11 +95,14 @@ KEY_TYPES: frozenset[str] = frozenset(
     }
 )
 
-# decimal128(38, 10) is what connectorx produces for every numeric, through a decoder that holds 28
-# significant digits: a value with more (numeric(38,10) holding 28 integer digits and 10 decimals)
-# fails the read ("decimal scale is not equal to expected scale"), so p counts, not p - s.
+# connectorx decodes every numeric into a 96-bit decimal mantissa (|m| < 2^96 ~ 7.9e28) rescaled to
+# 10 decimals, then decimal128(38, 10): a value of 10^18 or more (19 integer digits + 10 decimals = 29
+# digits) fails the read ("decimal scale is not equal to expected scale"), streamed reads panic.
+# Measured: numeric(19,0) holding 7922816251426433759 reads, ...760 fails. So the integer digits
+# (p - s) decide, not p.
 _CX_DECIMAL_SCALE = 10
 _CX_DECIMAL_DIGITS = 28
+_CX_NATIVE_INTEGER_DIGITS = 18
 
 
 @dataclass(frozen=True)
@@ -148,8 +159,8 @@ class ColumnRead:
         return "text" if self.as_text else "native"
 
 
-def numeric_arrow_type(precision: int | None, scale: int | None) -> pa.DataType | None:
-    """The exact Arrow decimal for ``numeric(precision, scale)`` read natively, or None (read as text)."""
+def numeric_decimal_type(precision: int | None, scale: int | None) -> pa.DataType | None:
+    """The exact Arrow decimal ``numeric(precision, scale)`` is written as, or None (a string)."""
     if precision is None or scale is None:
         return None
     if scale < 0:  # integers: p - s digits, none after the point
@@ -159,20 +170,18 @@ def numeric_arrow_type(precision: int | None, scale: int | None) -> pa.DataType 
         return None
     if scale > precision:  # only fractional digits: |v| < 10^(p - s)
         return pa.decimal128(scale, scale)
-    if precision > _CX_DECIMAL_DIGITS:  # a value may have more digits than connectorx decodes
+    if precision - scale > _CX_DECIMAL_DIGITS:
         return None
     return pa.decimal128(max(precision, 1), scale)
 
 
-def numeric_text_type(precision: int | None, scale: int | None) -> pa.DataType | None:
-    """``numeric(p, s)`` with ``p > 28`` that earlier releases wrote as ``decimal128(p, s)`` (``s <= 10``,
-    ``p - s <= 28``): read as text now, still written as ``decimal128(p, s)`` (a table's column keeps
-    its type); the worker's cast parses each value and refuses any loss."""
-    if precision is None or scale is None or not 0 <= scale <= _CX_DECIMAL_SCALE:
-        return None
-    if precision <= _CX_DECIMAL_DIGITS or precision - scale > _CX_DECIMAL_DIGITS:
-        return None
-    return pa.decimal128(precision, scale)
+def numeric_reads_natively(precision: int | None, scale: int | None) -> bool:
+    """Whether connectorx decodes every value ``numeric(precision, scale)`` can hold (see above); the
+    others travel as text and the worker parses them into the same decimal, refusing any loss."""
+    if numeric_decimal_type(precision, scale) is None:
+        return False
+    assert precision is not None and scale is not None
+    return precision - scale <= _CX_NATIVE_INTEGER_DIGITS
 
 
 def plan_column(name: str, pg: PgType) -> ColumnRead:
@@ -180,10 +189,9 @@ def plan_column(name: str, pg: PgType) -> ColumnRead:
     if pg.typtype == "e":  # enums arrive as their label over the binary protocol
         return ColumnRead(name, pg, False, pa.string())
     if pg.typname == "numeric":
-        decimal = numeric_arrow_type(pg.precision, pg.scale)
-        if decimal is not None:
-            return ColumnRead(name, pg, False, decimal)
-        return ColumnRead(name, pg, True, numeric_text_type(pg.precision, pg.scale) or pa.string())
+        decimal = numeric_decimal_type(pg.precision, pg.scale)
+        native = numeric_reads_natively(pg.precision, pg.scale)
+        return ColumnRead(name, pg, not native, decimal or pa.string())
     if pg.typname in NATIVE:
         return ColumnRead(name, pg, False, NATIVE[pg.typname])
     if pg.element is not None and pg.element in _NATIVE_ARRAY_ELEMENTS:
