@@ -10,15 +10,18 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from airflow_provider_cxpg.exceptions import (
     DataIntegrityError,
+    DestinationConflictError,
     InvalidInputError,
     QueryError,
     StorageError,
@@ -27,7 +30,7 @@ from airflow_provider_cxpg.exceptions import (
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec
 from airflow_provider_cxpg.worker.boot import _pyarrow_requires_numpy
-from tests.helpers import assert_nothing_left, manifest_of, read_output, wait_until, worker_pids
+from tests.helpers import PgInfo, assert_nothing_left, manifest_of, read_output, wait_until, worker_pids
 
 pytestmark = pytest.mark.integration
 
@@ -194,12 +197,12 @@ def test_a_complete_extraction_is_replaced_by_a_rerun(
     first = hook.extract(destination=str(out_dir), table=orders, chunk_rows=5_000, **FAST)
     (out_dir / "part-000042.parquet").write_bytes(b"stray file from some crashed attempt")
     (out_dir / ".part-000001.parquet.abcd.tmp").write_bytes(b"half")
-    (out_dir / "README.txt").write_text("not ours: left alone")
+    (out_dir / "_README.txt").write_text("not ours, and readers skip it: left alone")
     admin.execute(f"DELETE FROM {orders} WHERE id > 12000")
     second = hook.extract(destination=str(out_dir), table=orders, chunk_rows=5_000, **FAST)
     assert second.run_id != first.run_id and second.rows == 12_000 and second.resumed_from_chunk is None
     assert sorted(os.listdir(out_dir)) == [
-        "README.txt",
+        "_README.txt",
         "_SUCCESS",
         "_manifest.json",
         *[f"part-{i:06d}.parquet" for i in range(3)],
@@ -248,6 +251,126 @@ def test_a_retry_does_not_continue_in_another_table_of_the_same_name(
     retried = hook.extract(destination=str(out_dir), table=table, chunk_rows=5, **FAST)
     assert retried.resumed_from_chunk is None
     assert set(read_output(out_dir).column("src").to_pylist()) == {"new"}
+
+
+def _failing_at_chunk_two(admin: psycopg.Connection, table: str, source: str) -> None:
+    """20 rows; the 15th holds time 24:00, which its guard refuses: a run of 5-row chunks fails at chunk 2."""
+    admin.execute(f"DROP TABLE IF EXISTS {table}")
+    admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, t time NOT NULL, src text NOT NULL)")
+    admin.execute(f"INSERT INTO {table} SELECT g, '12:00', %s FROM generate_series(1, 20) g", (source,))
+    admin.execute(f"UPDATE {table} SET t = '24:00' WHERE id = 15")
+
+
+def _rows(admin: psycopg.Connection, table: str) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in admin.execute(f"SELECT id, src FROM {table} ORDER BY id").fetchall()]
+
+
+def _written(out: Path) -> list[tuple[Any, ...]]:
+    return sorted((r["id"], r["src"]) for r in read_output(out).to_pylist())
+
+
+def test_a_new_dag_run_does_not_continue_an_older_dag_runs_failed_extraction(
+    conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """A destination every run reuses: yesterday's failed run was continued, green, with yesterday's rows."""
+    table = f'"{schema}".daily'
+    _failing_at_chunk_two(admin, table, "yesterday")
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+    for _ in range(2):  # a retry of the same DAG run continues it (and fails at the same row again)
+        with pytest.raises(DataIntegrityError):
+            hook.extract(destination=str(out_dir), table=table, chunk_rows=5, dag_run_id="run-1", **FAST)
+    assert manifest_of(out_dir)["attempts"] == 2 and manifest_of(out_dir)["rows"] == 10
+    admin.execute(f"UPDATE {table} SET t = '12:00', src = 'today'")
+    admin.execute(f"DELETE FROM {table} WHERE id = 3")
+    result = hook.extract(destination=str(out_dir), table=table, chunk_rows=5, dag_run_id="run-2", **FAST)
+    assert result.resumed_from_chunk is None and manifest_of(out_dir)["dag_run_id"] == "run-2"
+    assert _written(out_dir) == _rows(admin, table)
+
+
+def test_a_retry_does_not_continue_in_the_same_table_of_another_database(
+    pg: PgInfo, conn_id: str, admin: psycopg.Connection, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``CREATE DATABASE b TEMPLATE a`` copies every table with its OID (as two databases built by the same
+    migrations can share them): a retry through a connection to b continued a's chunks."""
+    first, second = (f"tpl_{uuid.uuid4().hex[:8]}" for _ in range(2))
+    url = pg.dsn.rsplit("/", 1)[0]
+    admin.execute(f"CREATE DATABASE {first}")
+    try:
+        with psycopg.connect(f"{url}/{first}", autocommit=True) as source:
+            _failing_at_chunk_two(source, "public.copied", "a")
+        admin.execute(f"CREATE DATABASE {second} TEMPLATE {first}")
+        with psycopg.connect(f"{url}/{second}", autocommit=True) as other:
+            other.execute("UPDATE public.copied SET t = '12:00', src = 'b'")
+            expected = _rows(other, "public.copied")
+        ids = {}
+        for database in (first, second):
+            ids[database] = f"cxpg_db_{uuid.uuid4().hex[:8]}"
+            monkeypatch.setenv(f"AIRFLOW_CONN_{ids[database].upper()}", pg.airflow_conn_json(schema=database))
+        with pytest.raises(DataIntegrityError):
+            ConnectorXPostgresHook(postgres_conn_id=ids[first]).extract(
+                destination=str(out_dir), table="public.copied", chunk_rows=5, **FAST
+            )
+        assert manifest_of(out_dir)["rows"] == 10
+        retried = ConnectorXPostgresHook(postgres_conn_id=ids[second]).extract(
+            destination=str(out_dir), table="public.copied", chunk_rows=5, **FAST
+        )
+        assert retried.resumed_from_chunk is None and _written(out_dir) == expected
+        assert manifest_of(out_dir)["relation"]["database"] == second
+    finally:
+        for database in (second, first):
+            admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+@pytest.mark.parametrize("when", ["before the first run", "after a complete run", "after a failed run"])
+def test_files_a_reader_would_read_beside_the_output_are_refused_before_any_data_moves(
+    conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path, when: str
+) -> None:
+    """pyarrow's datasets, Spark and Hive read every file whose name does not start with ``_`` or ``.``:
+    another tool's file, or a chunk copied beside its original, was read with the output, under _SUCCESS."""
+    table = f'"{schema}".copied'
+    _failing_at_chunk_two(admin, table, "x")
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+    if when == "after a failed run":
+        with pytest.raises(DataIntegrityError):
+            hook.extract(destination=str(out_dir), table=table, chunk_rows=5, **FAST)
+    admin.execute(f"UPDATE {table} SET t = '12:00'")
+    if when == "after a complete run":
+        hook.extract(destination=str(out_dir), table=table, chunk_rows=5, **FAST)
+    out_dir.mkdir(exist_ok=True)
+    before = sorted(os.listdir(out_dir))
+    copy = out_dir / "part-000001 (copy).parquet"
+    if (out_dir / "part-000001.parquet").exists():
+        copy.write_bytes((out_dir / "part-000001.parquet").read_bytes())
+    else:
+        pq.write_table(pa.table({"id": [1]}), copy)
+    with pytest.raises(DestinationConflictError, match="no manifest accounts for"):
+        hook.extract(destination=str(out_dir), table=table, chunk_rows=5, **FAST)
+    assert sorted(os.listdir(out_dir)) == sorted([*before, copy.name])  # nothing removed, nothing written
+    copy.unlink()
+    (out_dir / "nested").mkdir()  # a folder is read too
+    with pytest.raises(DestinationConflictError, match="nested/"):
+        hook.extract(destination=str(out_dir), table=table, chunk_rows=5, **FAST)
+    (out_dir / "nested").rmdir()
+    result = hook.extract(destination=str(out_dir), table=table, chunk_rows=5, **FAST)
+    assert result.rows == 20 and _written(out_dir) == _rows(admin, table)
+
+
+def test_a_file_that_appears_during_the_run_fails_it_before_success_is_written(
+    conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path
+) -> None:
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+
+    def copy_a_chunk() -> None:
+        first = out_dir / "part-000000.parquet"
+        if wait_until(first.exists, 60, 0.01):
+            (out_dir / "copy.parquet").write_bytes(b"PAR1 someone's copy")
+
+    threading.Thread(target=copy_a_chunk, daemon=True).start()
+    with pytest.raises(StorageError, match="copy.parquet: not in the manifest"):
+        hook.extract(
+            destination=str(out_dir), table=orders, where="pg_sleep(0.00005) IS NOT NULL", chunk_rows=2_000, **FAST
+        )
+    assert not (out_dir / "_SUCCESS").exists() and manifest_of(out_dir)["status"] == "failed"
 
 
 def test_chunk_bytes_sizes_chunks_from_measured_width(conn_id: str, orders: str, out_dir: Path) -> None:

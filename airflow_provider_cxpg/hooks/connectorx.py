@@ -390,6 +390,7 @@ class ConnectorXPostgresHook(PostgresHook):
         querylog: QueryLog | None = None,
         worker_index: int = 0,
         owner: str | None = None,
+        dag_run_id: str | None = None,
         **settings: Any,
     ) -> Extraction:
         """Build (but do not run) an :class:`Extraction`; the operator keeps it to abort on kill.
@@ -426,6 +427,8 @@ class ConnectorXPostgresHook(PostgresHook):
         :param worker_index: labels this extraction's events in a parallel run.
         :param owner: who runs it (``dag_id.task_id``): it may replace its own earlier output at the
             destination; another source's output there is never taken over.
+        :param dag_run_id: the Airflow DAG run it belongs to: an unfinished extraction at the destination
+            is continued only by the same DAG run (the operator passes its own).
         :param settings: further :class:`~airflow_provider_cxpg.supervisor.settings.WorkerSettings` fields.
         """
         spec = SourceSpec(
@@ -472,6 +475,7 @@ class ConnectorXPostgresHook(PostgresHook):
             application_name_prefix=endpoint.application_name,
             worker_index=worker_index,
             owner=owner,
+            dag_run_id=dag_run_id,
             refresh_credentials=self.fresh_endpoint,
         )
         for secret in extraction.redactor.secrets:  # storage keys too: Airflow's masker hides them in logs

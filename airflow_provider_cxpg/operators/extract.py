@@ -467,6 +467,7 @@ class PostgresExtractOperator(BaseOperator):
             "stream_rows": self.stream_rows,
             "query_log_path": self.query_log_path,
             "owner": self._owner(context),
+            "dag_run_id": getattr(context.get("dag_run"), "run_id", None),
             **settings,
         }
         if self.parallelism > 1:

@@ -41,6 +41,7 @@ __all__ = [
     "is_range_dir",
     "planned_range_dirs",
     "range_dir",
+    "read_by_readers",
     "source_id",
 ]
 
@@ -91,6 +92,13 @@ def chunk_file_name(index: int) -> str:
 
 def is_chunk_file(name: str) -> bool:
     return bool(_CHUNK_FILE.match(name))
+
+
+def read_by_readers(names: list[str], folders: list[str]) -> list[str]:
+    """Those of ``names`` (files) and ``folders`` a dataset reader reads: Spark, Hive and pyarrow's
+    datasets skip names starting with ``_`` or ``.`` (markers, manifests, temporaries), none other."""
+    seen = [n for n in names if not n.startswith(("_", "."))]
+    return sorted(seen + [f"{d}/" for d in folders if not d.startswith(("_", "."))])
 
 
 def source_id(table: tuple[str, str] | None, sql: str | None) -> str:
@@ -152,6 +160,8 @@ class Manifest:
     #: For a table source: the relation read (``cluster``, ``database``, ``oid``; see
     #: :func:`~airflow_provider_cxpg.planning.catalog.relation_identity`).
     relation: dict[str, Any] | None = None
+    #: The Airflow DAG run that wrote it (None: outside one); only that DAG run continues it.
+    dag_run_id: str | None = None
 
     # -- derived -----------------------------------------------------------------------------------
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from airflow_provider_cxpg.exceptions import StorageError
 from airflow_provider_cxpg.output.destination import DamagedFile, Destination
-from airflow_provider_cxpg.output.manifest import Manifest
+from airflow_provider_cxpg.output.manifest import Manifest, read_by_readers
 
-__all__ = ["FOOTER_CHUNK", "FOOTER_RUN_ID", "check_output", "output_problems"]
+__all__ = ["FOOTER_CHUNK", "FOOTER_RUN_ID", "check_output", "output_problems", "unlisted_files"]
 
 FOOTER_RUN_ID = "cxpg.run_id"
 FOOTER_CHUNK = "cxpg.chunk"
@@ -59,6 +59,13 @@ def output_problems(destination: Destination, manifest: Manifest) -> list[str]:
     return problems
 
 
+def unlisted_files(destination: Destination, manifest: Manifest) -> list[str]:
+    """Files and folders at ``destination`` that every dataset reader reads and ``manifest`` does not list
+    (a chunk copied beside its original, another tool's file): rows read twice, or rows of another run."""
+    listed = set(manifest.files)
+    return read_by_readers([n for n in destination.list_names() if n not in listed], destination.list_dirs())
+
+
 def _damaged(error: StorageError) -> bool:
     """Whether a footer read failed on the file itself (gone, cut short, not Parquet) rather than the store.
 
@@ -71,8 +78,13 @@ def _damaged(error: StorageError) -> bool:
 
 
 def check_output(destination: Destination, manifest: Manifest) -> None:
-    """Raise :class:`StorageError` naming every file that does not match ``manifest``."""
+    """Raise :class:`StorageError` naming every file that does not match ``manifest``, and every file a
+    reader would read beside them."""
     problems = output_problems(destination, manifest)
+    problems.extend(
+        f"{destination.child_url(n)}: not in the manifest, and readers read it"
+        for n in unlisted_files(destination, manifest)
+    )
     if problems:
         raise StorageError(
             f"the output at {destination.url} does not match its manifest: "

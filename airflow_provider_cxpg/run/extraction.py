@@ -41,7 +41,7 @@ from airflow_provider_cxpg.output.manifest import (
     chunk_file_name,
     dataset_planning,
     fingerprint,
-    is_chunk_file,
+    read_by_readers,
     source_id,
 )
 from airflow_provider_cxpg.output.storage_env import WorkerStorage
@@ -242,6 +242,9 @@ class Extraction:
     :param application_name_prefix: kept in front of the run's unique application name.
     :param owner: who runs this extraction (``dag_id.task_id``): it may replace its own earlier output
         at the destination even when the source differs (see :mod:`~airflow_provider_cxpg.output.manifest`).
+    :param dag_run_id: the Airflow DAG run this extraction belongs to (None: none). An unfinished
+        extraction at the destination is continued only by its own DAG run (a retry, a cleared task):
+        another DAG run's was read at another time, and is replaced by a whole new read.
     :param refresh_credentials: returns a freshly resolved endpoint (a new IAM token); used when the
         password is older than ``settings.credentials_refresh_interval`` and once after a refused login.
     :param options: the chunking, restart and Parquet arguments above as one validated object; when
@@ -274,12 +277,14 @@ class Extraction:
         application_name_prefix: str | None = None,
         worker_index: int = 0,
         owner: str | None = None,
+        dag_run_id: str | None = None,
         refresh_credentials: Callable[[], PostgresEndpoint] | None = None,
         options: ExtractOptions | None = None,
     ) -> None:
         endpoint.check_worker_tls()  # before any data moves: the worker must verify what libpq verifies
         self.endpoint = endpoint
         self.owner = owner
+        self.dag_run_id = dag_run_id
         self.spec = spec
         self.destination = destination
         self.settings = settings or WorkerSettings()
@@ -571,9 +576,7 @@ class Extraction:
             "watermark": self.watermark.identity() if self.watermark else None,
         }
         if plan.table is not None:
-            # The relation the name resolved to, not the name as given: a retry must not continue in
-            # another table (the same name found first on the search_path, or dropped and created again).
-            parts["relation"] = [plan.table.schema, plan.table.name, plan.table.oid]
+            parts["relation"] = self.relation_parts(plan)
         if self.planned_source is not None:
             # Nor after its columns or a view's definition changed in a way the names and types do not
             # show: a key renamed into another column's place pages by other values (source_state.py).
@@ -582,6 +585,17 @@ class Extraction:
         if order is not None:  # a text key resumes only in the order it was paged in
             parts["key_order"] = order
         return fingerprint(parts)
+
+    def relation_parts(self, plan: ExtractPlan) -> list[Any]:
+        """The relation a table source's name resolved to, as a fingerprint holds it.
+
+        Not the name as given: a retry must not continue in another table (the same name found first
+        on the search_path, or dropped and created again), nor in the same OID of another database
+        (``CREATE DATABASE ... TEMPLATE``, or two databases built by the same migrations) or cluster.
+        """
+        assert plan.table is not None
+        where = self.relation or {}
+        return [plan.table.schema, plan.table.name, plan.table.oid, where.get("database"), where.get("cluster")]
 
     # -- run ---------------------------------------------------------------------------------------
 
@@ -677,14 +691,14 @@ class Extraction:
         if self._aborted:  # on_kill during the last chunk: the task must fail, not end green (a retry resumes)
             raise ExtractionAborted.because(self._aborted)
         self._progress.chunk(manifest.rows, final=True)
-        # a complete manifest promises its files: check them, not its own sums
+        for name in manifest.stray_files(self.destination.list_names()):  # a killed try's, unlisted
+            self.destination.remove(name)
+        # a complete manifest promises its files: check them, not its own sums; and nothing else a reader reads
         check_output(self.destination, manifest)
         manifest.status = "complete"
         manifest.completed_at = manifest.updated_at
         manifest.error = None
         manifest.save(self.destination)
-        for name in manifest.stray_files(self.destination.list_names()):
-            self.destination.remove(name)
         self.destination.write_marker(SUCCESS_MARKER)  # last: readers see it only over a complete output
         seconds = time.monotonic() - started
         result = ExtractResult(
@@ -766,15 +780,18 @@ class Extraction:
                 "destination, or remove it first",
                 destination=self.destination.url,
             )
-        if existing is None:
-            foreign = sorted(n for n in entries if is_chunk_file(n))
-            if foreign:
-                raise DestinationConflictError(
-                    f"{self.destination.url} holds chunk files no manifest accounts for ({', '.join(foreign[:5])}"
-                    f"{', ...' if len(foreign) > 5 else ''}): not replacing them; remove them or choose another "
-                    "destination",
-                    destination=self.destination.url,
-                )
+        names = list(entries)
+        own = {*existing.files, *existing.stray_files(names)} if existing is not None else set()
+        foreign = read_by_readers([n for n in names if n not in own], self.destination.list_dirs())
+        if foreign:
+            # Every dataset reader would read them beside this run's files (another tool's output, a
+            # chunk copied beside its original): rows of another run, or rows twice, under _SUCCESS.
+            raise DestinationConflictError(
+                f"{self.destination.url} holds files no manifest accounts for ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}), which every dataset reader would read: not taking it "
+                "over; remove them or choose another destination",
+                destination=self.destination.url,
+            )
         if existing is not None and self.resume and existing.resumable_by(fp) and plan.pages is not None:
             # Page ranges are exact only inside the one snapshot they were read in, and that ended with
             # the attempt that held it: an UPDATE since may have moved a row onto a page already read
@@ -783,6 +800,20 @@ class Extraction:
                 "job.resume",
                 resumed_extraction_id=existing.run_id,
                 note="page ranges (ctid) cannot continue in a new snapshot: reading every page again",
+            )
+        elif (
+            existing is not None
+            and self.resume
+            and existing.resumable_by(fp)
+            and existing.dag_run_id != self.dag_run_id
+        ):
+            # A failed run of another DAG run (yesterday's, into a destination every run reuses): its
+            # chunks hold the source as it was then, rows since deleted or changed among them.
+            self.log.emit(
+                "job.resume",
+                resumed_extraction_id=existing.run_id,
+                note=f"the unfinished extraction here belongs to DAG run {existing.dag_run_id!r}, this is "
+                f"{self.dag_run_id!r}: reading everything again",
             )
         elif existing is not None and self.resume and existing.resumable_by(fp):
             problems = output_problems(self.destination, existing)
@@ -828,6 +859,7 @@ class Extraction:
             source_id=sid,
             owner=self.owner,
             relation=self.relation,
+            dag_run_id=self.dag_run_id,
         )
         # The new record first: a removal that fails (or is interrupted) half-way must leave a manifest
         # that says "running", never the old one still saying "complete" over files that are gone.

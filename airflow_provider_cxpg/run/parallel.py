@@ -42,8 +42,9 @@ from airflow_provider_cxpg.output.manifest import (
     fingerprint,
     is_range_dir,
     range_dir,
+    read_by_readers,
 )
-from airflow_provider_cxpg.output.verify import output_problems
+from airflow_provider_cxpg.output.verify import output_problems, unlisted_files
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec, check_watermark
 from airflow_provider_cxpg.planning.key_ranges import plan_key_ranges
 from airflow_provider_cxpg.planning.plan import CTID
@@ -72,13 +73,6 @@ def _same_window(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return all(a.get(f) == b.get(f) for f in _WINDOW_FIELDS)
-
-
-def _read_by_readers(names: list[str], folders: list[str]) -> list[str]:
-    """Those of ``names`` (files) and ``folders`` a dataset reader reads: Spark, Hive and pyarrow's
-    datasets skip names starting with ``_`` or ``.`` (markers, manifests, temporaries), none other."""
-    seen = [n for n in names if not n.startswith(("_", "."))]
-    return sorted(seen + [f"{d}/" for d in folders if not d.startswith(("_", "."))])
 
 
 def validate_dataset(
@@ -110,7 +104,7 @@ def validate_dataset(
     stale = sorted(d for d in folders if is_range_dir(d) and d not in in_plan)
     if stale:
         problems.append(f"folders outside the plan remain: {', '.join(stale)} (an earlier plan's ranges?)")
-    foreign = _read_by_readers(destination.list_names(), [d for d in folders if not is_range_dir(d)])
+    foreign = read_by_readers(destination.list_names(), [d for d in folders if not is_range_dir(d)])
     if foreign:
         problems.append(f"{destination.url} holds {', '.join(foreign)}, which no range wrote: readers would read it")
     for position, entry in enumerate(ranges):
@@ -147,8 +141,7 @@ def validate_dataset(
             )
         if check_files:
             problems.extend(f"range {position}: {p}" for p in output_problems(sub, manifest))
-            listed = set(manifest.files)
-            extra = _read_by_readers([n for n in sub.list_names() if n not in listed], sub.list_dirs())
+            extra = unlisted_files(sub, manifest)
             if extra:
                 problems.append(f"range {position}: {sub.url} holds {', '.join(extra)}, which its manifest omits")
         partitions.append(
@@ -304,7 +297,7 @@ def plan_or_reuse_ranges(
         "watermark": watermark,  # another requested window is another dataset, never the recorded one
     }
     if plan.table is not None:  # the relation the name resolved to (see ``Extraction.fingerprint``)
-        parts["relation"] = [plan.table.schema, plan.table.name, plan.table.oid]
+        parts["relation"] = coordinator.relation_parts(plan)
     order = plan.key_order()
     if order is not None:  # ranges planned in one key order do not tile another
         parts["key_order"] = order
@@ -343,7 +336,7 @@ def plan_or_reuse_ranges(
         )
     folders, names = destination.list_dirs(), destination.list_names()
     replaced = [*single.files, *single.stray_files(names)] if single is not None else []  # its own, all of them
-    foreign = _read_by_readers([n for n in names if n not in replaced], [d for d in folders if not is_range_dir(d)])
+    foreign = read_by_readers([n for n in names if n not in replaced], [d for d in folders if not is_range_dir(d)])
     if foreign:  # refused now, before anything is removed: the validator would refuse the dataset at the end
         raise DestinationConflictError(
             f"{destination.url} holds {', '.join(foreign)}, which no range would write and every dataset reader "
