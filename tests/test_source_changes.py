@@ -329,3 +329,31 @@ def test_a_views_other_rules_and_sequences_are_not_what_it_reads(
     read_after(maintenance, result)
     assert result.rows == 60
     assert_nothing_left(admin)
+
+
+@pytest.mark.parametrize("snapshot", [False, True], ids=["no-snapshot", "snapshot"])
+def test_an_enum_value_renamed_mid_run_stops_the_run(
+    pg: PgInfo, conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path, snapshot: bool
+) -> None:
+    """A row stores its enum value's OID; the label is looked up in the catalog as of now, snapshot or
+    not: ``RENAME VALUE`` mid-run wrote one value as 'old' in some chunks and 'new' in others, green."""
+    table = f'"{schema}".labelled'
+    admin.execute(f"CREATE TYPE \"{schema}\".mood AS ENUM ('old', 'other')")
+    admin.execute(f'CREATE DOMAIN "{schema}".mood_d AS "{schema}".mood')
+    admin.execute(f'CREATE TABLE {table} (id int PRIMARY KEY, many "{schema}".mood[], wrapped "{schema}".mood_d)')
+    admin.execute(
+        f"INSERT INTO {table} SELECT g, ARRAY['old']::\"{schema}\".mood[], 'old' FROM generate_series(1, 60) g"
+    )
+    rename = f"ALTER TYPE \"{schema}\".mood RENAME VALUE 'old' TO 'new'"
+    for columns in (["id", "many"], ["id", "wrapped"]):  # in an array, under a domain
+        destination = out_dir / columns[-1]
+        with (
+            after_first_chunk(pg, destination, [rename]),
+            pytest.raises(SourceChangedError, match="the value 'old' is now labelled 'new'"),
+        ):
+            _extract(conn_id, destination, table, columns=columns, snapshot=snapshot)
+        assert set(read_output(destination).column(columns[-1]).to_pylist()) <= {"old", "{old}"}
+        admin.execute(f"ALTER TYPE \"{schema}\".mood RENAME VALUE 'new' TO 'old'")
+    retried = _extract(conn_id, out_dir / "many", table, columns=["id", "many"], snapshot=snapshot)
+    assert retried.rows == 60 and set(map(str, read_output(out_dir / "many").column("many").to_pylist())) == {"{old}"}
+    assert_nothing_left(admin)

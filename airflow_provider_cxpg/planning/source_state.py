@@ -18,7 +18,10 @@ filters by (the key, the watermark): another number under the same name is anoth
 renamed into each other's places); and every relation whose rows it returns (partitions and
 children, and what a view's ``_RETURN`` rule reads), with the version of a view's definition
 (``CREATE OR REPLACE VIEW``) and, compared for a snapshot run, the storage (``relfilenode``): one
-created or attached since is no change, the snapshot sees in it only rows it could see.
+created or attached since is no change, the snapshot sees in it only rows it could see. And the
+labels of every enum those columns hold (directly, in arrays, domains, composites or ranges): a row
+stores an enum's OID, and its label is looked up in the catalog as of now, snapshot or not, so
+``ALTER TYPE … RENAME VALUE`` mid-run wrote one value under two labels.
 After every chunk read the run reads the same again on its worker session's monitor connection
 (autocommit, outside any snapshot: the latest catalog), and stops before it keeps that chunk when anything differs
 (:class:`~airflow_provider_cxpg.exceptions.SourceChangedError`). A read and a DDL statement that
@@ -60,6 +63,22 @@ tree(oid) AS (
           -- a view's: a materialized view holds rows of its own until REFRESH
           AND (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = t.oid) = 'v'
     ) below(oid)
+),
+types(oid) AS (  -- the types the watched columns hold, all levels down: an enum's labels are catalog data
+    SELECT a.atttypid FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = (SELECT oid FROM rel) AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attname = ANY(%(columns)s::text[])
+  UNION
+    SELECT below.oid FROM types t JOIN pg_catalog.pg_type ty ON ty.oid = t.oid, LATERAL (
+        SELECT ty.typelem WHERE ty.typelem <> 0
+      UNION ALL
+        SELECT ty.typbasetype WHERE ty.typbasetype <> 0
+      UNION ALL
+        SELECT a.atttypid FROM pg_catalog.pg_attribute a
+         WHERE ty.typrelid <> 0 AND a.attrelid = ty.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+      UNION ALL
+        SELECT r.rngsubtype FROM pg_catalog.pg_range r WHERE r.rngtypid = ty.oid OR r.rngmultitypid = ty.oid
+    ) below(oid)
 )
 SELECT (SELECT oid FROM rel),
        (SELECT coalesce(array_agg(ARRAY[a.attname::text, a.atttypid::text, a.atttypmod::text,
@@ -74,7 +93,10 @@ SELECT (SELECT oid FROM rel),
                                                   WHERE r.ev_class = c.oid AND r.rulename = '_RETURN'), '')]
                                   ORDER BY c.oid), '{}')
           FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.oid
-         WHERE c.relkind <> 'S')  -- a sequence a view calls nextval() on holds no rows
+         WHERE c.relkind <> 'S'),  -- a sequence a view calls nextval() on holds no rows
+       (SELECT coalesce(array_agg(ARRAY[e.oid::text, e.enumlabel::text, format_type(e.enumtypid, NULL)]
+                                  ORDER BY e.oid), '{}')
+          FROM pg_catalog.pg_enum e WHERE e.enumtypid IN (SELECT oid FROM types))
 """
 
 
@@ -88,32 +110,38 @@ class SourceState:
         each column watched (read, key, watermark), by name.
     :param storage: ``(oid, relfilenode, name, view definition's version)`` of the relation and of
         every relation whose rows it returns.
+    :param labels: ``(oid, label, enum type)`` of each value of every enum the watched columns hold.
     """
 
     name: str
     oid: int | None
     columns: tuple[tuple[str, ...], ...]
     storage: tuple[tuple[str, ...], ...]
+    labels: tuple[tuple[str, ...], ...] = ()
 
     def identity(self) -> list[Any]:
         """What a retry must find unchanged to continue the run (part of its fingerprint): the watched
         columns with their numbers, and each view's definition; not storage (a rewrite does not move
-        a key, and a retry reads in a snapshot of its own)."""
-        return [
+        a key, and a retry reads in a snapshot of its own); and the enums' labels, where there are any."""
+        identity: list[Any] = [
             [[*c[:4], c[6]] for c in self.columns],  # name, type, modifier, collation, number
             [[s[0], s[3]] for s in self.storage if s[3]],  # each view's definition version
         ]
+        if self.labels:  # a retry must not continue under renamed labels: one value, two labels
+            identity.append([list(label[:2]) for label in self.labels])
+        return identity
 
 
 def read_source_state(conn: Any, name: str, columns: Sequence[str]) -> SourceState:
     """The state of the relation ``name`` (qualified) and of ``columns``, in ``conn``'s view of the catalog."""
     row = conn.execute(_STATE_SQL, {"name": name, "columns": list(columns)}).fetchone()
-    oid, attributes, storage = row if row is not None else (None, [], [])
+    oid, attributes, storage, labels = row if row is not None else (None, [], [], [])
     return SourceState(
         name=name,
         oid=None if oid is None else int(oid),
         columns=tuple(tuple(a) for a in attributes or ()),
         storage=tuple(tuple(s) for s in storage or ()),
+        labels=tuple(tuple(v) for v in labels or ()),
     )
 
 
@@ -142,6 +170,11 @@ def source_changes(planned: SourceState, now: SourceState, *, storage: bool) -> 
             # then pages by other values), or added, filled and renamed after the old one was dropped
             # (which a snapshot's row versions do not hold: read as NULL).
             changes.append(f"column {column!r} is another column now (renamed or dropped and added again)")
+    labels_now = {v[0]: v for v in now.labels}
+    for value, label, enum in planned.labels:  # values added since change no row read before
+        after = labels_now.get(value)
+        if after is not None and after[1] != label:
+            changes.append(f"enum {enum}: the value {label!r} is now labelled {after[1]!r} (ALTER TYPE … RENAME VALUE)")
     old = {s[0]: s for s in planned.storage}
     new = {s[0]: s for s in now.storage}
     for oid in sorted(old.keys() & new.keys()):

@@ -55,7 +55,7 @@ from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.run.chunking import ChunkSizer, chunks_for, pipelined
 from airflow_provider_cxpg.run.options import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, ExtractOptions, ParquetOptions
 from airflow_provider_cxpg.run.progress import Progress, estimate_rows
-from airflow_provider_cxpg.run.source_watch import SourceWatch
+from airflow_provider_cxpg.run.source_watch import SourceWatch, explained_by_changes
 from airflow_provider_cxpg.supervisor.credentials import CredentialSource, is_authentication_failure
 from airflow_provider_cxpg.supervisor.monitor import ActivitySampler, ControlCancels, ServerMonitor
 from airflow_provider_cxpg.supervisor.session import WorkerSession
@@ -928,7 +928,7 @@ class Extraction:
         self._session = session
         watch = self.source_watch(session)
         try:
-            with session:
+            with session, explained_by_changes(watch):
                 after = manifest.chunks[-1].last_key if manifest.chunks else None
                 if plan.pages is not None and not manifest.chunks:
                     after = self.lower  # page plans: bounds are page numbers, not filters

@@ -29,6 +29,7 @@ from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.run.chunking import chunks_for, pipelined
 from airflow_provider_cxpg.run.extraction import Extraction
 from airflow_provider_cxpg.run.options import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS
+from airflow_provider_cxpg.run.source_watch import explained_by_changes
 from airflow_provider_cxpg.supervisor.credentials import is_authentication_failure
 from airflow_provider_cxpg.supervisor.settings import WorkerSettings
 from airflow_provider_cxpg.worker.protocol import IpcSink, ReadChunk
@@ -172,26 +173,27 @@ def _iterate(
         try:
             with extraction.new_session(job_deadline) as session:
                 watch = extraction.source_watch(session)
-                for query, read, done in pipelined(
-                    session,
-                    plan,
-                    chunks_for(plan, extraction.sizer, after, upper),
-                    first_index=index,
-                    sizer=extraction.sizer,
-                    sink_for=lambda i: IpcSink(os.path.join(spool, f"chunk-{i:06d}-{secrets.token_hex(3)}.arrow")),
-                    write_empty_first=index == 0,
-                    read_ahead=extraction.options.read_ahead,
-                    stream_rows=extraction.options.stream_rows,
-                ):
-                    if watch is not None:  # before the chunk is handed out (see Extraction._run_session)
-                        watch.check(read.chunk_index)
-                    index = read.chunk_index + 1
-                    after = query.end if plan.pages is not None else (read.last_key or after)
-                    if not done.location:
-                        continue
-                    table = map_ipc(done.location)
-                    rows += table.num_rows
-                    yield table
+                with explained_by_changes(watch):  # a read failing on a changed source says so
+                    for query, read, done in pipelined(
+                        session,
+                        plan,
+                        chunks_for(plan, extraction.sizer, after, upper),
+                        first_index=index,
+                        sizer=extraction.sizer,
+                        sink_for=lambda i: IpcSink(os.path.join(spool, f"chunk-{i:06d}-{secrets.token_hex(3)}.arrow")),
+                        write_empty_first=index == 0,
+                        read_ahead=extraction.options.read_ahead,
+                        stream_rows=extraction.options.stream_rows,
+                    ):
+                        if watch is not None:  # before the chunk is handed out (see Extraction._run_session)
+                            watch.check(read.chunk_index)
+                        index = read.chunk_index + 1
+                        after = query.end if plan.pages is not None else (read.last_key or after)
+                        if not done.location:
+                            continue
+                        table = map_ipc(done.location)
+                        rows += table.num_rows
+                        yield table
             break
         except WorkerError as exc:
             if restarts >= max_worker_restarts:

@@ -8,17 +8,26 @@ snapshot (it must see the latest catalog), under the monitor's deadline.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 
 from airflow_provider_cxpg.bounded import CallStopped
-from airflow_provider_cxpg.exceptions import ExtractionAborted, QueryError, ServerConnectionError, SourceChangedError
+from airflow_provider_cxpg.exceptions import (
+    DataIntegrityError,
+    ExtractionAborted,
+    QueryCancelledError,
+    QueryError,
+    ReadPanicError,
+    ServerConnectionError,
+    SourceChangedError,
+)
 from airflow_provider_cxpg.planning.source_state import SourceState, read_source_state, source_changes
 from airflow_provider_cxpg.supervisor.monitor import connection_ended
 
-__all__ = ["SourceWatch"]
+__all__ = ["SourceWatch", "explained_by_changes"]
 
 
 class SourceWatch:
@@ -42,6 +51,21 @@ class SourceWatch:
 
     def check(self, chunk: int) -> None:
         """:raises SourceChangedError: naming what changed; chunk ``chunk`` (read after it) is not kept."""
+        changes = self.changes()
+        if changes:
+            raise self.changed(changes, chunk)
+
+    def changed(self, changes: list[str], chunk: int | None) -> SourceChangedError:
+        which = f"Chunk {chunk}" if chunk is not None else "The chunk"
+        return SourceChangedError(
+            f"{self.planned.name} changed while the run read it: {'; '.join(changes)}. {which}, read "
+            "after the change, is not kept; a retry plans the source again (and starts over when the "
+            "columns it reads changed)",
+            changes=changes,
+        )
+
+    def changes(self) -> list[str]:
+        """What changed since the plan (empty: nothing)."""
         columns = [c[0] for c in self.planned.columns]
         try:
             now = self._query(
@@ -56,11 +80,27 @@ class SourceWatch:
             if isinstance(exc, psycopg.OperationalError) and connection_ended(exc):
                 raise ServerConnectionError(what, reason="connection") from None
             raise QueryError(what, sqlstate=exc.sqlstate) from None
-        changes = source_changes(self.planned, now, storage=self.storage)
+        return source_changes(self.planned, now, storage=self.storage)
+
+
+@contextlib.contextmanager
+def explained_by_changes(watch: SourceWatch | None) -> Iterator[None]:
+    """A read that fails because the source changed under it says so.
+
+    A column whose type changed between the plan and a chunk's read is decoded by connectorx as the
+    new type into the planned one: the read fails (invalid UTF-8, a value it cannot convert, a panic)
+    before the check after it could name the change. The check runs then, and a change found is the
+    error (:class:`SourceChangedError`, from the read's); otherwise the read's error stands.
+    """
+    try:
+        yield
+    except (DataIntegrityError, QueryError, ReadPanicError) as exc:
+        if watch is None or isinstance(exc, (SourceChangedError, ServerConnectionError, QueryCancelledError)):
+            raise
+        try:
+            changes = watch.changes()
+        except Exception:  # noqa: BLE001 - the check failing too changes nothing: the read's error stands
+            changes = []
         if changes:
-            raise SourceChangedError(
-                f"{self.planned.name} changed while the run read it: {'; '.join(changes)}. Chunk {chunk}, read "
-                "after the change, is not kept; a retry plans the source again (and starts over when the "
-                "columns it reads changed)",
-                changes=changes,
-            )
+            raise watch.changed(changes, getattr(exc, "chunk", None)) from exc
+        raise
