@@ -525,3 +525,24 @@ def test_a_pathlib_entry_on_the_import_path_does_not_break_the_catalogs_process(
         assert target.committed("cxpg:any") is None
     finally:
         target.close()
+
+
+@pytest.mark.parametrize("column", ["timestamptz", "timestamp", "date"])
+def test_dates_outside_years_1_to_9999_are_refused_naming_the_column_before_the_commit(
+    hook: ConnectorXPostgresHook, admin: psycopg.Connection, schema: str, catalog: dict[str, Any], column: str
+) -> None:
+    """pyiceberg records each file's bounds as Python values: the commit failed with a StorageError
+    ("date value out of range") that named neither the column nor the remedy, every retry alike."""
+    from airflow_provider_cxpg.exceptions import DataIntegrityError
+
+    table = f'"{schema}".ancient'
+    admin.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, at {column})")
+    admin.execute(f"INSERT INTO {table} VALUES (1, '2024-01-01'), (2, '0044-03-15 BC'), (3, NULL)")
+    for _ in range(2):  # the retry reads the source again: the same clear error
+        with pytest.raises(DataIntegrityError, match=r"column 'at' holds values pyiceberg cannot record") as raised:
+            hook.extract(destination="lake.ancient", table=table, table_format="iceberg", **catalog, **FAST)
+        assert raised.value.column == "at"
+    admin.execute(f"UPDATE {table} SET at = '2024-01-02' WHERE id = 2")
+    hook.extract(destination="lake.ancient", table=table, table_format="iceberg", **catalog, **FAST)
+    assert table_rows(catalog, "lake.ancient", ("id",)) == [(1,), (2,), (3,)]
+    assert_nothing_left(admin)

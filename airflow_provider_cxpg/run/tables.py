@@ -235,6 +235,8 @@ class TableExtraction:
             self._refuse_repeated_keys(list(merging.names), manifest)
         if isinstance(self.target, DeltaTarget):
             self._refuse_nulls([c for c in self.target.required_columns() if c in plan.schema.names], manifest)
+        else:
+            self._refuse_undescribable(manifest)
         files = [StagedFile(f"{self.staging}/{c.file}", c.bytes, c.rows) for c in manifest.chunks if c.file]
         committing = time.monotonic()
         version = self.target.committed(self.app_id)  # the retry of a commit that timed out
@@ -306,6 +308,32 @@ class TableExtraction:
             values = self.destination.read_columns(name, unknown)
             counts.update({c: values.column(c).null_count for c in unknown})
         return counts
+
+    def _refuse_undescribable(self, manifest: Manifest) -> None:
+        """pyiceberg records each file's bounds as Python values: a date or timestamp before year 1 or
+        after 9999 (PostgreSQL holds them; Parquet and Iceberg do too) fails its commit with
+        "date value out of range", after every row was read. Refused here, naming the column."""
+        for name in manifest.files:
+            metadata = self.destination.read_metadata(name)
+            for g in range(metadata.num_row_groups):
+                group = metadata.row_group(g)
+                for i in range(group.num_columns):
+                    statistics = group.column(i).statistics
+                    if statistics is None or not statistics.has_min_max:
+                        continue
+                    try:
+                        statistics.min, statistics.max  # noqa: B018 - decoding them is the check
+                    except (OverflowError, ValueError) as exc:
+                        column = group.column(i).path_in_schema
+                        message = (
+                            f"column {column!r} holds values pyiceberg cannot record as the file's bounds ({exc}: a "
+                            "date or timestamp before year 1 or after 9999): nothing is committed to "
+                            f"{self.table_url}. Read it as text with column_casts={{{column!r}: 'text'}}, or filter "
+                            "those rows out with `where`"
+                        )
+                        manifest.status, manifest.error = "refused", message  # a retry reads the source again
+                        manifest.save(self.destination)
+                        raise DataIntegrityError(message, column=column) from None
 
     def _refuse_repeated_keys(self, key: list[str], manifest: Manifest) -> None:
         """A merge matches each key to one row: refuse a run in which a key repeats, before the commit.
