@@ -782,7 +782,9 @@ class Extraction:
             )
         names = list(entries)
         own = {*existing.files, *existing.stray_files(names)} if existing is not None else set()
-        foreign = read_by_readers([n for n in names if n not in own], self.destination.list_dirs())
+        foreign = read_by_readers(
+            [n for n in names if n not in own], [d for d in self.destination.list_dirs() if d not in own]
+        )
         if foreign:
             # Every dataset reader would read them beside this run's files (another tool's output, a
             # chunk copied beside its original): rows of another run, or rows twice, under _SUCCESS.
