@@ -218,6 +218,11 @@ class QueryLog:
     def with_redactor(self, redactor: Redactor) -> None:
         self._redact = redactor
 
+    @property
+    def jsonl_path(self) -> Path | None:
+        """The file each event is also appended to (None: none)."""
+        return self._jsonl.path if self._jsonl is not None else None
+
     def first(self, what: str) -> bool:
         """True the first time it is asked about ``what`` (things logged once per run)."""
         with self._lock:

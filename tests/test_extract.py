@@ -355,6 +355,22 @@ def test_files_a_reader_would_read_beside_the_output_are_refused_before_any_data
     assert result.rows == 20 and _written(out_dir) == _rows(admin, table)
 
 
+def test_a_query_log_among_the_output_files_is_refused_before_anything_is_written(
+    conn_id: str, orders: str, out_dir: Path
+) -> None:
+    """Every dataset reader would read it as data (pyarrow's datasets fail on it, Spark too)."""
+    hook = ConnectorXPostgresHook(postgres_conn_id=conn_id)
+    for inside in ("queries.jsonl", "logs/queries.jsonl"):
+        with pytest.raises(InvalidInputError, match="query_log_path .* lies inside the destination"):
+            hook.extract(destination=str(out_dir), table=orders, query_log_path=str(out_dir / inside), **FAST)
+        assert not out_dir.exists() or not os.listdir(out_dir)
+    result = hook.extract(
+        destination=str(out_dir), table=orders, query_log_path=str(out_dir / "_queries.jsonl"), **FAST
+    )
+    assert result.rows == ROWS and (out_dir / "_queries.jsonl").stat().st_size > 0
+    assert read_output(out_dir).num_rows == ROWS
+
+
 def test_a_file_that_appears_during_the_run_fails_it_before_success_is_written(
     conn_id: str, admin: psycopg.Connection, orders: str, out_dir: Path
 ) -> None:

@@ -870,3 +870,29 @@ def orders_db_for_fanout(
         yield tmp_path
     finally:
         admin.execute("DROP TABLE IF EXISTS public.orders")
+
+
+def test_the_validator_refuses_ranges_that_read_an_enum_value_under_two_labels(
+    conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """Range 0 read 'red', ``RENAME VALUE 'red' TO 'crimson'``, range 1 read 'crimson': each range's own
+    check saw nothing change during its run, and the dataset passed with one value under two labels."""
+    table = f'"{schema}".painted'
+    admin.execute(f"CREATE TYPE \"{schema}\".colour AS ENUM ('red', 'green')")
+    admin.execute(f'CREATE TABLE {table} (id int PRIMARY KEY, c "{schema}".colour NOT NULL)')
+    admin.execute(f"INSERT INTO {table} SELECT g, 'red' FROM generate_series(1, 400) g")
+    admin.execute(f"ANALYZE {table}")
+    ranges = plan_two_ranges(conn_id, table, out_dir)
+    extract_range(conn_id, table, ranges[0])
+    admin.execute(f"ALTER TYPE \"{schema}\".colour RENAME VALUE 'red' TO 'crimson'")
+    extract_range(conn_id, table, ranges[1])
+    with pytest.raises(StorageError, match="the value 'red' is now labelled 'crimson'"):
+        validate(out_dir)
+    assert not (out_dir / "_SUCCESS").exists()
+    # The whole DAG run again: the planner plans anew (its recorded labels are renamed), every range reads
+    again = plan_two_ranges(conn_id, table, out_dir)
+    for entry in again:
+        extract_range(conn_id, table, entry)
+    assert validate(out_dir)["rows"] == 400
+    labels = pa.concat_tables([pq.read_table(p) for p in sorted(out_dir.glob("range=*/part-*.parquet"))])
+    assert set(labels.column("c").to_pylist()) == {"crimson"}

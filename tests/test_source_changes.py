@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from airflow_provider_cxpg.exceptions import SourceChangedError
+from airflow_provider_cxpg.exceptions import DataIntegrityError, SourceChangedError
 from airflow_provider_cxpg.hooks.connectorx import ConnectorXPostgresHook
 from tests.helpers import PgInfo, assert_nothing_left, manifest_of, read_output
 
@@ -357,3 +357,30 @@ def test_an_enum_value_renamed_mid_run_stops_the_run(
     retried = _extract(conn_id, out_dir / "many", table, columns=["id", "many"], snapshot=snapshot)
     assert retried.rows == 60 and set(map(str, read_output(out_dir / "many").column("many").to_pylist())) == {"{old}"}
     assert_nothing_left(admin)
+
+
+def test_a_retry_resumes_after_an_enum_value_was_added_and_starts_over_after_one_was_renamed(
+    conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    table = f'"{schema}".moods'
+    admin.execute(f"CREATE TYPE \"{schema}\".mood AS ENUM ('calm', 'busy')")
+    admin.execute(f'CREATE TABLE {table} (id int PRIMARY KEY, m "{schema}".mood NOT NULL, t time NOT NULL)')
+    admin.execute(f"INSERT INTO {table} SELECT g, 'calm', '12:00' FROM generate_series(1, 20) g")
+    admin.execute(f"UPDATE {table} SET t = '24:00' WHERE id = 15")  # its guard fails the run at chunk 2
+
+    def run() -> Any:
+        return ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+            destination=str(out_dir), table=table, chunk_rows=5, **FAST
+        )
+
+    with pytest.raises(DataIntegrityError):
+        run()
+    admin.execute(f"ALTER TYPE \"{schema}\".mood ADD VALUE 'sleepy'")  # changes no row read
+    with pytest.raises(DataIntegrityError):
+        run()
+    assert manifest_of(out_dir)["attempts"] == 2  # resumed
+    admin.execute(f"ALTER TYPE \"{schema}\".mood RENAME VALUE 'calm' TO 'serene'")
+    admin.execute(f"UPDATE {table} SET t = '12:00'")
+    retried = run()
+    assert retried.resumed_from_chunk is None  # the committed chunks say 'calm'
+    assert set(read_output(out_dir).column("m").to_pylist()) == {"serene"}

@@ -162,6 +162,9 @@ class Manifest:
     relation: dict[str, Any] | None = None
     #: The Airflow DAG run that wrote it (None: outside one); only that DAG run continues it.
     dag_run_id: str | None = None
+    #: ``[oid, label, enum type]`` of every enum value the columns read can hold, as the run planned
+    #: them: a retry (or a fan-out range) that finds one renamed read it under another label.
+    enum_labels: list[list[str]] | None = None
 
     # -- derived -----------------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SourceState", "read_source_state", "source_changes"]
+__all__ = ["SourceState", "read_source_state", "relabelled", "source_changes"]
 
 #: ``character varying``: a new length changes no value read (a shorter one is refused while a value
 #: does not fit), so a migration that widens one is no reason to stop a run.
@@ -77,7 +77,9 @@ types(oid) AS (  -- the types the watched columns hold, all levels down: an enum
         SELECT a.atttypid FROM pg_catalog.pg_attribute a
          WHERE ty.typrelid <> 0 AND a.attrelid = ty.typrelid AND a.attnum > 0 AND NOT a.attisdropped
       UNION ALL
-        SELECT r.rngsubtype FROM pg_catalog.pg_range r WHERE r.rngtypid = ty.oid OR r.rngmultitypid = ty.oid
+        -- a multirange's range (rngmultitypid exists from PostgreSQL 14 on: read through jsonb, NULL before)
+        SELECT r.rngsubtype FROM pg_catalog.pg_range r
+         WHERE r.rngtypid = ty.oid OR (to_jsonb(r) ->> 'rngmultitypid')::oid = ty.oid
     ) below(oid)
 )
 SELECT (SELECT oid FROM rel),
@@ -122,14 +124,12 @@ class SourceState:
     def identity(self) -> list[Any]:
         """What a retry must find unchanged to continue the run (part of its fingerprint): the watched
         columns with their numbers, and each view's definition; not storage (a rewrite does not move
-        a key, and a retry reads in a snapshot of its own); and the enums' labels, where there are any."""
-        identity: list[Any] = [
+        a key, and a retry reads in a snapshot of its own). Enum labels are not in it: a value added
+        is no change, so a resume compares the labels it recorded itself (:func:`relabelled`)."""
+        return [
             [[*c[:4], c[6]] for c in self.columns],  # name, type, modifier, collation, number
             [[s[0], s[3]] for s in self.storage if s[3]],  # each view's definition version
         ]
-        if self.labels:  # a retry must not continue under renamed labels: one value, two labels
-            identity.append([list(label[:2]) for label in self.labels])
-        return identity
 
 
 def read_source_state(conn: Any, name: str, columns: Sequence[str]) -> SourceState:
@@ -143,6 +143,17 @@ def read_source_state(conn: Any, name: str, columns: Sequence[str]) -> SourceSta
         storage=tuple(tuple(s) for s in storage or ()),
         labels=tuple(tuple(v) for v in labels or ()),
     )
+
+
+def relabelled(before: Sequence[Sequence[str]], after: Sequence[Sequence[str]]) -> list[str]:
+    """The enum values of ``before`` (``(oid, label, type)``) whose label ``after`` gives differently; a
+    value added since changes no row read before."""
+    now = {v[0]: v for v in after}
+    return [
+        f"enum {enum}: the value {label!r} is now labelled {now[value][1]!r} (ALTER TYPE … RENAME VALUE)"
+        for value, label, enum in before
+        if value in now and now[value][1] != label
+    ]
 
 
 def source_changes(planned: SourceState, now: SourceState, *, storage: bool) -> list[str]:
@@ -170,11 +181,7 @@ def source_changes(planned: SourceState, now: SourceState, *, storage: bool) -> 
             # then pages by other values), or added, filled and renamed after the old one was dropped
             # (which a snapshot's row versions do not hold: read as NULL).
             changes.append(f"column {column!r} is another column now (renamed or dropped and added again)")
-    labels_now = {v[0]: v for v in now.labels}
-    for value, label, enum in planned.labels:  # values added since change no row read before
-        after = labels_now.get(value)
-        if after is not None and after[1] != label:
-            changes.append(f"enum {enum}: the value {label!r} is now labelled {after[1]!r} (ALTER TYPE … RENAME VALUE)")
+    changes.extend(relabelled(planned.labels, now.labels))
     old = {s[0]: s for s in planned.storage}
     new = {s[0]: s for s in now.storage}
     for oid in sorted(old.keys() & new.keys()):

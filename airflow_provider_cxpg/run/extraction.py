@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +27,7 @@ from airflow_provider_cxpg.exceptions import (
     CxpgError,
     DestinationConflictError,
     ExtractionAborted,
+    InvalidInputError,
     JobTimeoutError,
     QueryTimeoutError,
     ServerConnectionError,
@@ -50,7 +52,7 @@ from airflow_provider_cxpg.planning.catalog import classify_control_error, descr
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec, Window, check_watermark, resolve_window
 from airflow_provider_cxpg.planning.plan import CTID, ExtractPlan, SourceSpec, build_plan, key_to_json
 from airflow_provider_cxpg.planning.snapshot import ExportedSnapshot, import_statements
-from airflow_provider_cxpg.planning.source_state import SourceState, read_source_state
+from airflow_provider_cxpg.planning.source_state import SourceState, read_source_state, relabelled
 from airflow_provider_cxpg.querylog import QueryLog
 from airflow_provider_cxpg.run.chunking import ChunkSizer, chunks_for, pipelined
 from airflow_provider_cxpg.run.options import DEFAULT_CHUNK_ROWS, DEFAULT_STREAM_ROWS, ExtractOptions, ParquetOptions
@@ -208,6 +210,21 @@ class ExtractResult:
         return data
 
 
+def _refuse_log_among_output(querylog: QueryLog | None, destination: Destination) -> None:
+    """A query log written inside the destination is a file every dataset reader reads as data."""
+    path = querylog.jsonl_path if querylog is not None else None
+    if path is None or not destination.is_local:
+        return
+    relative = os.path.relpath(os.path.abspath(path), destination.root)
+    first = relative.split(os.sep, 1)[0]
+    if first != ".." and not first.startswith(("_", ".")):
+        raise InvalidInputError(
+            f"query_log_path {path} lies inside the destination {destination.url}, where every dataset reader "
+            "would read it as data: write it elsewhere, or name it (or its folder there) starting with '_'",
+            destination=destination.url,
+        )
+
+
 class Extraction:
     """Copy one source (or one key range of it) to Parquet files plus a manifest.
 
@@ -282,6 +299,7 @@ class Extraction:
         options: ExtractOptions | None = None,
     ) -> None:
         endpoint.check_worker_tls()  # before any data moves: the worker must verify what libpq verifies
+        _refuse_log_among_output(querylog, destination)
         self.endpoint = endpoint
         self.owner = owner
         self.dag_run_id = dag_run_id
@@ -586,6 +604,14 @@ class Extraction:
             parts["key_order"] = order
         return fingerprint(parts)
 
+    def enum_labels(self) -> list[list[str]] | None:
+        """The labels of the enum values the planned columns can hold (None: none, or a query source)."""
+        labels = self.planned_source.labels if self.planned_source is not None else ()
+        return [list(label) for label in labels] or None
+
+    def _relabelled(self, existing: Manifest) -> list[str]:
+        return relabelled(existing.enum_labels or [], self.enum_labels() or [])
+
     def relation_parts(self, plan: ExtractPlan) -> list[Any]:
         """The relation a table source's name resolved to, as a fingerprint holds it.
 
@@ -817,6 +843,13 @@ class Extraction:
                 note=f"the unfinished extraction here belongs to DAG run {existing.dag_run_id!r}, this is "
                 f"{self.dag_run_id!r}: reading everything again",
             )
+        elif existing is not None and self.resume and existing.resumable_by(fp) and self._relabelled(existing):
+            self.log.emit(
+                "job.resume",
+                resumed_extraction_id=existing.run_id,
+                note="its chunks hold enum values under labels renamed since: reading everything again; "
+                + "; ".join(self._relabelled(existing)),
+            )
         elif existing is not None and self.resume and existing.resumable_by(fp):
             problems = output_problems(self.destination, existing)
             if not problems:
@@ -862,6 +895,7 @@ class Extraction:
             owner=self.owner,
             relation=self.relation,
             dag_run_id=self.dag_run_id,
+            enum_labels=self.enum_labels(),
         )
         # The new record first: a removal that fails (or is interrupted) half-way must leave a manifest
         # that says "running", never the old one still saying "complete" over files that are gone.

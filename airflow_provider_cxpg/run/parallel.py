@@ -48,6 +48,7 @@ from airflow_provider_cxpg.output.verify import output_problems, unlisted_files
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec, check_watermark
 from airflow_provider_cxpg.planning.key_ranges import plan_key_ranges
 from airflow_provider_cxpg.planning.plan import CTID
+from airflow_provider_cxpg.planning.source_state import relabelled
 from airflow_provider_cxpg.run.extraction import Extraction, ExtractResult, new_run_id
 from airflow_provider_cxpg.run.options import positive_int
 
@@ -181,6 +182,10 @@ def _source_problems(manifest: Manifest, planned: dict[str, Any]) -> list[str]:
         problems.append(
             f"it read where={got_where!r}, the plan's is where={where!r} (pass the planner's to every range)"
         )
+    problems.extend(
+        f"it read {change} since the plan (read the whole dataset again: planner and ranges)"
+        for change in relabelled(planned.get("enum_labels") or [], manifest.enum_labels or [])
+    )
     relation, got_relation = planned.get("relation"), manifest.relation
     if relation and got_relation and not _same_relation(relation, got_relation):
         problems.append(
@@ -305,7 +310,11 @@ def plan_or_reuse_ranges(
     # The same plan whatever window a re-run asks for (a re-run asks for the recorded one again).
     layout = fingerprint({k: v for k, v in parts.items() if k != "watermark"})
     existing = destination.read_json(DATASET_MANIFEST)
-    if existing and existing.get("fingerprint") == fp and existing.get("status") == "running":
+    renamed = relabelled((existing or {}).get("enum_labels") or [], coordinator.enum_labels() or [])
+    if renamed:  # its ranges would read some values under the old labels and some under the new
+        note = "enum values were renamed since the plan: planning again; " + "; ".join(renamed)
+        coordinator.log.emit("job.plan", note=note)
+    if existing and existing.get("fingerprint") == fp and existing.get("status") == "running" and not renamed:
         coordinator.log.emit("job.resume", note="reusing the recorded key ranges", ranges=len(existing["ranges"]))
         return existing["ranges"], existing
     spec = coordinator.watermark
@@ -370,6 +379,7 @@ def plan_or_reuse_ranges(
         "run_id": coordinator.run_id,
         "source": plan.source.describe(),
         "relation": coordinator.relation,
+        "enum_labels": coordinator.enum_labels(),
         "key_columns": list(plan.key_names) or ["ctid"],
         "partition_method": used,
         "planning_seconds": round(seconds, 4),
