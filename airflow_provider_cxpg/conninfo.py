@@ -43,15 +43,32 @@ FORWARDED_PARAMS: tuple[str, ...] = (
     "keepalives",
     "keepalives_idle",
     "target_session_attrs",
+    "channel_binding",
+    "sslnegotiation",
 )
+
+#: The values each parameter may take, where the worker (tokio-postgres) accepts fewer than libpq:
+#: anything else fails there as ``invalid connection string`` after the parent planned (measured,
+#: connectorx 0.4.6). libpq's ``primary``, ``standby`` and ``prefer-standby`` have no worker equivalent.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "target_session_attrs": ("any", "read-write", "read-only"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "sslnegotiation": ("postgres", "direct"),
+}
+#: Integer parameters: libpq allows spaces around the number, tokio-postgres does not (and
+#: ``keepalives`` must not be negative there), so they are normalised to the bare integer.
+_INTEGERS = ("connect_timeout", "keepalives", "keepalives_idle")
+_INTEGER = re.compile(r"\s*([+-]?\d+)\s*")
 
 #: Session settings every provider connection uses, so that SQL literals and text casts mean the
 #: same thing on every server whatever its defaults: literals are rendered for standard strings,
-#: ``timestamptz`` text and literals are UTC, dates are ISO.
+#: ``timestamptz`` text and literals are UTC, dates are ISO. DateStyle names its field order too:
+#: ``ISO`` alone keeps the order of the server's default or of ``PGDATESTYLE`` (``ISO, DMY``), and
+#: the two sides must read an ambiguous date such as ``01/02/2024`` alike.
 SESSION_SETTINGS: dict[str, str] = {
     "standard_conforming_strings": "on",
     "TimeZone": "UTC",
-    "DateStyle": "ISO",
+    "DateStyle": "ISO, MDY",
     "IntervalStyle": "postgres",
     "extra_float_digits": "3",  # exact float text on every server (1 is enough only from PostgreSQL 12)
 }
@@ -171,6 +188,44 @@ class PostgresEndpoint:
     def is_unix_socket(self) -> bool:
         return self.host.startswith("/")
 
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """The hosts libpq tries in turn (``host`` may be a comma-separated list); ``port`` is each one's."""
+        return tuple(self.host.split(","))
+
+    def checked(self) -> PostgresEndpoint:
+        """Return a copy whose parameters both sides read alike, or refuse them before any data moves.
+
+        :raises ConnectionConfigError: naming the parameter and the values the worker accepts.
+        """
+        if any(not host for host in self.hosts):
+            raise ConnectionConfigError(
+                f"host {self.host!r} has an empty entry in its list; name every host (libpq would take an empty "
+                "one as its default socket directory, which the worker does not know)"
+            )
+        params = dict(self.params)
+        for name, choices in _CHOICES.items():
+            if params.get(name) and params[name] not in choices:
+                raise ConnectionConfigError(
+                    f"{name}={params[name]!r}: connectorx, which reads the data in the worker, accepts only "
+                    f"{', '.join(choices)}"
+                    + (
+                        "; use read-write for a primary or read-only for a standby"
+                        if name == "target_session_attrs"
+                        else ""
+                    )
+                )
+        for name in _INTEGERS:
+            if params.get(name) is None:
+                continue
+            match = _INTEGER.fullmatch(params[name])
+            if match is None or (name == "keepalives" and int(match[1]) < 0):
+                raise ConnectionConfigError(
+                    f"{name}={params[name]!r} is not a whole number (of seconds, or 0/1 for keepalives)"
+                )
+            params[name] = str(int(match[1]))
+        return replace(self, params=params)
+
     # -- renderings --------------------------------------------------------------------------------
 
     def with_ssl_environment(self, environ: Mapping[str, str] | None = None) -> PostgresEndpoint:
@@ -253,15 +308,18 @@ class PostgresEndpoint:
         auth = quote(self.user, safe="")
         if password:
             auth += ":" + (password if password == REDACTED else quote(password, safe=""))
-        if self.is_unix_socket:
-            # The socket directory goes in the authority, percent-encoded: as a ``?host=`` parameter
-            # beside a netloc host, connectorx would treat it as a second host and try TCP first.
-            netloc_host = quote(self.host, safe="")
-        else:
-            netloc_host = f"[{self.host}]" if ":" in self.host else self.host
+        first, *others = self.hosts
+        # A socket directory goes in the authority, percent-encoded (connectorx parses the authority
+        # as a URL's, where a raw '/' ends it); an IPv6 literal in brackets.
+        netloc_host = quote(first, safe="") if first.startswith("/") else f"[{first}]" if ":" in first else first
         uri = f"postgresql://{auth}@{netloc_host}:{int(self.port)}/{quote(self.dbname, safe='')}"
-        if query:
-            uri += "?" + "&".join(f"{quote(k, safe='')}={quote(str(v), safe='')}" for k, v in query.items())
+        # A host list: the first host is in the authority, each other one is a ``host`` and ``port``
+        # pair, which tokio-postgres appends in order (measured). ``h1,h2:P`` in the authority gave
+        # h1 the default port 5432 (another server); ``h1:P,h2:P`` does not parse as a URL.
+        pairs = [(k, v) for host in others for k, v in (("host", host), ("port", str(int(self.port))))]
+        pairs.extend((k, str(v)) for k, v in query.items())
+        if pairs:
+            uri += "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in pairs)
         return uri
 
     def libpq_kwargs(self) -> dict[str, str | int]:
@@ -365,7 +423,11 @@ def connect(
         raise ServerConnectionError(
             f"cannot connect to {endpoint.redacted_uri()}: {detail}", endpoint=endpoint.redacted_uri()
         ) from None
-    wanted = {**liveness_settings(conn.info.server_version), **(settings or {})}
+    # libpq sends PGDATESTYLE and PGTZ from the task's environment as startup parameters, which the
+    # server applies after ``options``: planning then read '01/02/2024' as another day than the
+    # worker. Set once connected, nothing in the environment can change them.
+    pinned = {name: SESSION_SETTINGS[name] for name in ("DateStyle", "TimeZone")}
+    wanted = {**liveness_settings(conn.info.server_version), **pinned, **(settings or {})}
     if wanted:
         assignments = ", ".join("set_config(%s, %s, false)" for _ in wanted)
         conn.execute(f"SELECT {assignments}", [v for pair in wanted.items() for v in pair])

@@ -60,3 +60,22 @@ def test_pgssl_environment_reaches_the_worker_uri() -> None:
     assert "sslmode=require" in uri and "sslrootcert=%2Fetc%2Fca.pem" in uri  # connectorx: require + root = verify-ca
     assert "sslcert=%2Fc.pem" in uri and "sslkey=%2Fk.pem" in uri
     assert endpoint.libpq_kwargs()["sslmode"] == "verify-ca"  # the parent keeps libpq's own meaning
+
+
+def test_uri_gives_every_host_of_a_list_its_port() -> None:
+    # tokio-postgres gives a host without its own port 5432: "a,b:6543" read another server.
+    uri = PostgresEndpoint(
+        host="127.0.0.2,127.0.0.1", port=6543, user="u", params={"sslmode": "prefer"}
+    ).connectorx_uri()
+    assert uri == "postgresql://u@127.0.0.2:6543/postgres?host=127.0.0.1&port=6543&sslmode=prefer"
+
+
+def test_uri_host_list_with_ipv6_and_socket_directory() -> None:
+    uri = PostgresEndpoint(host="::1,/var/run/postgresql,db", port=5433, user="u").connectorx_uri()
+    assert uri.startswith("postgresql://u@[::1]:5433/postgres?")
+    assert uri.endswith("?host=%2Fvar%2Frun%2Fpostgresql&port=5433&host=db&port=5433")
+    assert (
+        PostgresEndpoint(host="/tmp,::1", port=5433)
+        .connectorx_uri()
+        .endswith("@%2Ftmp:5433/postgres?host=%3A%3A1&port=5433")
+    )
