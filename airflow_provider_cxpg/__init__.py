@@ -19,7 +19,7 @@ The tree follows the data path, parent -> worker -> sink:
 * ``worker/`` — the child process: protocol, server loop, chunk reads, sinks, reaper;
 * ``output/`` — the destination, manifests, the output check, storage credentials;
 * ``demo/`` — the demo and the embedded PostgreSQL it runs on;
-* shared leaves at the top (``exceptions``, ``conninfo``, ``querylog``, ``bounded``, ``durations``,
+* shared leaves at the top (``exceptions``, ``conninfo``, ``libpq_defaults``, ``querylog``, ``bounded``, ``durations``,
   ``get_provider_info``): they import nothing above them.
 """
 

@@ -14,7 +14,17 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "airflow_provider_cxpg"
 LEAVES = frozenset(
-    {"exceptions", "conninfo", "control", "querylog", "bounded", "durations", "get_provider_info", "version_compat"}
+    {
+        "exceptions",
+        "conninfo",
+        "libpq_defaults",
+        "control",
+        "querylog",
+        "bounded",
+        "durations",
+        "get_provider_info",
+        "version_compat",
+    }
 )
 
 #: Parts with an allow-list: the only first-party modules they may import (a part: every module

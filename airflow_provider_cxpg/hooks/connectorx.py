@@ -13,6 +13,7 @@ from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow_provider_cxpg.conninfo import FORWARDED_PARAMS, PostgresEndpoint
 from airflow_provider_cxpg.durations import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_QUERY_TIMEOUT
 from airflow_provider_cxpg.exceptions import ConnectionConfigError
+from airflow_provider_cxpg.libpq_defaults import resolve_endpoint
 from airflow_provider_cxpg.output.destination import Destination
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec
 from airflow_provider_cxpg.planning.plan import SourceSpec
@@ -97,12 +98,14 @@ class ConnectorXPostgresHook(PostgresHook):
     def get_endpoint(self, *, fresh: bool = False) -> PostgresEndpoint:
         """Resolve the connection (IAM tokens included) into a :class:`PostgresEndpoint`.
 
-        The endpoint holds the password; its ``repr`` and ``str`` never show it. libpq's ``PGSSL*``
-        environment variables become its TLS parameters where the connection sets none, so the
-        worker connects as the parent's libpq would.
+        The endpoint holds the password; its ``repr`` and ``str`` never show it. What libpq would take
+        from the environment or files where the connection sets nothing (``PGUSER``, ``PGPASSWORD``,
+        the password file, ``PGSSL*``...) is resolved into it, so the worker connects as the
+        parent's libpq would (:mod:`~airflow_provider_cxpg.libpq_defaults`).
 
         :param fresh: resolve again (a new IAM token, a password a secrets backend rotated).
-        :raises ConnectionConfigError: the connection is missing, not ``postgres``, or has no host.
+        :raises ConnectionConfigError: the connection is missing, not ``postgres`` or has no host, or
+            it or the environment asks for something the worker cannot follow.
         """
         if self._endpoint is not None and not fresh:
             return self._endpoint
@@ -120,14 +123,19 @@ class ConnectorXPostgresHook(PostgresHook):
                 params[name] = str(value)
         if self.options:  # PostgresHook(options=...) adds libpq options, as get_conn does
             params["options"] = f"{params['options']} {self.options}" if params.get("options") else self.options
-        endpoint = PostgresEndpoint(
-            host=conn.host,
-            port=int(port or 5432),
-            dbname=self.database or conn.schema or login or "postgres",
-            user=login or "",
-            password=password or "",
-            params=params,
-        ).with_ssl_environment()
+        try:
+            endpoint = resolve_endpoint(
+                host=conn.host,
+                port=int(port) if port else None,
+                dbname=self.database or conn.schema or None,
+                user=login or None,
+                password=password or None,
+                params=params,
+                extra=extra,
+            )
+        except ConnectionConfigError as exc:
+            conn_id = self.get_conn_id()
+            raise ConnectionConfigError(f"Airflow connection {conn_id!r}: {exc}", conn_id=conn_id) from None
         for secret in endpoint.secrets():
             _mask(secret)
         self._endpoint = endpoint
