@@ -73,6 +73,7 @@ SESSION_SETTINGS: dict[str, str] = {
     "extra_float_digits": "3",  # exact float text on every server (1 is enough only from PostgreSQL 12)
 }
 
+_NO_PASSFILE = "/dev/null/no-password-file"
 _MAX_APPLICATION_NAME = 63  # NAMEDATALEN - 1: the server truncates longer names silently
 
 #: libpq's TLS environment variables and the connection parameters they stand for. The parent's
@@ -332,6 +333,11 @@ class PostgresEndpoint:
             kwargs["user"] = self.user
         if self.password:
             kwargs["password"] = self.password
+        else:
+            # The password file was read in the parent already (libpq_defaults) and gave none: libpq
+            # must not find one the worker lacks (in ~/.pgpass, when the connection named another
+            # file). A path that cannot exist: libpq skips it without a word.
+            kwargs["passfile"] = _NO_PASSFILE
         kwargs.update(self.params)
         return kwargs
 

@@ -31,10 +31,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from airflow_provider_cxpg.conninfo import PostgresEndpoint
-from airflow_provider_cxpg.exceptions import ConnectionConfigError
+from airflow_provider_cxpg.bounded import CallTimedOut
+from airflow_provider_cxpg.conninfo import PostgresEndpoint, connect
+from airflow_provider_cxpg.control import ControlConnection, address_count, connect_deadline
+from airflow_provider_cxpg.exceptions import ConnectionConfigError, ServerConnectionError
 
-__all__ = ["FOLDED_ENV", "REFUSED", "passfile_password", "read_passfile", "resolve_endpoint"]
+__all__ = ["FOLDED_ENV", "REFUSED", "passfile_password", "reached_host", "read_passfile", "resolve_endpoint"]
 
 #: Environment variables folded into the endpoint's parameters where the connection sets none, so
 #: that the worker uses what the parent's libpq would (each is then checked like the extra).
@@ -149,6 +151,42 @@ def resolve_endpoint(
         found = environ.get("PGPASSWORD") or passfile_password(endpoint, _passfile(extra, environ))
         endpoint = replace(endpoint, password=found or "")
     return endpoint
+
+
+def reached_host(endpoint: PostgresEndpoint) -> PostgresEndpoint:
+    """A host list narrowed to the one host libpq reaches now (``target_session_attrs`` applied).
+
+    libpq and the worker's client (tokio-postgres) fail over differently: tokio-postgres moves on to
+    the next host on any connection error (a connection limit, a restart, a slow first host), where
+    libpq had reached, and planned on, the first. The parent then planned on one server and the
+    worker read another: a standby behind it, green. So everything one endpoint serves reads the
+    server libpq picks here; a later run (a retry) picks again.
+
+    :raises ServerConnectionError: no host of the list could be reached in time.
+    """
+    if len(endpoint.hosts) < 2:
+        return endpoint
+    per_host = float(endpoint.params.get("connect_timeout") or 0) or 10.0  # libpq: 0 is no limit
+    per_host = max(per_host, 2.0)  # libpq's own minimum
+    limit = connect_deadline(
+        address_count(endpoint.host, endpoint.port, per_host), per_host, 5.0, names=len(endpoint.hosts)
+    )
+    reached: list[tuple[str, int]] = []
+
+    def open_one() -> Any:
+        conn = connect(endpoint, connect_timeout=per_host)
+        reached.append((conn.info.host, int(conn.info.port)))
+        return conn
+
+    try:
+        ControlConnection.open(open_one, timeout=limit, name="cxpg-choose-host").close(5.0)
+    except CallTimedOut:
+        raise ServerConnectionError(
+            f"none of the hosts {endpoint.host} accepted a connection within {limit:.0f}s",
+            endpoint=endpoint.redacted_uri(),
+        ) from None
+    host, port = reached[0]
+    return replace(endpoint, host=host, port=port)
 
 
 def _refuse_unfollowable(extra: Mapping[str, Any], environ: Mapping[str, str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import getpass
 import json
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,29 @@ def test_password_file_is_read_for_both_sides(
     assert result.rows == 250  # the worker failed after 30 s, "password missing"
 
 
+def test_a_named_password_file_without_the_password_is_not_made_up_for_by_another(
+    pg: PgInfo, admin: psycopg.Connection, schema: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The connection names a password file that has no line for it: the parent's libpq went on to
+    ~/.pgpass and planned, the worker had no password and failed 30 s later."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".pgpass").write_text(f"*:*:*:*:{pg.password.replace(chr(92), chr(92) * 2).replace(':', chr(92) + ':')}\n")
+    (home / ".pgpass").chmod(0o600)
+    named = tmp_path / "named"
+    named.write_text("elsewhere:1:*:*:nothing\n")
+    named.chmod(0o600)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("PGPASSFILE", raising=False)
+    admin.execute(f'CREATE TABLE "{schema}".n (id int PRIMARY KEY)')
+    hook = ConnectorXPostgresHook(postgres_conn_id=_conn(monkeypatch, pg, password="", extra={"passfile": str(named)}))
+    started = time.monotonic()
+    with pytest.raises(ServerConnectionError, match="password"):
+        hook.extract(destination=tmp_path / "out", table=f"{schema}.n", query_timeout=60)
+    assert time.monotonic() - started < 15  # refused by the parent's own login, not by the worker's 30 s later
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
+
+
 @pytest.mark.parametrize("hosts", ["127.0.0.2,{host}", "{host},127.0.0.2"])
 def test_host_list_with_one_port_reaches_the_same_server(
     pg: PgInfo, admin: psycopg.Connection, schema: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, hosts: str
@@ -236,3 +260,35 @@ def test_channel_binding_require_reaches_both_sides(pg: PgInfo, monkeypatch: pyt
     assert "channel_binding=require" in hook.get_endpoint().connectorx_uri()
     with pytest.raises(ServerConnectionError, match="channel binding"):
         hook.read_arrow("SELECT 1 AS one")
+
+
+def test_a_host_list_is_narrowed_to_the_server_libpq_reached(
+    pg: PgInfo, admin: psycopg.Connection, schema: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The worker's client moves on to the next host on any connection error where libpq reached the
+    first (a connection limit, a restart): the parent planned on one server and the worker read a
+    standby behind it, green. A first host that accepts and never answers cost the whole connect
+    deadline of every later connection. Now the list is narrowed, once, to the host libpq reaches."""
+    admin.execute(f'CREATE TABLE "{schema}".h AS SELECT i AS id FROM generate_series(1, 700) i')
+    admin.execute(f'ALTER TABLE "{schema}".h ADD PRIMARY KEY (id)')
+    silent = socket.socket()
+    try:
+        silent.bind(("127.0.0.2", pg.port))
+    except OSError:
+        silent.close()
+        pytest.skip(f"127.0.0.2:{pg.port} is taken")
+    silent.listen(16)  # accepts connections, never answers one
+    try:
+        hook = ConnectorXPostgresHook(
+            postgres_conn_id=_conn(monkeypatch, pg, host=f"127.0.0.2,{pg.host}", extra={"connect_timeout": "2"})
+        )
+        endpoint = hook.get_endpoint()
+        assert (endpoint.host, endpoint.port) == (pg.host, pg.port)
+        assert "host=" not in endpoint.redacted_uri()  # the worker is given that one host, nothing to fail over to
+        result = hook.extract(destination=tmp_path / "out", table=f"{schema}.h", chunk_rows=300)
+        assert result.rows == 700 and sorted(read_output(tmp_path / "out").column("id").to_pylist()) == list(
+            range(1, 701)
+        )
+        assert hook.fresh_endpoint().host == pg.host  # resolved again (a rotated password): the same server
+    finally:
+        silent.close()

@@ -13,7 +13,7 @@ from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow_provider_cxpg.conninfo import FORWARDED_PARAMS, PostgresEndpoint
 from airflow_provider_cxpg.durations import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_QUERY_TIMEOUT
 from airflow_provider_cxpg.exceptions import ConnectionConfigError
-from airflow_provider_cxpg.libpq_defaults import resolve_endpoint
+from airflow_provider_cxpg.libpq_defaults import reached_host, resolve_endpoint
 from airflow_provider_cxpg.output.destination import Destination
 from airflow_provider_cxpg.planning.incremental import WatermarkSpec
 from airflow_provider_cxpg.planning.plan import SourceSpec
@@ -69,6 +69,8 @@ class ConnectorXPostgresHook(PostgresHook):
         super().__init__(*args, **kwargs)
         self.protocol = protocol
         self._endpoint: PostgresEndpoint | None = None
+        #: The host of a host list libpq reached first: kept when the endpoint is resolved again.
+        self._reached: PostgresEndpoint | None = None
 
     # -- connection --------------------------------------------------------------------------------
 
@@ -138,6 +140,10 @@ class ConnectorXPostgresHook(PostgresHook):
             raise ConnectionConfigError(f"Airflow connection {conn_id!r}: {exc}", conn_id=conn_id) from None
         for secret in endpoint.secrets():
             _mask(secret)
+        if len(endpoint.hosts) > 1:  # one server for everything this hook reads (libpq_defaults.reached_host)
+            if self._reached is None:
+                self._reached = reached_host(endpoint)
+            endpoint = dataclasses.replace(endpoint, host=self._reached.host, port=self._reached.port)
         self._endpoint = endpoint
         return endpoint
 
