@@ -609,8 +609,27 @@ class Extraction:
         labels = self.planned_source.labels if self.planned_source is not None else ()
         return [list(label) for label in labels] or None
 
-    def _relabelled(self, existing: Manifest) -> list[str]:
-        return relabelled(existing.enum_labels or [], self.enum_labels() or [])
+    def _read_again(self, unfinished: Manifest, plan: ExtractPlan) -> str | None:
+        """Why an unfinished extraction of this fingerprint is read again rather than continued (None: it
+        is continued, if its committed files are still as committed)."""
+        if plan.pages is not None:
+            # Page ranges are exact only inside the one snapshot they were read in, and that ended with
+            # the attempt that held it: an UPDATE since may have moved a row onto a page already read
+            # (lost) or off one (read twice). A new attempt reads every page again, in its own snapshot.
+            return "page ranges (ctid) cannot continue in a new snapshot: reading every page again"
+        if unfinished.dag_run_id != self.dag_run_id:
+            # A failed run of another DAG run (yesterday's, into a destination every run reuses): its
+            # chunks hold the source as it was then, rows since deleted or changed among them.
+            return (
+                f"the unfinished extraction here belongs to DAG run {unfinished.dag_run_id!r}, this is "
+                f"{self.dag_run_id!r}: reading everything again"
+            )
+        renamed = relabelled(unfinished.enum_labels or [], self.enum_labels() or [])
+        if renamed:
+            return "its chunks hold enum values under labels renamed since: reading everything again; " + (
+                "; ".join(renamed)
+            )
+        return None
 
     def relation_parts(self, plan: ExtractPlan) -> list[Any]:
         """The relation a table source's name resolved to, as a fingerprint holds it.
@@ -820,54 +839,28 @@ class Extraction:
                 "over; remove them or choose another destination",
                 destination=self.destination.url,
             )
-        if existing is not None and self.resume and existing.resumable_by(fp) and plan.pages is not None:
-            # Page ranges are exact only inside the one snapshot they were read in, and that ended with
-            # the attempt that held it: an UPDATE since may have moved a row onto a page already read
-            # (lost) or off one (read twice). A new attempt reads every page again, in its own snapshot.
-            self.log.emit(
-                "job.resume",
-                resumed_extraction_id=existing.run_id,
-                note="page ranges (ctid) cannot continue in a new snapshot: reading every page again",
-            )
-        elif (
-            existing is not None
-            and self.resume
-            and existing.resumable_by(fp)
-            and existing.dag_run_id != self.dag_run_id
-        ):
-            # A failed run of another DAG run (yesterday's, into a destination every run reuses): its
-            # chunks hold the source as it was then, rows since deleted or changed among them.
-            self.log.emit(
-                "job.resume",
-                resumed_extraction_id=existing.run_id,
-                note=f"the unfinished extraction here belongs to DAG run {existing.dag_run_id!r}, this is "
-                f"{self.dag_run_id!r}: reading everything again",
-            )
-        elif existing is not None and self.resume and existing.resumable_by(fp) and self._relabelled(existing):
-            self.log.emit(
-                "job.resume",
-                resumed_extraction_id=existing.run_id,
-                note="its chunks hold enum values under labels renamed since: reading everything again; "
-                + "; ".join(self._relabelled(existing)),
-            )
-        elif existing is not None and self.resume and existing.resumable_by(fp):
-            problems = output_problems(self.destination, existing)
+        unfinished = existing if existing is not None and self.resume and existing.resumable_by(fp) else None
+        read_again = self._read_again(unfinished, plan) if unfinished is not None else None
+        if unfinished is not None and read_again:
+            self.log.emit("job.resume", resumed_extraction_id=unfinished.run_id, note=read_again)
+        elif unfinished is not None:
+            problems = output_problems(self.destination, unfinished)
             if not problems:
                 self._unmark(entries)
-                existing.attempts += 1
-                existing.status = "running"
-                existing.save(self.destination)
+                unfinished.attempts += 1
+                unfinished.status = "running"
+                unfinished.save(self.destination)
                 self.log.emit(
                     "job.resume",
-                    resumed_extraction_id=existing.run_id,
-                    chunks=len(existing.chunks),
-                    rows=existing.rows,
-                    key_from=existing.last_key,
+                    resumed_extraction_id=unfinished.run_id,
+                    chunks=len(unfinished.chunks),
+                    rows=unfinished.rows,
+                    key_from=unfinished.last_key,
                 )
-                return existing, existing.next_index
+                return unfinished, unfinished.next_index
             self.log.emit(
                 "job.resume",
-                resumed_extraction_id=existing.run_id,
+                resumed_extraction_id=unfinished.run_id,
                 note="committed chunks were damaged since: starting over; " + "; ".join(problems[:5]),
             )
         # a finished or different extraction of the same source is replaced; another source's is not
