@@ -896,3 +896,22 @@ def test_the_validator_refuses_ranges_that_read_an_enum_value_under_two_labels(
     assert validate(out_dir)["rows"] == 400
     labels = pa.concat_tables([pq.read_table(p) for p in sorted(out_dir.glob("range=*/part-*.parquet"))])
     assert set(labels.column("c").to_pylist()) == {"crimson"}
+
+
+def test_a_range_read_on_a_server_behind_the_planners_fails_instead_of_missing_rows(
+    conn_id: str, admin: psycopg.Connection, events_table: str, out_dir: Path
+) -> None:
+    """The planner and each range are tasks of their own, each reaching its own server of a host list
+    (or a load balancer): ranges read on a standby behind the planner's server wrote half the rows,
+    and the validator, counting on that standby too, passed them. A server behind the WAL position the
+    plan was made at is played here by a plan recorded at a position no server has reached."""
+    ranges = plan_two_ranges(conn_id, events_table, out_dir)
+    record = json.loads((out_dir / "_dataset_manifest.json").read_text())
+    assert record["wal_position"]  # recorded where the ranges were planned
+    extract_range(conn_id, events_table, ranges[0])  # a server that has replayed it reads as before
+    record["wal_position"] = "FFFFFFFF/FFFFFFFF"
+    (out_dir / "_dataset_manifest.json").write_text(json.dumps(record))
+    with pytest.raises(QueryError, match="has not yet replayed WAL position FFFFFFFF/FFFFFFFF"):
+        extract_range(conn_id, events_table, ranges[1])
+    assert not list(Path(ranges[1]["destination"]).glob("part-*.parquet"))
+    assert_nothing_left(admin)

@@ -85,7 +85,9 @@ __all__ = [
     "WatermarkSpec",
     "Window",
     "check_watermark",
+    "replay_guard",
     "resolve_window",
+    "wal_position",
 ]
 
 XMIN = "xmin"
@@ -481,7 +483,7 @@ def _column_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
         lag=lag.total_seconds() if isinstance(lag, dt.timedelta) else lag,
         contract=contract,
         first_run=spec.is_first_run,
-        wal_position=_wal_position(conn),
+        wal_position=wal_position(conn),
         null_rows_estimate=null_estimate,
         versioned=versioned,
         sequence=spec.window_sequence,
@@ -602,22 +604,23 @@ def _column_filters(plan: ExtractPlan, window: Window, sql_type: str, finite: st
         condition = f"({condition}) OR ({_arrived_in(window.arrived)} AND ({end_condition} OR {unseen}))"
     filters = [condition]
     if window.wal_position:
-        filters.append(_replay_guard(window.wal_position))
+        filters.append(replay_guard(window.wal_position))
     return tuple(filters)
 
 
-def _replay_guard(wal_position: str) -> str:
+def replay_guard(wal_position: str, fixed: str = "the incremental window was fixed") -> str:
     """A condition that raises unless this connection's server has replayed ``wal_position``.
 
     It references no column, so PostgreSQL evaluates it once per query (a one-time filter), also when
     no row matches; a server that is behind fails the query with this text in the error message.
+
+    :param fixed: what happened at ``wal_position``, for the message.
     """
     lsn = literal(wal_position, "pg_lsn")
     position = _WAL_POSITION
     message = (
-        f"cxpg: this server has not yet replayed WAL position {wal_position}, at which the incremental window "
-        "was fixed; it is behind the server the window was read on (a replica behind a load balancer?) "
-        "backend "
+        f"cxpg: this server has not yet replayed WAL position {wal_position}, at which {fixed}; it is behind "
+        "the server that was read then (a replica behind a load balancer, another host of a list?) backend "
     )
     # A scalar subquery becomes an InitPlan, run once per query even when no row matches (a volatile
     # condition in WHERE would run per row, so not at all for an empty result). The failing cast
@@ -637,8 +640,9 @@ def _in_recovery(conn: Any) -> bool:
     return bool(row and row[0])
 
 
-def _wal_position(conn: Any) -> str | None:
-    """The WAL position every row the window's end saw is visible at (for :func:`_replay_guard`)."""
+def wal_position(conn: Any) -> str | None:
+    """Where this server's visible data ends in the WAL now: every row a window's end or a plan saw is
+    visible there (for :func:`replay_guard`; None: the role may not ask)."""
     try:
         if not may_call(conn, "pg_current_wal_insert_lsn()", "pg_last_wal_replay_lsn()"):
             return None
@@ -751,7 +755,7 @@ def _xmin_window(conn: Any, plan: ExtractPlan, spec: WatermarkSpec) -> Window:
         end_mode="inclusive",
         first_run=start is None,
         contract=AT_LEAST_ONCE,
-        wal_position=_wal_position(conn),
+        wal_position=wal_position(conn),
         sequence=spec.window_sequence,
         cluster=cluster,
         timeline=timeline,
@@ -806,7 +810,7 @@ def _refuse_another_cluster(conn: Any, window: Window) -> None:
 
 
 def _xmin_filters(window: Window) -> tuple[str, ...]:
-    guard = (_replay_guard(window.wal_position),) if window.wal_position else ()
+    guard = (replay_guard(window.wal_position),) if window.wal_position else ()
     start, end = window.start, window.end
     if start is None:
         return guard

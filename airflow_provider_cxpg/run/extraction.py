@@ -49,7 +49,13 @@ from airflow_provider_cxpg.output.manifest import (
 from airflow_provider_cxpg.output.storage_env import WorkerStorage
 from airflow_provider_cxpg.output.verify import FOOTER_CHUNK, FOOTER_RUN_ID, check_output, output_problems
 from airflow_provider_cxpg.planning.catalog import classify_control_error, describe_query, relation_identity
-from airflow_provider_cxpg.planning.incremental import WatermarkSpec, Window, check_watermark, resolve_window
+from airflow_provider_cxpg.planning.incremental import (
+    WatermarkSpec,
+    Window,
+    check_watermark,
+    replay_guard,
+    resolve_window,
+)
 from airflow_provider_cxpg.planning.plan import CTID, ExtractPlan, SourceSpec, build_plan, key_to_json
 from airflow_provider_cxpg.planning.snapshot import ExportedSnapshot, import_statements
 from airflow_provider_cxpg.planning.source_state import SourceState, read_source_state, relabelled
@@ -544,7 +550,7 @@ class Extraction:
     def build_plan(self) -> ExtractPlan:
         """Validate the source against the server; raise before any data moves."""
         with self.control_connection("plan") as conn:
-            plan = build_plan(conn, self.spec).with_filters(*self.extra_filters)
+            plan = build_plan(conn, self.spec).with_filters(*self.extra_filters, *self._planned_replay())
             if plan.pages is None and (self.lower is not None or self.upper is not None):
                 plan = plan.with_key_range(self.lower, self.upper)
             if plan.table is not None:  # inside the run's snapshot, when it has one: what its reads will see
@@ -557,6 +563,15 @@ class Extraction:
             self.log.emit("job.plan", note=note)
         self.plan = plan
         return plan
+
+    def _planned_replay(self) -> tuple[str, ...]:
+        """A range of a fan-out reads only on a server that has replayed the WAL position it was planned
+        at. The planner and each range are tasks of their own, each reaching its own server (a host
+        list, a load balancer): a range read on a standby behind the planner's server missed rows the
+        plan counted on, and the validator, counting on it too, agreed."""
+        planning = dataset_planning(self.destination)
+        position = planning[1].get("wal_position") if planning is not None else None
+        return (replay_guard(position, "its key ranges were planned"),) if position else ()
 
     def windowed(self, plan: ExtractPlan, recorded: dict[str, Any] | None) -> ExtractPlan:
         """Fix the incremental window (or reuse ``recorded``) and check one full chunk statement."""

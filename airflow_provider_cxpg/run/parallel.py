@@ -45,7 +45,7 @@ from airflow_provider_cxpg.output.manifest import (
     read_by_readers,
 )
 from airflow_provider_cxpg.output.verify import output_problems, unlisted_files
-from airflow_provider_cxpg.planning.incremental import WatermarkSpec, check_watermark
+from airflow_provider_cxpg.planning.incremental import WatermarkSpec, check_watermark, wal_position
 from airflow_provider_cxpg.planning.key_ranges import plan_key_ranges
 from airflow_provider_cxpg.planning.plan import CTID
 from airflow_provider_cxpg.planning.source_state import relabelled
@@ -359,6 +359,9 @@ def plan_or_reuse_ranges(
             destination.remove(name)
     with coordinator.control_connection("partition") as conn:
         ranges, used, seconds = plan_key_ranges(conn, plan, partitions, method)
+        # Every range is read on a server that has replayed this far (Extraction.build_plan): one read on
+        # a standby behind the planner's server missed rows the plan counted on, green.
+        planned_at = wal_position(conn)
     coordinator.log.emit(
         "job.plan", note=f"{len(ranges)} key ranges by {used} in {seconds:.3f}s", partition_method=used, seconds=seconds
     )
@@ -380,6 +383,7 @@ def plan_or_reuse_ranges(
         "source": plan.source.describe(),
         "relation": coordinator.relation,
         "enum_labels": coordinator.enum_labels(),
+        "wal_position": planned_at,
         "key_columns": list(plan.key_names) or ["ctid"],
         "partition_method": used,
         "planning_seconds": round(seconds, 4),
