@@ -292,3 +292,23 @@ def test_a_host_list_is_narrowed_to_the_server_libpq_reached(
         assert hook.fresh_endpoint().host == pg.host  # resolved again (a rotated password): the same server
     finally:
         silent.close()
+
+
+def test_lineage_names_the_source_by_the_connections_host_list_not_the_host_a_run_reached(
+    pg: PgInfo, admin: psycopg.Connection, schema: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pytest.importorskip("airflow.providers.openlineage.extractors")
+    from airflow_provider_cxpg.operators.extract import PostgresExtractOperator
+
+    admin.execute(f'CREATE TABLE "{schema}".l (id int PRIMARY KEY)')
+    hosts = f"127.0.0.3,{pg.host}"  # nothing listens on 127.0.0.3: libpq reaches the second
+    operator = PostgresExtractOperator(
+        task_id="l",
+        postgres_conn_id=_conn(monkeypatch, pg, host=hosts, extra={"connect_timeout": "2"}),
+        table=f"{schema}.l",
+        destination=str(tmp_path / "out"),
+    )
+    operator.execute({})
+    assert operator.hook.get_endpoint().host == pg.host
+    lineage = operator.get_openlineage_facets_on_complete(None)
+    assert lineage is not None and [d.namespace for d in lineage.inputs] == [f"postgres://{hosts}:{pg.port}"]

@@ -148,6 +148,11 @@ class ConnectorXPostgresHook(PostgresHook):
         return endpoint
 
     @property
+    def configured_host(self) -> str | None:
+        """The host as the Airflow connection names it (a host list whole, before it is narrowed)."""
+        return self._resolved_connection().host
+
+    @property
     def uses_iam(self) -> bool:
         return bool(self._resolved_connection().extra_dejson.get("iam", False))
 

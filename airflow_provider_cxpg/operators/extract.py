@@ -528,6 +528,9 @@ class PostgresExtractOperator(BaseOperator):
         if self._result is None:
             return None
         endpoint = self.hook.get_endpoint()
+        # The host as the connection names it (a host list whole): the server a run reached is not the
+        # dataset's name, or one table would be another dataset whenever a run failed over.
+        host = self.hook.configured_host or endpoint.host
         inputs = []
         if self.table:
             from airflow_provider_cxpg.planning.sql import parse_qualified_name
@@ -535,7 +538,7 @@ class PostgresExtractOperator(BaseOperator):
             schema, name = parse_qualified_name(self.table)
             inputs.append(
                 Dataset(
-                    namespace=f"postgres://{endpoint.host}:{endpoint.port}",
+                    namespace=f"postgres://{host}:{endpoint.port}",
                     name=f"{endpoint.dbname}.{schema or 'public'}.{name}",
                 )
             )
