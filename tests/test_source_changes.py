@@ -134,17 +134,64 @@ def test_a_key_whose_collation_changes_mid_run_stops_the_run(
     assert_nothing_left(admin)
 
 
-def test_a_rewrite_of_a_table_read_without_a_snapshot_goes_on(
-    pg: PgInfo, conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+@pytest.mark.parametrize("statement", ["ADD COLUMN z float8 DEFAULT random()", "TRUNCATE"])
+def test_a_rewrite_of_a_table_read_without_a_snapshot_stops_the_run_and_the_retry_resumes_exactly(
+    pg: PgInfo, conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path, statement: str
 ) -> None:
-    """Keyset reads page a rewritten table exactly: VACUUM FULL is no reason to stop a run without a snapshot."""
-    table = f'"{schema}".vacuumed'
+    """A chunk's COPY takes its snapshot before it waits for the table's lock: a chunk that waited on a
+    rewriting ALTER TABLE read the new storage with a snapshot older than it, got no rows, and the run
+    ended there, green, 4 rows of 60 (CI, floor stage). Without a snapshot, new storage stops the run."""
+    table = f'"{schema}".rewritten'
     admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int NOT NULL)")
     admin.execute(f"INSERT INTO {table} SELECT g, g FROM generate_series(1, 60) g")
-    with after_first_chunk(pg, out_dir, [f"ALTER TABLE {table} ADD COLUMN z float8 DEFAULT random()"]) as rewrite:
-        result = _extract(conn_id, out_dir, table, columns=["id", "v"])
-    read_after(rewrite, result)
-    assert result.rows == 60 and sorted(read_output(out_dir).column("id").to_pylist()) == list(range(1, 61))
+    migration = (
+        [f"TRUNCATE {table}", f"INSERT INTO {table} SELECT g, g FROM generate_series(1, 60) g"]
+        if statement == "TRUNCATE"
+        else [f"ALTER TABLE {table} {statement}"]
+    )
+    with (
+        after_first_chunk(pg, out_dir, migration),
+        pytest.raises(SourceChangedError, match="got new storage"),
+    ):
+        _extract(conn_id, out_dir, table, columns=["id", "v"])
+    retried = _extract(conn_id, out_dir, table, columns=["id", "v"])
+    assert retried.resumed_from_chunk is not None  # the columns read did not change: it resumes
+    assert sorted(read_output(out_dir).column("id").to_pylist()) == list(range(1, 61))
+    assert_nothing_left(admin)
+
+
+def test_a_chunk_that_waited_for_a_rewrite_is_not_read_as_the_end_of_the_table(
+    pg: PgInfo, conn_id: str, admin: psycopg.Connection, schema: str, out_dir: Path
+) -> None:
+    """The race itself, made certain: the rewrite holds its lock while the next chunk's COPY starts."""
+    table = f'"{schema}".raced'
+    admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int NOT NULL)")
+    admin.execute(f"INSERT INTO {table} SELECT g, g FROM generate_series(1, 60) g")
+    holder = psycopg.connect(pg.dsn, autocommit=True)
+    locked = threading.Event()
+
+    def rewrite_while_the_next_chunk_waits() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (out_dir / "_manifest.json").exists():
+            time.sleep(0.005)
+        with holder.transaction():
+            holder.execute(f"ALTER TABLE {table} ADD COLUMN z float8 DEFAULT random()")
+            locked.set()
+            time.sleep(1.0)  # the next chunk's COPY takes its snapshot, then waits here for the lock
+
+    thread = threading.Thread(target=rewrite_while_the_next_chunk_waits, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(SourceChangedError, match="got new storage"):
+            ConnectorXPostgresHook(postgres_conn_id=conn_id).extract(
+                destination=str(out_dir), table=table, columns=["id", "v"], chunk_rows=4, **FAST
+            )
+    finally:
+        thread.join(30)
+        holder.close()
+    assert locked.is_set()
+    retried = _extract(conn_id, out_dir, table, columns=["id", "v"])
+    assert sorted(read_output(out_dir).column("id").to_pylist()) == list(range(1, 61)) and retried.rows == 60
     assert_nothing_left(admin)
 
 

@@ -943,7 +943,10 @@ class Extraction:
             return None
         return SourceWatch(
             self.planned_source,
-            storage=self.snapshot_id is not None,
+            # Without a snapshot too: a chunk's COPY takes its snapshot before it waits for the table's
+            # lock, so one that waited on TRUNCATE or a rewriting ALTER TABLE read the new storage with
+            # a snapshot older than it: no rows, and the run ended there, green (CI, floor stage).
+            storage=True,
             query=session.monitor.read,
             stop=lambda: self._aborted,
         )
